@@ -1,0 +1,63 @@
+"""Loading turbokernels._C (the C++/CUDA kernels) -- optional: a missing or broken build warns once, never crashes.
+
+The extension registers its kernels as torch ops in the private namespace `turbokernels_C` (one name per op, the
+same as everywhere else: csrc/cpu/int4_mm.cpp -> torch.ops.turbokernels_C.int4_mm). The public ops in namespace
+`turbokernels` call them through the dispatch table in backends.py.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+_error: Optional[str] = None
+_loaded = False
+
+
+def _load() -> None:
+    global _error, _loaded
+    if _loaded or _error is not None:
+        return
+    if os.environ.get("TURBOKERNELS_NO_EXT", "0") not in ("", "0"):
+        _error = "disabled by TURBOKERNELS_NO_EXT"
+        return
+    try:
+        from . import _C  # noqa: F401  (registers the ops as a side effect)
+        _loaded = True
+    except Exception as exc:  # noqa: BLE001 - ImportError, undefined symbols of a mismatched torch ABI, ...
+        _error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"turbokernels: the compiled extension turbokernels._C could not be loaded ({_error}); "
+                      "using the Triton/reference backends. Rebuild with `pip install --no-build-isolation -e .` "
+                      "against the installed torch.", RuntimeWarning, stacklevel=3)
+
+
+def load_error() -> Optional[str]:
+    _load()
+    return _error
+
+
+def available() -> bool:
+    _load()
+    return _loaded
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(qualname: str, dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
+    except RuntimeError:
+        return False
+
+
+def missing_op_reason(op: str, device_type: str) -> Optional[str]:
+    """None when torch.ops.turbokernels_C.<op> has a kernel for the device, else why not."""
+    _load()
+    if not _loaded:
+        return f"turbokernels._C is not available ({_error})"
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    if not _has_kernel(f"turbokernels_C::{op}", key):
+        return f"turbokernels._C was built without a {device_type} kernel for {op}"
+    return None

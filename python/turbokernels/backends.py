@@ -1,0 +1,184 @@
+"""The one dispatch mechanism of turbokernels: every op has a table of backends, and one function picks one.
+
+Backends (the same names for every op):
+  reference  pure PyTorch, the spec of the op; runs anywhere
+  triton     kernels/<op>.py; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (how CI proves them)
+  cpu        C++ in csrc/cpu/<op>.cpp, from turbokernels._C
+  cuda       CUDA C++ in csrc/cuda/<op>.cu, from turbokernels._C
+
+Choosing: a forced backend wins (innermost `with backend(name)`, then `set_backend(name)`, then the environment
+variable TURBOKERNELS_BACKEND). A forced backend that cannot run the call raises BackendUnavailable with the
+reason -- never a silent fallback. Unforced, the first backend in AUTO_ORDER[device] whose check passes runs.
+
+A backend registered with `auto=False` runs only when forced: that is how code that has not passed its tests on a
+real GPU stays off the default path (e.g. a new CUDA C++ kernel) until someone flips it.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+# Order tried when nothing is forced. The Triton backend is not auto on CPU tensors: the interpreter is a
+# correctness tool, not a fast path.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+ENV_VAR = "TURBOKERNELS_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run this call (missing build, wrong device, unsupported shape...)."""
+
+
+@dataclasses.dataclass
+class Impl:
+    fn: Callable
+    # check(*args) -> None when this backend can run the call, else a short reason (shown to the user).
+    check: Callable[..., Optional[str]]
+    auto: bool = True
+
+
+_REGISTRY: dict[str, dict[str, Impl]] = {}
+_global_backend: Optional[str] = None
+_context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("turbokernels_backend", default=None)
+
+
+def _validate(name: Optional[str], what: str) -> Optional[str]:
+    if name is None or name == "" or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{what}: unknown backend {name!r}; expected one of {BACKENDS} or None/'auto'")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force one backend for every turbokernels op in this process (None or 'auto': choose automatically)."""
+    global _global_backend
+    _global_backend = _validate(name, "set_backend(name)")
+
+
+@contextlib.contextmanager
+def backend(name: Optional[str]) -> Iterator[None]:
+    """`with turbokernels.backend("triton"): ...` forces a backend inside the block (None: automatic)."""
+    token = _context_backend.set(_validate(name, "backend(name)") or "auto")
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced for the current call, or None when the choice is automatic."""
+    ctx = _context_backend.get()
+    if ctx is not None:
+        return None if ctx == "auto" else ctx
+    if _global_backend is not None:
+        return _global_backend
+    return _validate(os.environ.get(ENV_VAR), f"environment variable {ENV_VAR}")
+
+
+def register(op: str, backend_name: str, *, check: Callable[..., Optional[str]], auto: bool = True):
+    """Decorator: register `fn` as the `backend_name` implementation of `op`."""
+    _validate(backend_name, "register(backend_name)")
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend_name] = Impl(fn=fn, check=check, auto=auto)
+        return fn
+
+    return deco
+
+
+def registered(op: str) -> dict[str, Impl]:
+    return dict(_REGISTRY.get(op, {}))
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+def select(op: str, *args) -> tuple[str, Impl]:
+    """The (name, impl) that `dispatch` would run for these arguments."""
+    table = _REGISTRY[op]
+    forced = forced_backend()
+    if forced is not None:
+        impl = table.get(forced)
+        if impl is None:
+            raise BackendUnavailable(f"turbokernels.{op}: there is no {forced!r} backend for this op "
+                                     f"(it has: {', '.join(table)})")
+        reason = impl.check(*args)
+        if reason is not None:
+            raise BackendUnavailable(f"turbokernels.{op}: the forced backend {forced!r} cannot run this call: {reason}")
+        return forced, impl
+    device = _device_type(args)
+    reasons = []
+    for name in AUTO_ORDER.get(device, ("reference",)):
+        impl = table.get(name)
+        if impl is None or not impl.auto:
+            continue
+        reason = impl.check(*args)
+        if reason is None:
+            return name, impl
+        reasons.append(f"{name}: {reason}")
+    raise BackendUnavailable(f"turbokernels.{op}: no backend can run this call on {device} ({'; '.join(reasons)})")
+
+
+def dispatch(op: str, *args):
+    return select(op, *args)[1].fn(*args)
+
+
+# ---- reusable checks -------------------------------------------------------------------------------------------
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_triton(*args) -> Optional[str]:
+    """Triton runs CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before triton was imported."""
+    device = _device_type(args)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device == "cuda":
+        return None
+    if device == "cpu" and triton_interpreting():
+        return None
+    return f"needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 for CPU tensors"
+
+
+def check_device(device_type: str) -> Callable[..., Optional[str]]:
+    def check(*args) -> Optional[str]:
+        got = _device_type(args)
+        return None if got == device_type else f"needs {device_type} tensors (got {got})"
+    return check
+
+
+def check_extension_op(namespace_op: str, device_type: str) -> Callable[..., Optional[str]]:
+    """Check for a kernel compiled into turbokernels._C as torch.ops.turbokernels_C.<name>."""
+    from . import _ext
+
+    def check(*args) -> Optional[str]:
+        got = _device_type(args)
+        if got != device_type:
+            return f"needs {device_type} tensors (got {got})"
+        return _ext.missing_op_reason(namespace_op, device_type)
+
+    return check
+
+
+def always(*args) -> Optional[str]:
+    return None

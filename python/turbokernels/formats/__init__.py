@@ -1,0 +1,3 @@
+from .int4 import Int4Weight, quantize_int4, pack_int4, unpack_int4
+
+__all__ = ["Int4Weight", "quantize_int4", "pack_int4", "unpack_int4"]

@@ -1,0 +1,243 @@
+"""Int4Weight: the one int4 weight-only format every int4 kernel of turbokernels reads.
+
+For a linear layer y = x @ W.T with W of shape (N, K) = (out_features, in_features):
+
+  qweight  int32 (ceil(K/8), N)   word [k//8, n] holds q[k, n] (unsigned 0..15) in bits 4*(k%8)..4*(k%8)+3.
+                                   This is GPTQ's qweight layout: contiguous along N, so a Triton tile and a CPU
+                                   SIMD lane both read consecutive output columns. Rows past K hold zeros.
+  scales   (G, N) fp16/bf16/fp32  G = ceil(K / group_size); the last group is shorter when group_size does not
+  offsets  (G, N) fp16/bf16/fp32  divide K (real models need it: SmolLM2 has K=576 and users ask for g128).
+  dequantized weight:  W[n, k] = q[k, n] * scales[k // gs, n] + offsets[k // gs, n]
+  perm     int64 (K,) or None     act-order (GPTQ g_idx): row k of qweight belongs to input feature perm[k], so
+                                   y = x[..., perm] @ Wq. Sorting rows by group at import keeps groups contiguous.
+
+Why a float offset instead of an integer zero point: q*s + o represents, exactly when computed in fp32,
+GPTQ/AWQ integer zeros (o = -z*s, z <= 15: 4 + 11 significant bits), HQQ's float zeros (o = -z*s, 11 x 11 bits) and
+GGUF Q4_1's min (o = m). Offsets are stored in the scales' dtype when that is exact, else in fp32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_GROUP_SIZES_DOC = "a positive group size (32, 64, 128, 256 are the usual ones) or -1 for per-channel"
+
+
+def check_group_size(group_size, name: str = "group_size") -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{name} must be an int, got {type(group_size).__name__}")
+    if group_size == 0 or group_size < -1:
+        raise ValueError(f"{name} must be {SUPPORTED_GROUP_SIZES_DOC}, got {group_size}")
+
+
+def effective_group_size(group_size: int, in_features: int) -> int:
+    """-1 (per-channel) means one group spanning K."""
+    return max(in_features, 1) if group_size == -1 else group_size
+
+
+def num_groups(group_size: int, in_features: int) -> int:
+    return max(1, math.ceil(in_features / effective_group_size(group_size, in_features)))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(K, N) integers in 0..15 -> int32 (ceil(K/8), N) in the Int4Weight layout."""
+    if q.dim() != 2:
+        raise ValueError(f"pack_int4(q): expected a 2-D (K, N) tensor, got shape {tuple(q.shape)}")
+    K, N = q.shape
+    K8 = (K + 7) // 8
+    q = q.to(torch.int64)
+    if K8 * 8 != K:
+        q = torch.cat([q, q.new_zeros(K8 * 8 - K, N)])
+    shifts = (torch.arange(8, device=q.device, dtype=torch.int64) * 4).view(1, 8, 1)
+    words = ((q.view(K8, 8, N) & 0xF) << shifts).sum(dim=1)  # fits in 32 unsigned bits
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """int32 (ceil(K/8), N) -> uint8 (K, N): the inverse of pack_int4."""
+    K8, N = qweight.shape
+    shifts = (torch.arange(8, device=qweight.device, dtype=torch.int32) * 4).view(1, 8, 1)
+    q = (qweight.view(K8, 1, N) >> shifts) & 0xF  # arithmetic shift is fine: the mask keeps the low nibble
+    return q.reshape(K8 * 8, N)[:in_features].to(torch.uint8)
+
+
+def exact_offsets(offsets_fp32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Store offsets in `dtype` when that loses nothing, else keep fp32."""
+    cast = offsets_fp32.to(dtype)
+    return cast if torch.equal(cast.to(torch.float32), offsets_fp32) else offsets_fp32
+
+
+class Int4Weight:
+    """A packed int4 weight of a linear layer (see the module docstring for the layout)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
+                 in_features: int, perm: Optional[torch.Tensor] = None):
+        check_group_size(group_size)
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 2:
+                raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if qweight.dtype != torch.int32:
+            raise TypeError(f"qweight must be int32 (8 nibbles per word), got {qweight.dtype}")
+        K8, N = qweight.shape
+        if K8 != (in_features + 7) // 8:
+            raise ValueError(f"qweight has {K8} rows but in_features={in_features} needs ceil(K/8)="
+                             f"{(in_features + 7) // 8}")
+        G = num_groups(group_size, in_features)
+        for name, t in (("scales", scales), ("offsets", offsets)):
+            if t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+            if tuple(t.shape) != (G, N):
+                raise ValueError(f"{name} must have shape (num_groups, out_features) = ({G}, {N}) for "
+                                 f"in_features={in_features}, group_size={group_size}; got {tuple(t.shape)}")
+            if t.device != qweight.device:
+                raise ValueError(f"{name} is on {t.device} but qweight is on {qweight.device}")
+        if perm is not None:
+            if perm.dim() != 1 or perm.numel() != in_features or perm.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"perm must be an int64 tensor of shape ({in_features},), got "
+                                 f"{perm.dtype} {tuple(perm.shape)}")
+            if perm.device != qweight.device:
+                raise ValueError(f"perm is on {perm.device} but qweight is on {qweight.device}")
+            perm = perm.to(torch.int64)
+        self.qweight = qweight.contiguous()
+        self.scales = scales.contiguous()
+        self.offsets = offsets.contiguous()
+        self.group_size = group_size  # as given: -1 means per-channel
+        self.in_features = in_features
+        self.perm = perm
+
+    @classmethod
+    def _trusted(cls, qweight, scales, offsets, group_size, in_features, perm=None) -> "Int4Weight":
+        """No validation: for tensors that were validated when they entered (Int4Linear's buffers)."""
+        self = cls.__new__(cls)
+        self.qweight, self.scales, self.offsets, self.perm = qweight, scales, offsets, perm
+        self.group_size, self.in_features = group_size, in_features
+        return self
+
+    # ---- shape facts -------------------------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features), as nn.Linear.weight."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def effective_group_size(self) -> int:
+        return effective_group_size(self.group_size, self.in_features)
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def tensors(self) -> dict[str, Optional[torch.Tensor]]:
+        return {"qweight": self.qweight, "scales": self.scales, "offsets": self.offsets, "perm": self.perm}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
+
+    def to(self, device) -> "Int4Weight":
+        return Int4Weight(self.qweight.to(device), self.scales.to(device), self.offsets.to(device), self.group_size,
+                          self.in_features, None if self.perm is None else self.perm.to(device))
+
+    # ---- conversions -------------------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight in nn.Linear orientation (out_features, in_features); computed in fp32, then cast."""
+        from ..reference.int4_mm import dequantize_int4
+        w = dequantize_int4(self.qweight, self.scales, self.offsets, self.effective_group_size, self.in_features)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm, w)
+        return w.t().contiguous().to(dtype)
+
+    def __repr__(self) -> str:
+        return (f"Int4Weight(out_features={self.out_features}, in_features={self.in_features}, "
+                f"group_size={self.group_size}, scales={self.scales.dtype}, offsets={self.offsets.dtype}, "
+                f"act_order={self.perm is not None}, device={self.device})")
+
+    # ---- importers (formats/int4_importers.py holds the format-specific rules) ---------------------------------
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 128, symmetric: bool = False) -> "Int4Weight":
+        return quantize_int4(weight, group_size=group_size, symmetric=symmetric)
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, g_idx=None, *, in_features=None, group_size=None,
+                  version: int = 1) -> "Int4Weight":
+        from .int4_importers import from_gptq
+        return from_gptq(qweight, qzeros, scales, g_idx, in_features=in_features, group_size=group_size,
+                         version=version)
+
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, *, group_size=None) -> "Int4Weight":
+        from .int4_importers import from_awq
+        return from_awq(qweight, qzeros, scales, group_size=group_size)
+
+    @classmethod
+    def from_compressed_tensors(cls, weight_packed, weight_scale, weight_zero_point=None, weight_g_idx=None,
+                                weight_shape=None) -> "Int4Weight":
+        from .int4_importers import from_compressed_tensors
+        return from_compressed_tensors(weight_packed, weight_scale, weight_zero_point, weight_g_idx, weight_shape)
+
+    @classmethod
+    def from_gguf(cls, data, ggml_type: str, shape) -> "Int4Weight":
+        from .int4_importers import from_gguf
+        return from_gguf(data, ggml_type, shape)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False,
+                  scale_dtype: Optional[torch.dtype] = None) -> Int4Weight:
+    """Round-to-nearest, min-max int4 quantization of an nn.Linear weight (out_features, in_features).
+
+    asymmetric: per group, offset = min, scale = (max - min) / 15, q = round((w - min) / scale) -- a float offset,
+                so the group's minimum is exact and a constant group is exact.
+    symmetric:  scale = absmax / 7, q = clamp(round(w / scale), -8, 7) + 8, offset = -8 * scale.
+    Scales are kept in the weight's dtype for fp16/bf16 weights, fp32 otherwise (or `scale_dtype`).
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be float16, bfloat16 or float32, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains inf or NaN; int4 quantization needs finite values")
+    check_group_size(group_size)
+    if scale_dtype is None:
+        scale_dtype = weight.dtype if weight.dtype != torch.float32 else torch.float32
+    if scale_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"scale_dtype must be float16, bfloat16 or float32, got {scale_dtype}")
+
+    N, K = weight.shape
+    gs = effective_group_size(group_size, K)
+    G = num_groups(group_size, K)
+    w = weight.detach().to(torch.float32).t()  # (K, N)
+    pad = G * gs - K
+    lo_src = torch.cat([w, w.new_full((pad, N), math.inf)]) if pad else w
+    hi_src = torch.cat([w, w.new_full((pad, N), -math.inf)]) if pad else w
+    lo = lo_src.view(G, gs, N).amin(dim=1)
+    hi = hi_src.view(G, gs, N).amax(dim=1)
+    group_of_k = torch.arange(K, device=w.device) // gs
+    if symmetric:
+        scale = (torch.maximum(hi.abs(), lo.abs()) / 7).to(scale_dtype).to(torch.float32)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.clamp(torch.round(w / scale[group_of_k]), -8, 7) + 8
+        offsets = -8 * scale
+    else:
+        scale = ((hi - lo) / 15).to(scale_dtype).to(torch.float32)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        offsets = lo.to(scale_dtype).to(torch.float32)  # lo is a weight value: exact in the weight's dtype
+        q = torch.clamp(torch.round((w - offsets[group_of_k]) / scale[group_of_k]), 0, 15)
+    return Int4Weight(pack_int4(q), scale.to(scale_dtype), exact_offsets(offsets, scale_dtype), group_size, K)

@@ -1,0 +1,126 @@
+"""Int4Linear: a drop-in nn.Linear whose weight is an Int4Weight (int4_mm underneath)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formats.int4 import FLOAT_DTYPES, Int4Weight, check_group_size, num_groups, quantize_int4
+from ..ops.int4_mm import int4_linear
+
+_PACKED = ("qweight", "scales", "offsets", "perm")
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + b with W stored as int4 (Int4Weight layout), for fp16, bf16 and fp32 activations.
+
+    Build one with `Int4Linear.from_linear(linear, group_size=128, symmetric=False)` or
+    `Int4Linear.from_weight(int4_weight, bias)`. The state dict holds qweight, scales, offsets, perm (empty when
+    there is no act-order permutation), bias, and the group size as extra state, so
+    `Int4Linear(in, out, group_size=g).load_state_dict(sd)` restores a layer exactly (dtypes included).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 device=None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        check_group_size(group_size)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        dtype = dtype or torch.float32
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        G = num_groups(group_size, in_features)
+        self.register_buffer("qweight", torch.zeros((in_features + 7) // 8, out_features, dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("scales", torch.ones(G, out_features, dtype=dtype, device=device))
+        self.register_buffer("offsets", torch.zeros(G, out_features, dtype=dtype, device=device))
+        self.register_buffer("perm", torch.empty(0, dtype=torch.int64, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_weight(cls, weight: Int4Weight, bias: Optional[torch.Tensor] = None) -> "Int4Linear":
+        if not isinstance(weight, Int4Weight):
+            raise TypeError(f"from_weight(weight): expected an Int4Weight, got {type(weight).__name__}")
+        layer = cls(weight.in_features, weight.out_features, bias=bias is not None, group_size=weight.group_size,
+                    device="meta", dtype=weight.scales.dtype)
+        layer.qweight, layer.scales, layer.offsets = weight.qweight, weight.scales, weight.offsets
+        layer.perm = weight.perm if weight.perm is not None else torch.empty(0, dtype=torch.int64,
+                                                                                device=weight.device)
+        if bias is not None:
+            if bias.shape != (weight.out_features,):
+                raise ValueError(f"from_weight(bias): expected shape ({weight.out_features},), got {tuple(bias.shape)}")
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False) -> "Int4Linear":
+        """Quantize an nn.Linear (round-to-nearest, min-max; see turbokernels.quantize_int4)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
+        weight = quantize_int4(linear.weight.detach(), group_size=group_size, symmetric=symmetric)
+        return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
+
+    # ---- use ---------------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Int4Weight:
+        return Int4Weight._trusted(self.qweight, self.scales, self.offsets, self.group_size, self.in_features,
+                                   self.perm if self.perm.numel() else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, scales={self.scales.dtype}, "
+                f"act_order={self.perm.numel() > 0}")
+
+    # ---- state dict ----------------------------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"format": "turbokernels.int4/1", "group_size": self.group_size, "in_features": self.in_features}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or state.get("format") != "turbokernels.int4/1":
+            raise ValueError(f"Int4Linear: unknown extra state {state!r}")
+        if state["group_size"] != self.group_size or state["in_features"] != self.in_features:
+            raise ValueError(f"Int4Linear: the state dict was saved with group_size={state['group_size']}, "
+                             f"in_features={state['in_features']}; this layer has group_size={self.group_size}, "
+                             f"in_features={self.in_features}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Take the packed tensors as saved (dtypes included: offsets may be fp32 for exactness) after validating
+        # them together, so a corrupt state dict leaves the layer untouched.
+        incoming = {n: state_dict[prefix + n] for n in _PACKED if prefix + n in state_dict}
+        if len(incoming) == len(_PACKED):
+            try:
+                perm = incoming["perm"]
+                Int4Weight(incoming["qweight"], incoming["scales"], incoming["offsets"], self.group_size,
+                           self.in_features, perm if perm.numel() else None)
+                if incoming["qweight"].shape[1] != self.out_features:
+                    raise ValueError(f"qweight has {incoming['qweight'].shape[1]} columns, this layer has "
+                                     f"out_features={self.out_features}")
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"Int4Linear ({prefix or 'root'}): {exc}")
+                return
+            device = self.qweight.device if self.qweight.device.type != "meta" else incoming["qweight"].device
+            for n, t in incoming.items():
+                self._buffers[n] = t.detach().to(device).clone()
+            local_state = {k: v for k, v in state_dict.items() if k[len(prefix):] not in _PACKED}
+        else:
+            local_state = state_dict
+        super()._load_from_state_dict(local_state, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # The base class reports our packed keys as missing when they were taken above: they were not.
+        if len(incoming) == len(_PACKED):
+            for n in _PACKED:
+                if prefix + n in missing_keys:
+                    missing_keys.remove(prefix + n)

@@ -1,0 +1,99 @@
+"""int4_mm: x (M, K) @ dequant(Int4Weight) -> (M, N).
+
+    functional   turbokernels.int4_linear(x, weight, bias)     checks arguments once, any leading batch shape
+    op           torch.ops.turbokernels.int4_mm(x, qweight, scales, offsets, group_size)   schema + fake + autograd
+    backends     reference  python/turbokernels/reference/int4_mm.py
+                 triton     kernels/int4_mm.py
+                 cpu        csrc/cpu/int4_mm.cpp  (torch.ops.turbokernels_C.int4_mm)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends
+from ..formats.int4 import FLOAT_DTYPES, Int4Weight
+from ..reference import int4_mm as reference
+from ._library import define
+
+OP = "int4_mm"
+
+
+def _fake(x, qweight, scales, offsets, group_size):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+def _empty(x, qweight, scales, offsets, group_size):
+    if x.shape[0] == 0:
+        return x.new_empty((0, qweight.shape[1]))
+    return None
+
+
+int4_mm = define(OP, "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size) -> Tensor",
+                 fake=_fake, before=_empty)
+
+
+# ---- backends --------------------------------------------------------------------------------------------------
+backends.register(OP, "reference", check=backends.always)(reference.int4_mm)
+
+
+@backends.register(OP, "triton", check=backends.check_triton)
+def _triton(x, qweight, scales, offsets, group_size):
+    from turbokernels.kernels.int4_mm import int4_mm as launch
+    return launch(x, qweight, scales, offsets, group_size)
+
+
+@backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
+def _cpu(x, qweight, scales, offsets, group_size):
+    return torch.ops.turbokernels_C.int4_mm(x, qweight, scales, offsets, group_size)
+
+
+# ---- autograd: gradient for the activations only (the int4 weight is frozen, as in QLoRA) ----------------------
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales, offsets, group_size = inputs
+    ctx.save_for_backward(qweight, scales, offsets)
+    ctx.group_size = group_size
+    ctx.in_features = x.shape[1]
+
+
+def _backward(ctx, grad_out):
+    qweight, scales, offsets = ctx.saved_tensors
+    w = reference.dequantize_int4(qweight, scales, offsets, ctx.group_size, ctx.in_features)  # (K, N) fp32
+    grad_x = (grad_out.to(torch.float32) @ w.t()).to(grad_out.dtype)
+    return grad_x, None, None, None, None
+
+
+torch.library.register_autograd(f"turbokernels::{OP}", _backward, setup_context=_setup_context)
+
+
+# ---- functional entry: all argument checks happen here, once ------------------------------------------------------
+def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ weight.dequantize().T + bias, for x of shape (..., in_features) in fp16, bf16 or fp32."""
+    if not isinstance(weight, Int4Weight):
+        raise TypeError(f"int4_linear(weight): expected a turbokernels.Int4Weight, got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"int4_linear(x): expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"int4_linear(x): dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != weight.in_features:
+        raise ValueError(f"int4_linear(x): last dimension must be in_features={weight.in_features}, "
+                         f"got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"int4_linear(x): x is on {x.device} but the weight is on {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,):
+            raise ValueError(f"int4_linear(bias): expected shape ({weight.out_features},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"int4_linear(bias): dtype {bias.dtype} does not match x's {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"int4_linear(bias): bias is on {bias.device} but x is on {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, weight.in_features)
+    if weight.perm is not None:
+        x2 = x2.index_select(1, weight.perm)
+    out = int4_mm(x2, weight.qweight, weight.scales, weight.offsets, weight.effective_group_size)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*lead, weight.out_features)

@@ -1,0 +1,1 @@
+"""Pure-PyTorch references: the spec of every op (one module per op, named after it)."""
