@@ -90,7 +90,8 @@ def int4_mm_kernel(
     k_per_split,    # K rows handled by one program along grid axis 1 (a multiple of BLOCK_K)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,             # tiles along M that share weight tiles in L2 (swizzled launch order)
-    ONE_GROUP_PER_TILE: tl.constexpr,  # BLOCK_K divides group_size: one scale row per K tile, not one per k
+    ONE_GROUP_PER_TILE: tl.constexpr,  # BLOCK_K divides group_size: one scale row per K tile; else a tile spans
+                                       # two groups (the launcher keeps BLOCK_K <= group_size)
     SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr,              # dot in fp32 ("ieee": torch does not use tf32 for fp32 matmul either) for
                                        # fp32 activations, and for bf16 under the interpreter, whose bf16
@@ -111,6 +112,7 @@ def int4_mm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     K8 = (K + 7) // 8
+    G = tl.cdiv(K, group_size)
     # Nibble i of a word is k = 8*word + i: shifting a (BLOCK_K/8, 1, BLOCK_N) tile of words by (1, 8, 1) shifts
     # and reshaping gives the (BLOCK_K, BLOCK_N) tile in k order, with each word loaded once.
     shifts = (tl.arange(0, 8) * 4)[None, :, None]
@@ -127,17 +129,19 @@ def int4_mm_kernel(
         words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(rows[:, None] < K8) & mask_n[None, :], other=0)
         q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
-        if ONE_GROUP_PER_TILE:
-            g = k0 // group_size
-            s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            o = tl.load(offsets_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            w = q * s[None, :] + o[None, :]
-        else:
-            g = offs_k // group_size
-            gmask = (offs_k[:, None] < K) & mask_n[None, :]
-            s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-            o = tl.load(offsets_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
-            w = q * s + o
+        g = k0 // group_size
+        s = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        o = tl.load(offsets_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if not ONE_GROUP_PER_TILE:
+            # BLOCK_K <= group_size, so the tile reaches at most into the next group (which exists when any
+            # k of the tile is in it, since k < K).
+            g_next = min(g + 1, G - 1)
+            s_next = tl.load(scales_ptr + g_next * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            o_next = tl.load(offsets_ptr + g_next * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            in_next = (offs_k >= (g + 1) * group_size)[:, None]
+            s = tl.where(in_next, s_next, s)
+            o = tl.where(in_next, o_next, o)
+        w = q * s + o
         if UPCAST:
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
@@ -158,14 +162,18 @@ def _largest_pow2_divisor(n: int) -> int:
     return n & -n
 
 
+MIN_GROUP_SIZE = 16  # tl.dot needs K tiles of 16; a tile may span at most two groups
+
+
 def _fit_block_k(cfg: Config, group_size: int) -> tuple[int, bool]:
-    """Shrink BLOCK_K to a divisor of group_size when that keeps it >= 16 (one scale row per tile)."""
+    """(BLOCK_K, one group per tile): a divisor of group_size when one >= 16 exists, else the largest power of
+    two <= group_size, so that a tile spans at most two groups."""
     if group_size % cfg.BLOCK_K == 0:
         return cfg.BLOCK_K, True
     bk = min(cfg.BLOCK_K, _largest_pow2_divisor(group_size))
     if bk >= 16:
         return bk, True
-    return cfg.BLOCK_K, False
+    return min(cfg.BLOCK_K, 1 << (group_size.bit_length() - 1)), False
 
 
 @functools.lru_cache(maxsize=None)

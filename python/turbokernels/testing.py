@@ -73,19 +73,33 @@ class CodegenReport:
         return re.search(r"\bmma\.sync\.aligned", self.ptx) is not None
 
 
-def compile_triton(fn, signature: dict, constexprs: dict, capability: int, num_warps: int = 4,
-                   num_stages: int = 3, divisible_by_16: tuple = ()) -> CodegenReport:
-    """Compile a @triton.jit kernel for sm_<capability> without a GPU and read back what matters."""
+@dataclasses.dataclass(frozen=True)
+class CodegenJob:
+    kernel: str                 # "module:function" of a @triton.jit kernel, e.g. "turbokernels.kernels.int4_mm:int4_mm_kernel"
+    signature: tuple            # ((arg, type), ...) for the runtime arguments, e.g. ("x_ptr", "*fp16")
+    constexprs: tuple           # ((arg, value), ...)
+    capability: int             # 80, 86, 89, 90 ...
+    num_warps: int = 4
+    num_stages: int = 3
+    divisible_by_16: tuple = ()  # arguments the launcher's JIT would see as multiples of 16
+
+
+def _compile_one(job: CodegenJob) -> CodegenReport:
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    arg_names = fn.arg_names
-    attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
-    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+    module, name = job.kernel.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    constexprs = dict(job.constexprs)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in job.divisible_by_16}
+    src = ASTSource(fn=fn, signature={**dict(job.signature), **{k: "constexpr" for k in constexprs}},
                     constexprs=constexprs, attrs=attrs)
-    target = GPUTarget("cuda", capability, 32)
-    options = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": num_stages}).__dict__
+    target = GPUTarget("cuda", job.capability, 32)
+    options = make_backend(target).parse_options({"num_warps": job.num_warps,
+                                                  "num_stages": job.num_stages}).__dict__
     kernel = triton.compile(src, target=target, options=options)
     ptx = kernel.asm["ptx"]
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
@@ -99,8 +113,29 @@ def compile_triton(fn, signature: dict, constexprs: dict, capability: int, num_w
                               capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return CodegenReport(capability=capability, ptx=ptx, sass=sass, registers=registers, spill_bytes=spills,
+    return CodegenReport(capability=job.capability, ptx=ptx, sass=sass, registers=registers, spill_bytes=spills,
                          shared_bytes=int(kernel.metadata.shared), ptxas_log=log)
+
+
+def compile_triton(jobs: list[CodegenJob]) -> list[CodegenReport]:
+    """Compile kernels for their targets without a GPU. Under TRITON_INTERPRET=1 this process's @triton.jit
+    functions are interpreter objects, so the compilation runs in one child process without it."""
+    from .backends import triton_interpreting
+    if not triton_interpreting():
+        return [_compile_one(job) for job in jobs]
+    import pickle
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path_in, path_out = os.path.join(tmp, "jobs.pkl"), os.path.join(tmp, "reports.pkl")
+        with open(path_in, "wb") as f:
+            pickle.dump(jobs, f)
+        code = ("import pickle, sys; from turbokernels.testing import _compile_one; "
+                "jobs = pickle.load(open(sys.argv[1], 'rb')); "
+                "pickle.dump([_compile_one(j) for j in jobs], open(sys.argv[2], 'wb'))")
+        subprocess.run([sys.executable, "-c", code, path_in, path_out], env=env, check=True)
+        with open(path_out, "rb") as f:
+            return pickle.load(f)
 
 
 def cuda_available() -> bool:

@@ -38,7 +38,13 @@ int4_mm = define(OP, "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, 
 backends.register(OP, "reference", check=backends.always)(reference.int4_mm)
 
 
-@backends.register(OP, "triton", check=backends.check_triton)
+def _check_triton(x, qweight, scales, offsets, group_size):
+    if group_size < 16:
+        return f"group_size={group_size} < 16 (tl.dot tiles are 16 deep; a tile may span at most two groups)"
+    return backends.check_triton(x)
+
+
+@backends.register(OP, "triton", check=_check_triton)
 def _triton(x, qweight, scales, offsets, group_size):
     from turbokernels.kernels.int4_mm import int4_mm as launch
     return launch(x, qweight, scales, offsets, group_size)
