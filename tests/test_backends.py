@@ -1,0 +1,103 @@
+"""The one dispatch mechanism: forcing, precedence, clear errors, and the auto order."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import turbokernels as tk
+from turbokernels import backends
+from _int4_cases import make_weight
+
+
+def _args(device="cpu"):
+    w = make_weight(32, 64, 32).to(device)
+    return (torch.randn(2, 64, dtype=torch.float16, device=device), w.qweight, w.scales, w.offsets, 32)
+
+
+def test_context_manager_forces_and_restores():
+    assert backends.forced_backend() is None
+    with tk.backend("reference"):
+        assert backends.forced_backend() == "reference"
+        assert backends.select("int4_mm", *_args())[0] == "reference"
+        with tk.backend(None):  # an inner automatic block
+            assert backends.forced_backend() is None
+    assert backends.forced_backend() is None
+
+
+def test_set_backend_and_context_precedence():
+    try:
+        tk.set_backend("reference")
+        assert backends.forced_backend() == "reference"
+        with tk.backend("triton"):
+            assert backends.forced_backend() == "triton"
+        assert backends.forced_backend() == "reference"
+    finally:
+        tk.set_backend(None)
+    assert backends.forced_backend() is None
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("TURBOKERNELS_BACKEND", "reference")
+    assert backends.forced_backend() == "reference"
+    with tk.backend("triton"):
+        assert backends.forced_backend() == "triton"
+    monkeypatch.setenv("TURBOKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="TURBOKERNELS_BACKEND"):
+        backends.forced_backend()
+
+
+def test_unknown_backend_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        tk.set_backend("fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with tk.backend("gpu"):
+            pass
+
+
+def test_forced_backend_that_cannot_run_is_an_error_not_a_fallback():
+    args = _args()
+    with tk.backend("cuda"):  # no cuda backend for int4_mm yet
+        with pytest.raises(tk.BackendUnavailable, match="no 'cuda' backend"):
+            torch.ops.turbokernels.int4_mm(*args)
+    x, qw, s, o, _ = args
+    w8 = make_weight(32, 64, 8)
+    with tk.backend("triton"):
+        with pytest.raises(tk.BackendUnavailable, match="group_size=8"):
+            torch.ops.turbokernels.int4_mm(x, w8.qweight, w8.scales, w8.offsets, 8)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused():
+    code = ("import torch, turbokernels as tk; from turbokernels import backends;"
+            "print(backends.check_triton(torch.empty(1)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "TRITON_INTERPRET" in out
+
+
+def test_auto_order_on_cpu():
+    name, _ = backends.select("int4_mm", *_args())
+    expected = "cpu" if backends.check_extension_op("int4_mm", "cpu")(torch.empty(1)) is None else "reference"
+    assert name == expected
+
+
+def test_non_auto_backend_runs_only_when_forced():
+    calls = []
+    op = "_test_only_op"
+    backends.register(op, "reference", check=backends.always)(lambda x: calls.append("ref") or x)
+    backends.register(op, "cpu", check=backends.always, auto=False)(lambda x: calls.append("cpu") or x)
+    x = torch.ones(1)
+    backends.dispatch(op, x)
+    with tk.backend("cpu"):
+        backends.dispatch(op, x)
+    assert calls == ["ref", "cpu"]
+
+
+def test_package_imports_without_the_extension():
+    code = "import turbokernels as tk, torch; print(tk.int4_linear(torch.randn(1, 64), tk.quantize_int4(torch.randn(8, 64), 32)).shape)"
+    env = dict(os.environ, TURBOKERNELS_NO_EXT="1")
+    res = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert "torch.Size([1, 8])" in res.stdout
