@@ -20,10 +20,11 @@ import warnings
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["turbokernels", "turbokernels.kernels", "turbokernels.ops", "turbokernels.reference",
-            "turbokernels.formats", "turbokernels.nn"]
-PACKAGE_DIR = {"turbokernels": "python/turbokernels", "turbokernels.kernels": "kernels"}
-for sub in PACKAGES[2:]:
+PACKAGES = ["turbokernels", "turbokernels.kernels", "turbokernels.bench", "turbokernels.ops",
+            "turbokernels.reference", "turbokernels.formats", "turbokernels.nn"]
+# kernels/ and bench/ live at the top of the repository and install as turbokernels.kernels / turbokernels.bench.
+PACKAGE_DIR = {"turbokernels": "python/turbokernels", "turbokernels.kernels": "kernels", "turbokernels.bench": "bench"}
+for sub in PACKAGES[3:]:
     PACKAGE_DIR[sub] = "python/" + sub.replace(".", "/")
 
 
@@ -55,7 +56,9 @@ def _extensions():
         raise RuntimeError("TURBOKERNELS_CUDA=1 but nvcc (CUDA_HOME) or a CUDA build of torch is missing")
     use_cuda = bool(cuda_sources) and can_cuda and want_cuda is not False
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch.utils.cpp_extension adds the one the installed torch needs (c++17 up to 2.12, c++20 from
+    # 2.13 on, whose headers refuse to compile as C++17).
+    cxx = ["-O3", "-fopenmp"]
     ext_kwargs = dict(
         name="turbokernels._C",
         sources=cpu_sources + (cuda_sources if use_cuda else []),

