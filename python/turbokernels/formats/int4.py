@@ -48,11 +48,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_int4(q): expected a 2-D (K, N) tensor, got shape {tuple(q.shape)}")
     K, N = q.shape
     K8 = (K + 7) // 8
-    q = q.to(torch.int64)
-    if K8 * 8 != K:
-        q = torch.cat([q, q.new_zeros(K8 * 8 - K, N)])
-    shifts = (torch.arange(8, device=q.device, dtype=torch.int64) * 4).view(1, 8, 1)
-    words = ((q.view(K8, 8, N) & 0xF) << shifts).sum(dim=1)  # fits in 32 unsigned bits
+    # One nibble slot at a time into (K8, N) int64 words: peak memory stays a quarter of an int64 copy of q.
+    words = torch.zeros(K8, N, dtype=torch.int64, device=q.device)
+    for i in range(8):
+        rows = q[i::8]
+        words[: rows.shape[0]] |= (rows.to(torch.int64) & 0xF) << (4 * i)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
