@@ -181,6 +181,10 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Every output buffer comes from here, so tests can poison it (fill with NaN) and catch unwritten elements.
+_empty = torch.empty
+
+
 def _launch(x, qweight, scales, offsets, group_size, cfg: Config):
     M, K = x.shape
     N = qweight.shape[1]
@@ -190,10 +194,10 @@ def _launch(x, qweight, scales, offsets, group_size, cfg: Config):
     split_k = triton.cdiv(K, k_per_split)
     upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting())
     if split_k == 1:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        out = _empty((M, N), device=x.device, dtype=x.dtype)
         strides = (0, out.stride(0), out.stride(1))
     else:
-        out = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
+        out = _empty((split_k, M, N), device=x.device, dtype=torch.float32)
         strides = out.stride()
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), split_k)
     int4_mm_kernel[grid](
