@@ -77,7 +77,7 @@ def _extensions():
             inc = os.path.join(base, "nvidia", "cu13", "include")
             if os.path.isdir(inc):
                 ext_kwargs["include_dirs"].append(inc)
-        ext_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-lineinfo", "-DTURBOKERNELS_WITH_CUDA"]
+        ext_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DTURBOKERNELS_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension(**ext_kwargs)
     else:
         ext = cpp_extension.CppExtension(**ext_kwargs)

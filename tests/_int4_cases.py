@@ -3,6 +3,7 @@ import torch
 
 import turbokernels as tk
 from turbokernels.reference.int4_mm import dequantize_int4
+from turbokernels.testing import matmul_noise_scale
 
 
 def make_weight(N, K, group_size=128, symmetric=False, dtype=torch.float16):
@@ -10,13 +11,18 @@ def make_weight(N, K, group_size=128, symmetric=False, dtype=torch.float16):
     return tk.quantize_int4(w, group_size=group_size, symmetric=symmetric)
 
 
+def noise_scale(x, weight: tk.Int4Weight) -> float:
+    """For assert_close(scale=...): the magnitude of the terms int4_mm sums."""
+    return matmul_noise_scale(x.reshape(-1, weight.in_features), weight.dequantize(torch.float64).t())
+
+
 def golden_and_baseline(x, weight: tk.Int4Weight, bias=None):
-    """(float64 golden, torch in x's dtype: dequantize to x.dtype then F.linear), both (..., N)."""
-    w_kn = dequantize_int4(weight.qweight, weight.scales, weight.offsets, weight.effective_group_size,
-                           weight.in_features)  # exact in fp32
+    """(float64 golden: the exact q * scale + offset weight; torch in x's dtype: dequantize to x.dtype, then
+    matmul), both (..., N)."""
+    args = (weight.qweight, weight.scales, weight.offsets, weight.effective_group_size, weight.in_features)
     xs = x if weight.perm is None else x.index_select(-1, weight.perm)
-    golden = xs.double() @ w_kn.double()
-    baseline = xs @ w_kn.to(x.dtype)
+    golden = xs.double() @ dequantize_int4(*args, dtype=torch.float64)
+    baseline = xs @ dequantize_int4(*args).to(x.dtype)
     if bias is not None:
         golden = golden + bias.double()
         baseline = baseline + bias

@@ -5,7 +5,7 @@ import torch
 import turbokernels as tk
 from turbokernels import backends
 from turbokernels.testing import assert_close
-from _int4_cases import golden_and_baseline, make_weight
+from _int4_cases import golden_and_baseline, make_weight, noise_scale
 from conftest import interpreting
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -48,7 +48,8 @@ def test_int4_linear_matches_golden(backend_name, dtype, M, K, N, group_size, sy
         out = tk.int4_linear(x, weight, bias)
     golden, baseline = golden_and_baseline(x, weight, bias)
     assert out.dtype == dtype and out.device == x.device
-    assert_close(out, golden, baseline, what=f"{backend_name} {dtype} M={M} K={K} N={N} g={group_size}")
+    assert_close(out, golden, baseline, scale=noise_scale(x, weight),
+                 what=f"{backend_name} {dtype} M={M} K={K} N={N} g={group_size}")
 
 
 def test_every_triton_config_is_correct(monkeypatch):
@@ -71,7 +72,7 @@ def test_every_triton_config_is_correct(monkeypatch):
                 x = torch.randn(M, K, device=device(), dtype=torch.float16)
                 out = launch(x, weight.qweight, weight.scales, weight.offsets, group_size, config=cfg)
                 golden, baseline = golden_and_baseline(x, weight)
-                assert_close(out, golden, baseline, what=f"{cfg} g={group_size}")
+                assert_close(out, golden, baseline, scale=noise_scale(x, weight), what=f"{cfg} g={group_size}")
 
 
 @pytest.mark.parametrize("backend_name", runnable_backends())
@@ -86,7 +87,8 @@ def test_strided_and_batched_input(backend_name):
     for inp, o in ((x, out), (xt, out_t)):
         golden, baseline = golden_and_baseline(inp, weight)
         assert o.shape == inp.shape[:-1] + (48,)
-        assert_close(o, golden, baseline, what=f"{backend_name} strides {inp.stride()}")
+        assert_close(o, golden, baseline, scale=noise_scale(inp, weight),
+                     what=f"{backend_name} strides {inp.stride()}")
 
 
 @pytest.mark.parametrize("backend_name", runnable_backends())
@@ -164,9 +166,9 @@ def test_module_from_linear_and_state_dict_round_trip():
     y = layer(x)
     assert y.shape == (2, 5, 97) and y.dtype == torch.float16
     # against the dequantized weight
-    golden = x.double() @ layer.dequantize().double().t() + lin.bias.double()
+    golden = x.double() @ layer.dequantize(torch.float64).t() + lin.bias.double()
     baseline = torch.nn.functional.linear(x, layer.dequantize(torch.float16), lin.bias)
-    assert_close(y, golden, baseline)
+    assert_close(y, golden, baseline, scale=noise_scale(x, layer.weight))
     sd = layer.state_dict()
     again = tk.nn.Int4Linear(576, 97, bias=True, group_size=128, dtype=torch.float16)
     again.load_state_dict(sd)
@@ -198,7 +200,7 @@ def test_module_without_bias_and_dtype_conversion():
     assert layer.bias is None
     x = torch.randn(3, 128)
     golden, baseline = golden_and_baseline(x, layer.weight)
-    assert_close(layer(x), golden, baseline)
+    assert_close(layer(x), golden, baseline, scale=noise_scale(x, layer.weight))
     half = layer.half()  # scales/offsets follow the module dtype like any float buffer
     assert half(x.half()).dtype == torch.float16
 
@@ -213,7 +215,7 @@ def test_gpu_triton_real_shapes(dtype, M):
     with tk.backend("triton"):
         out = tk.int4_linear(x, weight)
     golden, baseline = golden_and_baseline(x, weight)
-    assert_close(out, golden, baseline, what=f"M={M}")
+    assert_close(out, golden, baseline, scale=noise_scale(x, weight), what=f"M={M}")
 
 
 @pytest.mark.gpu

@@ -154,9 +154,11 @@ class Int4Weight:
 
     # ---- conversions -------------------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight in nn.Linear orientation (out_features, in_features); computed in fp32, then cast."""
+        """The float weight in nn.Linear orientation (out_features, in_features); computed in fp32 (float64 when
+        asked for float64: the exact value of q * scale + offset), then cast."""
         from ..reference.int4_mm import dequantize_int4
-        w = dequantize_int4(self.qweight, self.scales, self.offsets, self.effective_group_size, self.in_features)
+        w = dequantize_int4(self.qweight, self.scales, self.offsets, self.effective_group_size, self.in_features,
+                            torch.float64 if dtype == torch.float64 else torch.float32)
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(0, self.perm, w)
         return w.t().contiguous().to(dtype)

@@ -5,11 +5,12 @@ from ..formats.int4 import unpack_int4
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
-                    in_features: int) -> torch.Tensor:
-    """(K, N) fp32 weight (the transposed nn.Linear weight, rows in qweight's order)."""
-    q = unpack_int4(qweight, in_features).to(torch.float32)
+                    in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(K, N) weight (the transposed nn.Linear weight, rows in qweight's order), computed in `dtype`: fp32 for
+    the kernels' spec, float64 for the exact value tests compare against."""
+    q = unpack_int4(qweight, in_features).to(dtype)
     group_of_k = torch.arange(in_features, device=qweight.device) // group_size
-    return q * scales.to(torch.float32)[group_of_k] + offsets.to(torch.float32)[group_of_k]
+    return q * scales.to(dtype)[group_of_k] + offsets.to(dtype)[group_of_k]
 
 
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,

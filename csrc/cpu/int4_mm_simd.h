@@ -1,0 +1,195 @@
+// ISA-generic body of the int4_mm CPU kernels. NOT a normal header: csrc/cpu/int4_mm.cpp includes it once per
+// instruction set, inside namespace `avx512` / `avx2` / `scalar`, after defining there
+//   struct Vec   the vector type and its few operations (see int4_mm.cpp): Vec::W fp32 lanes, Vec::J vectors per
+//                column block, Vec::RMAX rows of x per register tile, Vec::NREG vector registers; unpacking is
+//                prepare(word) once per loaded vector, then nibble(w, i) = float(q_i - 8) (any i) or
+//                next_nibble(w, i) (i = 0, 1, ..., 7 in order: may keep state in w)
+//   TK_ATTR      the function attributes of that ISA (e.g. __attribute__((target("avx512f,avx512bw"))))
+// so the kernels below exist three times, each compiled for its ISA and picked at run time. Everything here is
+// either TK_ATTR or always_inline into a TK_ATTR function; nothing here may include a header or instantiate a
+// template from outside (an inline function compiled for AVX-512 must not become the copy the linker keeps for
+// everyone). No include guard on purpose.
+
+constexpr int W = Vec::W;        // fp32 lanes per vector (= int4 columns per packed-word vector)
+constexpr int J = Vec::J;        // vectors per column block
+constexpr int NB = W * J;        // columns per block: the unit of work of one thread
+constexpr int RMAX = Vec::RMAX;  // rows of x sharing one unpacked weight vector
+using VF = typename Vec::F;
+using VI = typename Vec::I;
+
+// acc[r][j] += sum_{w < nw} sum_{i < 8} x[r][8w + i] * (q(word q[w * ldq + j * W + lane], nibble i) - 8)
+// Each packed vector is unpacked once (nibble i - 8 -> float: Vec::nibble) and used by all R rows. The sum starts
+// from zero in S interleaved accumulator sets (nibble i goes to set i % S) that are added to acc at the end: with
+// few rows, more independent FMA chains hide the FMA latency, and shorter chains round less (decode has compute
+// to spare: it waits for memory).
+template <int R>
+TK_ATTR __attribute__((always_inline)) inline void accumulate_words(const int32_t* q, int64_t ldq, int64_t nw,
+                                                                    const float* const* x, VF (&acc)[R][J]) {
+  // as many sets as fit in the registers next to the words, the broadcast x and a few constants
+  constexpr int kFree = Vec::NREG - J - R - 3;
+  constexpr int S = R * J >= 8 ? 1 : 4 * R * J <= kFree ? 4 : 2 * R * J <= kFree ? 2 : 1;
+  VF part[S][R][J];
+  for (int t = 0; t < S; ++t)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < J; ++j) part[t][r][j] = Vec::zero();
+  for (int64_t w = 0; w < nw; ++w) {
+    VI words[J];
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) words[j] = Vec::prepare(Vec::loadq(q + w * ldq + j * W));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      VF xb[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) xb[r] = Vec::set1(x[r][8 * w + i]);
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j) {
+        const VF v = Vec::next_nibble(words[j], i);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) part[i % S][r][j] = Vec::fma(xb[r], v, part[i % S][r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) {
+      VF sum = part[0][r][j];
+      if constexpr (S == 2) sum = Vec::add(sum, part[1][r][j]);
+      if constexpr (S == 4) sum = Vec::add(Vec::add(sum, part[1][r][j]), Vec::add(part[2][r][j], part[3][r][j]));
+      acc[r][j] = Vec::add(acc[r][j], sum);
+    }
+}
+
+// One packed word row shared by two groups (or the last, partial one): x outside [k0, k1) counts as 0, and x is
+// never read past k1 (K need not be a multiple of 8).
+template <int R>
+TK_ATTR __attribute__((always_inline)) inline void accumulate_masked_word(const int32_t* q, int64_t w, int64_t k0,
+                                                                          int64_t k1, const float* x, int64_t ldx,
+                                                                          VF (&acc)[R][J]) {
+  float xm[R][8];
+  const float* xp[R];
+  for (int r = 0; r < R; ++r) {
+    for (int i = 0; i < 8; ++i) {
+      const int64_t k = 8 * w + i;
+      xm[r][i] = (k >= k0 && k < k1) ? x[r * ldx + k] : 0.f;
+    }
+    xp[r] = xm[r];
+  }
+  accumulate_words<R>(q, 0, 1, xp, acc);
+}
+
+// Rows [0, R) of x (x points at row 0, rows ldx apart) against one group of one column block:
+//   y[r][n] += s[n] * sum_{k in group} x[r][k] (q[k][n] - 8)  +  (o[n] + 8 s[n]) * xsum[r]
+// Centering q on 8 keeps the two terms small: for symmetric quantization o = -8s and the second one vanishes, for
+// min/max quantization o + 8s is the middle of the group's range. Uncentered, both terms would be about
+// 8 s |xsum| and cancel, losing fp32 digits on outputs much smaller than that.
+template <int R>
+TK_ATTR void group_rows(const int32_t* q, int64_t ldq, const Span& sp, const float* x, int64_t ldx,
+                        const float* xsum, int64_t xsum_stride, const float* s, const float* o, float* y) {
+  VF acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = Vec::zero();
+  if (sp.head_w >= 0) accumulate_masked_word<R>(q + sp.head_w * ldq, sp.head_w, sp.k0, sp.k1, x, ldx, acc);
+  // Long groups (per-channel: gs = K) are summed in chunks of kChunkWords words, each from zero, so the fp32
+  // rounding error grows with the chunk length rather than with K; groups up to 128 are one chunk.
+  constexpr int64_t kChunkWords = 16;
+  for (int64_t w0 = sp.mid_w0; w0 < sp.mid_w0 + sp.mid_n; w0 += kChunkWords) {
+    const int64_t nw = sp.mid_w0 + sp.mid_n - w0 < kChunkWords ? sp.mid_w0 + sp.mid_n - w0 : kChunkWords;
+    const float* xp[R];
+    for (int r = 0; r < R; ++r) xp[r] = x + r * ldx + 8 * w0;
+    accumulate_words<R>(q + w0 * ldq, ldq, nw, xp, acc);
+  }
+  if (sp.tail_w >= 0) accumulate_masked_word<R>(q + sp.tail_w * ldq, sp.tail_w, sp.k0, sp.k1, x, ldx, acc);
+  for (int j = 0; j < J; ++j) {
+    const VF sv = Vec::loadu(s + j * W), ov = Vec::fma(Vec::set1(8.f), sv, Vec::loadu(o + j * W));
+    for (int r = 0; r < R; ++r) {
+      VF yv = Vec::loadu(y + r * NB + j * W);
+      yv = Vec::fma(ov, Vec::set1(xsum[r * xsum_stride]), yv);
+      yv = Vec::fma(sv, acc[r][j], yv);
+      Vec::storeu(y + r * NB + j * W, yv);
+    }
+  }
+}
+
+// dst[0, n) = src[off, off + n) as fp32, dst[n, npad) = 0
+TK_ATTR void row_to_f32(Dt dt, const void* src, int64_t off, int64_t n, float* dst, int64_t npad) {
+  int64_t i = 0;
+  if (dt == Dt::F32) {
+    const float* p = static_cast<const float*>(src) + off;
+    for (; i + W <= n; i += W) Vec::storeu(dst + i, Vec::loadu(p + i));
+  } else if (dt == Dt::F16) {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + off;
+    for (; i + W <= n; i += W) Vec::storeu(dst + i, Vec::load_f16(p + i));
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + off;
+    for (; i + W <= n; i += W) Vec::storeu(dst + i, Vec::load_bf16(p + i));
+  }
+  for (; i < n; ++i) dst[i] = scalar_to_f32(dt, src, off + i);
+  for (; i < npad; ++i) dst[i] = 0.f;
+}
+
+// group_rows<n> for a run-time n in [1, R]
+template <int R>
+TK_ATTR __attribute__((always_inline)) inline void group_rows_n(int n, const int32_t* q, int64_t ldq, const Span& sp,
+                                                                const float* x, int64_t ldx, const float* xsum,
+                                                                int64_t xsum_stride, const float* s, const float* o,
+                                                                float* y) {
+  if constexpr (R > 1) {
+    if (n < R) return group_rows_n<R - 1>(n, q, ldq, sp, x, ldx, xsum, xsum_stride, s, o, y);
+  }
+  group_rows<R>(q, ldq, sp, x, ldx, xsum, xsum_stride, s, o, y);
+}
+
+// out[m0:m1, n0:n0 + NB] (fewer columns in the last block), all groups.
+// scratch: (m1 - m0 + 2) * NB floats; qpad: ceil(K/8) * NB int32, used only when the block is partial.
+TK_ATTR void fused_block(const Problem& P, int64_t m0, int64_t m1, int64_t n0, float* scratch, int32_t* qpad) {
+  const int64_t ncols = P.N - n0 < NB ? P.N - n0 : NB;
+  const int64_t K8 = (P.K + 7) / 8, rows = m1 - m0;
+  const int32_t* q = P.q + n0;
+  int64_t ldq = P.N;
+  if (ncols < NB) {  // copy the ragged edge into a zero-padded tile so the kernel always runs full vectors
+    for (int64_t w = 0; w < K8; ++w)
+      for (int64_t n = 0; n < NB; ++n) qpad[w * NB + n] = n < ncols ? q[w * ldq + n] : 0;
+    q = qpad;
+    ldq = NB;
+  }
+  float* y = scratch;          // (rows, NB)
+  float* sb = y + rows * NB;   // (NB)
+  float* ob = sb + NB;         // (NB)
+  for (int64_t i = 0; i < rows * NB; ++i) y[i] = 0.f;
+  for (int64_t g = 0; g < P.G; ++g) {
+    row_to_f32(P.sdt, P.s, g * P.N + n0, ncols, sb, NB);
+    row_to_f32(P.odt, P.o, g * P.N + n0, ncols, ob, NB);
+    // the group's weight tile (gs/8 words x NB columns) stays in L1 while every row chunk of the panel uses it
+    for (int64_t r = 0; r < rows; r += RMAX) {
+      const int n = static_cast<int>(rows - r < RMAX ? rows - r : RMAX);
+      group_rows_n<RMAX>(n, q, ldq, P.spans[g], P.x + (m0 + r) * P.K, P.K, P.xsum + (m0 + r) * P.G + g, P.G, sb,
+                         ob, y + r * NB);
+    }
+  }
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t n = 0; n < ncols; ++n) P.out[(m0 + m) * P.N + n0 + n] = y[m * NB + n];
+}
+
+// Dequantize rows [k_begin, k_end) of columns [n0, n0 + nb) into w (row-major, nb floats per row):
+// w[k][n] = q[k][n] * s[k / gs][n] + o[k / gs][n]. sb, ob: nb floats of scratch each.
+TK_ATTR void dequant_rows(const Problem& P, int64_t k_begin, int64_t k_end, int64_t n0, int64_t nb, float* w,
+                          float* sb, float* ob) {
+  int64_t g_loaded = -1;
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    const int64_t g = k / P.gs;
+    if (g != g_loaded) {
+      row_to_f32(P.sdt, P.s, g * P.N + n0, nb, sb, nb);
+      row_to_f32(P.odt, P.o, g * P.N + n0, nb, ob, nb);
+      g_loaded = g;
+    }
+    const int32_t* qrow = P.q + (k / 8) * P.N + n0;
+    const int i = static_cast<int>(k % 8);
+    float* dst = w + (k - k_begin) * nb;
+    int64_t n = 0;
+    for (; n + W <= nb; n += W) {
+      const VF v = Vec::add(Vec::nibble(Vec::prepare(Vec::loadq(qrow + n)), i), Vec::set1(8.f));
+      Vec::storeu(dst + n, Vec::fma(v, Vec::loadu(sb + n), Vec::loadu(ob + n)));
+    }
+    for (; n < nb; ++n)
+      dst[n] = static_cast<float>((static_cast<uint32_t>(qrow[n]) >> (4 * i)) & 15u) * sb[n] + ob[n];
+  }
+}

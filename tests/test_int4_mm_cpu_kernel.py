@@ -1,0 +1,156 @@
+"""The C++ CPU kernel of int4_mm (csrc/cpu/int4_mm.cpp), called directly as torch.ops.turbokernels_C.int4_mm.
+
+Golden: float64 x @ the exact dequantized weight (python/turbokernels/reference in float64). The kernel must be within
+2x the error of a plain matmul in x's dtype (x @ W.to(x.dtype)) plus one rounding of the summed terms' size
+(turbokernels.testing.assert_close), for every SIMD path it has: the best one of this CPU, and the AVX2 and plain C++ ones (TURBOKERNELS_CPU_ISA caps the choice).
+"""
+import itertools
+
+import pytest
+import torch
+
+import turbokernels as tk
+from turbokernels import _ext
+from turbokernels.formats.int4 import pack_int4
+from turbokernels.reference.int4_mm import dequantize_int4
+from turbokernels.testing import assert_close, matmul_noise_scale
+
+pytestmark = pytest.mark.skipif(
+    not _ext.available() or _ext.missing_op_reason("int4_mm", "cpu") is not None,
+    reason=f"turbokernels._C has no CPU int4_mm kernel ({_ext.load_error() or _ext.missing_op_reason('int4_mm', 'cpu')})")
+
+ISAS = ["best", "avx2", "scalar"]  # a cap above what the CPU has falls back to the best it has
+
+
+def op(x, qweight, scales, offsets, group_size):
+    return torch.ops.turbokernels_C.int4_mm(x, qweight, scales, offsets, group_size)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if request.param == "best":
+        monkeypatch.delenv("TURBOKERNELS_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("TURBOKERNELS_CPU_ISA", request.param)
+    return request.param
+
+
+def check(x, qweight, scales, offsets, group_size, what=""):
+    """Run the kernel and compare with the float64 golden (the exact q * scale + offset weight) by the shared rule."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    out = op(x, qweight, scales, offsets, group_size)
+    assert out.shape == (M, N) and out.dtype == x.dtype, what
+    if M == 0:
+        return
+    w64 = dequantize_int4(qweight, scales, offsets, group_size, K, dtype=torch.float64)
+    baseline = x @ dequantize_int4(qweight, scales, offsets, group_size, K).to(x.dtype)
+    assert torch.isfinite(out).all(), what
+    assert_close(out, x.double() @ w64, baseline, scale=matmul_noise_scale(x, w64), what=what)
+
+
+SHAPES = [(8, 1), (17, 97), (113, 40), (576, 64), (256, 4097), (4096, 32)]
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantized_grid(K, N, xdtype):
+    """The main grid on this CPU's best path: every M class, group size and scale dtype."""
+    w = torch.randn(N, K)
+    for gs, sdtype, symmetric in itertools.product([32, 64, 128, 256, K, 100], [torch.float16, torch.float32],
+                                                   [False, True]):
+        if symmetric and sdtype == torch.float32 and gs not in (128, K):
+            continue  # keep it quick: symmetric mostly matters for the offset term, covered by the others
+        qw = tk.quantize_int4(w.to(sdtype), group_size=gs, symmetric=symmetric)
+        offsets = qw.offsets.float()  # fp32 offsets, as real checkpoints with non-exact zero points
+        for M in [0, 1, 3, 16, 17, 64]:
+            x = torch.randn(M, K).to(xdtype)
+            check(x, qw.qweight, qw.scales, offsets, qw.effective_group_size,
+                  f"M={M} K={K} N={N} gs={gs} x={xdtype} s={sdtype} sym={symmetric}")
+
+
+def random_weight(K, N, G, sdtype, odtype, garbage_padding=False):
+    q = torch.randint(0, 16, (K, N), dtype=torch.int32)
+    qweight = pack_int4(q)
+    if garbage_padding and K % 8:  # nibbles of rows >= K must never be read as weights
+        pad = torch.randint(0, 16, (8 - K % 8, N), dtype=torch.int64)
+        shifts = (torch.arange(K % 8, 8) * 4).view(-1, 1)
+        extra = ((pad << shifts).sum(0))
+        last = qweight[-1].to(torch.int64) | extra
+        qweight[-1] = torch.where(last >= 2**31, last - 2**32, last).to(torch.int32)
+    scales = (torch.rand(G, N) * 0.1 + 0.01).to(sdtype)
+    offsets = (torch.randn(G, N) * 0.5).to(odtype)
+    return qweight, scales, offsets
+
+
+@pytest.mark.parametrize("K,N", [(17, 97), (113, 40), (576, 64), (256, 130), (40, 33)])
+def test_every_simd_path(isa, K, N):
+    """Each SIMD path (and its dequantize + BLAS path for larger M) on random weights, incl. odd group sizes."""
+    for gs, M, (xdtype, sdtype, odtype) in itertools.product(
+            [1, 3, 8, 32, 100, K], [1, 2, 3, 5, 9, 17, 130],
+            [(torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.float16, torch.float32),
+             (torch.float16, torch.bfloat16, torch.float16)]):
+        if gs < 8 and M > 5:
+            continue
+        G = -(-K // gs)
+        qweight, scales, offsets = random_weight(K, N, G, sdtype, odtype, garbage_padding=True)
+        x = torch.randn(M, K).to(xdtype)
+        check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} K={K} N={N} gs={gs} {xdtype}/{sdtype}/{odtype}")
+
+
+def test_large_m_panels(isa):
+    """More rows than one work panel (256), fused or dequantize + BLAS depending on the path."""
+    K, N, gs = 200, 70, 64
+    qweight, scales, offsets = random_weight(K, N, -(-K // gs), torch.float16, torch.float32)
+    check(torch.randn(300, K), qweight, scales, offsets, gs, f"isa={isa}")
+
+
+def test_decode_layer_shape():
+    """The benchmark shape at decode: 4096x4096, g128, bf16 activations, fp16 scales."""
+    w = torch.randn(4096, 4096, dtype=torch.float16)
+    qw = tk.quantize_int4(w, group_size=128)
+    for M in (1, 4):
+        check(torch.randn(M, 4096, dtype=torch.bfloat16), qw.qweight, qw.scales, qw.offsets, 128, f"M={M}")
+
+
+def test_non_contiguous_x_and_empty():
+    K, N, gs = 96, 50, 32
+    qweight, scales, offsets = random_weight(K, N, 3, torch.float32, torch.float32)
+    xt = torch.randn(K, 5).t()  # (5, K), strides (1, 5)
+    check(xt, qweight, scales, offsets, gs, "transposed x")
+    xs = torch.randn(4, 2 * K, dtype=torch.bfloat16)[:, ::2]  # (4, K), stride 2 along K
+    check(xs, qweight, scales, offsets, gs, "strided x")
+    out = op(torch.empty(0, K, dtype=torch.float16), qweight, scales, offsets, gs)
+    assert out.shape == (0, N) and out.dtype == torch.float16
+
+
+def test_thread_count_does_not_change_the_result():
+    """Columns are independent: 1 thread and all threads give bit-identical outputs."""
+    K, N, gs = 512, 1000, 128
+    qweight, scales, offsets = random_weight(K, N, 4, torch.bfloat16, torch.float32)
+    x = torch.randn(3, K)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(x, qweight, scales, offsets, gs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, op(x, qweight, scales, offsets, gs))
+
+
+def test_bad_arguments_name_the_argument():
+    K, N, gs = 64, 16, 32
+    qweight, scales, offsets = random_weight(K, N, 2, torch.float32, torch.float32)
+    x = torch.randn(2, K)
+    with pytest.raises(RuntimeError, match="qweight"):
+        op(x, qweight[:-1], scales, offsets, gs)
+    with pytest.raises(RuntimeError, match="qweight"):
+        op(x, qweight.float(), scales, offsets, gs)
+    with pytest.raises(RuntimeError, match="scales"):
+        op(x, qweight, scales[:1], offsets, gs)
+    with pytest.raises(RuntimeError, match="offsets"):
+        op(x, qweight, scales, offsets.double(), gs)
+    with pytest.raises(RuntimeError, match="x"):
+        op(x.to(torch.int32), qweight, scales, offsets, gs)
+    with pytest.raises(RuntimeError, match="group_size"):
+        op(x, qweight, scales, offsets, 0)
