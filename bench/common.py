@@ -36,13 +36,30 @@ def measured_roofline(device: torch.device, dtype: torch.dtype) -> dict:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device)
     bandwidth = 2 * n_bytes / (ms * 1e-3)  # read + write
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = median_ms(lambda: a @ b, device)
     flops = 2 * n ** 3 / (ms * 1e-3)
     del src, dst, a, b
     return {"peak_bytes_per_s": bandwidth, "peak_flops": flops, "roofline_dtype": str(dtype).replace("torch.", "")}
+
+
+def rotating(copies: list) -> Callable[[], object]:
+    """A function returning the next of `copies` each call: benchmarks cycle through more weight bytes than the
+    caches hold, so that repeated calls measure memory, as a real model's layers do, not the last-level cache
+    (triton's do_bench flushes the GPU's L2 itself; a CPU's 32 MB L3 would hold a whole int4 4096x4096 layer)."""
+    state = {"i": -1}
+
+    def next_copy():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]
+
+    return next_copy
+
+
+def copies_to_exceed_cache(n_bytes: int, device: torch.device, cache_bytes: int = 256 << 20, cap: int = 32) -> int:
+    return 1 if device.type == "cuda" else max(1, min(cap, -(-cache_bytes // max(n_bytes, 1))))
 
 
 def roofline_fraction(flops: float, n_bytes: float, ms: float, roof: dict) -> float:

