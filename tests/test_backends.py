@@ -101,3 +101,18 @@ def test_package_imports_without_the_extension():
                          text=True)
     assert res.returncode == 0, res.stderr
     assert "torch.Size([1, 8])" in res.stdout
+
+
+def test_broken_extension_warns_once_and_falls_back():
+    code = ("import sys, warnings; sys.modules['turbokernels._C'] = None\n"  # importing it now raises ImportError
+            "import torch, turbokernels as tk\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    w = tk.quantize_int4(torch.randn(8, 64), 32)\n"
+            "    for _ in range(3): y = tk.int4_linear(torch.randn(2, 64), w)\n"
+            "print(sum('turbokernels._C could not be loaded' in str(c.message) for c in caught),"
+            " tk.backends.select('int4_mm', torch.randn(2, 64), w.qweight, w.scales, w.offsets, 32)[0])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TURBOKERNELS_NO_EXT"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "reference"]
