@@ -1,0 +1,126 @@
+"""Sparse24Linear: a drop-in nn.Linear whose weight is 2:4-sparse, stored compressed (sparse24_mm underneath)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..compress.prune import prune_24
+from ..formats.int4 import FLOAT_DTYPES
+from ..formats.sparse24 import Sparse24Weight, _meta_cols
+from ..ops.sparse24_mm import sparse24_linear
+
+_PACKED = ("values", "meta")
+_FORMAT = "turbokernels.sparse24/1"
+
+
+class Sparse24Linear(nn.Module):
+    """y = x @ W.T + b with W 2:4-sparse, stored as Sparse24Weight (values (N, K/2) + int16 meta (N, ceil(K/16))).
+
+    Build one with `Sparse24Linear.from_linear(linear, method="magnitude" | "wanda", activation_norm=None)` (prunes,
+    then compresses) or `Sparse24Linear.from_weight(sparse24_weight, bias)`. The values keep the layer's dtype
+    (`.half()` etc. cast them like any float buffer); x must have the same dtype. The state dict holds values, meta
+    and bias, so `Sparse24Linear(in, out, dtype=...).load_state_dict(sd)` restores a layer exactly.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if in_features < 4 or in_features % 4 or out_features < 1:
+            raise ValueError(f"in_features must be a positive multiple of 4 and out_features positive, got "
+                             f"{in_features}, {out_features}")
+        dtype = dtype or torch.float32
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device))
+        # 0b1110_1110_1110_1110 = -4370 as int16: the encoding of all-zero groups (indices 2, 3), a valid meta.
+        self.register_buffer("meta", torch.full((out_features, _meta_cols(in_features)), -4370, dtype=torch.int16,
+                                                device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_weight(cls, weight: Sparse24Weight, bias: Optional[torch.Tensor] = None) -> "Sparse24Linear":
+        if not isinstance(weight, Sparse24Weight):
+            raise TypeError(f"from_weight(weight): expected a Sparse24Weight, got {type(weight).__name__}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,)):
+            raise ValueError(f"from_weight(bias): expected shape ({weight.out_features},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        layer = cls(weight.in_features, weight.out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+        layer.values, layer.meta = weight.values, weight.meta
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str = "magnitude",
+                    activation_norm: Optional[torch.Tensor] = None) -> "Sparse24Linear":
+        """Prune an nn.Linear to 2:4 (see turbokernels.prune_24) and compress it; the linear is not modified."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
+        pruned = prune_24(linear.weight.detach(), method=method, activation_norm=activation_norm)
+        return cls.from_weight(Sparse24Weight.from_dense(pruned), None if linear.bias is None else linear.bias.detach())
+
+    # ---- use ---------------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Sparse24Weight:
+        return Sparse24Weight._trusted(self.values, self.meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse24_linear(x, self.weight, self.bias)
+
+    def to_dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The pruned weight (out_features, in_features), exactly."""
+        return self.weight.to_dense(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"sparsity=2:4, dtype={self.values.dtype}")
+
+    # ---- state dict ----------------------------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"format": _FORMAT, "in_features": self.in_features}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"Sparse24Linear: unknown extra state {state!r}")
+        if state.get("in_features") != self.in_features:
+            raise ValueError(f"Sparse24Linear: the state dict was saved with in_features={state.get('in_features')}; "
+                             f"this layer has in_features={self.in_features}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Validate values + meta together (shapes, dtypes, a well-formed meta) before taking either, so a corrupt
+        # state dict leaves the layer untouched. The values keep their saved dtype.
+        incoming = {n: state_dict[prefix + n] for n in _PACKED if prefix + n in state_dict}
+        if len(incoming) == len(_PACKED):
+            try:
+                w = Sparse24Weight(incoming["values"], incoming["meta"])
+                if w.shape != (self.out_features, self.in_features):
+                    raise ValueError(f"values/meta describe a ({w.out_features}, {w.in_features}) weight; this layer "
+                                     f"is ({self.out_features}, {self.in_features})")
+                bias = state_dict.get(prefix + "bias")
+                if self.bias is not None and isinstance(bias, torch.Tensor) and bias.shape != (self.out_features,):
+                    raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+                extra = state_dict.get(prefix + "_extra_state")
+                if extra is not None:
+                    self.set_extra_state(extra)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"Sparse24Linear ({prefix or 'root'}): {exc}")
+                return
+            device = self.values.device if self.values.device.type != "meta" else incoming["values"].device
+            for n, t in incoming.items():
+                self._buffers[n] = t.detach().to(device).clone()
+            local_state = {k: v for k, v in state_dict.items() if k[len(prefix):] not in _PACKED}
+        else:
+            local_state = state_dict
+        super()._load_from_state_dict(local_state, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(incoming) == len(_PACKED):
+            for n in _PACKED:
+                if prefix + n in missing_keys:
+                    missing_keys.remove(prefix + n)

@@ -1,0 +1,131 @@
+"""sparse24_mm: x (M, K) @ W.T -> (M, N), W (N, K) a 2:4-sparse weight given as Sparse24Weight (values + meta).
+
+    functional   turbokernels.sparse24_linear(x, weight, bias)   checks arguments once, any leading batch shape
+    op           torch.ops.turbokernels.sparse24_mm(x, values, meta)   schema + fake + autograd
+    backends     reference  python/turbokernels/reference/sparse24_mm.py
+                 triton     kernels/sparse24_mm.py
+                 cuda       csrc/cuda/sparse24_mm.cu (auto=False: forced only, until it passes on a GPU)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends
+from ..formats.int4 import FLOAT_DTYPES
+from ..formats.sparse24 import Sparse24Weight
+from ..reference import sparse24_mm as reference
+from ._library import define
+
+OP = "sparse24_mm"
+
+
+def _fake(x, values, meta):
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def _empty(x, values, meta):
+    if x.shape[0] == 0:
+        return x.new_empty((0, values.shape[0]))
+    return None
+
+
+sparse24_mm = define(OP, "(Tensor x, Tensor values, Tensor meta) -> Tensor", fake=_fake, before=_empty)
+
+
+# ---- backends --------------------------------------------------------------------------------------------------
+backends.register(OP, "reference", check=backends.always)(reference.sparse24_mm)
+
+
+def _check_triton(x, values, meta):
+    if values.dtype != x.dtype:
+        return f"values dtype {values.dtype} differs from x's {x.dtype} (the kernel dots them in one dtype)"
+    if meta.dtype != torch.int16:
+        return f"meta must be int16, got {meta.dtype}"
+    return backends.check_triton(x)
+
+
+@backends.register(OP, "triton", check=_check_triton)
+def _triton(x, values, meta):
+    from turbokernels.kernels.sparse24_mm import sparse24_mm as launch
+    return launch(x, values, meta)
+
+
+@backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
+def _cpu(x, values, meta):
+    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta)
+
+
+_cuda_ext = backends.check_extension_op(OP, "cuda")
+
+
+def _check_cuda(x, values, meta):
+    """csrc/cuda/sparse24_mm.cu (mma.sp, sm_80+). Not automatic until it has passed its tests on a real GPU."""
+    reason = _cuda_ext(x, values, meta)  # CUDA tensors, and a _C built with the kernel
+    if reason is not None:
+        return reason
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs float16 or bfloat16 (sparse tensor cores), got {x.dtype}"
+    if values.dtype != x.dtype:
+        return f"values dtype {values.dtype} differs from x's {x.dtype}"
+    if meta.dtype != torch.int16:
+        return f"meta must be int16, got {meta.dtype}"
+    if x.shape[-1] % 32:
+        return f"in_features (x.shape[1]) must be a multiple of 32 (the k of mma.sp), got {x.shape[-1]}"
+    return None
+
+
+@backends.register(OP, "cuda", check=_check_cuda, auto=False)
+def _cuda(x, values, meta):
+    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta)
+
+
+# ---- autograd: gradient for the activations only (the pruned weight is frozen) ---------------------------------
+def _setup_context(ctx, inputs, output):
+    x, values, meta = inputs
+    ctx.save_for_backward(values, meta)
+
+
+def _backward(ctx, grad_out):
+    values, meta = ctx.saved_tensors
+    w = reference.sparse24_to_dense(values, meta, torch.float32)  # (N, K)
+    grad_x = (grad_out.to(torch.float32) @ w).to(grad_out.dtype)
+    return grad_x, None, None
+
+
+torch.library.register_autograd(f"turbokernels::{OP}", _backward, setup_context=_setup_context)
+
+
+# ---- functional entry: all argument checks happen here, once ------------------------------------------------------
+def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ weight.to_dense().T + bias, for x of shape (..., in_features) in the weight's dtype (fp16, bf16 or
+    fp32: cast the weight once with `weight.to(dtype=...)`, not per call)."""
+    if not isinstance(weight, Sparse24Weight):
+        raise TypeError(f"sparse24_linear(weight): expected a turbokernels.Sparse24Weight, got "
+                        f"{type(weight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"sparse24_linear(x): expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"sparse24_linear(x): dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"sparse24_linear(x): dtype {x.dtype} does not match the weight's values dtype "
+                        f"{weight.dtype} (cast the weight once: weight.to(dtype={x.dtype}))")
+    if x.dim() == 0 or x.shape[-1] != weight.in_features:
+        raise ValueError(f"sparse24_linear(x): last dimension must be in_features={weight.in_features}, "
+                         f"got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"sparse24_linear(x): x is on {x.device} but the weight is on {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,):
+            raise ValueError(f"sparse24_linear(bias): expected shape ({weight.out_features},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"sparse24_linear(bias): dtype {bias.dtype} does not match x's {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"sparse24_linear(bias): bias is on {bias.device} but x is on {x.device}")
+    lead = x.shape[:-1]
+    out = sparse24_mm(x.reshape(-1, weight.in_features), weight.values, weight.meta)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*lead, weight.out_features)
