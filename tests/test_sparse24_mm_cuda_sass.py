@@ -1,0 +1,175 @@
+"""The CUDA C++ 2:4 kernel (csrc/cuda/sparse24_mm.cu).
+
+Static, in CI without a GPU: dump the SASS and the resource usage of the built turbokernels._C with the cuobjdump
+that ships with triton, and check that every architecture the default build targets holds the two sparse24 GEMM
+kernels (fp16, bf16), that they really run on sparse tensor cores, and that they use no local memory (no spills).
+
+GPU (`-m gpu`, run by bench/gpu_check.sh): the forced "cuda" backend against a float64 golden result.
+"""
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import turbokernels as tk
+from turbokernels.testing import assert_close, matmul_noise_scale
+
+# Architectures of the default TORCH_CUDA_ARCH_LIST (setup.py: "8.0;8.6;8.9;9.0a") that the check insists on:
+# Ampere's sm_80 and Hopper's sm_90a (9.0a is compiled as arch-specific sm_90a code, which cuobjdump names so).
+REQUIRED_ARCHS = ("sm_80", "sm_90a")
+KERNEL = "sparse24_mm_kernel"
+# The SASS of `mma.sp(::ordered_metadata).sync.aligned.m16n8k32.row.col.f32.{f16,bf16}...` as observed with nvcc 13.0
+# for sm_80, sm_86, sm_89 and sm_90a: HMMA.SP.16832 (sparse HMMA, m16 n8 k32), .F32 accumulator, and a .BF16 suffix
+# for bf16 inputs (fp16 inputs carry no type suffix).
+MNEMONIC = {"__half": r"HMMA\.SP\.16832\.F32(?!\.BF16)", "__nv_bfloat16": r"HMMA\.SP\.16832\.F32\.BF16"}
+# The kernel is instantiated per dtype and block tile: sparse24_mm_kernel<T, BN, BM, WARPS_N, WARPS_M> (mangled
+# `...sparse24_mm_kernelI6__halfLi64ELi64ELi2ELi2E...`). Per k tile of 64 a warp issues 2 (k32 steps) x
+# (BN / WARPS_N / 16) (m16 tiles along N) x (BM / WARPS_M / 8) (n8 tiles along M) mma.sp, fully unrolled: the SASS
+# must hold exactly that many (fewer would mean a k step or a tile got lost). Both shipped tiles (64 x 64 and the
+# M <= 16 one, 128 x 16) must be there.
+TILE = re.compile(r"sparse24_mm_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E")
+TILES = {(64, 64, 2, 2), (128, 16, 4, 1)}
+
+
+def _mma_per_k_tile(bn, bm, warps_n, warps_m):
+    return 2 * (bn // warps_n // 16) * (bm // warps_m // 8)
+
+
+def _cuobjdump() -> str:
+    try:
+        import triton
+    except ImportError:
+        pytest.skip("triton is not installed (its cuobjdump is used to read the SASS)")
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        path = shutil.which("cuobjdump")
+    if not path:
+        pytest.skip("no cuobjdump (triton's backends/nvidia/bin or PATH)")
+    return path
+
+
+def _extension_path() -> str:
+    spec = importlib.util.find_spec("turbokernels._C")  # the file, without loading it
+    if spec is None or spec.origin is None:
+        pytest.skip("turbokernels._C is not built (pure-Python install)")
+    return spec.origin
+
+
+def _dump(flag: str) -> str:
+    proc = subprocess.run([_cuobjdump(), flag, _extension_path()], capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if "arch = " not in text:
+        pytest.skip("turbokernels._C holds no device code: it was built without CUDA (no nvcc or a CPU-only "
+                    "torch at build time, or TURBOKERNELS_CUDA=0)")
+    return text
+
+
+def _per_arch_functions(text: str) -> dict[str, dict[str, str]]:
+    """cuobjdump output -> {arch: {mangled function name: its section of the dump}}. Each embedded cubin starts
+    with an `arch = sm_XX` header; in it, each function with `Function : name` (SASS) or `Function name:` (resource
+    usage)."""
+    result: dict[str, dict[str, str]] = {}
+    for chunk in re.split(r"^arch = ", text, flags=re.M)[1:]:
+        arch = chunk.split(None, 1)[0]
+        funcs = result.setdefault(arch, {})
+        pieces = re.split(r"^\s*Function\s*:?\s*([A-Za-z0-9_$.]+)\s*:?\s*$", chunk, flags=re.M)
+        for name, body in zip(pieces[1::2], pieces[2::2]):
+            funcs[name] = funcs.get(name, "") + body
+    return result
+
+
+def _sparse24_kernels(per_arch: dict[str, dict[str, str]], arch: str) -> dict[tuple, str]:
+    """{(dtype tag, BN, BM, WARPS_N, WARPS_M): section} of the sparse24 GEMM kernels of one architecture."""
+    found = {}
+    for name, body in per_arch.get(arch, {}).items():
+        if KERNEL in name:
+            m = TILE.search(name)
+            assert m, f"{arch}: unexpected sparse24 kernel name {name}"
+            tag = m.group(1)[m.group(1).index("__"):]
+            found[(tag, *(int(v) for v in m.groups()[1:]))] = body
+    return found
+
+
+def test_sparse24_kernels_use_sparse_tensor_cores():
+    per_arch = _per_arch_functions(_dump("--dump-sass"))
+    sparse_archs = [a for a in per_arch if _sparse24_kernels(per_arch, a)]
+    if not sparse_archs:
+        pytest.skip("turbokernels._C has device code but no sparse24 kernel (csrc/cuda/sparse24_mm.cu not built)")
+    for arch in REQUIRED_ARCHS:
+        assert arch in per_arch, (f"no {arch} code in turbokernels._C (has {sorted(per_arch)}): build with the "
+                                  f"default TORCH_CUDA_ARCH_LIST (8.0;8.6;8.9;9.0a)")
+    for arch in sorted(set(REQUIRED_ARCHS) | set(sparse_archs)):
+        kernels = _sparse24_kernels(per_arch, arch)
+        expected = {(tag, *tile) for tag in MNEMONIC for tile in TILES}
+        assert set(kernels) == expected, f"{arch}: sparse24 kernels {sorted(kernels)}, expected {sorted(expected)}"
+        for (tag, *tile), body in kernels.items():
+            mma = re.findall(r"\bHMMA\.[A-Z0-9.]+", body)
+            wanted = [m for m in mma if re.fullmatch(MNEMONIC[tag], m)]
+            n = _mma_per_k_tile(*tile)
+            assert len(wanted) == n, (f"{arch} {tag} tile {tile}: expected {n} sparse HMMA ({MNEMONIC[tag]}), found "
+                                      f"{len(wanted)}; all HMMA: {sorted(set(mma)) or 'none'}")
+            assert len(wanted) == len(mma), f"{arch} {tag} tile {tile}: unexpected dense/other HMMA: {sorted(set(mma))}"
+
+
+def test_sparse24_kernels_use_no_local_memory():
+    per_arch = _per_arch_functions(_dump("--dump-resource-usage"))
+    checked = 0
+    for arch in sorted(per_arch):
+        for name, body in per_arch[arch].items():
+            if "sparse24" not in name:
+                continue
+            usage = dict(re.findall(r"\b([A-Z]+(?:\[\d+\])?):(\d+)", body))
+            assert usage.get("LOCAL") == "0", f"{arch} {name}: local memory (spills) {usage}"
+            assert usage.get("STACK") == "0", f"{arch} {name}: stack frame {usage}"
+            assert 0 < int(usage["REG"]) <= 255, f"{arch} {name}: registers {usage}"
+            assert int(usage.get("SHARED", 0)) <= 48 * 1024, f"{arch} {name}: static shared memory {usage}"
+            checked += 1
+    if not checked:
+        pytest.skip("no sparse24 kernel in turbokernels._C (built without CUDA or without sparse24_mm.cu)")
+    # per architecture: 2 dtypes x (2 GEMM tiles + the split-K reduction)
+    assert checked >= 6 * len(REQUIRED_ARCHS)
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------------------------
+def make_sparse(N, K, dtype):
+    """2:4 weight with all-zero groups and single-nonzero groups at every position (the odd metadata encodings)."""
+    w = tk.prune_24(torch.randn(N, K, device="cuda")).to(dtype)
+    groups = w.view(N, K // 4, 4)
+    groups[:, 0] = 0
+    for p in range(4):
+        groups[:, p + 1] = 0
+        groups[:, p + 1, p] = torch.randn(N, device="cuda").to(dtype)
+    return w
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,K", [(4096, 4096), (113, 96)])
+@pytest.mark.parametrize("M", [1, 16, 17, 2048])
+def test_cuda_matches_golden(dtype, N, K, M):
+    w = make_sparse(N, K, dtype)
+    weight = tk.Sparse24Weight.from_dense(w)
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    with tk.backend("cuda"):
+        out = tk.sparse24_linear(x, weight)
+        again = tk.sparse24_linear(x, weight)
+    golden = x.double() @ w.double().t()
+    baseline = torch.nn.functional.linear(x, w)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert_close(out, golden, baseline, scale=matmul_noise_scale(x, w.t()), what=f"cuda {dtype} M={M} N={N} K={K}")
+    assert torch.equal(out, again), "not deterministic (split-K must reduce in a fixed order)"
+
+
+@pytest.mark.gpu
+def test_cuda_refuses_k_not_multiple_of_32():
+    w = make_sparse(64, 48, torch.float16)
+    weight = tk.Sparse24Weight.from_dense(w)
+    x = torch.randn(3, 48, device="cuda", dtype=torch.float16)
+    with tk.backend("cuda"), pytest.raises(tk.BackendUnavailable, match="multiple of 32"):
+        tk.sparse24_linear(x, weight)
+    with pytest.raises(RuntimeError, match=r"x.shape\[1\]"):
+        torch.ops.turbokernels_C.sparse24_mm(x, weight.values, weight.meta)
