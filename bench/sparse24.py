@@ -1,0 +1,159 @@
+"""2:4 sparse linear (op sparse24_mm) against dense matmul on real-model shapes.
+
+GPU: ours (auto backend) vs cuBLAS `F.linear` in fp16 and bf16, and PyTorch's own 2:4 path,
+`torch.sparse.to_sparse_semi_structured` (CUTLASS, and cuSPARSELt where this torch has it), all in the same run;
+triton's do_bench medians. CPU: ours (C++ `cpu` backend) vs fp32 `F.linear` (MKL/oneDNN), medians, weights rotated
+through enough copies to exceed the caches, as a model's layers do. speedup = dense time / that time.
+TFLOP/s counts the dense-equivalent 2*M*N*K (comparable with the dense baseline). Roofline (bench/common.py):
+bandwidth from a large copy, compute from a large dense matmul, both measured at the start; the compute term uses
+the multiply-adds a 2:4 kernel executes (half of dense), at 2x the dense rate on GPU (sparse tensor cores) and 1x on
+CPU. roofline_pct = the binding roof's share of the measured time.
+
+    python bench/sparse24.py [--device cpu|cuda] [--out DIR] [--quick]
+    turbokernels bench sparse24 ...
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: python bench/sparse24.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "turbokernels.bench"
+
+import turbokernels as tk  # noqa: E402
+from turbokernels.bench.common import (copies_to_exceed_cache, environment, measured_roofline,  # noqa: E402
+                                       median_ms, plot_speedup, rotating, write_csv)
+
+# (in_features K, out_features N) of Llama-3-8B: attention / MLP up / MLP down
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+GPU_M = [1, 16, 64, 256, 2048, 8192]
+CPU_M = [1, 4, 16, 64]
+
+
+def _cases(device: torch.device, quick: bool):
+    if device.type == "cuda":
+        shapes, ms = (SHAPES[:1], [1, 16, 2048]) if quick else (SHAPES, GPU_M)
+        return [(dt, shapes, ms) for dt in (torch.float16, torch.bfloat16)]
+    return [(torch.float32, SHAPES[:1], [1, 16])] if quick else [(torch.float32, SHAPES, CPU_M)]
+
+
+def _torch_semi_structured(dense: torch.Tensor) -> dict:
+    """PyTorch's 2:4 weights of `dense`, per backend available here: {"cutlass": w, "cusparselt": w}."""
+    out = {}
+    try:
+        from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+    except ImportError:
+        return out
+    force = getattr(SparseSemiStructuredTensor, "_FORCE_CUTLASS", None)
+    wanted = [("cutlass", True)]
+    if force is not None and getattr(torch.backends, "cusparselt", None) is not None and \
+            torch.backends.cusparselt.is_available():
+        wanted.append(("cusparselt", False))
+    for name, cutlass in wanted:
+        try:
+            if force is not None:
+                SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
+            out[name] = to_sparse_semi_structured(dense)
+        except Exception as exc:  # noqa: BLE001 - an unsupported dtype/shape/arch is a missing figure, not a crash
+            print(f"# torch 2:4 {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+        finally:
+            if force is not None:
+                SparseSemiStructuredTensor._FORCE_CUTLASS = force
+    return out
+
+
+def _time_or_nan(fn, dev, label: str) -> float:
+    try:
+        return median_ms(fn, dev)
+    except Exception as exc:  # noqa: BLE001
+        print(f"# {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+        return math.nan
+
+
+def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -> list[dict]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    env = environment(dev)
+    sparse_rate = 2.0 if dev.type == "cuda" else 1.0
+    rows = []
+    for dtype, shapes, m_values in _cases(dev, quick):
+        roof = measured_roofline(dev, dtype)
+        print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}  "
+              f"measured peak {roof['peak_bytes_per_s'] / 1e9:.0f} GB/s, {roof['peak_flops'] / 1e12:.2f} "
+              f"TFLOP/s ({dtype})", flush=True)
+        print(f"{'dtype':>8} {'K':>6} {'N':>6} {'M':>5} {'dense ms':>9} {'ours ms':>9} {'speedup':>8} "
+              f"{'cutlass':>8} {'cuspLt':>8} {'TFLOP/s':>8} {'GB/s':>7} {'roof%':>6}  backend", flush=True)
+        for K, N in shapes:
+            dense = tk.prune_24(torch.randn(N, K, device=dev) * 0.02).to(dtype)
+            weight = tk.Sparse24Weight.from_dense(dense)
+            # several copies of each weight, used in turn (see common.rotating)
+            next_dense = rotating([dense] + [dense.clone() for _ in range(
+                copies_to_exceed_cache(dense.numel() * dense.element_size(), dev) - 1)])
+            next_weight = rotating([weight] + [tk.Sparse24Weight(weight.values.clone(), weight.meta.clone())
+                                               for _ in range(copies_to_exceed_cache(weight.nbytes(), dev) - 1)])
+            theirs = _torch_semi_structured(dense) if dev.type == "cuda" else {}
+            for M in m_values:
+                x = torch.randn(M, K, device=dev, dtype=dtype)
+                backend_name = tk.backends.select("sparse24_mm", x, weight.values, weight.meta)[0]
+                base = median_ms(lambda: F.linear(x, next_dense()), dev)
+                ours = median_ms(lambda: tk.sparse24_linear(x, next_weight()), dev)
+                other = {name: _time_or_nan(lambda w=w: F.linear(x, w), dev, f"torch 2:4 {name} M={M}")
+                         for name, w in theirs.items()}
+                flops = 2.0 * M * N * K
+                n_bytes = weight.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
+                t = ours * 1e-3
+                roof_time = max(flops / 2 / (roof["peak_flops"] * sparse_rate), n_bytes / roof["peak_bytes_per_s"])
+                row = dict(env, op="sparse24_mm", dtype=str(dtype).replace("torch.", ""), K=K, N=N, M=M,
+                           backend=backend_name, baseline="F.linear dense",
+                           baseline_ms=round(base, 5), ours_ms=round(ours, 5), speedup=round(base / ours, 3),
+                           tflops=round(flops / t / 1e12, 3), gbps=round(n_bytes / t / 1e9, 1),
+                           roofline_pct=round(100 * roof_time / t, 1),
+                           bandwidth_pct=round(100 * n_bytes / t / roof["peak_bytes_per_s"], 1),
+                           matmul_peak_pct=round(100 * flops / 2 / t / (roof["peak_flops"] * sparse_rate), 1),
+                           peak_gbps=round(roof["peak_bytes_per_s"] / 1e9, 1),
+                           peak_tflops=round(roof["peak_flops"] / 1e12, 2))
+                for name in ("cutlass", "cusparselt"):
+                    ms = other.get(name, math.nan)
+                    row[f"torch_{name}_ms"] = round(ms, 5)
+                    row[f"torch_{name}_speedup"] = round(base / ms, 3) if ms == ms else math.nan
+                rows.append(row)
+                print(f"{row['dtype']:>8} {K:>6} {N:>6} {M:>5} {base:>9.4f} {ours:>9.4f} {row['speedup']:>7.2f}x "
+                      f"{row['torch_cutlass_speedup']:>7.2f}x {row['torch_cusparselt_speedup']:>7.2f}x "
+                      f"{row['tflops']:>8.3f} {row['gbps']:>7.1f} {row['roofline_pct']:>6.1f}  {backend_name}",
+                      flush=True)
+            del dense, weight, next_dense, next_weight, theirs
+    tag = dev.type
+    csv_path = os.path.join(out_dir, f"sparse24_{tag}.csv")
+    write_csv(rows, csv_path)
+    # one line per (implementation, dtype, shape): ours and, on GPU, PyTorch's 2:4 backends
+    plot_rows = []
+    for r in rows:
+        for impl, key in (("ours", "speedup"), ("torch cutlass", "torch_cutlass_speedup"),
+                          ("torch cusparselt", "torch_cusparselt_speedup")):
+            if r[key] == r[key]:
+                plot_rows.append(dict(r, impl=impl, speedup_vs_dense=r[key]))
+    plotted = plot_speedup(plot_rows, os.path.join(out_dir, f"sparse24_{tag}.png"), x="M",
+                           y="speedup_vs_dense", series=("impl", "dtype", "K", "N"),
+                           title=f"2:4 sparse linear: speedup over dense F.linear — {env['device']}")
+    print(f"wrote {csv_path}" + (" and a plot" if plotted else ""))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--quick", action="store_true", help="one shape, few M values")
+    a = p.parse_args(argv)
+    run(a.device, a.out, a.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
