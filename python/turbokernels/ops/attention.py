@@ -1,0 +1,302 @@
+"""attention: fused softmax(q k^T) v in FlashAttention's layout, forward and backward.
+
+    functional   turbokernels.attention(q, k, v, *, causal, softmax_scale, window_size, softcap, alibi_slopes,
+                                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic,
+                                        return_lse)                     checks arguments once
+    ops          torch.ops.turbokernels.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                     softmax_scale, causal, window_left, window_right, softcap) -> (out, lse)
+                 torch.ops.turbokernels.attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                     alibi_slopes, softmax_scale, causal, window_left, window_right, softcap, deterministic)
+                     -> (dq, dk, dv)
+                 schema + fake; register_autograd(attention_fwd) calls attention_bwd
+    backends     reference  python/turbokernels/reference/attention.py   (fp32, float64 for float64 inputs)
+                 triton     kernels/attention_fwd.py, kernels/attention_bwd.py
+
+Semantics (FlashAttention 2.x) are written down in the reference module. Outputs are contiguous. The ops take no
+max_seqlen: the Triton kernel finds each query tile's sequence from cu_seqlens on the device, so nothing is read
+back to the host (torch.compile and CUDA graphs keep working).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import numbers
+import os
+from typing import Optional
+
+import torch
+
+from .. import backends
+from ..reference import attention as reference
+from ._library import define
+
+FWD = "attention_fwd"
+BWD = "attention_bwd"
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Checks that need a host sync (cu_seqlens non-decreasing and consistent with the packed sizes) run only when
+# TURBOKERNELS_DEBUG=1, or when this flag is set.
+DEBUG = os.environ.get("TURBOKERNELS_DEBUG", "0") not in ("", "0")
+
+
+# ---- attention_fwd ------------------------------------------------------------------------------------------
+def _lse_shape(q, cu_seqlens_q):
+    if cu_seqlens_q is not None:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _fake_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left, window_right,
+              softcap):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+
+
+def _empty_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *rest):
+    """No query rows: nothing to launch."""
+    if q.numel() == 0:
+        return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+    return None
+
+
+attention_fwd = define(
+    FWD, "(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, "
+         "float softmax_scale, bool causal, int window_left, int window_right, float softcap) -> (Tensor out, Tensor lse)",
+    fake=_fake_fwd, before=_empty_fwd)
+
+
+@backends.register(FWD, "reference", check=backends.always)
+def _reference_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left,
+                   window_right, softcap):
+    out, lse = reference.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal,
+                                       window_left, window_right, softcap)
+    return out, lse.to(torch.float32)
+
+
+def _check_triton_common(q, k, v) -> Optional[str]:
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} (the kernels take float16, bfloat16, float32)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            return f"{name}'s head dim is not contiguous (stride {t.stride(-1)})"
+    return backends.check_triton(q)
+
+
+def _check_triton_fwd(q, k, v, *rest) -> Optional[str]:
+    return _check_triton_common(q, k, v)
+
+
+@backends.register(FWD, "triton", check=_check_triton_fwd)
+def _triton_fwd(*args):
+    from turbokernels.kernels.attention_fwd import attention_fwd as launch
+    return launch(*args)
+
+
+# ---- attention_bwd ------------------------------------------------------------------------------------------
+def _fake_bwd(dout, q, k, v, out, lse, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+attention_bwd = define(
+    BWD, "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
+         "Tensor? cu_seqlens_k, Tensor? alibi_slopes, float softmax_scale, bool causal, int window_left, "
+         "int window_right, float softcap, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)",
+    fake=_fake_bwd)
+
+
+@backends.register(BWD, "reference", check=backends.always)
+def _reference_bwd(*args):
+    return reference.attention_bwd(*args)
+
+
+def _check_triton_bwd(dout, q, k, v, *rest) -> Optional[str]:
+    if importlib.util.find_spec("turbokernels.kernels.attention_bwd") is None:
+        return "kernels/attention_bwd.py not available"
+    return _check_triton_common(q, k, v)
+
+
+@backends.register(BWD, "triton", check=_check_triton_bwd)
+def _triton_bwd(*args):
+    """The kernel takes the op's arguments in order and returns contiguous (dq, dk, dv)."""
+    from turbokernels.kernels.attention_bwd import attention_bwd as launch
+    return launch(*args)
+
+
+# ---- autograd -----------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap = \
+        inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.params = (softmax_scale, causal, window_left, window_right, softcap)
+
+
+def _contiguous_head_dim(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _backward(ctx, grad_out, grad_lse):
+    """Gradients of out only: a gradient flowing into lse is not propagated (as in FlashAttention)."""
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(_contiguous_head_dim(grad_out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                               alibi_slopes, *ctx.params, torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"turbokernels::{FWD}", _backward, setup_context=_setup_context)
+
+
+class _Deterministic(torch.autograd.Function):
+    """attention_fwd whose backward asks attention_bwd for bitwise-repeatable gradients (deterministic=True: the
+    op's own autograd formula can only follow torch.use_deterministic_algorithms, its schema has no such flag)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left,
+                window_right, softcap):
+        out, lse = attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal,
+                                 window_left, window_right, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+        ctx.params = (softmax_scale, causal, window_left, window_right, softcap)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(_contiguous_head_dim(grad_out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                   alibi_slopes, *ctx.params, True)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+# ---- functional entry: all argument checks happen here, once --------------------------------------------------
+def _fail(arg: str, msg: str, exc=ValueError):
+    raise exc(f"attention({arg}): {msg}")
+
+
+def _check_int(arg: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(arg, f"expected an int, got {type(value).__name__}", TypeError)
+    if value < minimum:
+        _fail(arg, f"must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_max_seqlen(arg: str, value) -> None:
+    """Accepted as a hint only (the kernels do not need it); never read on the host."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            _fail(arg, f"a tensor max_seqlen must have one element, got shape {tuple(value.shape)}")
+        return
+    _check_int(arg, value, 0)
+
+
+def _check_cu_seqlens(arg: str, cu: torch.Tensor, device: torch.device, total: int) -> None:
+    if not isinstance(cu, torch.Tensor):
+        _fail(arg, f"expected a torch.Tensor, got {type(cu).__name__}", TypeError)
+    if cu.dtype != torch.int32:
+        _fail(arg, f"dtype must be torch.int32, got {cu.dtype}", TypeError)
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        _fail(arg, f"expected shape (batch + 1,), got {tuple(cu.shape)}")
+    if cu.device != device:
+        _fail(arg, f"is on {cu.device} but q is on {device}")
+    if DEBUG:  # host sync: debug only
+        c = cu.cpu()
+        if c[0].item() != 0 or bool((c[1:] < c[:-1]).any()) or c[-1].item() > total:
+            _fail(arg, f"must start at 0, be non-decreasing and end at most at the packed length {total}; "
+                       f"got {c.tolist()}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              softmax_scale: Optional[float] = None, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+              cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q=None, max_seqlen_k=None,
+              deterministic: bool = False, return_lse: bool = False):
+    """Fused attention in FlashAttention's layout.
+
+    q (batch, seqlen_q, heads_q, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim); or packed
+    (total_tokens, heads, head_dim) with int32 cu_seqlens_q/cu_seqlens_k (batch + 1,) starting at 0.
+    Returns out (q's shape and dtype), and with return_lse=True also lse: fp32 (batch, heads_q, seqlen_q), or
+    (heads_q, total_q) for varlen. See python/turbokernels/reference/attention.py for the exact semantics.
+    max_seqlen_q/max_seqlen_k are accepted for FlashAttention compatibility and not needed (never read).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            _fail(name, f"expected a torch.Tensor, got {type(t).__name__}", TypeError)
+    if q.dtype not in DTYPES + (torch.float64,):
+        _fail("q", f"dtype must be float16, bfloat16 or float32, got {q.dtype}", TypeError)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            _fail(name, f"dtype {t.dtype} does not match q's {q.dtype}", TypeError)
+        if t.device != q.device:
+            _fail(name, f"is on {t.device} but q is on {q.device}")
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            _fail("cu_seqlens_q" if cu_seqlens_q is None else "cu_seqlens_k",
+                  "cu_seqlens_q and cu_seqlens_k must be given together")
+        layout = "(total_tokens, heads, head_dim)"
+        if q.dim() != 3:
+            _fail("q", f"with cu_seqlens expected {layout}, got shape {tuple(q.shape)}")
+        if k.dim() != 3:
+            _fail("k", f"with cu_seqlens expected {layout}, got shape {tuple(k.shape)}")
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+        if cu_seqlens_k.shape != cu_seqlens_q.shape:
+            _fail("cu_seqlens_k", f"shape {tuple(cu_seqlens_k.shape)} does not match cu_seqlens_q's "
+                                  f"{tuple(cu_seqlens_q.shape)}")
+        batch = cu_seqlens_q.shape[0] - 1
+    else:
+        layout = "(batch, seqlen, heads, head_dim)"
+        if q.dim() != 4:
+            _fail("q", f"expected {layout}, got shape {tuple(q.shape)}")
+        if k.dim() != 4:
+            _fail("k", f"expected {layout}, got shape {tuple(k.shape)}")
+        if k.shape[0] != q.shape[0]:
+            _fail("k", f"batch {k.shape[0]} does not match q's {q.shape[0]}")
+        batch = q.shape[0]
+    if v.shape != k.shape:
+        _fail("v", f"shape {tuple(v.shape)} must equal k's {tuple(k.shape)}")
+    head_dim, heads_q, heads_kv = q.shape[-1], q.shape[-2], k.shape[-2]
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        _fail("q", f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    if k.shape[-1] != head_dim:
+        _fail("k", f"head_dim {k.shape[-1]} does not match q's {head_dim}")
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        _fail("k", f"heads_q={heads_q} must be a multiple of heads_kv={heads_kv}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
+            or not math.isfinite(softmax_scale):
+        _fail("softmax_scale", f"expected a finite float or None, got {softmax_scale!r}", TypeError)
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        _fail("window_size", f"expected (left, right), got {window_size!r}", TypeError)
+    window_left = _check_int("window_size", window_size[0], -1)
+    window_right = _check_int("window_size", window_size[1], -1)
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0 \
+            or not math.isfinite(softcap):
+        _fail("softcap", f"must be a finite float >= 0, got {softcap!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            _fail("alibi_slopes", f"expected a torch.Tensor, got {type(alibi_slopes).__name__}", TypeError)
+        if alibi_slopes.dtype != torch.float32:
+            _fail("alibi_slopes", f"dtype must be torch.float32, got {alibi_slopes.dtype}", TypeError)
+        if alibi_slopes.shape not in ((heads_q,), (batch, heads_q)):
+            _fail("alibi_slopes", f"expected shape ({heads_q},) or ({batch}, {heads_q}), "
+                                  f"got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            _fail("alibi_slopes", f"is on {alibi_slopes.device} but q is on {q.device}")
+        if alibi_slopes.stride(-1) != 1:
+            alibi_slopes = alibi_slopes.contiguous()
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    q, k, v = _contiguous_head_dim(q), _contiguous_head_dim(k), _contiguous_head_dim(v)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, float(softmax_scale), bool(causal), window_left,
+            window_right, float(softcap))
+    if deterministic and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, lse = _Deterministic.apply(*args)
+    else:
+        out, lse = attention_fwd(*args)
+    return (out, lse) if return_lse else out

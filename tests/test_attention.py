@@ -1,0 +1,476 @@
+"""attention: every runnable forward backend against a float64 golden (FlashAttention's rule: at most 2x the error
+of the reference computed in the inputs' own dtype, plus one ulp), varlen against a per-sequence loop, the ops
+(opcheck, autograd, torch.compile), bad inputs, and the Triton forward's static code generation."""
+import importlib
+import math
+import sys
+
+import pytest
+import torch
+
+import turbokernels as tk
+from turbokernels import backends
+from turbokernels.reference import attention as ref
+from turbokernels.testing import CodegenJob, assert_close, compile_triton, skip_reason_no_ptxas
+from conftest import interpreting
+
+ops_attention = importlib.import_module("turbokernels.ops.attention")
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def runnable_backends():
+    return ["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def qkv(batch, sq, sk, hq, hkv, d, dtype, dev=None):
+    dev = dev or device()
+    return (torch.randn(batch, sq, hq, d, device=dev).to(dtype), torch.randn(batch, sk, hkv, d, device=dev).to(dtype),
+            torch.randn(batch, sk, hkv, d, device=dev).to(dtype))
+
+
+def _ref_kwargs(kw):
+    return {k: v for k, v in kw.items() if k not in ("deterministic", "max_seqlen_q", "max_seqlen_k")}
+
+
+def assert_lse_close(lse, golden, baseline, what):
+    assert lse.dtype == torch.float32 and lse.shape == golden.shape, what
+    finite = torch.isfinite(golden)
+    assert torch.equal(torch.isfinite(lse), finite), f"{what}: lse -inf pattern differs"
+    assert (lse[~finite] == float("-inf")).all(), f"{what}: rows without keys must have lse -inf"
+    assert_close(lse[finite], golden[finite], baseline[finite], what=f"{what} lse")
+
+
+def check_forward(backend_name, q, k, v, what="", **kw):
+    """Run tk.attention on `backend_name` and compare out and lse with the float64 golden."""
+    with tk.backend(backend_name):
+        out, lse = tk.attention(q, k, v, return_lse=True, **kw)
+    d = torch.float64
+    golden, golden_lse = ref.attention(q.to(d), k.to(d), v.to(d), **_ref_kwargs(kw))
+    baseline, baseline_lse = ref.attention(q, k, v, compute_dtype=q.dtype, **_ref_kwargs(kw))
+    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
+    what = f"{backend_name} {q.dtype} q{tuple(q.shape)} k{tuple(k.shape)} {kw} {what}"
+    assert_close(out, golden, baseline, what=what)
+    assert_lse_close(lse, golden_lse, baseline_lse, what)
+    return out, lse
+
+
+def alibi(*shape):
+    return torch.rand(*shape, device=device()) * 0.5 + 0.05
+
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, kwargs): FlashAttention's odd lengths, every head-dim
+# bucket, GQA/MQA, bottom-right causal both ways, windows, softcap, ALiBi.
+CASES = [
+    (2, 1, 1, 2, 2, 64, {}),
+    (1, 17, 17, 4, 4, 40, dict(causal=True)),
+    (2, 97, 113, 4, 2, 80, {}),
+    (1, 113, 203, 4, 1, 96, dict(causal=True)),
+    (1, 203, 113, 2, 1, 128, dict(causal=True)),
+    (1, 239, 1, 2, 2, 64, dict(causal=True)),        # only the last row sees the key
+    (1, 97, 129, 2, 2, 256, dict(softmax_scale=0.3)),
+    (2, 97, 97, 4, 2, 59, dict(window_size=(16, 8))),
+    (1, 113, 97, 2, 2, 64, dict(window_size=(-1, 5))),
+    (1, 97, 113, 2, 1, 64, dict(window_size=(7, -1), causal=True)),
+    (1, 97, 97, 2, 2, 32, dict(softcap=2.0)),
+    (2, 97, 113, 4, 2, 64, dict(alibi_slopes="per_head", causal=True)),
+    (2, 61, 70, 2, 2, 16, dict(alibi_slopes="per_batch", softcap=3.0, window_size=(20, 3))),
+    (1, 17, 33, 2, 1, 1, dict(causal=True)),       # head dims below the 16-wide tile
+    (1, 33, 17, 2, 2, 8, {}),
+]
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}-q{c[1]}-k{c[2]}-h{c[3]}:{c[4]}-d{c[5]}-" +
+                         "-".join(f"{k}={v}" for k, v in c[6].items()))
+def test_forward_matches_golden(backend_name, dtype, case):
+    batch, sq, sk, hq, hkv, d, kw = case
+    kw = dict(kw)
+    if kw.get("alibi_slopes") == "per_head":
+        kw["alibi_slopes"] = alibi(hq)
+    elif kw.get("alibi_slopes") == "per_batch":
+        kw["alibi_slopes"] = alibi(batch, hq)
+    check_forward(backend_name, *qkv(batch, sq, sk, hq, hkv, d, dtype), **kw)
+
+
+def _varlen_inputs(seqlens_q, seqlens_k, hq, hkv, d, dtype):
+    cu_q = torch.tensor([0] + seqlens_q, device=device()).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + seqlens_k, device=device()).cumsum(0).to(torch.int32)
+    q = torch.randn(sum(seqlens_q), hq, d, device=device()).to(dtype)
+    k = torch.randn(sum(seqlens_k), hkv, d, device=device()).to(dtype)
+    v = torch.randn(sum(seqlens_k), hkv, d, device=device()).to(dtype)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_varlen_matches_per_sequence_loop(backend_name, dtype):
+    """Packed sequences (including an empty one and one without keys) against the dense function per sequence;
+    max_seqlen given as a tensor is accepted and never read."""
+    seqlens_q, seqlens_k = [17, 1, 0, 97, 5], [23, 5, 3, 80, 0]
+    hq, hkv, d = 4, 2, 48
+    q, k, v, cu_q, cu_k = _varlen_inputs(seqlens_q, seqlens_k, hq, hkv, d, dtype)
+    slopes = alibi(len(seqlens_q), hq)
+    kw = dict(causal=True, alibi_slopes=slopes, softcap=4.0)
+    with tk.backend(backend_name):
+        out, lse = tk.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True,
+                                max_seqlen_q=torch.tensor(97), max_seqlen_k=None, **kw)
+        assert out.shape == q.shape and lse.shape == (hq, q.shape[0])
+        for b in range(len(seqlens_q)):
+            q0, q1, k0, k1 = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
+            if q1 == q0:
+                continue
+            o_b, lse_b = tk.attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], return_lse=True,
+                                      causal=True, alibi_slopes=slopes[b], softcap=4.0)
+            torch.testing.assert_close(out[q0:q1], o_b[0], atol=0, rtol=0)
+            torch.testing.assert_close(lse[:, q0:q1], lse_b[0], atol=0, rtol=0)
+    assert (out[cu_q[4]:cu_q[5]] == 0).all() and (lse[:, cu_q[4]:cu_q[5]] == float("-inf")).all()
+    golden, golden_lse = ref.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                       **kw)
+    baseline, baseline_lse = ref.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, compute_dtype=dtype, **kw)
+    assert_close(out, golden, baseline, what=f"varlen {backend_name}")
+    assert_lse_close(lse, golden_lse, baseline_lse, f"varlen {backend_name}")
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+def test_rows_without_keys_give_zero_not_nan(backend_name):
+    q, k, v = qkv(1, 40, 8, 2, 2, 64, torch.float16)
+    with tk.backend(backend_name):
+        out, lse = tk.attention(q, k, v, causal=True, return_lse=True)  # rows 0..31: i + 8 - 40 < 0
+        assert (out[:, :32] == 0).all() and (lse[:, :, :32] == float("-inf")).all()
+        assert not out.isnan().any() and torch.isfinite(lse[:, :, 32:]).all()
+        # a window that misses every key for some rows: right edge < 0 relative to the diagonal is impossible,
+        # but a window (0, 0) with fewer keys than queries leaves the top rows empty
+        out2 = tk.attention(q, k, v, window_size=(0, 0))
+        assert (out2[:, :32] == 0).all() and not out2.isnan().any()
+        empty_k = tk.attention(q, k[:, :0], v[:, :0], return_lse=True)
+        assert (empty_k[0] == 0).all() and (empty_k[1] == float("-inf")).all()
+        empty_q = tk.attention(q[:, :0], k, v)
+        assert empty_q.shape == (1, 0, 2, 64)
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+def test_strided_inputs(backend_name):
+    """(B, H, S, D) tensors seen through transposes, a packed qkv projection, a non-contiguous head dim."""
+    B, S, H, D = 2, 37, 4, 64
+    qt = torch.randn(B, H, S, D, device=device(), dtype=torch.float16).transpose(1, 2)  # strides (H*S*D, D, S*D, 1)
+    qkv_packed = torch.randn(B, S, 3, H, D, device=device(), dtype=torch.float16)
+    k, v = qkv_packed[:, :, 1], qkv_packed[:, :, 2]
+    check_forward(backend_name, qt, k, v, causal=True, what="transposed q, packed k/v")
+    q_odd = torch.randn(B, S, H, 2 * D, device=device(), dtype=torch.float16)[..., ::2]  # head-dim stride 2
+    check_forward(backend_name, q_odd, k, v, what="head dim stride 2")
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+def test_lse_against_logsumexp(backend_name):
+    q, k, v = qkv(2, 33, 45, 2, 2, 64, torch.float32)
+    with tk.backend(backend_name):
+        _, lse = tk.attention(q, k, v, softmax_scale=0.2, return_lse=True)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 0.2
+    golden = torch.logsumexp(scores, dim=-1)
+    baseline = torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q, k) * 0.2, dim=-1)
+    assert_close(lse, golden, baseline, what="lse")
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+def test_deterministic(backend_name):
+    q, k, v = qkv(1, 70, 90, 4, 2, 64, torch.float16)
+    with tk.backend(backend_name):
+        a = tk.attention(q, k, v, causal=True, deterministic=True)
+        b = tk.attention(q, k, v, causal=True, deterministic=True)
+    assert torch.equal(a, b)
+
+
+def test_deterministic_backward_repeats():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 33, 41, 4, 2, 32, torch.float32))
+    grads = []
+    for _ in range(2):
+        with tk.backend("reference"):
+            tk.attention(q, k, v, causal=True, deterministic=True).square().sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_every_triton_config_is_correct(monkeypatch):
+    """Each shipped config (all architectures) on dense and varlen inputs with a causal GQA mask, NaN-poisoned
+    outputs so an element the kernel forgets to write fails the test; the varlen search scans 2 sequences a step."""
+    if "triton" not in runnable_backends():
+        pytest.skip("triton cannot run here")
+    import turbokernels.kernels.attention_fwd as kernel_module
+    from turbokernels.kernels.attention_fwd import CONFIGS, attention_fwd as launch
+    monkeypatch.setattr(kernel_module, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    monkeypatch.setattr(kernel_module, "SEQ_CHUNK", 2)  # the varlen sequence search crosses chunks
+    head_dims = {64: 48, 128: 96, 256: 160}
+    seen = set()
+    for arch in CONFIGS.values():
+        for bucket, cfgs in arch.items():
+            for cfg in cfgs:
+                if (bucket, cfg) in seen:
+                    continue
+                seen.add((bucket, cfg))
+                d = head_dims[bucket]
+                q, k, v = qkv(1, 45, 100, 4, 2, d, torch.float16)
+                args = (None, None, None, 1 / math.sqrt(d), True, 30, -1, 0.0)
+                out, lse = launch(q, k, v, *args, config=cfg)
+                golden, golden_lse = ref.attention(q.double(), k.double(), v.double(), causal=True,
+                                                   window_size=(30, -1))
+                baseline, baseline_lse = ref.attention(q, k, v, causal=True, window_size=(30, -1),
+                                                       compute_dtype=q.dtype)
+                assert_close(out, golden, baseline, what=f"{cfg} d={d}")
+                assert_lse_close(lse, golden_lse, baseline_lse, f"{cfg} d={d}")
+                qv, kv, vv, cu_q, cu_k = _varlen_inputs([3, 0, 80, 20], [5, 2, 70, 0], 2, 1, d, torch.float16)
+                out, lse = launch(qv, kv, vv, cu_q, cu_k, None, 0.1, True, -1, -1, 0.0, config=cfg)
+                golden, golden_lse = ref.attention(qv.double(), kv.double(), vv.double(), causal=True,
+                                                   softmax_scale=0.1, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+                baseline, baseline_lse = ref.attention(qv, kv, vv, causal=True, softmax_scale=0.1, cu_seqlens_q=cu_q,
+                                                       cu_seqlens_k=cu_k, compute_dtype=qv.dtype)
+                assert_close(out, golden, baseline, what=f"varlen {cfg} d={d}")
+                assert_lse_close(lse, golden_lse, baseline_lse, f"varlen {cfg} d={d}")
+
+
+# ---- backward (reference: the spec the Triton backward must match) ----------------------------------------------
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(softcap=1.5, alibi_slopes="per_head", window_size=(5, 2))],
+                         ids=["causal", "softcap-alibi-window"])
+def test_reference_backward_is_the_gradient(kw):
+    """The explicit backward formulas against torch autograd through the reference forward, in float64, GQA
+    with seqlen_q != seqlen_k."""
+    kw = dict(kw)
+    if kw.get("alibi_slopes") == "per_head":
+        kw["alibi_slopes"] = alibi(4)
+    q, k, v = (t.double().requires_grad_() for t in qkv(2, 13, 19, 4, 2, 16, torch.float32))
+    dout = torch.randn(q.shape, dtype=torch.float64, device=device())
+    with tk.backend("reference"):
+        out = tk.attention(q, k, v, **kw)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    out_ag, _ = ref.attention(q, k, v, **kw)
+    gq, gk, gv = torch.autograd.grad(out_ag, (q, k, v), dout)
+    for a, b, name in ((dq, gq, "dq"), (dk, gk, "dk"), (dv, gv, "dv")):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_reference_backward_varlen():
+    seqlens_q, seqlens_k = [5, 0, 9], [7, 3, 4]
+    q, k, v, cu_q, cu_k = _varlen_inputs(seqlens_q, seqlens_k, 2, 1, 16, torch.float64)
+    q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    with tk.backend("reference"):
+        out = tk.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    out_ag, _ = ref.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    for a, b in zip(grads, torch.autograd.grad(out_ag, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_triton_backward_registration_reports_missing_kernel(monkeypatch):
+    monkeypatch.setattr(ops_attention.importlib.util, "find_spec", lambda name, *a: None)
+    q, k, v = qkv(1, 4, 4, 2, 2, 16, torch.float16)
+    reason = backends.registered("attention_bwd")["triton"].check(q, q, k, v)
+    assert reason == "kernels/attention_bwd.py not available"
+
+
+# ---- ops: opcheck and torch.compile --------------------------------------------------------------------------
+def _fwd_args(q, k, v, **over):
+    args = dict(cu_seqlens_q=None, cu_seqlens_k=None, alibi_slopes=None, softmax_scale=0.25, causal=True,
+                window_left=-1, window_right=-1, softcap=0.0)
+    args.update(over)
+    return (q, k, v, *args.values())
+
+
+def test_opcheck_forward():
+    op = torch.ops.turbokernels.attention_fwd.default
+    for dtype in (torch.float32, torch.float16):
+        q, k, v = qkv(1, 5, 7, 4, 2, 16, dtype, dev="cpu")
+        torch.library.opcheck(op, _fwd_args(q, k, v))
+    q, k, v = (t.requires_grad_() for t in qkv(2, 5, 7, 2, 1, 16, torch.float32, dev="cpu"))
+    torch.library.opcheck(op, _fwd_args(q, k, v, alibi_slopes=torch.rand(2), softcap=2.0, window_left=3))
+    qv, kv, vv, cu_q, cu_k = _varlen_inputs([3, 4], [5, 2], 2, 2, 16, torch.float32)
+    torch.library.opcheck(op, _fwd_args(qv.cpu().requires_grad_(), kv.cpu(), vv.cpu(), cu_seqlens_q=cu_q.cpu(),
+                                        cu_seqlens_k=cu_k.cpu()))
+    if "triton" in runnable_backends() and device() == "cpu":
+        with tk.backend("triton"):
+            torch.library.opcheck(op, _fwd_args(*qkv(1, 5, 7, 4, 2, 16, torch.float16, dev="cpu")),
+                                  test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_backward():
+    op = torch.ops.turbokernels.attention_bwd.default
+    q, k, v = qkv(1, 5, 7, 4, 2, 16, torch.float32, dev="cpu")
+    out, lse = torch.ops.turbokernels.attention_fwd(*_fwd_args(q, k, v))
+    args = (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0.25, True, -1, -1, 0.0, True)
+    with tk.backend("reference"):
+        torch.library.opcheck(op, args)
+    if "triton" in runnable_backends() and backends.registered("attention_bwd")["triton"].check(*args) is None:
+        h = tuple(t.half() if t.dtype == torch.float32 and t is not lse else t for t in args[:6])
+        with tk.backend("triton"):
+            torch.library.opcheck(op, h + args[6:], test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    """Traced through the fake impls (no graph break), gradients through register_autograd -> attention_bwd."""
+    def fn(q, k, v, cu_q, cu_k):
+        dense = tk.attention(q, k, v, causal=True)
+        packed = tk.attention(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
+                              cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=q.shape[1])
+        return dense.square().sum() + packed.reshape(q.shape).sum()
+
+    q, k, v = qkv(2, 9, 11, 4, 2, 16, torch.float32, dev="cpu")
+    cu_q = torch.tensor([0, 9, 18], dtype=torch.int32)
+    cu_k = torch.tensor([0, 11, 22], dtype=torch.int32)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = fn(*inputs, cu_q, cu_k)
+    expected_grads = torch.autograd.grad(expected, inputs)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(*inputs, cu_q, cu_k)
+    got_grads = torch.autograd.grad(got, inputs)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+def _bad(**over):
+    q, k, v = qkv(2, 8, 8, 4, 2, 16, torch.float16, dev="cpu")
+    args = dict(q=q, k=k, v=v)
+    args.update(over)
+    return args
+
+
+BAD = [
+    (lambda: _bad(q=torch.randn(8, 4, 16).half()), ValueError, r"attention\(q\): expected \(batch"),
+    (lambda: _bad(k=torch.randn(3, 8, 2, 16).half(), v=torch.randn(3, 8, 2, 16).half()), ValueError,
+     r"attention\(k\): batch"),
+    (lambda: _bad(v=torch.randn(2, 9, 2, 16).half()), ValueError, r"attention\(v\): shape"),
+    (lambda: _bad(k=torch.randn(2, 8, 3, 16).half(), v=torch.randn(2, 8, 3, 16).half()), ValueError,
+     r"attention\(k\): heads_q=4 must be a multiple of heads_kv=3"),
+    (lambda: _bad(q=torch.randn(2, 8, 4, 300).half(), k=torch.randn(2, 8, 2, 300).half(),
+                  v=torch.randn(2, 8, 2, 300).half()), ValueError, r"attention\(q\): head_dim must be in 1..256"),
+    (lambda: _bad(k=torch.randn(2, 8, 2, 32).half(), v=torch.randn(2, 8, 2, 32).half()), ValueError,
+     r"attention\(k\): head_dim 32"),
+    (lambda: _bad(k=torch.randn(2, 8, 2, 16)), TypeError, r"attention\(k\): dtype"),
+    (lambda: _bad(q=torch.randn(2, 8, 4, 16).to(torch.int32)), TypeError, r"attention\(q\): dtype"),
+    (lambda: _bad(window_size=(-2, 0)), ValueError, r"attention\(window_size\): must be >= -1"),
+    (lambda: _bad(window_size=3), TypeError, r"attention\(window_size\)"),
+    (lambda: _bad(softcap=-1.0), ValueError, r"attention\(softcap\)"),
+    (lambda: _bad(softmax_scale="x"), TypeError, r"attention\(softmax_scale\)"),
+    (lambda: _bad(alibi_slopes=torch.rand(4).half()), TypeError, r"attention\(alibi_slopes\): dtype"),
+    (lambda: _bad(alibi_slopes=torch.rand(3)), ValueError, r"attention\(alibi_slopes\): expected shape"),
+    (lambda: _bad(cu_seqlens_q=torch.tensor([0, 8], dtype=torch.int32)), ValueError,
+     r"attention\(cu_seqlens_k\): .*together"),
+    (lambda: _bad(q=torch.randn(8, 4, 16).half(), k=torch.randn(8, 2, 16).half(), v=torch.randn(8, 2, 16).half(),
+                  cu_seqlens_q=torch.tensor([0, 8]), cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)),
+     TypeError, r"attention\(cu_seqlens_q\): dtype must be torch.int32"),
+    (lambda: _bad(q=torch.randn(8, 4, 16).half(), k=torch.randn(8, 2, 16).half(), v=torch.randn(8, 2, 16).half(),
+                  cu_seqlens_q=torch.tensor([[0, 8]], dtype=torch.int32),
+                  cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)),
+     ValueError, r"attention\(cu_seqlens_q\): expected shape"),
+    (lambda: _bad(q=torch.randn(8, 4, 16).half(), k=torch.randn(8, 2, 16).half(), v=torch.randn(8, 2, 16).half(),
+                  cu_seqlens_q=torch.tensor([0, 4, 8], dtype=torch.int32),
+                  cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)),
+     ValueError, r"attention\(cu_seqlens_k\): shape"),
+    (lambda: _bad(max_seqlen_q=torch.tensor([1, 2])), ValueError, r"attention\(max_seqlen_q\)"),
+    (lambda: _bad(max_seqlen_k=2.5), TypeError, r"attention\(max_seqlen_k\)"),
+    (lambda: _bad(q=[1.0]), TypeError, r"attention\(q\): expected a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", BAD, ids=[b[2].split(":")[0].replace("\\", "") + f"-{i}"
+                                                     for i, b in enumerate(BAD)])
+def test_bad_inputs_name_the_argument(make, exc, match):
+    with pytest.raises(exc, match=match):
+        tk.attention(**make())
+
+
+def test_devices_must_match():
+    if not torch.cuda.is_available():
+        pytest.skip("needs two devices")
+    q, k, v = qkv(1, 4, 4, 2, 2, 16, torch.float16, dev="cpu")
+    with pytest.raises(ValueError, match=r"attention\(k\): is on"):
+        tk.attention(q, k.cuda(), v)
+
+
+def test_debug_flag_checks_cu_seqlens_order(monkeypatch):
+    monkeypatch.setattr(ops_attention, "DEBUG", True)
+    q, k, v = torch.randn(8, 2, 16).half(), torch.randn(8, 2, 16).half(), torch.randn(8, 2, 16).half()
+    bad = torch.tensor([0, 6, 4, 8], dtype=torch.int32)
+    good = torch.tensor([0, 2, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"attention\(cu_seqlens_q\): must start at 0, be non-decreasing"):
+        tk.attention(q, k, v, cu_seqlens_q=bad, cu_seqlens_k=good)
+    tk.attention(q, k, v, cu_seqlens_q=good, cu_seqlens_k=good)
+
+
+def test_forced_triton_rejects_float64():
+    q, k, v = qkv(1, 4, 4, 2, 2, 16, torch.float64, dev="cpu")
+    with tk.backend("triton"), pytest.raises(tk.BackendUnavailable, match="float64"):
+        tk.attention(q, k, v)
+
+
+# ---- static code generation of every shipped forward config --------------------------------------------------
+FWD_KERNEL = "turbokernels.kernels.attention_fwd:attention_fwd_kernel"
+FWD_SIGNATURE = {
+    "q_ptr": "*{dt}", "k_ptr": "*{dt}", "v_ptr": "*{dt}", "out_ptr": "*{dt}", "lse_ptr": "*fp32",
+    "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32", "alibi_ptr": "*fp32",
+    **{f"stride_{t}{s}": "i32" for t in "qkvo" for s in "bsh"},
+    "stride_lb": "i32", "stride_lh": "i32", "stride_ls": "i32", "stride_ab": "i32",
+    "seqlen_q": "i32", "seqlen_k": "i32", "num_seqs": "i32", "kv_group": "i32",
+    "qk_scale": "fp32", "softcap_scale": "fp32", "softcap_log2": "fp32", "window_left": "i32", "window_right": "i32",
+}
+# what the launcher's JIT sees as multiples of 16 for head dims 64/128 (pointers and row/head/batch strides)
+FWD_ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "lse_ptr", "stride_qb", "stride_qs", "stride_qh", "stride_kb",
+               "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_ob", "stride_os", "stride_oh")
+
+
+def fwd_codegen_cases():
+    """(id, capability, config, job): every config at the head dims of its bucket (64 and 128 share the 64/128
+    tables' neighbours: d=64 for the 64 bucket, d=128 for 128, d=256 for 256), fp16 and bf16, causal (all three
+    key loops) and, for fp16, a varlen sliding-window variant with softcap and ALiBi (every feature on)."""
+    from turbokernels.kernels.attention_fwd import CONFIGS
+    for cap, table in sorted(CONFIGS.items()):
+        for bucket, cfgs in sorted(table.items()):
+            for cfg in cfgs:
+                for dt, full in (("fp16", False), ("bf16", False), ("fp16", True)):
+                    constexprs = dict(HEAD_DIM=bucket, HEAD_DIM_PAD=bucket, BLOCK_M=cfg.BLOCK_M,
+                                      BLOCK_N=cfg.BLOCK_N, RIGHT_BOUNDED=True, LEFT_BOUNDED=full,
+                                      HAS_SOFTCAP=full, HAS_ALIBI=full, VARLEN=full, SEQ_CHUNK=64,
+                                      UPCAST=False)
+                    job = CodegenJob(FWD_KERNEL, tuple((k, v.format(dt=dt)) for k, v in FWD_SIGNATURE.items()),
+                                     tuple(constexprs.items()), cap, cfg.num_warps, cfg.num_stages, FWD_ALIGNED)
+                    name = (f"sm{cap}-d{bucket}-{cfg.BLOCK_M}x{cfg.BLOCK_N}-w{cfg.num_warps}-p{cfg.num_stages}-{dt}"
+                            f"{'-varlen-window-softcap-alibi' if full else '-causal'}")
+                    yield name, cap, cfg, job
+
+
+FWD_CASES = list(fwd_codegen_cases())
+
+
+@pytest.fixture(scope="module")
+def fwd_reports():
+    return dict(zip([c[0] for c in FWD_CASES], compile_triton([c[3] for c in FWD_CASES])))
+
+
+@pytest.mark.skipif(skip_reason_no_ptxas() is not None, reason=str(skip_reason_no_ptxas()))
+@pytest.mark.parametrize("name,cap,cfg", [c[:3] for c in FWD_CASES], ids=[c[0] for c in FWD_CASES])
+def test_attention_fwd_codegen(fwd_reports, name, cap, cfg):
+    from turbokernels.kernels.int4_mm import SHARED_MEMORY_LIMIT
+    report = fwd_reports[name]
+    assert report.spill_bytes == 0, f"register spills: {report.ptxas_log}"
+    assert report.shared_bytes <= SHARED_MEMORY_LIMIT[cap], f"{report.shared_bytes} B shared memory"
+    if cap >= 90 and cfg.BLOCK_M >= 64:
+        assert report.uses_wgmma and report.count(r"HGMMA", in_sass=True) > 0, "expected wgmma on sm_90"
+    else:
+        assert report.uses_mma and report.count(r"HMMA", in_sass=True) > 0, "expected mma.sync tensor-core ops"
+        assert not report.uses_wgmma
+
+
+# ---- GPU (skipped without CUDA) ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_forward_d128_s1024(dtype, causal):
+    q, k, v = qkv(2, 1024, 1024, 8, 2, 128, dtype, dev="cuda")
+    check_forward("triton", q, k, v, causal=causal)
