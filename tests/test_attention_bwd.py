@@ -1,0 +1,340 @@
+"""Triton attention backward (kernels/attention_bwd.py) against the autograd of a float64 masked-softmax attention.
+
+The reference lives here (not in turbokernels.reference) so this file tests the kernel on its own: a float64
+forward gives `out` and `lse` to feed the backward, its autograd gives the golden (dq, dk, dv), and the same code
+run in the input dtype is the baseline of the tolerance rule (testing.assert_close).
+"""
+import itertools
+
+import pytest
+import torch
+
+from conftest import interpreting
+from turbokernels.testing import CodegenJob, assert_close, compile_triton, skip_reason_no_ptxas
+
+pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                                reason="triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- reference ---------------------------------------------------------------------------------------------------
+def allowed_keys(sq, sk, causal, window, dev):
+    """(sq, sk) bool: FlashAttention's bottom-right aligned causal/window mask."""
+    i = torch.arange(sq, device=dev)[:, None]
+    j = torch.arange(sk, device=dev)[None, :]
+    diag = i + sk - sq
+    ok = torch.ones(sq, sk, dtype=torch.bool, device=dev)
+    left, right = window
+    if causal:
+        right = 0
+    if left >= 0:
+        ok &= j >= diag - left
+    if right >= 0:
+        ok &= j <= diag + right
+    return ok
+
+
+def reference(q, k, v, *, scale, causal=False, window=(-1, -1), softcap=0.0, alibi=None):
+    """Dense (batch, seqlen, heads, dim) attention in q's dtype -> (out, lse fp32 (batch, heads, sq))."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(hq // hkv, dim=2)
+    v = v.repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    if alibi is not None:
+        slopes = alibi.to(s.dtype).expand(b, hq) if alibi.dim() == 1 else alibi.to(s.dtype)
+        s = s - slopes[:, :, None, None] * (i + sk - sq - j).abs().to(s.dtype)
+    ok = allowed_keys(sq, sk, causal, window, q.device)
+    s = s.masked_fill(~ok, float("-inf"))
+    with torch.no_grad():
+        lse = torch.logsumexp(s.double(), dim=-1).float()
+    # Rows with no allowed key: softmax over zeros, then multiplied by 0, so they give 0 and no NaN gradient.
+    row_ok = ok.any(dim=-1)[:, None]
+    p = torch.softmax(torch.where(row_ok, s, torch.zeros_like(s)), dim=-1) * row_ok
+    out = torch.einsum("bhij,bjhd->bihd", p, v)
+    return out, lse
+
+
+def golden_and_baseline(q, k, v, dout, **kw):
+    """(out in q's dtype, lse fp32, golden float64 grads, baseline grads in q's dtype)."""
+    grads = []
+    out_lse = None
+    for dt in (torch.float64, q.dtype):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out, lse = reference(*leaves, **kw)
+        out.backward(dout.to(dt))
+        grads.append([t.grad for t in leaves])
+        if dt == torch.float64:
+            out_lse = (out.detach().to(q.dtype), lse)
+    return out_lse[0], out_lse[1], grads[0], grads[1]
+
+
+def launch(dout, q, k, v, out, lse, *, scale, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
+           deterministic=False, cu_q=None, cu_k=None, config=None):
+    from turbokernels.kernels.attention_bwd import attention_bwd
+    return attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, alibi, scale, causal, window[0], window[1],
+                         softcap, deterministic, config=config)
+
+
+def make(b, sq, sk, hq, hkv, d, dtype):
+    dev = device()
+    q = torch.randn(b, sq, hq, d, device=dev).to(dtype)
+    k = torch.randn(b, sk, hkv, d, device=dev).to(dtype)
+    v = torch.randn(b, sk, hkv, d, device=dev).to(dtype)
+    dout = torch.randn(b, sq, hq, d, device=dev).to(dtype)
+    return q, k, v, dout
+
+
+def check(dq, dk, dv, golden, baseline, what):
+    for name, ours, gold, base in zip(("dq", "dk", "dv"), (dq, dk, dv), golden, baseline):
+        assert_close(ours, gold, base, what=f"{what} {name}")
+
+
+# ---- correctness -------------------------------------------------------------------------------------------------
+# (batch, sq, sk, heads_q, heads_kv, head_dim, dtype, options)
+CASES = [
+    (1, 1, 1, 2, 2, 64, torch.float16, {}),
+    (2, 17, 17, 2, 1, 40, torch.float16, {"causal": True}),
+    (1, 97, 113, 4, 2, 64, torch.float16, {}),
+    (1, 113, 97, 4, 2, 64, torch.bfloat16, {"causal": True}),
+    (1, 97, 113, 4, 1, 96, torch.bfloat16, {"causal": True, "deterministic": True}),
+    (1, 128, 128, 2, 2, 128, torch.float16, {"causal": True, "deterministic": True}),
+    (1, 65, 80, 2, 2, 128, torch.bfloat16, {"window": (16, 8)}),
+    (2, 33, 70, 4, 2, 64, torch.float16, {"window": (20, -1), "deterministic": True}),
+    (1, 70, 33, 2, 1, 64, torch.float16, {"window": (-1, 5)}),
+    # window (33, 1) with 128-row/key blocks: the band starts or ends one key/row past a block edge
+    (1, 160, 160, 2, 1, 64, torch.float16, {"window": (33, 1), "deterministic": True}),
+    (1, 64, 96, 4, 4, 64, torch.float16, {"softcap": 0.8, "causal": True}),
+    (1, 50, 50, 2, 2, 40, torch.bfloat16, {"softcap": 2.0, "deterministic": True}),
+    (1, 60, 90, 4, 2, 64, torch.float16, {"alibi": "heads", "causal": True}),
+    (2, 47, 47, 2, 1, 64, torch.bfloat16, {"alibi": "batch", "window": (10, 10), "deterministic": True}),
+    (1, 45, 77, 2, 1, 40, torch.float32, {"causal": True}),
+    (1, 45, 77, 4, 2, 64, torch.float32, {"softcap": 1.5, "alibi": "heads", "deterministic": True}),
+    (1, 17, 17, 2, 1, 256, torch.float16, {"causal": True}),
+]
+
+
+def case_id(c):
+    b, sq, sk, hq, hkv, d, dt, opts = c
+    extra = "-".join(f"{k}{'' if v is True else v}" for k, v in opts.items()).replace(" ", "")
+    return f"b{b}-{sq}x{sk}-h{hq}/{hkv}-d{d}-{str(dt)[6:]}" + (f"-{extra}" if extra else "")
+
+
+def options(opts, b, hq, d):
+    kw = {k: v for k, v in opts.items() if k not in ("alibi", "deterministic")}
+    kw["scale"] = d ** -0.5
+    if "alibi" in opts:
+        shape = (hq,) if opts["alibi"] == "heads" else (b, hq)
+        kw["alibi"] = torch.rand(shape, device=device()) * 0.5
+    return kw
+
+
+@pytest.mark.parametrize("b,sq,sk,hq,hkv,d,dtype,opts", CASES, ids=[case_id(c) for c in CASES])
+def test_matches_golden(b, sq, sk, hq, hkv, d, dtype, opts):
+    q, k, v, dout = make(b, sq, sk, hq, hkv, d, dtype)
+    kw = options(opts, b, hq, d)
+    out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, **kw)
+    dq, dk, dv = launch(dout, q, k, v, out, lse, deterministic=opts.get("deterministic", False), **kw)
+    for ours, ref in zip((dq, dk, dv), (q, k, v)):
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    check(dq, dk, dv, golden, baseline, case_id((b, sq, sk, hq, hkv, d, dtype, opts)))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_varlen_matches_per_sequence(deterministic):
+    """Packed sequences (no queries, no keys, odd lengths, q longer and shorter than k) against the reference run
+    on each sequence alone, with GQA, causal and ALiBi per (batch, head)."""
+    lens_q, lens_k = [17, 0, 40, 5, 6], [30, 9, 23, 5, 0]
+    hq, hkv, d, dtype = 4, 2, 40, torch.float16
+    dev = device()
+    cu_q = torch.tensor([0] + lens_q, device=dev).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=dev).cumsum(0).to(torch.int32)
+    q = torch.randn(sum(lens_q), hq, d, device=dev).to(dtype)
+    k = torch.randn(sum(lens_k), hkv, d, device=dev).to(dtype)
+    v = torch.randn(sum(lens_k), hkv, d, device=dev).to(dtype)
+    dout = torch.randn(sum(lens_q), hq, d, device=dev).to(dtype)
+    alibi = torch.rand(len(lens_q), hq, device=dev) * 0.5
+    out = torch.empty_like(q)
+    lse = torch.empty(hq, sum(lens_q), device=dev)
+    golden, baseline = [], []
+    for i in range(len(lens_q)):
+        sl_q, sl_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        o, l, g, bl = golden_and_baseline(q[None, sl_q], k[None, sl_k], v[None, sl_k], dout[None, sl_q],
+                                          scale=0.15, causal=True, alibi=alibi[i])
+        out[sl_q], lse[:, sl_q] = o[0], l[0]
+        golden.append([t[0] for t in g])
+        baseline.append([t[0] for t in bl])
+    dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.15, causal=True, alibi=alibi, cu_q=cu_q, cu_k=cu_k,
+                        deterministic=deterministic)
+    for n, ours in enumerate((dq, dk, dv)):
+        assert_close(ours, torch.cat([g[n] for g in golden]), torch.cat([g[n] for g in baseline]),
+                     what=("dq", "dk", "dv")[n])
+
+
+def test_rows_without_keys_have_zero_gradients():
+    """Causal with seqlen_q > seqlen_k: the first sq - sk query rows see no key (lse = -inf, out = 0)."""
+    b, sq, sk, hq, hkv, d = 1, 40, 9, 2, 1, 64
+    q, k, v, dout = make(b, sq, sk, hq, hkv, d, torch.float16)
+    out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=0.125, causal=True)
+    assert torch.isinf(lse[:, :, : sq - sk]).all()
+    for deterministic in (False, True):
+        dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=deterministic)
+        assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
+        assert (dq[:, : sq - sk] == 0).all()
+        check(dq, dk, dv, golden, baseline, f"deterministic={deterministic}")
+
+
+def test_deterministic_is_bitwise_repeatable():
+    q, k, v, dout = make(1, 70, 90, 4, 1, 64, torch.float16)
+    out, lse, _, _ = golden_and_baseline(q, k, v, dout, scale=0.125, causal=True)
+    first = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=True)
+    second = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_strided_inputs():
+    """q/k/v as views of one packed (b, s, 3, h, d) projection, dout transposed: no copies needed."""
+    b, s, h, d = 1, 37, 2, 64
+    qkv = torch.randn(b, s, 3, h, d, device=device()).half()
+    q, k, v = qkv.unbind(2)
+    dout = torch.randn(b, h, s, d, device=device()).half().transpose(1, 2)
+    out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=0.125, causal=True)
+    dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.125, causal=True)
+    check(dq, dk, dv, golden, baseline, "strided")
+
+
+def shipped_configs():
+    from turbokernels.kernels.attention_bwd import CONFIGS
+    seen = []
+    for arch in CONFIGS.values():
+        for table in arch.values():
+            seen += [c for c in table if c not in seen]
+    return seen
+
+
+def test_every_config_is_correct(monkeypatch):
+    """Every shipped config (all architectures and head-dim buckets) on one awkward shape that spans several
+    blocks, in both dQ modes, with NaN-poisoned outputs so an element the kernels forget to write fails."""
+    import turbokernels.kernels.attention_bwd as kernel_module
+    monkeypatch.setattr(kernel_module, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    q, k, v, dout = make(1, 70, 150, 2, 1, 40, torch.float16)
+    out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=0.15, causal=True)
+    for cfg in shipped_configs():
+        for deterministic in (False, True):
+            dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.15, causal=True, deterministic=deterministic,
+                                config=cfg)
+            check(dq, dk, dv, golden, baseline, f"{cfg} deterministic={deterministic}")
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence_d128():
+    b, s, hq, hkv, d = 1, 1024, 4, 2, 128
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v, dout = make(b, s, s, hq, hkv, d, dtype)
+        for deterministic in (False, True):
+            out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=d ** -0.5, causal=True)
+            dq, dk, dv = launch(dout, q, k, v, out, lse, scale=d ** -0.5, causal=True,
+                                deterministic=deterministic)
+            check(dq, dk, dv, golden, baseline, f"{dtype} deterministic={deterministic}")
+
+
+# ---- static code generation --------------------------------------------------------------------------------------
+MODULE = "turbokernels.kernels.attention_bwd"
+COMMON = {"q_ptr": "*{dt}", "dout_ptr": "*{dt}", "k_ptr": "*{dt}", "v_ptr": "*{dt}", "lse_ptr": "*fp32",
+          "delta_ptr": "*fp32"}
+TAIL = {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "alibi_ptr": "*fp32", "seqlen_q": "i32", "seqlen_k": "i32"}
+STRIDES = ["stride_qb", "stride_qm", "stride_qh", "stride_dob", "stride_dom", "stride_doh", "stride_kb",
+           "stride_kn", "stride_kh", "stride_vb", "stride_vn", "stride_vh", "stride_lseb", "stride_lseh",
+           "stride_lsem", "stride_deltab", "stride_deltah", "stride_deltam", "stride_dqb", "stride_dqm",
+           "stride_dqh"]
+SCALARS = {"stride_ab": "i32", "stride_ah": "i32", "scale": "fp32", "softcap": "fp32", "window_left": "i32",
+           "window_right": "i32"}
+UNIT = {"stride_qd": 1, "stride_dod": 1, "stride_kd": 1, "stride_vd": 1}  # the JIT specializes unit strides
+# Multiples of 16 as the JIT would see them for contiguous inputs (heads * head_dim and seqlen * heads * d).
+ALIGNED = ("q_ptr", "dout_ptr", "k_ptr", "v_ptr", "lse_ptr", "delta_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
+           "stride_qb", "stride_qm", "stride_dob", "stride_dom", "stride_kb", "stride_kn", "stride_vb", "stride_vn",
+           "stride_dqb", "stride_dqm", "stride_dkb", "stride_dkn", "head_dim")
+
+
+def _signature(kernel, dt):
+    sig = dict(COMMON)
+    if kernel == "dkdv":
+        sig.update(dq_ptr="*fp32", dk_ptr="*{dt}", dv_ptr="*{dt}")
+    else:
+        sig.update(dq_ptr="*{dt}")
+    sig.update(TAIL)
+    sig["head_dim"] = "i32"
+    strides = STRIDES + (["stride_dkb", "stride_dkn", "stride_dkh"] if kernel == "dkdv" else [])
+    sig.update({s: "i32" for s in strides})
+    sig.update(SCALARS)
+    return tuple((k, v.format(dt=dt)) for k, v in sig.items())
+
+
+def codegen_cases():
+    """(id, capability, kernel, rows of its main dots, job): every shipped config, both kernels, at the head dim of
+    its bucket: causal in fp16 and bf16 (bf16 not at 256), every feature on (varlen, softcap, ALiBi, window) in
+    fp16, and the dK/dV kernel both with the atomic dQ (deterministic=False) and without."""
+    from turbokernels.kernels.attention_bwd import CONFIGS
+    for cap, table in sorted(CONFIGS.items()):
+        for d, cfgs in sorted(table.items()):
+            for cfg in cfgs:
+                variants = [(dt, False) for dt in (("fp16", "bf16") if d <= 128 else ("fp16",))] + [("fp16", True)]
+                for (dt, full), kernel, atomic in itertools.product(variants, ("dkdv", "dq"), (True, False)):
+                    flags = dict(VARLEN=full, WINDOW=True, SOFTCAP=full, ALIBI=full, UPCAST=False, GROUP=2,
+                                 BLOCK_D=d, **UNIT)
+                    if kernel == "dkdv":
+                        consts = dict(flags, BLOCK_M=cfg.BLOCK_M1, BLOCK_N=cfg.BLOCK_N1, ATOMIC_DQ=atomic)
+                        rows, warps, stages = cfg.BLOCK_N1, cfg.warps1, cfg.stages1
+                        mode = "-atomic" if atomic else "-det"
+                    elif atomic:
+                        continue
+                    else:
+                        consts = dict(flags, BLOCK_M=cfg.BLOCK_M2, BLOCK_N=cfg.BLOCK_N2)
+                        rows, warps, stages = cfg.BLOCK_M2, cfg.warps2, cfg.stages2
+                        mode = ""
+                    sig = _signature(kernel, dt)
+                    aligned = tuple(a for a in ALIGNED if a in dict(sig))
+                    job = CodegenJob(f"{MODULE}:attention_bwd_{kernel}_kernel", sig, tuple(consts.items()), cap,
+                                     warps, stages, aligned)
+                    name = (f"sm{cap}-d{d}-{kernel}-{consts['BLOCK_M']}x{consts['BLOCK_N']}-w{warps}-p{stages}"
+                            f"-{dt}-{'full' if full else 'causal'}{mode}")
+                    yield name, cap, kernel, rows, job
+
+
+CODEGEN_CASES = list(dict((c[0], c) for c in codegen_cases()).values())
+
+
+@pytest.fixture(scope="module")
+def codegen_reports():
+    reason = skip_reason_no_ptxas()
+    if reason is not None:
+        pytest.skip(reason)
+    return dict(zip([c[0] for c in CODEGEN_CASES], compile_triton([c[4] for c in CODEGEN_CASES])))
+
+
+@pytest.mark.parametrize("name,cap,kernel,rows", [c[:4] for c in CODEGEN_CASES], ids=[c[0] for c in CODEGEN_CASES])
+def test_codegen(codegen_reports, name, cap, kernel, rows):
+    """Zero spills, shared memory within the part's limit, tensor cores. Which ones, as verified with triton 3.8
+    and 3.6: on sm_90 the compiler picks wgmma when the tile of the kernel's main dots has 64+ rows (BLOCK_N of
+    the dK/dV kernel, BLOCK_M of the dQ kernel) and mma.sync below that (wgmma's M is 64 per warpgroup); the
+    dK/dV kernel's atomic dQ dot has BLOCK_M rows (< 64 in every shipped config) and stays on mma.sync even when
+    its other dots use wgmma. sm_80 has mma.sync only."""
+    from turbokernels.kernels.int4_mm import SHARED_MEMORY_LIMIT
+    report = codegen_reports[name]
+    print(f"{name}: {report.registers} registers, {report.spill_bytes} B spills, {report.shared_bytes} B shared, "
+          f"{report.count('wgmma.mma_async')} wgmma / {report.count('mma.sync.aligned')} mma.sync in PTX")
+    assert report.spill_bytes == 0, f"register spills: {report.ptxas_log}"
+    assert report.shared_bytes <= SHARED_MEMORY_LIMIT[cap], f"{report.shared_bytes} B shared memory"
+    if cap >= 90 and rows >= 64:
+        assert report.uses_wgmma and report.count(r"HGMMA", in_sass=True) > 0, "expected wgmma on sm_90"
+    else:
+        assert report.uses_mma and report.count(r"HMMA", in_sass=True) > 0, "expected mma.sync tensor-core ops"
+        assert not report.uses_wgmma
