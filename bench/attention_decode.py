@@ -1,0 +1,119 @@
+"""KV-cache decode attention (op decode_attention) against F.scaled_dot_product_attention on Llama-3-8B heads.
+
+GPU: ours (auto backend: Triton, flash-decoding) on contiguous and paged caches vs torch's SDPA (its best backend
+for the shape, GQA through enable_gqa) on the same keys laid out as it prefers, (B, Hkv, S, D) contiguous. Every
+sequence is full (cache_seqlens = capacity), so SDPA needs no mask and both read the same bytes. Medians (triton's
+do_bench, which flushes L2; the caches are larger than L2 anyway). gbps = bytes read and written (K, V, q, out)
+per second; bandwidth_pct = that over a large copy's rate measured at the start of the run (decode is
+bandwidth-bound). CPU: the reference backend, a smoke run only (--quick).
+
+    python bench/attention_decode.py [--device cpu|cuda] [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: python bench/attention_decode.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "turbokernels.bench"
+
+import turbokernels as tk  # noqa: E402
+from turbokernels.bench.common import environment, measured_roofline, median_ms, plot_speedup, write_csv  # noqa: E402
+
+HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128   # Llama-3-8B
+PAGE_SIZE = 64
+
+
+def _cases(device: torch.device, quick: bool):
+    if device.type != "cuda":
+        return [(torch.float32, [(1, 256)], 1)]
+    if quick:
+        return [(torch.bfloat16, [(1, 4096), (16, 4096)], 1)]
+    shapes = [(b, s) for b in (1, 4, 16, 64) for s in (1024, 4096, 16384) if b * s <= 64 * 16384]
+    return [(dt, shapes + [(1, 65536), (4, 32768)], t) for dt in (torch.bfloat16, torch.float16) for t in (1, 4)]
+
+
+def _paged(k: torch.Tensor, v: torch.Tensor):
+    """The same keys in a paged cache with a shuffled block table."""
+    B, S, H, D = k.shape
+    pages = S // PAGE_SIZE
+    perm = torch.randperm(B * pages, device=k.device)
+    table = perm.view(B, pages).to(torch.int32)
+    kp = torch.empty(B * pages, PAGE_SIZE, H, D, device=k.device, dtype=k.dtype)
+    vp = torch.empty_like(kp)
+    kp[perm] = k.reshape(B * pages, PAGE_SIZE, H, D)
+    vp[perm] = v.reshape(B * pages, PAGE_SIZE, H, D)
+    return kp, vp, table
+
+
+def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -> list[dict]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    env = environment(dev)
+    rows = []
+    for dtype, shapes, T in _cases(dev, quick):
+        roof = measured_roofline(dev, dtype)
+        print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}  "
+              f"measured copy {roof['peak_bytes_per_s'] / 1e9:.0f} GB/s; heads {HEADS_Q}/{HEADS_KV} d{HEAD_DIM} "
+              f"{dtype} new_tokens={T}", flush=True)
+        print(f"{'B':>4} {'S':>6} {'layout':>7} {'sdpa ms':>9} {'ours ms':>9} {'speedup':>8} {'GB/s':>7} "
+              f"{'bw%':>6}  backend", flush=True)
+        for B, S in shapes:
+            k = torch.randn(B, S, HEADS_KV, HEAD_DIM, device=dev, dtype=dtype)
+            v = torch.randn_like(k)
+            q = torch.randn(B, T, HEADS_Q, HEAD_DIM, device=dev, dtype=dtype)
+            lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+            kt, vt, qt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), q.transpose(1, 2)
+            # causal among the T new tokens, aligned to the end: an explicit mask for T > 1
+            mask = None
+            if T > 1:
+                mask = torch.ones(T, S, dtype=torch.bool, device=dev).tril(S - T)
+            base = median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True),
+                             dev)
+            n_bytes = 2 * k.numel() * k.element_size() + 2 * q.numel() * q.element_size()
+            layouts = [("contig", k, v, None)]
+            if S % PAGE_SIZE == 0:
+                layouts.append(("paged", *_paged(k, v)))
+            for name, kc, vc, table in layouts:
+                backend_name = tk.backends.select("decode_attention", q, kc, vc, lens, table, None, 0.0, -1, -1,
+                                                  0.0)[0]
+                ours = median_ms(lambda: tk.decode_attention(q, kc, vc, lens, block_table=table), dev)
+                gbps = n_bytes / (ours * 1e-3) / 1e9
+                row = dict(env, op="decode_attention", dtype=str(dtype).replace("torch.", ""), batch=B, seqlen=S,
+                           new_tokens=T, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM, layout=name,
+                           backend=backend_name, baseline="F.scaled_dot_product_attention",
+                           baseline_ms=round(base, 5), ours_ms=round(ours, 5), speedup=round(base / ours, 3),
+                           gbps=round(gbps, 1),
+                           bandwidth_pct=round(100 * gbps * 1e9 / roof["peak_bytes_per_s"], 1),
+                           peak_gbps=round(roof["peak_bytes_per_s"] / 1e9, 1))
+                rows.append(row)
+                print(f"{B:>4} {S:>6} {name:>7} {base:>9.4f} {ours:>9.4f} {row['speedup']:>7.2f}x {gbps:>7.1f} "
+                      f"{row['bandwidth_pct']:>6.1f}  {backend_name}", flush=True)
+            del k, v, kt, vt, layouts
+    tag = dev.type
+    csv_path = os.path.join(out_dir, f"attention_decode_{tag}.csv")
+    write_csv(rows, csv_path)
+    plotted = plot_speedup(rows, os.path.join(out_dir, f"attention_decode_{tag}.png"), x="seqlen", y="bandwidth_pct",
+                           series=("dtype", "batch", "new_tokens", "layout"),
+                           title=f"decode_attention, % of copy bandwidth — {env['device']}")
+    print(f"wrote {csv_path}" + (" and a plot" if plotted else ""))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--quick", action="store_true", help="two shapes, bf16, one new token")
+    a = p.parse_args(argv)
+    run(a.device, a.out, a.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""KV-cache decode attention in Triton (flash-decoding): out (B, T, Hq, D) from q (B, T, Hq, D) and a KV cache.
+
+The convention (python/turbokernels/reference/decode_attention.py is the spec): the T new tokens are already in
+the cache, new token t of sequence b sits at qpos = cache_seqlens[b] - T + t and attends keys j <= qpos (and
+j >= qpos - window_left when window_left >= 0).
+
+Decode reads the whole cache once and does little arithmetic per byte, so the run time is the time to stream K and
+V. Two kernels:
+  1. decode_attention_split_kernel, grid (B * Hkv * row blocks, SPLIT_KV): one program takes ALL the query rows
+     that read one kv head -- the (group * T) rows of the GQA group, group = Hq / Hkv -- so each K/V tile crosses
+     HBM once per kv head, not once per query head; and one of SPLIT_KV chunks of the KV length, so that long
+     caches with few (batch, kv head) pairs still occupy every SM. Online softmax in base 2 with the scale folded
+     into one multiply. With SPLIT_KV == 1 it writes the final output; else a partial (row max m, row sum l,
+     unnormalized output acc) per split, in fp32.
+  2. decode_attention_combine_kernel, grid (B * T * Hq,): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+The grid is sized from the cache capacity (max_seqlen, or pages per sequence * page_size), never from the values
+of cache_seqlens (no host sync, CUDA-graph and torch.compile safe); a program whose chunk starts at or past its
+sequence's length exits at once, and the combine kernel reads only the splits that ran.
+Read top to bottom: configs, kernels, launcher.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs, per GPU architecture (compute capability major*10+minor; the nearest lower key applies).
+# BLOCK_N keys per tile (the K/V tile is BLOCK_N x head_dim, loaded along the contiguous head dim: 16-byte vector
+# loads, a warp covers whole rows). The query tile's height BLOCK_M is not a config: the launcher sizes it from
+# group * new_tokens (16 rows, tl.dot's minimum, up to MAX_BLOCK_M). Every config is compiled by the codegen test in
+# tests/test_decode_attention.py (triton 3.8 and 3.6) for d=64/128 (fp16 contiguous, bf16 paged) and d=256 (fp16),
+# BLOCK_M 16 and the largest allowed: zero spills, shared memory within the part's limit, tensor cores (mma.sync;
+# wgmma for 64-row tiles on sm_90), 16-byte cp.async loads of the K/V tiles.
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Config:
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+# Chosen from a sweep (BLOCK_N 32/64/128 x 4/8 warps x 2-4 stages) compiled with triton 3.6 (the GPU image's
+# version) and 3.8: these are the ones with zero spills in every case of the codegen test under both. ptxas spills a
+# few bytes in several neighbours (e.g. 64x4 warps x 2 stages on sm_80 with 32 rows at d=128; 128 keys x 4 warps
+# at d=128 under 3.6), so change a config only with both compilers' codegen tests run.
+CONFIGS = {
+    # Hopper (H100/H200): deeper pipelines keep more K/V bytes in flight per SM.
+    90: [Config(64, 4, 3), Config(64, 8, 2), Config(32, 4, 4)],
+    # Ampere (A100) and later consumer parts (sm_86/89: within their ~100 KB of shared memory up to d=256).
+    80: [Config(64, 8, 2), Config(32, 4, 3)],
+}
+# Query rows per program at most (by padded head dim): more rows (large GQA groups x new tokens) take more
+# programs. 64 rows with d=128 spill on sm_80 (q, acc and the scores tile do not fit 255 registers with 4 warps).
+MAX_BLOCK_M = {64: 64, 128: 32, 256: 16}
+MAX_SPLITS = 128          # splits of the KV length
+WAVES = 2                 # target programs = WAVES * SM count
+
+
+def configs_for(capability: int) -> list[Config]:
+    key = max([k for k in CONFIGS if k <= capability], default=min(CONFIGS))
+    return CONFIGS[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def decode_attention_split_kernel(
+    q_ptr,            # (B, T, Hq, D) any strides
+    k_ptr, v_ptr,     # (B, S, Hkv, D) caches, or (num_pages, page_size, Hkv, D) when PAGED; the same strides, unit in d
+    seqlens_ptr,      # (B,) int32 valid length of each cache
+    block_table_ptr,  # (B, max_pages) int32 when PAGED (else unused)
+    alibi_ptr,        # (B, Hq) fp32 slopes, batch stride may be 0 (unused unless HAS_ALIBI)
+    out_ptr,          # SPLIT: (SPLIT_KV, B, T, Hq, D) fp32 unnormalized partials; else (B, T, Hq, D) in q's dtype
+    m_ptr, l_ptr,     # SPLIT: (SPLIT_KV, B, T, Hq) fp32 row max (base 2) and row sum of 2^(s - m); else unused
+    T, Hq, Hkv, D,    # new tokens, query heads, kv heads, head dim
+    capacity,         # keys a sequence can hold (max_seqlen, or max_pages * page_size); lengths are clamped to it
+    page_size,
+    kv_per_split,     # keys per split (a multiple of BLOCK_N)
+    qk_scale,         # softmax_scale * log2(e) (without softcap), or softmax_scale (with softcap)
+    softcap,          # > 0 when SOFTCAP
+    window_left,      # >= 0 when WINDOW
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh,   # K and V: batch (or page), position in the sequence (or page), kv head
+    stride_btb,                        # block table row stride
+    stride_ab, stride_ah,              # alibi strides (batch stride 0 for per-head slopes)
+    stride_os, stride_ob, stride_ot, stride_oh,   # out strides: split (partials only), batch, token, head; d unit
+    stride_ms, stride_mb, stride_mt,              # m/l strides: split, batch, token; head unit
+    BLOCK_M: tl.constexpr,    # query rows per program (>= 16 for tl.dot): rows r = g * T + t of the GQA group
+    BLOCK_N: tl.constexpr,    # keys per tile
+    BLOCK_D: tl.constexpr,    # head dim padded to a power of two
+    EVEN_D: tl.constexpr,     # BLOCK_D == D: no head-dim mask
+    PAGED: tl.constexpr,
+    PAGE_PER_TILE: tl.constexpr,  # PAGED and BLOCK_N divides page_size: one block-table read per tile; else per row
+    SPLIT: tl.constexpr,      # write partials (SPLIT_KV > 1) instead of the final output
+    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr,     # arithmetic and dots in fp32 (ieee): fp32 inputs, and bf16 under the interpreter,
+                              # whose bf16 arithmetic is wrong (numpy works on the raw uint16 bits)
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    group = Hq // Hkv
+    rows = group * T
+    row_blocks = tl.cdiv(rows, BLOCK_M)
+    mb = pid % row_blocks
+    bh = pid // row_blocks
+    kvh = bh % Hkv
+    b = bh // Hkv
+
+    seqlen = tl.minimum(tl.load(seqlens_ptr + b), capacity)
+    start = split * kv_per_split
+    if (start >= seqlen) & (split > 0):  # past this sequence: the combine kernel does not read this split (split 0
+        return                             # always runs, so that an empty sequence still writes its zero output)
+    stop = tl.minimum(start + kv_per_split, seqlen)
+
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < rows
+    t = offs_m % T
+    h = kvh * group + offs_m // T
+    qpos = seqlen - T + t                                   # (BLOCK_M,) position of each row's token
+    mask_d = offs_d < D
+    if EVEN_D:
+        q_mask = row_ok[:, None]
+    else:
+        q_mask = row_ok[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+
+    # Tiles that can matter: keys up to the last row's qpos (= stop-1 at most), and from the first row's window.
+    lo = start
+    if WINDOW:
+        # the smallest qpos among the rows is seqlen - T (token 0); earlier tiles are outside every row's window
+        lo = tl.maximum(start, ((seqlen - T - window_left) // BLOCK_N) * BLOCK_N)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_kh
+    for n0 in range(lo, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < stop
+        if PAGED:
+            if PAGE_PER_TILE:
+                page = tl.load(block_table_ptr + b * stride_btb + n0 // page_size).to(tl.int64)
+                rows_off = page * stride_kb + (offs_n - (n0 // page_size) * page_size) * stride_kn
+            else:
+                pages = tl.load(block_table_ptr + b * stride_btb + offs_n // page_size, mask=n_ok, other=0)
+                pages = pages.to(tl.int64)  # num_pages * page stride may pass 2^31 elements
+                rows_off = pages * stride_kb + (offs_n % page_size) * stride_kn
+        else:
+            rows_off = b.to(tl.int64) * stride_kb + offs_n * stride_kn  # B * S * Hkv * D may pass 2^31
+        if EVEN_D:
+            kv_mask = n_ok[:, None]
+        else:
+            kv_mask = n_ok[:, None] & mask_d[None, :]
+        k = tl.load(k_base + rows_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + rows_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            # softcap * tanh(x / softcap) in base 2; tanh(y) = 1 - 2 / (exp(2y) + 1) (no libdevice in the
+            # interpreter; saturates correctly at +-inf)
+            y = s * (qk_scale / softcap)
+            s = (softcap * LOG2E) * (1.0 - 2.0 / (tl.exp2(y * (2.0 * LOG2E)) + 1.0))
+        else:
+            s = s * qk_scale
+        dist = qpos[:, None] - offs_n[None, :]
+        if HAS_ALIBI:
+            s = s - slope[:, None] * dist.to(tl.float32)
+        allowed = (dist >= 0) & n_ok[None, :]
+        if WINDOW:
+            allowed = allowed & (dist <= window_left)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if EVEN_D:
+        o_mask = row_ok[:, None]
+    else:
+        o_mask = row_ok[:, None] & mask_d[None, :]
+    if SPLIT:
+        o_ptrs = out_ptr + split * stride_os + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh \
+            + offs_d[None, :]
+        tl.store(o_ptrs, acc, mask=o_mask)
+        ml_off = split * stride_ms + b * stride_mb + t * stride_mt + h
+        tl.store(m_ptr + ml_off, m_i, mask=row_ok)
+        tl.store(l_ptr + ml_off, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row with no key to attend: 0
+        o_ptrs = out_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def decode_attention_combine_kernel(
+    part_ptr,         # (SPLIT_KV, B, T, Hq, D) fp32 unnormalized partial outputs
+    m_ptr, l_ptr,     # (SPLIT_KV, B, T, Hq) fp32
+    seqlens_ptr,      # (B,) int32
+    out_ptr,          # (B, T, Hq, D) in q's dtype
+    T, Hq, D, capacity, kv_per_split, num_splits,
+    stride_ps, stride_pb, stride_pt, stride_ph,   # partial strides; d unit
+    stride_ms, stride_mb, stride_mt,              # m/l strides; head unit
+    stride_ob, stride_ot, stride_oh,              # out strides; d unit
+    BLOCK_S: tl.constexpr,    # num_splits padded to a power of two
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)    # one program per output row (b, t, h)
+    h = pid % Hq
+    t = (pid // Hq) % T
+    b = pid // (Hq * T)
+    seqlen = tl.minimum(tl.load(seqlens_ptr + b), capacity)
+    n_valid = tl.minimum(tl.cdiv(seqlen, kv_per_split), num_splits)  # the splits that ran (others never wrote)
+    offs_s = tl.arange(0, BLOCK_S)
+    ml_off = offs_s * stride_ms + b * stride_mb + t * stride_mt + h
+    s_ok = offs_s < n_valid
+    m = tl.load(m_ptr + ml_off, mask=s_ok, other=float("-inf"))
+    l = tl.load(l_ptr + ml_off, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(l * w, 0)
+    inv = 1.0 / tl.where(denom == 0.0, 1.0, denom)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    base = part_ptr + b * stride_pb + t * stride_pt + h * stride_ph
+    for s in range(0, n_valid):
+        w_s = tl.exp2(tl.load(m_ptr + s * stride_ms + b * stride_mb + t * stride_mt + h) - m_max)
+        acc += w_s * tl.load(base + s * stride_ps + offs_d, mask=mask_d, other=0.0)
+    tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + offs_d,
+             (acc * inv).to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+NOMINAL_SMS = 132  # CPU tensors (the interpreter): size splits as on an H100, so tests run the GPU's path
+
+
+# Every output buffer (final and partial) comes from here, so tests can poison it with NaN.
+_empty = torch.empty
+
+
+def block_m_for(rows: int, block_d: int) -> int:
+    cap = MAX_BLOCK_M[max(64, block_d)]
+    return min(cap, max(16, triton.next_power_of_2(rows)))
+
+
+def block_n_for(cfg: Config, block_d: int) -> int:
+    """The config's BLOCK_N, halved for d=256 so that the pipelined K and V tiles fit in shared memory."""
+    return max(16, min(cfg.BLOCK_N, 16384 // block_d))
+
+
+def num_splits_for(programs: int, capacity: int, block_n: int, sms: int) -> int:
+    """Enough splits for WAVES * sms programs in all, at most one tile per split and MAX_SPLITS."""
+    want = triton.cdiv(WAVES * sms, max(programs, 1))
+    return max(1, min(want, triton.cdiv(capacity, block_n), MAX_SPLITS))
+
+
+def _launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, softcap,
+            cfg: Config, num_splits: int | None):
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if v_cache.stride() != k_cache.stride():  # the kernel addresses K and V with one set of strides (registers)
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    paged = block_table is not None
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    rows = (Hq // Hkv) * T
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m = block_m_for(rows, block_d)
+    programs = B * Hkv * triton.cdiv(rows, block_m)
+    block_n = block_n_for(cfg, block_d)
+    page_per_tile = paged and page_size % block_n == 0
+    if num_splits is None:
+        sms = _sm_count(q.device.index or 0) if q.device.type == "cuda" else NOMINAL_SMS
+        num_splits = num_splits_for(programs, capacity, block_n, sms)
+    num_splits = max(1, min(num_splits, triton.cdiv(capacity, block_n)))
+    kv_per_split = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(capacity, kv_per_split)
+    split = num_splits > 1
+    upcast = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting())
+
+    out = _empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
+    if split:
+        part = _empty((num_splits, B, T, Hq, D), device=q.device, dtype=torch.float32)
+        m = _empty((num_splits, B, T, Hq), device=q.device, dtype=torch.float32)
+        l = _empty((num_splits, B, T, Hq), device=q.device, dtype=torch.float32)
+        o_strides, ml_strides = part.stride()[:4], m.stride()[:3]
+    else:
+        part, m, l = out, out, out
+        o_strides, ml_strides = (0,) + out.stride()[:3], (0, 0, 0)
+    has_alibi = alibi_slopes is not None
+    if has_alibi:
+        a_strides = (0, alibi_slopes.stride(0)) if alibi_slopes.dim() == 1 else alibi_slopes.stride()
+    else:
+        alibi_slopes, a_strides = cache_seqlens, (0, 0)
+    bt = block_table if paged else cache_seqlens
+    log2e = 1.4426950408889634
+    qk_scale = softmax_scale if softcap > 0 else softmax_scale * log2e
+    decode_attention_split_kernel[(programs, num_splits)](
+        q, k_cache, v_cache, cache_seqlens, bt, alibi_slopes, part, m, l,
+        T, Hq, Hkv, D, capacity, page_size, kv_per_split, qk_scale, float(softcap), max(window_left, 0),
+        *q.stride(), *k_cache.stride()[:3], bt.stride(0) if paged else 0,
+        *a_strides, *o_strides, *ml_strides,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D, PAGED=paged,
+        PAGE_PER_TILE=page_per_tile, SPLIT=split, SOFTCAP=softcap > 0, WINDOW=window_left >= 0,
+        HAS_ALIBI=has_alibi, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        decode_attention_combine_kernel[(B * T * Hq,)](
+            part, m, l, cache_seqlens, out, T, Hq, D, capacity, kv_per_split, num_splits,
+            *part.stride()[:4], *m.stride()[:3], *out.stride()[:3],
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1 if block_d <= 64 else 2,
+        )
+    return out
+
+
+_tuned: dict[tuple, Config] = {}
+
+
+def _choose(q, k_cache, block_table, args) -> Config:
+    """The architecture's first config under the interpreter, while capturing a CUDA graph, or with
+    TURBOKERNELS_AUTOTUNE=0; otherwise each candidate is timed once per (device, dtype, shape bucket)."""
+    if q.device.type != "cuda":
+        return configs_for(90)[0]
+    major, minor = torch.cuda.get_device_capability(q.device)
+    candidates = configs_for(major * 10 + minor)
+    if len(candidates) == 1 or os.environ.get("TURBOKERNELS_AUTOTUNE", "1") == "0" \
+            or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    B, T, Hq, D = q.shape
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    key = (q.device.index, q.dtype, B, T, Hq, k_cache.shape[2], D, triton.next_power_of_2(capacity),
+           None if block_table is None else k_cache.shape[1])
+    cfg = _tuned.get(key)
+    if cfg is None:
+        timings = []
+        for cand in candidates:
+            try:
+                ms = triton.testing.do_bench(lambda: _launch(q, k_cache, *args, cfg=cand, num_splits=None),
+                                             warmup=5, rep=20)
+            except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller part: skip the candidate
+                continue
+            timings.append((ms, cand))
+        cfg = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
+        _tuned[key] = cfg
+    return cfg
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale: float,
+                     window_left: int, softcap: float, config: Config | None = None,
+                     num_splits: int | None = None) -> torch.Tensor:
+    """Launch (arguments already checked by turbokernels.decode_attention). `config` and `num_splits` override the
+    choice (tests use them to cover every shipped config and the split / no-split paths)."""
+    rest = (v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, softcap)
+    cfg = config or _choose(q, k_cache, block_table, rest)
+    return _launch(q, k_cache, *rest, cfg=cfg, num_splits=num_splits)

@@ -1,0 +1,262 @@
+"""decode_attention: attention of a few new tokens over a KV cache; kv_cache_append: write new keys/values into it.
+
+    functional   turbokernels.decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table, ...)
+                 turbokernels.kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table)
+    ops          torch.ops.turbokernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table,
+                                                         alibi_slopes, softmax_scale, window_left, window_right,
+                                                         softcap)                 schema + fake (inference only)
+                 torch.ops.turbokernels.kv_cache_append(k_cache!, v_cache!, k_new, v_new, cache_seqlens,
+                                                        block_table)              mutates the caches in place
+    backends     reference  python/turbokernels/reference/decode_attention.py   (both ops)
+                 triton     kernels/attention_decode.py                         (decode_attention)
+
+The convention (FlashAttention's flash_attn_with_kvcache, after its append): the new tokens are ALREADY in the
+cache. A decode step is
+
+    cache_seqlens = turbokernels.kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens)
+    out = turbokernels.decode_attention(q, k_cache, v_cache, cache_seqlens)
+
+and new token t of sequence b sits at position cache_seqlens[b] - new_tokens + t: it attends keys 0 .. that
+position (causal among the new tokens), narrowed by window_size and biased by ALiBi relative to it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import backends
+from ..reference import decode_attention as reference
+from ._library import define
+
+OP = "decode_attention"
+APPEND_OP = "kv_cache_append"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def _capacity(k_cache, block_table) -> int:
+    return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+
+
+def _check_values(fn: str, k_cache, cache_seqlens, block_table, new_tokens: int = 0) -> None:
+    """Checks that need the VALUES of cache_seqlens / block_table: done for CPU tensors only (reading them costs
+    no device sync there). On CUDA they are the caller's responsibility (a check would be a host sync or extra
+    kernel launches on every decode step); the Triton kernel clamps lengths to the cache capacity, so a bad length
+    never reads outside the cache, and kv_cache_append's index_put raises a device-side assert."""
+    if cache_seqlens.device.type != "cpu" or cache_seqlens.numel() == 0:
+        return
+    cap = _capacity(k_cache, block_table)
+    lens = cache_seqlens.to(torch.long)
+    if bool((lens < 0).any()):
+        raise ValueError(f"{fn}(cache_seqlens): negative length {int(lens.min())}")
+    if bool((lens + new_tokens > cap).any()):
+        worst = int(lens.max())
+        what = (f"{worst} + {new_tokens} new tokens" if new_tokens else f"{worst}")
+        raise ValueError(f"{fn}: cache too small: a sequence needs {what} positions, the cache holds {cap}"
+                         + (" (pages per sequence * page_size)" if block_table is not None else ""))
+    if block_table is not None:
+        page_size, num_pages = k_cache.shape[1], k_cache.shape[0]
+        pages_needed = (lens + new_tokens + page_size - 1) // page_size
+        used = torch.arange(block_table.shape[1]).view(1, -1) < pages_needed.view(-1, 1)
+        bad = used & ((block_table < 0) | (block_table >= num_pages))
+        if bool(bad.any()):
+            raise ValueError(f"{fn}(block_table): page index out of range [0, {num_pages}) in a page in use")
+
+
+# ---- decode_attention --------------------------------------------------------------------------------------------
+def _fake(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, window_right,
+          softcap):
+    return q.new_empty(q.shape)
+
+
+def _before(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, window_right,
+            softcap):
+    _check_values("decode_attention", k_cache, cache_seqlens, block_table)
+    if q.numel() == 0:
+        return q.new_empty(q.shape)
+    return None
+
+
+decode_attention_op = define(
+    OP, "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
+        "Tensor? alibi_slopes, float softmax_scale, int window_left, int window_right, float softcap) -> Tensor",
+    fake=_fake, before=_before)
+
+backends.register(OP, "reference", check=backends.always)(reference.decode_attention)
+
+
+def _check_triton(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+                  window_right, softcap):
+    if q.dtype == torch.float64:
+        return "float64 is not supported (fp16, bf16, fp32)"
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        return "the caches must be contiguous in the head dim"
+    return backends.check_triton(q)
+
+
+@backends.register(OP, "triton", check=_check_triton)
+def _triton(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, window_right,
+            softcap):
+    from turbokernels.kernels.attention_decode import decode_attention as launch
+    # window_right is implied by causality (a new token never sees later keys), so the kernel does not need it.
+    return launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, softcap)
+
+
+# ---- kv_cache_append ---------------------------------------------------------------------------------------------
+def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+    return cache_seqlens.new_empty(cache_seqlens.shape)
+
+
+def _append_before(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+    _check_values("kv_cache_append", k_cache, cache_seqlens, block_table, new_tokens=k_new.shape[1])
+    return None
+
+
+kv_cache_append_op = define(
+    APPEND_OP, "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor cache_seqlens, "
+               "Tensor? block_table) -> Tensor",
+    fake=_append_fake, before=_append_before)
+
+# One implementation for every device: two index_put_ per call (no host sync), a Triton kernel would not be faster.
+backends.register(APPEND_OP, "reference", check=backends.always)(reference.kv_cache_append)
+
+
+# ---- functional entries: all argument checks happen here, once ----------------------------------------------------
+def _tensor(fn: str, name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}({name}): expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_cache_layout(fn: str, q_like: torch.Tensor, q_name: str, k_cache, v_cache, cache_seqlens, block_table):
+    """Checks shared by both entries; returns (batch, heads_kv, head_dim)."""
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+        _tensor(fn, name, x)
+    if k_cache.dim() != 4:
+        raise ValueError(f"{fn}(k_cache): expected 4 dims (batch, max_seqlen, heads_kv, head_dim) or paged "
+                         f"(num_pages, page_size, heads_kv, head_dim), got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{fn}(v_cache): shape {tuple(v_cache.shape)} does not match k_cache's "
+                         f"{tuple(k_cache.shape)}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != q_like.dtype:
+            raise TypeError(f"{fn}({name}): dtype {x.dtype} does not match {q_name}'s {q_like.dtype}")
+        if x.device != q_like.device:
+            raise ValueError(f"{fn}({name}): {name} is on {x.device} but {q_name} is on {q_like.device}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{fn}({name}): must be contiguous in the last (head_dim) dimension, "
+                             f"got strides {x.stride()}")
+    batch = q_like.shape[0]
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"{fn}(cache_seqlens): dtype must be torch.int32, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"{fn}(cache_seqlens): expected shape ({batch},) (one length per sequence), got "
+                         f"{tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q_like.device:
+        raise ValueError(f"{fn}(cache_seqlens): cache_seqlens is on {cache_seqlens.device} but {q_name} is on "
+                         f"{q_like.device}")
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"{fn}(k_cache): batch {k_cache.shape[0]} does not match {q_name}'s {batch} "
+                             f"(pass block_table for a paged cache)")
+    else:
+        _tensor(fn, "block_table", block_table)
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"{fn}(block_table): dtype must be torch.int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"{fn}(block_table): expected shape ({batch}, max_pages_per_seq), got "
+                             f"{tuple(block_table.shape)}")
+        if block_table.device != q_like.device:
+            raise ValueError(f"{fn}(block_table): block_table is on {block_table.device} but {q_name} is on "
+                             f"{q_like.device}")
+        if k_cache.shape[1] % 16 != 0:
+            raise ValueError(f"{fn}(k_cache): page_size (dim 1 of a paged cache) must be a multiple of 16, got "
+                             f"{k_cache.shape[1]}")
+    return batch, k_cache.shape[2], k_cache.shape[3]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     *, block_table: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
+                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of new tokens over a KV cache (FlashAttention's flash_attn_with_kvcache, without its append).
+
+    q (batch, new_tokens, heads_q, head_dim); k_cache, v_cache (batch, max_seqlen, heads_kv, head_dim), or paged
+    (num_pages, page_size, heads_kv, head_dim) with block_table int32 (batch, max_pages_per_seq) and page_size a
+    multiple of 16; cache_seqlens int32 (batch,): the valid length of each cache, INCLUDING the new tokens (append
+    them first, e.g. with kv_cache_append). New token t of sequence b sits at position
+    p = cache_seqlens[b] - new_tokens + t and attends keys j with j <= p (causal), j >= p - window_size[0] when
+    window_size[0] >= 0 (window_size[1] cannot widen causal attention); scores are softmax_scale * q.k (default
+    1/sqrt(head_dim)), then softcap * tanh(score / softcap) when softcap > 0, minus slope * |p - j| with ALiBi
+    slopes (heads_q,) or (batch, heads_q) float32. GQA/MQA: heads_q a multiple of heads_kv. A token with no key to
+    attend (p < 0) gets zeros. Returns (batch, new_tokens, heads_q, head_dim) in q's dtype.
+    """
+    fn = "decode_attention"
+    _tensor(fn, "q", q)
+    if q.dim() != 4:
+        raise ValueError(f"{fn}(q): expected 4 dims (batch, new_tokens, heads_q, head_dim), got shape "
+                         f"{tuple(q.shape)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}(q): dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    batch, heads_kv, head_dim = _check_cache_layout(fn, q, "q", k_cache, v_cache, cache_seqlens, block_table)
+    heads_q = q.shape[2]
+    if q.shape[3] != head_dim:
+        raise ValueError(f"{fn}(q): head_dim {q.shape[3]} does not match the caches' {head_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{fn}(q): head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"{fn}(q): heads_q={heads_q} must be a multiple of the caches' heads_kv={heads_kv}")
+    if alibi_slopes is not None:
+        _tensor(fn, "alibi_slopes", alibi_slopes)
+        if alibi_slopes.shape not in ((heads_q,), (batch, heads_q)):
+            raise ValueError(f"{fn}(alibi_slopes): expected shape ({heads_q},) or ({batch}, {heads_q}), got "
+                             f"{tuple(alibi_slopes.shape)}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"{fn}(alibi_slopes): dtype must be torch.float32, got {alibi_slopes.dtype}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"{fn}(alibi_slopes): alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"{fn}(window_size): expected (left, right) ints >= -1 (-1: unbounded), got {window_size!r}")
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap >= 0:
+        raise ValueError(f"{fn}(softcap): expected a number >= 0 (0: off), got {softcap!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"{fn}(softmax_scale): expected a float or None, got {type(softmax_scale).__name__}")
+    return decode_attention_op(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, float(softmax_scale),
+                               int(window_size[0]), int(window_size[1]), float(softcap))
+
+
+def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                    cache_seqlens: torch.Tensor, *, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Write k_new, v_new (batch, new_tokens, heads_kv, head_dim) into the caches IN PLACE at positions
+    cache_seqlens[b] .. cache_seqlens[b] + new_tokens - 1 (through block_table for a paged cache); return the new
+    lengths cache_seqlens + new_tokens (a new tensor; the argument is not modified).
+
+    A cache that can never hold new_tokens is rejected here. Whether each sequence still has room depends on the
+    values of cache_seqlens (and, paged, on block_table): checked for CPU tensors; on CUDA it is the caller's
+    responsibility (checking would cost a host sync per step), and an overflow raises a device-side assert.
+    """
+    fn = "kv_cache_append"
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        _tensor(fn, name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{fn}({name}): expected 4 dims (batch, new_tokens, heads_kv, head_dim), got shape "
+                             f"{tuple(x.shape)}")
+    if v_new.shape != k_new.shape:
+        raise ValueError(f"{fn}(v_new): shape {tuple(v_new.shape)} does not match k_new's {tuple(k_new.shape)}")
+    if v_new.dtype != k_new.dtype or v_new.device != k_new.device:
+        raise TypeError(f"{fn}(v_new): dtype/device {v_new.dtype}/{v_new.device} does not match k_new's "
+                        f"{k_new.dtype}/{k_new.device}")
+    batch, heads_kv, head_dim = _check_cache_layout(fn, k_new, "k_new", k_cache, v_cache, cache_seqlens,
+                                                    block_table)
+    if k_new.shape[2:] != (heads_kv, head_dim):
+        raise ValueError(f"{fn}(k_new): (heads_kv, head_dim) {tuple(k_new.shape[2:])} does not match the caches' "
+                         f"{(heads_kv, head_dim)}")
+    if k_new.shape[1] > _capacity(k_cache, block_table):
+        raise ValueError(f"{fn}: cache too small: {k_new.shape[1]} new tokens, the cache holds "
+                         f"{_capacity(k_cache, block_table)} per sequence")
+    return kv_cache_append_op(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)

@@ -1,0 +1,498 @@
+"""decode_attention and kv_cache_append: every backend runnable here against a float64 golden result, paged and
+contiguous caches, GQA/MQA, window/softcap/ALiBi, split-KV on and off, NaN-poisoned buffers on every shipped
+config, opcheck, torch.compile, bad input, and the static code generation of every shipped config."""
+import math
+
+import pytest
+import torch
+
+import turbokernels as tk
+from turbokernels.reference.decode_attention import decode_attention as reference
+from turbokernels.testing import CodegenJob, assert_close, compile_triton, skip_reason_no_ptxas
+from conftest import interpreting
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def runnable_backends():
+    return ["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+
+
+def make_cache(B, S, Hkv, D, dtype, page_size=None, dev=None):
+    """(k_cache, v_cache, block_table, logical k, logical v): paged caches get a shuffled block table, spare pages
+    filled with garbage, and a table wider than needed whose extra entries are out of range (never read)."""
+    dev = dev or device()
+    k = torch.randn(B, S, Hkv, D, device=dev).to(dtype)
+    v = torch.randn(B, S, Hkv, D, device=dev).to(dtype)
+    if page_size is None:
+        return k, v, None, k, v
+    pages = math.ceil(S / page_size)
+    num_pages = B * pages + 3
+    perm = torch.randperm(num_pages, device=dev)[:B * pages].view(B, pages).to(torch.int32)
+    k_cache = torch.randn(num_pages, page_size, Hkv, D, device=dev).to(dtype) * 100  # garbage where unused
+    v_cache = torch.randn(num_pages, page_size, Hkv, D, device=dev).to(dtype) * 100
+    kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pages * page_size - S)).view(B, pages, page_size, Hkv, D)
+    vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pages * page_size - S)).view(B, pages, page_size, Hkv, D)
+    k_cache[perm.long()] = kp
+    v_cache[perm.long()] = vp
+    block_table = torch.cat([perm, torch.full((B, 2), 10_000, dtype=torch.int32, device=dev)], dim=1)
+    # the two extra columns point outside the cache: legal, since no length here reaches them (lengths <= S)
+    return k_cache, v_cache, block_table, k, v
+
+
+def golden_and_baseline(q, k_cache, v_cache, seqlens, block_table=None, alibi=None, scale=None, window=(-1, -1),
+                        softcap=0.0):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    args = (seqlens, block_table, alibi, scale, window[0], window[1], softcap)
+    golden = reference(q.double(), k_cache.double(), v_cache.double(), seqlens, block_table,
+                       None if alibi is None else alibi.double(), *args[3:])
+    baseline = reference(q, k_cache, v_cache, *args)
+    return golden, baseline
+
+
+def run(backend_name, q, k_cache, v_cache, seqlens, **kw):
+    with tk.backend(backend_name):
+        return tk.decode_attention(q, k_cache, v_cache, seqlens, **kw)
+
+
+def lens(B, S, T):
+    """Lengths differing per batch: the full cache, exactly T (every new token's window starts at 0), odd."""
+    choices = [S, max(T, 1), max(T, (S * 2) // 3 + 1)]
+    return torch.tensor([choices[i % 3] for i in range(B)], dtype=torch.int32, device=device())
+
+
+# (B, T, Hq, Hkv, D, S, page_size, dtype): GQA 1/2/4 and MQA, head dims 64/128 and odd 40/80, new tokens 1 and 4
+CASES = [
+    (2, 1, 4, 4, 64, 97, None, torch.float16),
+    (3, 1, 4, 2, 128, 300, None, torch.bfloat16),
+    (2, 4, 8, 2, 64, 130, None, torch.float16),
+    (1, 1, 8, 1, 80, 203, None, torch.float32),
+    (3, 4, 2, 2, 40, 64, 16, torch.float16),
+    (2, 1, 8, 2, 128, 256, 32, torch.bfloat16),
+    (2, 4, 4, 1, 64, 113, 32, torch.float32),
+    (3, 1, 6, 3, 64, 160, 16, torch.float16),
+]
+
+
+def case_id(c):
+    B, T, Hq, Hkv, D, S, ps, dt = c
+    return f"B{B}-T{T}-h{Hq}/{Hkv}-d{D}-S{S}-{'paged' + str(ps) if ps else 'contig'}-{str(dt)[6:]}"
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_matches_golden(backend_name, case):
+    B, T, Hq, Hkv, D, S, ps, dtype = case
+    k_cache, v_cache, bt, _, _ = make_cache(B, S, Hkv, D, dtype, ps)
+    q = torch.randn(B, T, Hq, D, device=device()).to(dtype)
+    seqlens = lens(B, S, T)
+    out = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt)
+    golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens, bt)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, golden, baseline, what=f"{backend_name} {case_id(case)}")
+
+
+FEATURES = [
+    dict(window_size=(17, -1)),
+    dict(window_size=(0, 0)),
+    dict(softcap=3.0),
+    dict(alibi="heads"),
+    dict(alibi="batch", window_size=(40, 5), softcap=10.0, softmax_scale=0.3),
+]
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("paged", [None, 16], ids=["contig", "paged16"])
+@pytest.mark.parametrize("num_splits", [1, 4], ids=["nosplit", "split4"])
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_window_softcap_alibi(backend_name, paged, num_splits, feature, monkeypatch):
+    if backend_name == "reference" and num_splits == 4:
+        pytest.skip("splits are a triton choice")
+    import turbokernels.kernels.attention_decode as kernel_module
+    launch = kernel_module.decode_attention
+    monkeypatch.setattr(kernel_module, "decode_attention",
+                        lambda *a, **kw: launch(*a, num_splits=num_splits, **kw))
+    B, T, Hq, Hkv, D, S = 2, 4, 4, 2, 64, 150
+    dtype = torch.float16
+    k_cache, v_cache, bt, _, _ = make_cache(B, S, Hkv, D, dtype, paged)
+    q = torch.randn(B, T, Hq, D, device=device()).to(dtype)
+    seqlens = torch.tensor([150, 61], dtype=torch.int32, device=device())
+    kw = dict(feature)
+    alibi = kw.pop("alibi", None)
+    if alibi is not None:
+        kw["alibi_slopes"] = torch.rand((Hq,) if alibi == "heads" else (B, Hq), device=device()) * 0.3
+    out = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt, **kw)
+    golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens, bt, kw.get("alibi_slopes"),
+                                           kw.get("softmax_scale"), kw.get("window_size", (-1, -1)),
+                                           kw.get("softcap", 0.0))
+    assert_close(out, golden, baseline, what=f"{backend_name} {feature} splits={num_splits}")
+
+
+def explicit_attention(q, k, v, causal_offset):
+    """Plain masked softmax in float64 over full keys (B, S, Hkv, D): query t sees keys j <= causal_offset[b] + t."""
+    B, T, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    out = torch.zeros(B, T, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            last = int(causal_offset[b]) + t
+            for h in range(Hq):
+                if last < 0:
+                    continue
+                keys = k[b, :last + 1, h // group].double()
+                w = torch.softmax(keys @ q[b, t, h].double() / math.sqrt(D), dim=0)
+                out[b, t, h] = w @ v[b, :last + 1, h // group].double()
+    return out
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("paged", [None, 32], ids=["contig", "paged32"])
+def test_equals_full_attention_over_concatenated_keys(backend_name, paged):
+    """Decode over (old cache ++ new tokens) == ordinary causal attention of the new tokens over all keys."""
+    B, T, Hq, Hkv, D, S = 2, 4, 4, 2, 64, 96
+    old = torch.tensor([50, 3], dtype=torch.int32)
+    k_all = torch.randn(B, S, Hkv, D, dtype=torch.float16)
+    v_all = torch.randn(B, S, Hkv, D, dtype=torch.float16)
+    q = torch.randn(B, T, Hq, D, dtype=torch.float16)
+    expected = explicit_attention(q, k_all, v_all, old)
+    k_cache, v_cache, bt, _, _ = make_cache(B, S, Hkv, D, torch.float16, paged, dev="cpu")
+    # build the cache as a model does: each sequence's old keys (batch-1 views / block-table rows), then the new
+    # tokens of every sequence in one append
+    for b in range(B):
+        n = int(old[b])
+        rows = (k_cache[b:b + 1], v_cache[b:b + 1], None) if bt is None else (k_cache, v_cache, bt[b:b + 1])
+        tk.kv_cache_append(rows[0], rows[1], k_all[b:b + 1, :n], v_all[b:b + 1, :n], torch.zeros(1, dtype=torch.int32),
+                           block_table=rows[2])
+    k_new = torch.stack([k_all[b, int(old[b]):int(old[b]) + T] for b in range(B)])
+    v_new = torch.stack([v_all[b, int(old[b]):int(old[b]) + T] for b in range(B)])
+    seqlens = tk.kv_cache_append(k_cache, v_cache, k_new, v_new, old, block_table=bt)
+    assert seqlens.tolist() == [54, 7] and old.tolist() == [50, 3]
+    q, k_cache, v_cache, seqlens = (x.to(device()) for x in (q, k_cache, v_cache, seqlens))
+    bt = None if bt is None else bt.to(device())
+    out = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt)
+    baseline = reference(q, k_cache, v_cache, seqlens, bt, None, D ** -0.5, -1, -1, 0.0)
+    assert_close(out.cpu(), expected, baseline.cpu(), what=f"{backend_name} vs explicit attention")
+
+
+def test_kv_cache_append_contiguous_and_paged():
+    B, T, Hkv, D, S = 3, 4, 2, 16, 64
+    for page_size in (None, 16):
+        k_cache, v_cache, bt, k, v = make_cache(B, S, Hkv, D, torch.float32, page_size, dev="cpu")
+        seqlens = torch.tensor([0, 17, 60], dtype=torch.int32)
+        kn, vn = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+        k_before = k_cache.clone()
+        new = tk.kv_cache_append(k_cache, v_cache, kn, vn, seqlens, block_table=bt)
+        assert new.tolist() == [4, 21, 64] and seqlens.tolist() == [0, 17, 60] and new.dtype == torch.int32
+        for b in range(B):
+            for t in range(T):
+                pos = int(seqlens[b]) + t
+                if bt is None:
+                    row, slot = b, pos
+                else:
+                    row, slot = int(bt[b, pos // page_size]), pos % page_size
+                assert torch.equal(k_cache[row, slot], kn[b, t]) and torch.equal(v_cache[row, slot], vn[b, t])
+        changed = (k_cache != k_before).any(dim=(-1, -2)).sum().item()
+        assert changed == B * T  # nothing else written
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("paged", [None, 16], ids=["contig", "paged16"])
+def test_append_then_decode_is_attention_over_all_keys(backend_name, paged):
+    B, T, Hq, Hkv, D, S = 2, 1, 8, 2, 64, 80
+    dtype = torch.bfloat16
+    k_cache, v_cache, bt, k, v = make_cache(B, S, Hkv, D, dtype, paged)
+    seqlens = torch.tensor([79, 30], dtype=torch.int32, device=device())
+    q = torch.randn(B, T, Hq, D, device=device()).to(dtype)
+    kn, vn = torch.randn(B, T, Hkv, D, device=device()).to(dtype), torch.randn(B, T, Hkv, D, device=device()).to(dtype)
+    new = tk.kv_cache_append(k_cache, v_cache, kn, vn, seqlens, block_table=bt)
+    out = run(backend_name, q, k_cache, v_cache, new, block_table=bt)
+    keys = [torch.cat([k[b, :int(seqlens[b])], kn[b]]) for b in range(B)]
+    vals = [torch.cat([v[b, :int(seqlens[b])], vn[b]]) for b in range(B)]
+    for b in range(B):
+        kk = keys[b].double().repeat_interleave(Hq // Hkv, dim=1)   # (L, Hq, D)
+        vv = vals[b].double().repeat_interleave(Hq // Hkv, dim=1)
+        w = torch.softmax(torch.einsum("thd,lhd->thl", q[b].double(), kk) / math.sqrt(D), dim=-1)
+        golden = torch.einsum("thl,lhd->thd", w, vv)
+        baseline = torch.nn.functional.scaled_dot_product_attention(
+            q[b].transpose(0, 1), keys[b].transpose(0, 1).repeat_interleave(Hq // Hkv, 0),
+            vals[b].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)).transpose(0, 1)
+        assert_close(out[b], golden, baseline, what=f"{backend_name} sequence {b}")
+
+
+def test_every_triton_config_with_nan_poisoned_buffers(monkeypatch):
+    """Each shipped config (all architectures), split and not, paged and not, T=1 and T=4 with a large GQA group
+    (several row blocks): every output/partial buffer starts as NaN, so an element never written fails."""
+    if "triton" not in runnable_backends():
+        pytest.skip("triton cannot run here")
+    import turbokernels.kernels.attention_decode as kernel_module
+    from turbokernels.kernels.attention_decode import CONFIGS, decode_attention as launch
+    monkeypatch.setattr(kernel_module, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    seen = []
+    for cfgs in CONFIGS.values():
+        seen += [c for c in cfgs if c not in seen]
+    B, Hkv, D, S = 2, 1, 64, 140
+    for cfg in seen:
+        for paged, T, Hq, splits in ((None, 1, 2, 3), (32, 4, 32, 1), (16, 1, 4, None)):
+            k_cache, v_cache, bt, _, _ = make_cache(B, S, Hkv, D, torch.float16, paged)
+            q = torch.randn(B, T, Hq, D, device=device(), dtype=torch.float16)
+            # 2 < T: rows with no key; 0: an empty sequence (zeros)
+            seqlens = torch.tensor([S, 2 if T > 1 else 0], dtype=torch.int32, device=device())
+            out = launch(q, k_cache, v_cache, seqlens, bt, None, D ** -0.5, -1, 0.0, config=cfg, num_splits=splits)
+            golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens, bt)
+            assert_close(out, golden, baseline, what=f"{cfg} paged={paged} T={T} Hq={Hq} splits={splits}")
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+def test_empty_and_zero_length(backend_name):
+    k_cache, v_cache, _, _, _ = make_cache(2, 32, 1, 64, torch.float16)
+    q = torch.randn(2, 1, 2, 64, device=device(), dtype=torch.float16)
+    out = run(backend_name, q, k_cache, v_cache, torch.tensor([0, 5], dtype=torch.int32, device=device()))
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and not torch.isnan(out).any()
+    empty = run(backend_name, q[:, :0], k_cache, v_cache, torch.tensor([3, 5], dtype=torch.int32, device=device()))
+    assert empty.shape == (2, 0, 2, 64)
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+def test_deterministic(backend_name):
+    k_cache, v_cache, bt, _, _ = make_cache(2, 200, 2, 64, torch.float16, 16)
+    q = torch.randn(2, 1, 4, 64, device=device(), dtype=torch.float16)
+    seqlens = torch.tensor([200, 77], dtype=torch.int32, device=device())
+    a = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt)
+    assert torch.equal(a, run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt))
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+def test_strided_query(backend_name):
+    """q as a view of a (B, Hq, T, D) tensor, and of a wider head dim: read through its strides; V with strides
+    other than K's."""
+    k_cache, v_cache, _, _, _ = make_cache(2, 70, 2, 64, torch.float16)
+    q = torch.randn(2, 4, 3, 80, device=device(), dtype=torch.float16)[..., 8:72].transpose(1, 2)  # (2, 3, 4, 64)
+    seqlens = torch.tensor([70, 33], dtype=torch.int32, device=device())
+    out = run(backend_name, q, k_cache, v_cache, seqlens)
+    golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens)
+    assert_close(out, golden, baseline, what=f"{backend_name} strided q {q.stride()}")
+    # a V cache with other strides than K's (a slice of a wider buffer): the launcher's copy path
+    v_wide = torch.randn(2, 70, 2, 96, device=device(), dtype=torch.float16)[..., 16:80]
+    out = run(backend_name, q, k_cache, v_wide, seqlens)
+    golden, baseline = golden_and_baseline(q, k_cache, v_wide, seqlens)
+    assert_close(out, golden, baseline, what=f"{backend_name} v strides {v_wide.stride()}")
+
+
+def test_opcheck():
+    k_cache, v_cache, bt, _, _ = make_cache(2, 48, 2, 32, torch.float32, 16, dev="cpu")
+    q = torch.randn(2, 2, 4, 32)
+    seqlens = torch.tensor([48, 9], dtype=torch.int32)
+    for args in ((q, k_cache, v_cache, seqlens, bt, None, 0.2, -1, -1, 0.0),
+                 (q.half(), k_cache.half(), v_cache.half(), seqlens, bt, torch.rand(4), 0.2, 7, 0, 2.0)):
+        torch.library.opcheck(torch.ops.turbokernels.decode_attention.default, args)
+    kn, vn = torch.randn(2, 3, 2, 32), torch.randn(2, 3, 2, 32)
+    small = torch.tensor([4, 30], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.turbokernels.kv_cache_append.default,
+                          (k_cache, v_cache, kn, vn, small, bt))
+    kc, vc = torch.zeros(2, 40, 2, 32), torch.zeros(2, 40, 2, 32)
+    torch.library.opcheck(torch.ops.turbokernels.kv_cache_append.default, (kc, vc, kn, vn, small, None))
+
+
+def test_torch_compile_decode_step():
+    def step(q, k_new, v_new, k_cache, v_cache, seqlens, bt):
+        seqlens = tk.kv_cache_append(k_cache, v_cache, k_new, v_new, seqlens, block_table=bt)
+        return tk.decode_attention(q, k_cache, v_cache, seqlens, block_table=bt), seqlens
+
+    k_cache, v_cache, bt, _, _ = make_cache(2, 64, 2, 32, torch.float32, 16, dev="cpu")
+    q, kn, vn = torch.randn(2, 1, 4, 32), torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32)
+    seqlens = torch.tensor([10, 40], dtype=torch.int32)
+    kc2, vc2 = k_cache.clone(), v_cache.clone()
+    expected, expected_lens = step(q, kn, vn, k_cache, v_cache, seqlens, bt)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out, new_lens = compiled(q, kn, vn, kc2, vc2, seqlens, bt)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(new_lens, expected_lens) and torch.equal(kc2, k_cache) and torch.equal(vc2, v_cache)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+def _good():
+    k_cache = torch.randn(2, 32, 2, 64, dtype=torch.float16)
+    return dict(q=torch.randn(2, 1, 4, 64, dtype=torch.float16), k_cache=k_cache, v_cache=k_cache.clone(),
+                cache_seqlens=torch.tensor([3, 32], dtype=torch.int32))
+
+
+def _paged():
+    g = _good()
+    g["k_cache"] = torch.randn(4, 16, 2, 64, dtype=torch.float16)
+    g["v_cache"] = g["k_cache"].clone()
+    g["block_table"] = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    return g
+
+
+BAD = [
+    ("heads", lambda g: g.update(q=torch.randn(2, 1, 3, 64, dtype=torch.float16)), ValueError, r"\(q\): heads_q=3"),
+    ("head_dim", lambda g: g.update(q=torch.randn(2, 1, 4, 32, dtype=torch.float16)), ValueError,
+     r"\(q\): head_dim 32"),
+    ("seqlens_dtype", lambda g: g.update(cache_seqlens=torch.tensor([3, 4])), TypeError, r"\(cache_seqlens\): dtype"),
+    ("seqlens_shape", lambda g: g.update(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError,
+     r"\(cache_seqlens\): expected shape \(2,\)"),
+    ("dtype", lambda g: g.update(k_cache=g["k_cache"].float()), TypeError, r"\(k_cache\): dtype"),
+    ("v_shape", lambda g: g.update(v_cache=g["v_cache"][:, :16]), ValueError, r"\(v_cache\): shape"),
+    ("device", lambda g: g.update(k_cache=torch.empty(2, 32, 2, 64, dtype=torch.float16, device="meta"),
+                                  v_cache=torch.empty(2, 32, 2, 64, dtype=torch.float16, device="meta")),
+     ValueError, r"\(k_cache\): k_cache is on meta"),
+    ("seqlens_device", lambda g: g.update(cache_seqlens=torch.empty(2, dtype=torch.int32, device="meta")),
+     ValueError, r"\(cache_seqlens\): cache_seqlens is on meta"),
+    ("cache_batch", lambda g: g.update(k_cache=g["k_cache"][:1], v_cache=g["v_cache"][:1]), ValueError,
+     r"\(k_cache\): batch 1"),
+    ("cache_strided", lambda g: g.update(k_cache=g["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
+     ValueError, r"\(k_cache\): must be contiguous"),
+    ("too_long", lambda g: g.update(cache_seqlens=torch.tensor([3, 33], dtype=torch.int32)), ValueError,
+     r"cache too small"),
+    ("alibi_shape", lambda g: g.update(alibi_slopes=torch.rand(3)), ValueError, r"\(alibi_slopes\)"),
+    ("alibi_dtype", lambda g: g.update(alibi_slopes=torch.rand(4).half()), TypeError, r"\(alibi_slopes\): dtype"),
+    ("window", lambda g: g.update(window_size=(-2, 0)), ValueError, r"\(window_size\)"),
+    ("softcap", lambda g: g.update(softcap=-1.0), ValueError, r"\(softcap\)"),
+    ("q_dims", lambda g: g.update(q=torch.randn(2, 4, 64, dtype=torch.float16)), ValueError, r"\(q\): expected 4"),
+    ("q_int", lambda g: g.update(q=torch.ones(2, 1, 4, 64, dtype=torch.int32)), TypeError, r"\(q\): dtype"),
+]
+BAD_PAGED = [
+    ("bt_dtype", lambda g: g.update(block_table=g["block_table"].long()), TypeError, r"\(block_table\): dtype"),
+    ("bt_batch", lambda g: g.update(block_table=g["block_table"][:1]), ValueError,
+     r"\(block_table\): expected shape \(2, max_pages_per_seq\)"),
+    ("page_size", lambda g: g.update(k_cache=torch.randn(4, 24, 2, 64, dtype=torch.float16),
+                                     v_cache=torch.randn(4, 24, 2, 64, dtype=torch.float16)),
+     ValueError, r"page_size .* multiple of 16"),
+    ("bt_range", lambda g: g.update(block_table=torch.tensor([[0, 9], [2, 3]], dtype=torch.int32),
+                                    cache_seqlens=torch.tensor([20, 3], dtype=torch.int32)),
+     ValueError, r"\(block_table\): page index out of range"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,match", BAD + BAD_PAGED, ids=[b[0] for b in BAD + BAD_PAGED])
+def test_decode_attention_rejects_bad_input(name, mutate, exc, match):
+    g = _paged() if any(name == b[0] for b in BAD_PAGED) else _good()
+    mutate(g)
+    q, k, v, s = g.pop("q"), g.pop("k_cache"), g.pop("v_cache"), g.pop("cache_seqlens")
+    with pytest.raises(exc, match=match):
+        tk.decode_attention(q, k, v, s, **g)
+
+
+def test_kv_cache_append_rejects_bad_input_without_change():
+    g = _good()
+    k, v, s = g["k_cache"], g["v_cache"], g["cache_seqlens"]
+    before = k.clone()
+    kn = torch.randn(2, 1, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="cache too small"):
+        tk.kv_cache_append(k, v, kn, kn, s)  # sequence 1 is full (32 of 32)
+    with pytest.raises(ValueError, match="cache too small: 40 new tokens"):
+        tk.kv_cache_append(k, v, torch.randn(2, 40, 2, 64, dtype=torch.float16),
+                           torch.randn(2, 40, 2, 64, dtype=torch.float16), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"kv_cache_append\(k_cache\): dtype"):
+        tk.kv_cache_append(k, v, kn.float(), kn.float(), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"kv_cache_append\(k_new\): \(heads_kv, head_dim\)"):
+        tk.kv_cache_append(k, v, kn[:, :, :1], kn[:, :, :1], torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"kv_cache_append\(cache_seqlens\): dtype"):
+        tk.kv_cache_append(k, v, kn, kn, torch.zeros(2, dtype=torch.int64))
+    p = _paged()
+    with pytest.raises(ValueError, match=r"kv_cache_append\(block_table\): page index out of range"):
+        tk.kv_cache_append(p["k_cache"], p["v_cache"], kn, kn, torch.tensor([16, 0], dtype=torch.int32),
+                           block_table=torch.tensor([[0, -1], [2, 3]], dtype=torch.int32))
+    assert torch.equal(k, before)
+
+
+# ---- GPU -------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 64], ids=["contig", "paged64"])
+def test_gpu_long_cache(page_size):
+    B, T, Hq, Hkv, D, S = 4, 1, 32, 8, 128, 8192
+    dtype = torch.bfloat16
+    k_cache, v_cache, bt, _, _ = make_cache(B, S, Hkv, D, dtype, page_size, dev="cuda")
+    q = torch.randn(B, T, Hq, D, device="cuda", dtype=dtype)
+    seqlens = torch.tensor([8192, 1, 5000, 8191], dtype=torch.int32, device="cuda")
+    with tk.backend("triton"):
+        out = tk.decode_attention(q, k_cache, v_cache, seqlens, block_table=bt)
+    golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens, bt)
+    assert_close(out, golden, baseline, what=f"gpu B4 S8192 d128 bf16 paged={page_size}")
+
+
+# ---- static code generation ----------------------------------------------------------------------------------
+KERNEL = "turbokernels.kernels.attention_decode:decode_attention_split_kernel"
+COMBINE = "turbokernels.kernels.attention_decode:decode_attention_combine_kernel"
+SIGNATURE = {
+    "q_ptr": "*{dt}", "k_ptr": "*{dt}", "v_ptr": "*{dt}", "seqlens_ptr": "*i32", "block_table_ptr": "*i32",
+    "alibi_ptr": "*fp32", "out_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+    "T": "i32", "Hq": "i32", "Hkv": "i32", "D": "i32", "capacity": "i32", "page_size": "i32",
+    "kv_per_split": "i32", "qk_scale": "fp32", "softcap": "fp32", "window_left": "i32",
+    "stride_qb": "i32", "stride_qt": "i32", "stride_qh": "i32",
+    "stride_kb": "i32", "stride_kn": "i32", "stride_kh": "i32", "stride_btb": "i32", "stride_ab": "i32", "stride_ah": "i32",
+    "stride_os": "i32", "stride_ob": "i32", "stride_ot": "i32", "stride_oh": "i32",
+    "stride_ms": "i32", "stride_mb": "i32", "stride_mt": "i32",
+}
+# what the JIT sees for contiguous tensors with head_dim 64/128 (multiples of 16)
+ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "seqlens_ptr", "block_table_ptr", "alibi_ptr", "out_ptr", "m_ptr", "l_ptr",
+           "D", "page_size", "kv_per_split", "stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kn",
+           "stride_kh", "stride_os", "stride_ob", "stride_ot", "stride_oh",
+           "stride_btb")
+
+
+def codegen_cases():
+    """Every shipped config x d 64/128 x BLOCK_M 16 (MHA/small groups) and the largest (GQA groups x new tokens):
+    fp16 on a contiguous cache with ALiBi + window writing split partials; bf16 paged with softcap writing the final
+    output (no split), one block-table read per tile at BLOCK_M 16 and per-row reads at the largest BLOCK_M;
+    d=256 fp16 contiguous."""
+    from turbokernels.kernels.attention_decode import CONFIGS, MAX_BLOCK_M, block_n_for
+    for cap, cfgs in sorted(CONFIGS.items()):
+        for cfg in cfgs:
+            for d in (64, 128, 256):
+                for block_m in sorted({16, MAX_BLOCK_M[d]}):
+                    for dt, paged in (("fp16", False), ("bf16", True)):
+                        if d == 256 and dt == "bf16":
+                            continue  # d=256: one case per config (fp16, contiguous), the shared-memory bound
+                        block_n = block_n_for(cfg, d)
+                        constexprs = dict(stride_qd=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d, EVEN_D=True,
+                                          PAGED=paged, PAGE_PER_TILE=paged and block_m == 16, SPLIT=not paged,
+                                          SOFTCAP=paged, WINDOW=not paged, HAS_ALIBI=not paged, UPCAST=False)
+                        sig = dict(SIGNATURE, out_ptr="*fp32" if not paged else "*{dt}")
+                        job = CodegenJob(KERNEL, tuple((k, v.format(dt=dt)) for k, v in sig.items()),
+                                         tuple(constexprs.items()), cap, cfg.num_warps, cfg.num_stages, ALIGNED)
+                        name = f"sm{cap}-n{block_n}-w{cfg.num_warps}-p{cfg.num_stages}-m{block_m}-d{d}-{dt}" \
+                               + ("-paged-nosplit" + ("-pagetile" if block_m == 16 else "-pagerow") if paged else "")
+                        yield name, cap, block_m, job
+        for d in (64, 128):
+            sig = {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "seqlens_ptr": "*i32", "out_ptr": "*fp16",
+                   **{n: "i32" for n in ("T", "Hq", "D", "capacity", "kv_per_split", "num_splits", "stride_ps",
+                                         "stride_pb", "stride_pt", "stride_ph", "stride_ms", "stride_mb",
+                                         "stride_mt", "stride_ob", "stride_ot", "stride_oh")}}
+            job = CodegenJob(COMBINE, tuple(sig.items()), (("BLOCK_S", 32), ("BLOCK_D", d)), cap,
+                             1 if d <= 64 else 2, 1)
+            yield f"sm{cap}-combine-d{d}", cap, 0, job
+
+
+CODEGEN_CASES = list(codegen_cases())
+needs_ptxas = pytest.mark.skipif(skip_reason_no_ptxas() is not None, reason=str(skip_reason_no_ptxas()))
+
+
+@pytest.fixture(scope="module")
+def codegen_reports():
+    return dict(zip([c[0] for c in CODEGEN_CASES], compile_triton([c[3] for c in CODEGEN_CASES])))
+
+
+@needs_ptxas
+@pytest.mark.parametrize("name,cap,block_m", [c[:3] for c in CODEGEN_CASES], ids=[c[0] for c in CODEGEN_CASES])
+def test_codegen(codegen_reports, name, cap, block_m):
+    """Zero spills and shared memory within the part's limit for every kernel. The split kernel's two dots
+    (q k^T and p v, BLOCK_M >= 16 rows) run on tensor cores: on sm_90 Triton emits wgmma (HGMMA) for 64-row tiles
+    (a warpgroup's minimum M) and mma.sync (HMMA) for 16/32-row tiles, on sm_80 always mma.sync -- asserted as
+    verified with triton 3.8 and 3.6. (The K/V tiles stream through cp.async 16-byte copies, LDGSTS.128.)"""
+    from turbokernels.kernels.int4_mm import SHARED_MEMORY_LIMIT
+    report = codegen_reports[name]
+    assert report.spill_bytes == 0, f"register spills: {report.ptxas_log}"
+    assert report.shared_bytes <= SHARED_MEMORY_LIMIT[cap], f"{report.shared_bytes} B shared memory"
+    if not block_m:
+        return  # the combine kernel: no dots
+    if cap >= 90 and block_m >= 64:
+        assert report.uses_wgmma and report.count(r"HGMMA", in_sass=True) > 0, "expected wgmma on sm_90"
+    else:
+        assert report.uses_mma and report.count(r"HMMA", in_sass=True) > 0, "expected mma.sync tensor-core ops"
+        assert not report.uses_wgmma
+    assert report.count(r"LDGSTS\S*\.128", in_sass=True) > 0, "expected 16-byte cp.async loads of the K/V tiles"
