@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported lazily: turbokernels does not depend on them)."""

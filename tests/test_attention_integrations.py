@@ -1,0 +1,128 @@
+"""Drop-in uses of the fused attention: scaled_dot_product_attention, nn.MultiheadAttention, HF transformers."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import turbokernels as tk
+from turbokernels.testing import assert_close
+from conftest import interpreting
+
+BACKENDS = ["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+
+
+def sdpa64(q, k, v, **kw):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal,hq,hkv,sq,sk", [(False, 4, 4, 17, 33), (True, 4, 2, 40, 40), (False, 4, 1, 1, 97)])
+def test_sdpa_drop_in_matches_torch(backend_name, dtype, causal, hq, hkv, sq, sk):
+    q = torch.randn(2, hq, sq, 64).to(dtype)
+    k = torch.randn(2, hkv, sk, 64).to(dtype)
+    v = torch.randn(2, hkv, sk, 64).to(dtype)
+    kw = dict(is_causal=causal, scale=0.3, enable_gqa=hq != hkv)
+    with tk.backend(backend_name):
+        out = tk.scaled_dot_product_attention(q, k, v, **kw)
+    assert out.shape == (2, hq, sq, 64) and out.dtype == dtype
+    assert_close(out, sdpa64(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw))
+
+
+def test_sdpa_unfusable_calls_are_torchs_answer_with_one_note():
+    q, k, v = (torch.randn(1, 2, 8, 32) for _ in range(3))
+    mask = torch.rand(8, 8) > 0.3
+    k5, v5 = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.testing.assert_close(tk.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                       F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            torch.testing.assert_close(tk.scaled_dot_product_attention(q, k5, v5, is_causal=True),
+                                       F.scaled_dot_product_attention(q, k5, v5, is_causal=True))
+    notes = [str(c.message) for c in caught if "turbokernels.scaled_dot_product_attention" in str(c.message)]
+    assert len(notes) <= 2 and all("torch.nn.functional.scaled_dot_product_attention" in n for n in notes)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        tk.scaled_dot_product_attention(q, torch.randn(1, 1, 8, 32), torch.randn(1, 1, 8, 32))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kdim", [None, 24])
+def test_multihead_attention_same_outputs(batch_first, kdim):
+    torch_mha = nn.MultiheadAttention(64, 4, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+    ours = tk.nn.MultiheadAttention.from_module(torch_mha)
+    L, S, B = 9, 13, 2
+    shape = (lambda n, e: (B, n, e)) if batch_first else (lambda n, e: (n, B, e))
+    q = torch.randn(shape(L, 64))
+    kv = torch.randn(shape(S, kdim or 64))
+    with torch.no_grad():
+        expected, _ = torch_mha(q, kv, kv, need_weights=False)
+        out, weights = ours(q, kv, kv, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # the state dict is torch's own
+    assert ours.state_dict().keys() == torch_mha.state_dict().keys()
+
+
+def test_multihead_attention_causal_and_fallbacks():
+    torch_mha = nn.MultiheadAttention(32, 2, batch_first=True).eval()
+    ours = tk.nn.MultiheadAttention.from_module(torch_mha)
+    x = torch.randn(2, 11, 32)
+    causal_mask = nn.Transformer.generate_square_subsequent_mask(11)
+    with torch.no_grad():
+        expected, _ = torch_mha(x, x, x, attn_mask=causal_mask, is_causal=True, need_weights=False)
+        out, _ = ours(x, x, x, attn_mask=causal_mask, is_causal=True, need_weights=False)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        pad = torch.zeros(2, 11, dtype=torch.bool)
+        pad[1, 7:] = True
+        with pytest.warns(UserWarning, match="key_padding_mask"):
+            out_p, _ = ours(x, x, x, key_padding_mask=pad, need_weights=False)
+        torch.testing.assert_close(out_p, torch_mha(x, x, x, key_padding_mask=pad, need_weights=False)[0])
+        out_w, w = ours(x, x, x)  # need_weights=True is torch's default: torch computes it
+        torch.testing.assert_close(w, torch_mha(x, x, x)[1])
+    with pytest.raises(TypeError, match="from_module"):
+        tk.nn.MultiheadAttention.from_module(nn.Linear(3, 3))
+
+
+# ---- Hugging Face transformers -------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(attn):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_hf_llama_greedy_generation_matches_sdpa(backend_name):
+    from turbokernels.integrations import transformers as tkt
+    name = tkt.register()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref = tiny_llama("sdpa").generate(ids, max_new_tokens=8, do_sample=False)
+        model = tiny_llama("sdpa")
+        model.set_attn_implementation(name)
+        with tk.backend(backend_name):
+            ours = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, ref)
+
+
+def test_hf_padding_mask_is_not_dropped():
+    """With left padding the mask must reach the attention (transformers drops it without a mask function)."""
+    from turbokernels.integrations import transformers as tkt
+    name = tkt.register()
+    ids = torch.randint(0, 256, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        ref = tiny_llama("sdpa")(ids, attention_mask=mask).logits
+        model = tiny_llama("sdpa")
+        model.set_attn_implementation(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours[:, :][mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-4)
