@@ -21,7 +21,8 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["turbokernels", "turbokernels.kernels", "turbokernels.bench", "turbokernels.ops",
-            "turbokernels.reference", "turbokernels.formats", "turbokernels.nn"]
+            "turbokernels.reference", "turbokernels.formats", "turbokernels.nn", "turbokernels.integrations",
+            "turbokernels.compress"]
 # kernels/ and bench/ live at the top of the repository and install as turbokernels.kernels / turbokernels.bench.
 PACKAGE_DIR = {"turbokernels": "python/turbokernels", "turbokernels.kernels": "kernels", "turbokernels.bench": "bench"}
 for sub in PACKAGES[3:]:

@@ -3,16 +3,22 @@
     import turbokernels as tk
     w = tk.quantize_int4(linear.weight, group_size=128)      # Int4Weight
     y = tk.int4_linear(x, w, linear.bias)                     # torch.ops.turbokernels.int4_mm underneath
+    o = tk.attention(q, k, v, causal=True)                    # FlashAttention layout (batch, seqlen, heads, dim)
     layer = tk.nn.Int4Linear.from_linear(linear)              # drop-in module
     with tk.backend("reference"): ...                         # force a backend: reference/triton/cpu/cuda
 """
 from . import backends, ops  # noqa: F401  (ops registers torch.ops.turbokernels.*)
 from .backends import BackendUnavailable, backend, set_backend
-from .formats import Int4Weight, quantize_int4
-from .ops import int4_linear
-from . import nn  # noqa: E402
+from .compress import is_24_sparse, prune_24
+from .formats import Int4Weight, Sparse24Weight, quantize_int4
+from .integrations.sdpa import scaled_dot_product_attention
+from .ops import attention, decode_attention, int4_linear, kv_cache_append, sparse24_linear
+from . import model, nn  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "Int4Weight", "quantize_int4",
-           "int4_linear", "nn", "__version__"]
+__all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "__version__",
+           "Int4Weight", "quantize_int4", "int4_linear",
+           "attention", "scaled_dot_product_attention", "decode_attention", "kv_cache_append",
+           "prune_24", "is_24_sparse", "Sparse24Weight", "sparse24_linear",
+           "model", "nn"]

@@ -5,7 +5,8 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = {"int4": "turbokernels.bench.int4"}
+BENCHMARKS = {"int4": "turbokernels.bench.int4", "sparse24": "turbokernels.bench.sparse24",
+              "attention": "turbokernels.bench.attention", "attention_decode": "turbokernels.bench.attention_decode"}
 
 
 def cmd_info(args) -> int:
