@@ -18,11 +18,12 @@ Read top to bottom: configs, kernels, launcher.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import Autotuner, capability, nearest_arch, pow2_bucket, upcast_dots
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,9 +68,8 @@ CONFIGS = {
 HEAD_DIM_BUCKETS = (64, 128, 256)
 
 
-def configs_for(capability: int, block_d: int) -> list[Config]:
-    table = CONFIGS[max([k for k in CONFIGS if k <= capability], default=min(CONFIGS))]
-    return table[min(b for b in HEAD_DIM_BUCKETS if b >= block_d)]
+def configs_for(cap: int, block_d: int) -> list[Config]:
+    return CONFIGS[nearest_arch(CONFIGS, cap)][min(b for b in HEAD_DIM_BUCKETS if b >= block_d)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,10 +380,6 @@ PREPROCESS_BLOCK_M = 64
 UNBOUNDED = 1 << 30
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Every output buffer comes from here, so tests can poison it (fill with NaN) and catch unwritten elements.
 _empty = torch.empty
 
@@ -415,7 +411,7 @@ def _launch(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s
         seqlen_k, heads_kv = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
     block_d = _block_d(head_dim)
-    upcast = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting())
+    upcast = upcast_dots(q.dtype)
 
     # Rows outside every packed sequence (cu_seqlens may end before the total) are never written by the kernels:
     # zeros for varlen. Empty inputs on either side make every gradient zero.
@@ -492,41 +488,18 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length()) if n <= 16384 else 16384
-
-
-_tuned: dict[tuple, Config] = {}
+_tuner = Autotuner()
 
 
 def _choose(args) -> Config:
-    """The first config of the architecture under the interpreter, while capturing a CUDA graph, or with
-    TURBOKERNELS_AUTOTUNE=0; otherwise benchmark the candidates once per (device, dtype, head dim, length buckets,
-    masking, dQ mode) and remember the winner."""
+    """The candidates for this head dim, timed once per (dtype, head dim, length buckets, masking, dQ mode, GQA
+    ratio)."""
     dout, q, k, v, out, lse, cu_q, cu_k, alibi, scale, causal, wl, wr, softcap, deterministic = args
     block_d = _block_d(q.shape[-1])
-    if q.device.type != "cuda":
-        return configs_for(90, block_d)[0]
-    major, minor = torch.cuda.get_device_capability(q.device)
-    candidates = configs_for(major * 10 + minor, block_d)
-    if len(candidates) == 1 or os.environ.get("TURBOKERNELS_AUTOTUNE", "1") == "0" \
-            or torch.cuda.is_current_stream_capturing():
-        return candidates[0]
     lengths = (q.shape[0], k.shape[0]) if cu_q is not None else (q.shape[1], k.shape[1])  # packed totals for varlen
-    key = (q.device.index, q.dtype, block_d, *map(_bucket, lengths), cu_q is not None, causal or wl >= 0 or wr >= 0,
-           deterministic, q.shape[-2] // k.shape[-2])
-    cfg = _tuned.get(key)
-    if cfg is None:
-        timings = []
-        for cand in candidates:
-            try:
-                ms = triton.testing.do_bench(lambda: _launch(*args, cand), warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller part: skip the candidate
-                continue
-            timings.append((ms, cand))
-        cfg = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
-        _tuned[key] = cfg
-    return cfg
+    key = (q.dtype, block_d, *(pow2_bucket(n, 16384) for n in lengths), cu_q is not None,
+           causal or wl >= 0 or wr >= 0, deterministic, q.shape[-2] // k.shape[-2])
+    return _tuner.choose(q.device, configs_for(capability(q.device), block_d), key, lambda cand: _launch(*args, cand))
 
 
 def attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale: float,

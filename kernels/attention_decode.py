@@ -21,12 +21,12 @@ Read top to bottom: configs, kernels, launcher.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import Autotuner, capability, nearest_arch, sm_count, upcast_dots
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,9 +62,8 @@ MAX_SPLITS = 128          # splits of the KV length
 WAVES = 2                 # target programs = WAVES * SM count
 
 
-def configs_for(capability: int) -> list[Config]:
-    key = max([k for k in CONFIGS if k <= capability], default=min(CONFIGS))
-    return CONFIGS[key]
+def configs_for(cap: int) -> list[Config]:
+    return CONFIGS[nearest_arch(CONFIGS, cap)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,15 +255,6 @@ def decode_attention_combine_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 NOMINAL_SMS = 132  # CPU tensors (the interpreter): size splits as on an H100, so tests run the GPU's path
 
 
@@ -304,13 +294,13 @@ def _launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softm
     block_n = block_n_for(cfg, block_d)
     page_per_tile = paged and page_size % block_n == 0
     if num_splits is None:
-        sms = _sm_count(q.device.index or 0) if q.device.type == "cuda" else NOMINAL_SMS
+        sms = sm_count(q.device.index or 0) if q.device.type == "cuda" else NOMINAL_SMS
         num_splits = num_splits_for(programs, capacity, block_n, sms)
     num_splits = max(1, min(num_splits, triton.cdiv(capacity, block_n)))
     kv_per_split = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
     num_splits = triton.cdiv(capacity, kv_per_split)
     split = num_splits > 1
-    upcast = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting())
+    upcast = upcast_dots(q.dtype)
 
     out = _empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
     if split:
@@ -347,36 +337,17 @@ def _launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softm
     return out
 
 
-_tuned: dict[tuple, Config] = {}
+_tuner = Autotuner()
 
 
 def _choose(q, k_cache, block_table, args) -> Config:
-    """The architecture's first config under the interpreter, while capturing a CUDA graph, or with
-    TURBOKERNELS_AUTOTUNE=0; otherwise each candidate is timed once per (device, dtype, shape bucket)."""
-    if q.device.type != "cuda":
-        return configs_for(90)[0]
-    major, minor = torch.cuda.get_device_capability(q.device)
-    candidates = configs_for(major * 10 + minor)
-    if len(candidates) == 1 or os.environ.get("TURBOKERNELS_AUTOTUNE", "1") == "0" \
-            or torch.cuda.is_current_stream_capturing():
-        return candidates[0]
+    """The architecture's candidates, timed once per (dtype, shape, capacity bucket, page size)."""
     B, T, Hq, D = q.shape
     capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-    key = (q.device.index, q.dtype, B, T, Hq, k_cache.shape[2], D, triton.next_power_of_2(capacity),
+    key = (q.dtype, B, T, Hq, k_cache.shape[2], D, triton.next_power_of_2(capacity),
            None if block_table is None else k_cache.shape[1])
-    cfg = _tuned.get(key)
-    if cfg is None:
-        timings = []
-        for cand in candidates:
-            try:
-                ms = triton.testing.do_bench(lambda: _launch(q, k_cache, *args, cfg=cand, num_splits=None),
-                                             warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller part: skip the candidate
-                continue
-            timings.append((ms, cand))
-        cfg = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
-        _tuned[key] = cfg
-    return cfg
+    return _tuner.choose(q.device, configs_for(capability(q.device)), key,
+                         lambda cand: _launch(q, k_cache, *args, cfg=cand, num_splits=None))
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale: float,

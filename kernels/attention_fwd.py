@@ -15,12 +15,12 @@ Read top to bottom: configs, kernel, launcher.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import Autotuner, capability, nearest_arch, pow2_bucket, upcast_dots
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,10 +63,9 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def configs_for(capability: int, head_dim: int) -> list[Config]:
-    key = max([k for k in CONFIGS if k <= capability], default=min(CONFIGS))
+def configs_for(cap: int, head_dim: int) -> list[Config]:
     bucket = next(b for b in HEAD_DIM_BUCKETS if padded_head_dim(head_dim) <= b)
-    return CONFIGS[key][bucket]
+    return CONFIGS[nearest_arch(CONFIGS, cap)][bucket]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,10 +278,6 @@ def attention_fwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Every output buffer comes from here, so tests can poison it (fill with NaN) and catch unwritten elements.
 _empty = torch.empty
 
@@ -322,7 +317,7 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, ca
         window_right = 0
     has_softcap = softcap > 0
     has_alibi = alibi_slopes is not None
-    upcast = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreting())
+    upcast = upcast_dots(q.dtype)
     dummy = out  # placeholder pointer for unused optional inputs
     attention_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -343,44 +338,22 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, ca
     return out, lse
 
 
-def _seqlen_bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length()) if n <= 16384 else 16384
-
-
-_tuned: dict[tuple, Config] = {}
+_tuner = Autotuner()
 
 
 def _choose(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left, window_right,
             softcap) -> Config:
-    """Heuristic under the interpreter and while capturing a CUDA graph; otherwise benchmark the candidates once
-    per (device, dtype, head dim, seqlen buckets, causal/window, varlen) and remember the winner."""
+    """The candidates for this head dim, timed once per (dtype, head dim, seqlen buckets, masking, varlen)."""
     head_dim = q.shape[-1]
-    if q.device.type != "cuda":
-        return configs_for(90, head_dim)[0]
-    major, minor = torch.cuda.get_device_capability(q.device)
-    candidates = configs_for(major * 10 + minor, head_dim)
-    if len(candidates) == 1 or os.environ.get("TURBOKERNELS_AUTOTUNE", "1") == "0" \
-            or torch.cuda.is_current_stream_capturing():
-        return candidates[0]
     varlen = cu_seqlens_q is not None
     sq = q.shape[0] if varlen else q.shape[1]
     sk = k.shape[0] if varlen else k.shape[1]
-    key = (q.device.index, q.dtype, padded_head_dim(head_dim), _seqlen_bucket(sq), _seqlen_bucket(sk), causal,
+    key = (q.dtype, padded_head_dim(head_dim), pow2_bucket(sq, 16384), pow2_bucket(sk, 16384), causal,
            window_left >= 0 or window_right >= 0, varlen)
-    cfg = _tuned.get(key)
-    if cfg is None:
-        args = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left,
-                window_right, softcap)
-        timings = []
-        for cand in candidates:
-            try:
-                ms = triton.testing.do_bench(lambda: _launch(*args, cand), warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller part: skip the candidate
-                continue
-            timings.append((ms, cand))
-        cfg = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
-        _tuned[key] = cfg
-    return cfg
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left, window_right,
+            softcap)
+    return _tuner.choose(q.device, configs_for(capability(q.device), head_dim), key,
+                         lambda cand: _launch(*args, cand))
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale: float, causal: bool,

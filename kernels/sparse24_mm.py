@@ -13,12 +13,12 @@ Read top to bottom: configs, kernel, launcher.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import (DECODE_MAX_M, Autotuner, GemmConfig, capability, nearest_arch, pow2_bucket, split_k_output,
+                      split_k_plan, split_k_result, upcast_dots)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -30,22 +30,7 @@ import triton.language as tl
 # with no spills (re-run the codegen test after any change to the kernel). Shared memory is the same for any
 # num_stages: the weight loads feed register code, so Triton's pipeliner does not stage them through shared memory.
 # ---------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Config:
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int
-    SPLIT_K: int
-    num_warps: int
-    num_stages: int
-    GROUP_M: int = 8
-
-    @property
-    def is_decode(self) -> bool:
-        return self.BLOCK_M <= 16
-
-
-DECODE_MAX_M = 16
+Config = GemmConfig
 
 CONFIGS = {
     # Hopper (H100/H200): 228 KB shared memory per SM, wgmma for the 64+ row tiles.
@@ -63,9 +48,8 @@ CONFIGS = {
 }
 
 
-def configs_for(capability: int, decode: bool) -> list[Config]:
-    key = max([k for k in CONFIGS if k <= capability], default=min(CONFIGS))
-    return CONFIGS[key]["decode" if decode else "gemm"]
+def configs_for(cap: int, decode: bool) -> list[Config]:
+    return CONFIGS[nearest_arch(CONFIGS, cap)]["decode" if decode else "gemm"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,10 +137,6 @@ def sparse24_mm_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Every output buffer comes from here, so tests can poison it (fill with NaN) and catch unwritten elements.
 _empty = torch.empty
 
@@ -164,59 +144,27 @@ _empty = torch.empty
 def _launch(x, values, meta, cfg: Config):
     M, K = x.shape
     N = values.shape[0]
-    block_k = cfg.BLOCK_K
-    split_k = max(1, min(cfg.SPLIT_K, triton.cdiv(K, block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
-    upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting())
-    if split_k == 1:
-        out = _empty((M, N), device=x.device, dtype=x.dtype)
-        strides = (0, out.stride(0), out.stride(1))
-    else:
-        out = _empty((split_k, M, N), device=x.device, dtype=torch.float32)
-        strides = out.stride()
+    split_k, k_per_split = split_k_plan(K, cfg.BLOCK_K, cfg.SPLIT_K)
+    out, strides = split_k_output(_empty, M, N, split_k, x)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), split_k)
     sparse24_mm_kernel[grid](
         x, values, meta, out, M, N, K,
         x.stride(0), x.stride(1), values.stride(0), meta.stride(0), *strides, k_per_split,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k, GROUP_M=cfg.GROUP_M,
-        SPLIT_K=split_k, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        SPLIT_K=split_k, UPCAST=upcast_dots(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out if split_k == 1 else out.sum(dim=0).to(x.dtype)
+    return split_k_result(out, split_k, x.dtype)
 
 
-def _m_bucket(M: int) -> int:
-    return 1 << max(0, (M - 1).bit_length()) if M <= 4096 else 4096
-
-
-_tuned: dict[tuple, Config] = {}
+_tuner = Autotuner()
 
 
 def _choose(x, values, meta) -> Config:
-    """Heuristic under the interpreter and while capturing a CUDA graph; otherwise benchmark the architecture's
-    candidates once per (device, dtype, M bucket, N, K) and remember the winner."""
+    """The architecture's candidates for this M regime, timed once per (dtype, M bucket, N, K)."""
     M, K = x.shape
-    decode = M <= DECODE_MAX_M
-    if x.device.type != "cuda":
-        return configs_for(90, decode)[0]
-    major, minor = torch.cuda.get_device_capability(x.device)
-    candidates = configs_for(major * 10 + minor, decode)
-    if len(candidates) == 1 or os.environ.get("TURBOKERNELS_AUTOTUNE", "1") == "0" \
-            or torch.cuda.is_current_stream_capturing():
-        return candidates[0]
-    key = (x.device.index, x.dtype, _m_bucket(M), values.shape[0], K)
-    cfg = _tuned.get(key)
-    if cfg is None:
-        timings = []
-        for cand in candidates:
-            try:
-                ms = triton.testing.do_bench(lambda: _launch(x, values, meta, cand), warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller part: skip the candidate
-                continue
-            timings.append((ms, cand))
-        cfg = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
-        _tuned[key] = cfg
-    return cfg
+    candidates = configs_for(capability(x.device), M <= DECODE_MAX_M)
+    return _tuner.choose(x.device, candidates, (x.dtype, pow2_bucket(M, 4096), values.shape[0], K),
+                         lambda cand: _launch(x, values, meta, cand))
 
 
 def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,

@@ -1,0 +1,115 @@
+"""What every Triton launcher shares: interpreter detection, the architecture key, the SM count, and the cached
+autotuner (each launcher's candidate configs are timed once per key, never on every call)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Hashable, Sequence, TypeVar
+
+import torch
+
+C = TypeVar("C")
+
+# CPU tensors run under the interpreter: they take the Hopper configs, so tests cover the GPU's code path.
+INTERPRETER_CAPABILITY = 90
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """The kernels' UPCAST switch: fp32 inputs (dots in "ieee" fp32), and bf16 under the interpreter, whose bf16
+    arithmetic is wrong (numpy works on the raw uint16 bits)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
+def capability(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_CAPABILITY
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def nearest_arch(table: dict, cap: int):
+    """The key of `table` for compute capability `cap`: the nearest lower one (or the lowest)."""
+    return max([k for k in table if k <= cap], default=min(table))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def pow2_bucket(n: int, cap: int) -> int:
+    """Round n up to a power of two, at most `cap`: shapes in one bucket share a tuned config."""
+    return 1 << max(0, (n - 1).bit_length()) if n <= cap else cap
+
+
+class Autotuner:
+    """Times a launcher's candidates once per key and remembers the fastest."""
+
+    def __init__(self) -> None:
+        self.best: dict[Hashable, object] = {}
+
+    def choose(self, device: torch.device, candidates: Sequence[C], key: Hashable,
+               launch: Callable[[C], object]) -> C:
+        """The first candidate under the interpreter, while a CUDA graph is being captured, with
+        TURBOKERNELS_AUTOTUNE=0, or when there is one; else the fastest for `key` (timed on first use)."""
+        if device.type != "cuda" or len(candidates) == 1 or os.environ.get("TURBOKERNELS_AUTOTUNE", "1") == "0" \
+                or torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        key = (device.index, key)
+        if key not in self.best:
+            import triton.testing
+            timings = []
+            for cand in candidates:
+                try:
+                    ms = triton.testing.do_bench(lambda: launch(cand), warmup=5, rep=20)
+                except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller part: skip the candidate
+                    continue
+                timings.append((ms, cand))
+            self.best[key] = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
+        return self.best[key]
+
+
+# ---- GEMM-like kernels (int4_mm, sparse24_mm): one config type, split-K for decode -------------------------------
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 8
+
+    @property
+    def is_decode(self) -> bool:
+        return self.BLOCK_M <= 16
+
+
+# M up to this is "decode": tiles 16 rows tall (the smallest tensor-core M) and K split across programs, since the
+# time is that of streaming the weight once.
+DECODE_MAX_M = 16
+
+
+def split_k_plan(K: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(splits, K rows per split): at most `split_k` splits, each a whole number of BLOCK_K tiles."""
+    split_k = max(1, min(split_k, -(-K // block_k)))
+    k_per_split = -(-(-(-K // split_k)) // block_k) * block_k
+    return -(-K // k_per_split), k_per_split
+
+
+def split_k_output(empty: Callable, M: int, N: int, splits: int, like: torch.Tensor):
+    """(buffer, (split, row, column) strides): the output itself, or fp32 partial sums when K is split."""
+    if splits == 1:
+        out = empty((M, N), device=like.device, dtype=like.dtype)
+        return out, (0, out.stride(0), out.stride(1))
+    out = empty((splits, M, N), device=like.device, dtype=torch.float32)
+    return out, out.stride()
+
+
+def split_k_result(out: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tensor:
+    return out if splits == 1 else out.sum(dim=0).to(dtype)
