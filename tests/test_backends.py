@@ -116,3 +116,22 @@ def test_broken_extension_warns_once_and_falls_back():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["1", "reference"]
+
+
+def test_autotuner_times_each_candidate_once_per_key(monkeypatch):
+    """kernels/_launch.Autotuner on a (pretend) CUDA device: the fastest candidate wins and is remembered."""
+    import triton.testing
+
+    from turbokernels.kernels._launch import Autotuner
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (calls.append(fn()), times[calls[-1]])[1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv("TURBOKERNELS_AUTOTUNE", raising=False)
+    tuner, device = Autotuner(), torch.device("cuda", 0)
+    assert tuner.choose(device, ["a", "b", "c"], "k1", lambda c: c) == "b"
+    assert tuner.choose(device, ["a", "b", "c"], "k1", lambda c: c) == "b"
+    assert calls == ["a", "b", "c"]  # timed once
+    assert tuner.choose(torch.device("cpu"), ["a", "b"], "k1", lambda c: c) == "a"  # interpreter: heuristic
+    monkeypatch.setenv("TURBOKERNELS_AUTOTUNE", "0")
+    assert tuner.choose(device, ["c", "b"], "k2", lambda c: c) == "c"
