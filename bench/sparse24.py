@@ -9,6 +9,9 @@ bandwidth from a large copy, compute from a large dense matmul, both measured at
 the multiply-adds a 2:4 kernel executes (half of dense), at 2x the dense rate on GPU (sparse tensor cores) and 1x on
 CPU. roofline_pct = the binding roof's share of the measured time.
 
+GPU only, also int4 + 2:4 (op sparse24_int4_mm, Sparse24Int4Weight g128) against the same dense F.linear and
+against turbokernels' int4_linear (Int4Weight g128) on the same shapes and M (rows with op=sparse24_int4_mm).
+
     python bench/sparse24.py [--device cpu|cuda] [--out DIR] [--quick]
     turbokernels bench sparse24 ...
 """
@@ -76,6 +79,41 @@ def _time_or_nan(fn, dev, label: str) -> float:
         return math.nan
 
 
+def _int4_rows(dev, dtype, dense: torch.Tensor, m_values, env: dict) -> list[dict]:
+    """int4 + 2:4 (sparse24_int4_linear, g128) vs dense F.linear and vs turbokernels int4_linear (g128)."""
+    K, N = dense.shape[1], dense.shape[0]
+    sw = tk.Sparse24Int4Weight.from_dense(dense, group_size=128)
+    iw = tk.quantize_int4(dense, group_size=128)
+    next_dense = rotating([dense] + [dense.clone() for _ in range(
+        copies_to_exceed_cache(dense.numel() * dense.element_size(), dev) - 1)])
+    next_sw = rotating([sw] + [tk.Sparse24Int4Weight(sw.qweight.clone(), sw.scales.clone(), sw.offsets.clone(),
+                                                     sw.meta.clone(), sw.group_size, K)
+                               for _ in range(copies_to_exceed_cache(sw.nbytes(), dev) - 1)])
+    next_iw = rotating([iw] + [tk.Int4Weight(iw.qweight.clone(), iw.scales.clone(), iw.offsets.clone(), 128, K)
+                               for _ in range(copies_to_exceed_cache(iw.nbytes(), dev) - 1)])
+    rows = []
+    for M in m_values:
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        backend_name = tk.backends.select("sparse24_int4_mm", x, sw.qweight, sw.scales, sw.offsets, sw.meta,
+                                          sw.kept_group_size)[0]
+        base = median_ms(lambda: F.linear(x, next_dense()), dev)
+        ours = median_ms(lambda: tk.sparse24_int4_linear(x, next_sw()), dev)
+        int4 = median_ms(lambda: tk.int4_linear(x, next_iw()), dev)
+        flops = 2.0 * M * N * K
+        n_bytes = sw.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
+        t = ours * 1e-3
+        row = dict(env, op="sparse24_int4_mm", dtype=str(dtype).replace("torch.", ""), K=K, N=N, M=M,
+                   backend=backend_name, baseline="F.linear dense", baseline_ms=round(base, 5),
+                   ours_ms=round(ours, 5), speedup=round(base / ours, 3), int4_ms=round(int4, 5),
+                   int4_speedup=round(base / int4, 3), speedup_vs_int4=round(int4 / ours, 3),
+                   tflops=round(flops / t / 1e12, 3), gbps=round(n_bytes / t / 1e9, 1))
+        rows.append(row)
+        print(f"{row['dtype']:>8} {K:>6} {N:>6} {M:>5} {base:>9.4f} {ours:>9.4f} {row['speedup']:>7.2f}x "
+              f"int4 {int4:>9.4f} ({row['int4_speedup']:.2f}x)  vs int4 {row['speedup_vs_int4']:.2f}x "
+              f"{row['tflops']:>8.3f} {row['gbps']:>7.1f}  int4+2:4 {backend_name}", flush=True)
+    return rows
+
+
 def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -> list[dict]:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -127,6 +165,9 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -
                       f"{row['torch_cutlass_speedup']:>7.2f}x {row['torch_cusparselt_speedup']:>7.2f}x "
                       f"{row['tflops']:>8.3f} {row['gbps']:>7.1f} {row['roofline_pct']:>6.1f}  {backend_name}",
                       flush=True)
+            # int4 + 2:4 rows: the Triton kernel needs a GPU to be timed; --quick times fp16 only (gpu_check budget)
+            if dev.type == "cuda" and (not quick or dtype == torch.float16):
+                rows += _int4_rows(dev, dtype, dense, m_values, env)
             del dense, weight, next_dense, next_weight, theirs
     tag = dev.type
     csv_path = os.path.join(out_dir, f"sparse24_{tag}.csv")
@@ -134,9 +175,12 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -
     # one line per (implementation, dtype, shape): ours and, on GPU, PyTorch's 2:4 backends
     plot_rows = []
     for r in rows:
-        for impl, key in (("ours", "speedup"), ("torch cutlass", "torch_cutlass_speedup"),
-                          ("torch cusparselt", "torch_cusparselt_speedup")):
-            if r[key] == r[key]:
+        impls = ((("ours int4+2:4", "speedup"), ("turbokernels int4", "int4_speedup"))
+                 if r["op"] == "sparse24_int4_mm" else
+                 (("ours", "speedup"), ("torch cutlass", "torch_cutlass_speedup"),
+                  ("torch cusparselt", "torch_cusparselt_speedup")))
+        for impl, key in impls:
+            if r.get(key, math.nan) == r.get(key, math.nan):
                 plot_rows.append(dict(r, impl=impl, speedup_vs_dense=r[key]))
     plotted = plot_speedup(plot_rows, os.path.join(out_dir, f"sparse24_{tag}.png"), x="M",
                            y="speedup_vs_dense", series=("impl", "dtype", "K", "N"),

@@ -13,6 +13,8 @@ from .compress import is_24_sparse, prune_24
 from .formats import Int4Weight, Sparse24Weight, quantize_int4
 from .integrations.sdpa import scaled_dot_product_attention
 from .ops import attention, decode_attention, int4_linear, kv_cache_append, sparse24_linear
+from .formats import Sparse24Int4Weight  # noqa: E402
+from .ops import sparse24_int4_linear  # noqa: E402
 from . import model, nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,3 +24,4 @@ __all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "__versio
            "attention", "scaled_dot_product_attention", "decode_attention", "kv_cache_append",
            "prune_24", "is_24_sparse", "Sparse24Weight", "sparse24_linear",
            "model", "nn"]
+__all__ += ["Sparse24Int4Weight", "sparse24_int4_linear"]

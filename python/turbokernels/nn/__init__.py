@@ -5,3 +5,5 @@ from .multihead_attention import MultiheadAttention
 __all__ = ["Int4Linear", "MultiheadAttention"]
 from .sparse24_linear import Sparse24Linear  # noqa: E402
 __all__ += ["Sparse24Linear"]
+from .sparse24_int4_linear import Sparse24Int4Linear  # noqa: E402
+__all__ += ["Sparse24Int4Linear"]

@@ -8,3 +8,5 @@ __all__ = ["int4_linear", "attention"]
 __all__ += ["decode_attention", "kv_cache_append"]
 from .sparse24_mm import sparse24_linear  # defines torch.ops.turbokernels.sparse24_mm
 __all__ += ["sparse24_linear"]
+from .sparse24_int4_mm import sparse24_int4_linear  # defines torch.ops.turbokernels.sparse24_int4_mm
+__all__ += ["sparse24_int4_linear"]

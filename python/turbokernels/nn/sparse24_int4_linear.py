@@ -1,0 +1,149 @@
+"""Sparse24Int4Linear: a drop-in nn.Linear whose weight is 2:4-sparse with int4 kept values (sparse24_int4_mm)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..compress.prune import prune_24
+from ..formats.int4 import FLOAT_DTYPES, Int4Weight, num_groups
+from ..formats.sparse24 import _meta_cols
+from ..formats.sparse24_int4 import Sparse24Int4Weight, check_dense_group_size
+from ..ops.sparse24_int4_mm import sparse24_int4_linear
+
+_PACKED = ("qweight", "scales", "offsets", "meta")
+_FORMAT = "turbokernels.sparse24_int4/1"
+
+
+class Sparse24Int4Linear(nn.Module):
+    """y = x @ W.T + b with W 2:4-sparse and its kept values int4 (Sparse24Int4Weight), for fp16, bf16 and fp32
+    activations.
+
+    Build one with `Sparse24Int4Linear.from_linear(linear, group_size=128, method="magnitude", activation_norm=None)`
+    (prunes to 2:4, then quantizes the kept values; group_size in dense columns) or `from_weight(weight, bias)`. The
+    state dict holds qweight, scales, offsets, meta, bias and (extra state) group size and in_features, so
+    `Sparse24Int4Linear(in, out, group_size=g).load_state_dict(sd)` restores a layer exactly (dtypes included).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 device=None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        check_dense_group_size(group_size)
+        if in_features < 4 or in_features % 4 or out_features < 1:
+            raise ValueError(f"in_features must be a positive multiple of 4 and out_features positive, got "
+                             f"{in_features}, {out_features}")
+        dtype = dtype or torch.float32
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        half = in_features // 2
+        G = num_groups(self._kept_group_size_arg, half)
+        self.register_buffer("qweight", torch.zeros((half + 7) // 8, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(G, out_features, dtype=dtype, device=device))
+        self.register_buffer("offsets", torch.zeros(G, out_features, dtype=dtype, device=device))
+        # -4370 = 0b1110_1110_1110_1110: every group encodes indices (2, 3), a valid meta.
+        self.register_buffer("meta", torch.full((out_features, _meta_cols(in_features)), -4370, dtype=torch.int16,
+                                                device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @property
+    def _kept_group_size_arg(self) -> int:
+        return -1 if self.group_size == -1 else self.group_size // 2
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_weight(cls, weight: Sparse24Int4Weight, bias: Optional[torch.Tensor] = None) -> "Sparse24Int4Linear":
+        if not isinstance(weight, Sparse24Int4Weight):
+            raise TypeError(f"from_weight(weight): expected a Sparse24Int4Weight, got {type(weight).__name__}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,)):
+            raise ValueError(f"from_weight(bias): expected shape ({weight.out_features},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        layer = cls(weight.in_features, weight.out_features, bias=bias is not None, group_size=weight.group_size,
+                    device="meta", dtype=weight.scales.dtype)
+        layer.qweight, layer.scales, layer.offsets, layer.meta = (weight.qweight, weight.scales, weight.offsets,
+                                                                  weight.meta)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, method: str = "magnitude",
+                    activation_norm: Optional[torch.Tensor] = None, symmetric: bool = False) -> "Sparse24Int4Linear":
+        """Prune an nn.Linear to 2:4 (turbokernels.prune_24), then quantize the kept values to int4 (group_size in
+        dense columns); the linear is not modified."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
+        check_dense_group_size(group_size)
+        pruned = prune_24(linear.weight.detach(), method=method, activation_norm=activation_norm)
+        weight = Sparse24Int4Weight.from_dense(pruned, group_size=group_size, symmetric=symmetric)
+        return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
+
+    # ---- use ---------------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Sparse24Int4Weight:
+        int4 = Int4Weight._trusted(self.qweight, self.scales, self.offsets, self._kept_group_size_arg,
+                                   self.in_features // 2)
+        return Sparse24Int4Weight._trusted(int4, self.meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse24_int4_linear(x, self.weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"sparsity=2:4, group_size={self.group_size}, scales={self.scales.dtype}")
+
+    # ---- state dict ----------------------------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"format": _FORMAT, "group_size": self.group_size, "in_features": self.in_features}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"Sparse24Int4Linear: unknown extra state {state!r}")
+        if state.get("group_size") != self.group_size or state.get("in_features") != self.in_features:
+            raise ValueError(f"Sparse24Int4Linear: the state dict was saved with group_size={state.get('group_size')}, "
+                             f"in_features={state.get('in_features')}; this layer has group_size={self.group_size}, "
+                             f"in_features={self.in_features}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Validate the packed tensors together before taking any, so a corrupt state dict leaves the layer untouched.
+        incoming = {n: state_dict[prefix + n] for n in _PACKED if prefix + n in state_dict}
+        if len(incoming) == len(_PACKED):
+            try:
+                qweight = incoming["qweight"]
+                if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 and qweight.shape[1] != self.out_features:
+                    raise ValueError(f"qweight has {qweight.shape[1]} columns, this layer has "
+                                     f"out_features={self.out_features}")
+                w = Sparse24Int4Weight(incoming["qweight"], incoming["scales"], incoming["offsets"], incoming["meta"],
+                                       self.group_size, self.in_features)
+                if w.out_features != self.out_features:
+                    raise ValueError(f"qweight has {w.out_features} columns, this layer has "
+                                     f"out_features={self.out_features}")
+                bias = state_dict.get(prefix + "bias")
+                if self.bias is not None and isinstance(bias, torch.Tensor) and bias.shape != (self.out_features,):
+                    raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+                extra = state_dict.get(prefix + "_extra_state")
+                if extra is not None:
+                    self.set_extra_state(extra)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"Sparse24Int4Linear ({prefix or 'root'}): {exc}")
+                return
+            device = self.qweight.device if self.qweight.device.type != "meta" else incoming["qweight"].device
+            for n, t in incoming.items():
+                self._buffers[n] = t.detach().to(device).clone()
+            local_state = {k: v for k, v in state_dict.items() if k[len(prefix):] not in _PACKED}
+        else:
+            local_state = state_dict
+        super()._load_from_state_dict(local_state, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(incoming) == len(_PACKED):
+            for n in _PACKED:
+                if prefix + n in missing_keys:
+                    missing_keys.remove(prefix + n)
