@@ -4,17 +4,17 @@
     w = tk.quantize_int4(linear.weight, group_size=128)      # Int4Weight
     y = tk.int4_linear(x, w, linear.bias)                     # torch.ops.turbokernels.int4_mm underneath
     o = tk.attention(q, k, v, causal=True)                    # FlashAttention layout (batch, seqlen, heads, dim)
+    y = tk.sparse24_linear(x, tk.Sparse24Weight.from_dense(tk.prune_24(w)))   # 2:4 sparse GEMM
     layer = tk.nn.Int4Linear.from_linear(linear)              # drop-in module
     with tk.backend("reference"): ...                         # force a backend: reference/triton/cpu/cuda
 """
 from . import backends, ops  # noqa: F401  (ops registers torch.ops.turbokernels.*)
 from .backends import BackendUnavailable, backend, set_backend
 from .compress import is_24_sparse, prune_24
-from .formats import Int4Weight, Sparse24Weight, quantize_int4
+from .formats import Int4Weight, Sparse24Int4Weight, Sparse24Weight, quantize_int4
 from .integrations.sdpa import scaled_dot_product_attention
-from .ops import attention, decode_attention, int4_linear, kv_cache_append, sparse24_linear
-from .formats import Sparse24Int4Weight  # noqa: E402
-from .ops import sparse24_int4_linear  # noqa: E402
+from .ops import (attention, decode_attention, int4_linear, kv_cache_append, sparse24_int4_linear,
+                  sparse24_linear)
 from . import model, nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,6 +22,5 @@ __version__ = "0.1.0"
 __all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "__version__",
            "Int4Weight", "quantize_int4", "int4_linear",
            "attention", "scaled_dot_product_attention", "decode_attention", "kv_cache_append",
-           "prune_24", "is_24_sparse", "Sparse24Weight", "sparse24_linear",
-           "model", "nn"]
-__all__ += ["Sparse24Int4Weight", "sparse24_int4_linear"]
+           "prune_24", "is_24_sparse", "Sparse24Weight", "sparse24_linear", "Sparse24Int4Weight",
+           "sparse24_int4_linear", "model", "nn"]
