@@ -8,11 +8,9 @@ from torch import nn
 
 from ..formats.int4 import FLOAT_DTYPES, Int4Weight, check_group_size, num_groups, quantize_int4
 from ..ops.int4_mm import int4_linear
+from ._packed import PackedWeightModule
 
-_PACKED = ("qweight", "scales", "offsets", "perm")
-
-
-class Int4Linear(nn.Module):
+class Int4Linear(PackedWeightModule):
     """y = x @ W.T + b with W stored as int4 (Int4Weight layout), for fp16, bf16 and fp32 activations.
 
     Build one with `Int4Linear.from_linear(linear, group_size=128, symmetric=False)` or
@@ -84,43 +82,23 @@ class Int4Linear(nn.Module):
                 f"act_order={self.perm.numel() > 0}")
 
     # ---- state dict ----------------------------------------------------------------------------------------------
+    PACKED = ("qweight", "scales", "offsets", "perm")
+
+    def _validate_packed(self, packed) -> None:
+        perm = packed["perm"]
+        Int4Weight(packed["qweight"], packed["scales"], packed["offsets"], self.group_size, self.in_features,
+                   perm if perm.numel() else None)
+        if packed["qweight"].shape[1] != self.out_features:
+            raise ValueError(f"qweight has {packed['qweight'].shape[1]} columns, this layer has "
+                             f"out_features={self.out_features}")
+
     def get_extra_state(self):
         return {"format": "turbokernels.int4/1", "group_size": self.group_size, "in_features": self.in_features}
 
     def set_extra_state(self, state) -> None:
         if not isinstance(state, dict) or state.get("format") != "turbokernels.int4/1":
             raise ValueError(f"Int4Linear: unknown extra state {state!r}")
-        if state["group_size"] != self.group_size or state["in_features"] != self.in_features:
-            raise ValueError(f"Int4Linear: the state dict was saved with group_size={state['group_size']}, "
-                             f"in_features={state['in_features']}; this layer has group_size={self.group_size}, "
+        if state.get("group_size") != self.group_size or state.get("in_features") != self.in_features:
+            raise ValueError(f"Int4Linear: the state dict was saved with group_size={state.get('group_size')}, "
+                             f"in_features={state.get('in_features')}; this layer has group_size={self.group_size}, "
                              f"in_features={self.in_features}")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # Take the packed tensors as saved (dtypes included: offsets may be fp32 for exactness) after validating
-        # them together, so a corrupt state dict leaves the layer untouched.
-        incoming = {n: state_dict[prefix + n] for n in _PACKED if prefix + n in state_dict}
-        if len(incoming) == len(_PACKED):
-            try:
-                perm = incoming["perm"]
-                Int4Weight(incoming["qweight"], incoming["scales"], incoming["offsets"], self.group_size,
-                           self.in_features, perm if perm.numel() else None)
-                if incoming["qweight"].shape[1] != self.out_features:
-                    raise ValueError(f"qweight has {incoming['qweight'].shape[1]} columns, this layer has "
-                                     f"out_features={self.out_features}")
-            except (TypeError, ValueError) as exc:
-                error_msgs.append(f"Int4Linear ({prefix or 'root'}): {exc}")
-                return
-            device = self.qweight.device if self.qweight.device.type != "meta" else incoming["qweight"].device
-            for n, t in incoming.items():
-                self._buffers[n] = t.detach().to(device).clone()
-            local_state = {k: v for k, v in state_dict.items() if k[len(prefix):] not in _PACKED}
-        else:
-            local_state = state_dict
-        super()._load_from_state_dict(local_state, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        # The base class reports our packed keys as missing when they were taken above: they were not.
-        if len(incoming) == len(_PACKED):
-            for n in _PACKED:
-                if prefix + n in missing_keys:
-                    missing_keys.remove(prefix + n)

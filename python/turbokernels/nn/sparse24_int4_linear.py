@@ -11,12 +11,12 @@ from ..formats.int4 import FLOAT_DTYPES, Int4Weight, num_groups
 from ..formats.sparse24 import _meta_cols
 from ..formats.sparse24_int4 import Sparse24Int4Weight, check_dense_group_size
 from ..ops.sparse24_int4_mm import sparse24_int4_linear
+from ._packed import PackedWeightModule
 
-_PACKED = ("qweight", "scales", "offsets", "meta")
 _FORMAT = "turbokernels.sparse24_int4/1"
 
 
-class Sparse24Int4Linear(nn.Module):
+class Sparse24Int4Linear(PackedWeightModule):
     """y = x @ W.T + b with W 2:4-sparse and its kept values int4 (Sparse24Int4Weight), for fp16, bf16 and fp32
     activations.
 
@@ -100,6 +100,16 @@ class Sparse24Int4Linear(nn.Module):
                 f"sparsity=2:4, group_size={self.group_size}, scales={self.scales.dtype}")
 
     # ---- state dict ----------------------------------------------------------------------------------------------
+    PACKED = ("qweight", "scales", "offsets", "meta")
+
+    def _validate_packed(self, packed) -> None:
+        qweight = packed["qweight"]
+        if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 and qweight.shape[1] != self.out_features:
+            raise ValueError(f"qweight has {qweight.shape[1]} columns, this layer has "
+                             f"out_features={self.out_features}")
+        Sparse24Int4Weight(packed["qweight"], packed["scales"], packed["offsets"], packed["meta"], self.group_size,
+                           self.in_features)
+
     def get_extra_state(self):
         return {"format": _FORMAT, "group_size": self.group_size, "in_features": self.in_features}
 
@@ -110,40 +120,3 @@ class Sparse24Int4Linear(nn.Module):
             raise ValueError(f"Sparse24Int4Linear: the state dict was saved with group_size={state.get('group_size')}, "
                              f"in_features={state.get('in_features')}; this layer has group_size={self.group_size}, "
                              f"in_features={self.in_features}")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # Validate the packed tensors together before taking any, so a corrupt state dict leaves the layer untouched.
-        incoming = {n: state_dict[prefix + n] for n in _PACKED if prefix + n in state_dict}
-        if len(incoming) == len(_PACKED):
-            try:
-                qweight = incoming["qweight"]
-                if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 and qweight.shape[1] != self.out_features:
-                    raise ValueError(f"qweight has {qweight.shape[1]} columns, this layer has "
-                                     f"out_features={self.out_features}")
-                w = Sparse24Int4Weight(incoming["qweight"], incoming["scales"], incoming["offsets"], incoming["meta"],
-                                       self.group_size, self.in_features)
-                if w.out_features != self.out_features:
-                    raise ValueError(f"qweight has {w.out_features} columns, this layer has "
-                                     f"out_features={self.out_features}")
-                bias = state_dict.get(prefix + "bias")
-                if self.bias is not None and isinstance(bias, torch.Tensor) and bias.shape != (self.out_features,):
-                    raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
-                extra = state_dict.get(prefix + "_extra_state")
-                if extra is not None:
-                    self.set_extra_state(extra)
-            except (TypeError, ValueError) as exc:
-                error_msgs.append(f"Sparse24Int4Linear ({prefix or 'root'}): {exc}")
-                return
-            device = self.qweight.device if self.qweight.device.type != "meta" else incoming["qweight"].device
-            for n, t in incoming.items():
-                self._buffers[n] = t.detach().to(device).clone()
-            local_state = {k: v for k, v in state_dict.items() if k[len(prefix):] not in _PACKED}
-        else:
-            local_state = state_dict
-        super()._load_from_state_dict(local_state, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if len(incoming) == len(_PACKED):
-            for n in _PACKED:
-                if prefix + n in missing_keys:
-                    missing_keys.remove(prefix + n)

@@ -10,12 +10,12 @@ from ..compress.prune import prune_24
 from ..formats.int4 import FLOAT_DTYPES
 from ..formats.sparse24 import Sparse24Weight, _meta_cols
 from ..ops.sparse24_mm import sparse24_linear
+from ._packed import PackedWeightModule
 
-_PACKED = ("values", "meta")
 _FORMAT = "turbokernels.sparse24/1"
 
 
-class Sparse24Linear(nn.Module):
+class Sparse24Linear(PackedWeightModule):
     """y = x @ W.T + b with W 2:4-sparse, stored as Sparse24Weight (values (N, K/2) + int16 meta (N, ceil(K/16))).
 
     Build one with `Sparse24Linear.from_linear(linear, method="magnitude" | "wanda", activation_norm=None)` (prunes,
@@ -82,6 +82,14 @@ class Sparse24Linear(nn.Module):
                 f"sparsity=2:4, dtype={self.values.dtype}")
 
     # ---- state dict ----------------------------------------------------------------------------------------------
+    PACKED = ("values", "meta")  # values keep their saved dtype
+
+    def _validate_packed(self, packed) -> None:
+        w = Sparse24Weight(packed["values"], packed["meta"])
+        if w.shape != (self.out_features, self.in_features):
+            raise ValueError(f"values/meta describe a ({w.out_features}, {w.in_features}) weight; this layer "
+                             f"is ({self.out_features}, {self.in_features})")
+
     def get_extra_state(self):
         return {"format": _FORMAT, "in_features": self.in_features}
 
@@ -91,36 +99,3 @@ class Sparse24Linear(nn.Module):
         if state.get("in_features") != self.in_features:
             raise ValueError(f"Sparse24Linear: the state dict was saved with in_features={state.get('in_features')}; "
                              f"this layer has in_features={self.in_features}")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # Validate values + meta together (shapes, dtypes, a well-formed meta) before taking either, so a corrupt
-        # state dict leaves the layer untouched. The values keep their saved dtype.
-        incoming = {n: state_dict[prefix + n] for n in _PACKED if prefix + n in state_dict}
-        if len(incoming) == len(_PACKED):
-            try:
-                w = Sparse24Weight(incoming["values"], incoming["meta"])
-                if w.shape != (self.out_features, self.in_features):
-                    raise ValueError(f"values/meta describe a ({w.out_features}, {w.in_features}) weight; this layer "
-                                     f"is ({self.out_features}, {self.in_features})")
-                bias = state_dict.get(prefix + "bias")
-                if self.bias is not None and isinstance(bias, torch.Tensor) and bias.shape != (self.out_features,):
-                    raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
-                extra = state_dict.get(prefix + "_extra_state")
-                if extra is not None:
-                    self.set_extra_state(extra)
-            except (TypeError, ValueError) as exc:
-                error_msgs.append(f"Sparse24Linear ({prefix or 'root'}): {exc}")
-                return
-            device = self.values.device if self.values.device.type != "meta" else incoming["values"].device
-            for n, t in incoming.items():
-                self._buffers[n] = t.detach().to(device).clone()
-            local_state = {k: v for k, v in state_dict.items() if k[len(prefix):] not in _PACKED}
-        else:
-            local_state = state_dict
-        super()._load_from_state_dict(local_state, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if len(incoming) == len(_PACKED):
-            for n in _PACKED:
-                if prefix + n in missing_keys:
-                    missing_keys.remove(prefix + n)
