@@ -47,6 +47,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_isa.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -243,30 +245,13 @@ const Kernels kAvx2{avx2::KB, XLayout::Avx2Halves, 8, 64, avx2::run, avx2::run_t
 const Kernels kAvx512{avx512::KB, XLayout::Natural, 16, 256, avx512::run, avx512::run_t, avx512::expand_rows};
 #endif
 
-int supported_level() {  // 0 scalar, 1 avx2, 2 avx512
-#if TK_X86_SIMD
-  static const int level = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;  // every AVX2 CPU has F16C
-    return 0;
-  }();
-  return level;
-#else
-  return 0;
-#endif
-}
-
 const Kernels& select_kernels() {
-  int level = supported_level();
-  if (const char* cap = std::getenv("TURBOKERNELS_CPU_ISA")) {  // read per call: a test/debug knob, cheap
-    if (std::strcmp(cap, "scalar") == 0) level = 0;
-    else if (std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
-  }
+  const int level = cpu::isa_level();
 #if TK_X86_SIMD
-  if (level == 2) return kAvx512;
-  if (level == 1) return kAvx2;
+  if (level == cpu::kAvx512Isa) return kAvx512;
+  if (level == cpu::kAvx2Isa) return kAvx2;
 #endif
+  (void)level;
   return kScalar;
 }
 
