@@ -3,7 +3,7 @@ import torch
 
 import turbokernels as tk
 from turbokernels.reference.int4_mm import dequantize_int4
-from turbokernels.testing import matmul_noise_scale
+from turbokernels.testing import matmul_allowance, operand_dtype
 
 
 def make_weight(N, K, group_size=128, symmetric=False, dtype=torch.float16):
@@ -11,9 +11,13 @@ def make_weight(N, K, group_size=128, symmetric=False, dtype=torch.float16):
     return tk.quantize_int4(w, group_size=group_size, symmetric=symmetric)
 
 
-def noise_scale(x, weight: tk.Int4Weight) -> float:
-    """For assert_close(scale=...): the magnitude of the terms int4_mm sums."""
-    return matmul_noise_scale(x.reshape(-1, weight.in_features), weight.dequantize(torch.float64).t())
+def allowance(x, weight: tk.Int4Weight, backend: str = "reference", bias=None):
+    """For assert_close(allowance=...): what int4_mm on `backend` may add before rounding its output (the
+    Triton/CUDA kernels round the dequantized weight to x's dtype for the tensor-core dot)."""
+    xs = x if weight.perm is None else x.index_select(-1, weight.perm)
+    args = (weight.qweight, weight.scales, weight.offsets, weight.effective_group_size, weight.in_features)
+    return matmul_allowance(xs, dequantize_int4(*args, dtype=torch.float64), bias=bias,
+                            operand_dtype=operand_dtype(backend, x.dtype))
 
 
 def golden_and_baseline(x, weight: tk.Int4Weight, bias=None):

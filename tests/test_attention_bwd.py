@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import interpreting
-from turbokernels.testing import CodegenJob, assert_close, compile_triton, skip_reason_no_ptxas
+from turbokernels.testing import (CodegenJob, assert_close, attention_bwd_allowance, compile_triton, operand_dtype,
+                                  skip_reason_no_ptxas)
 
 pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
                                 reason="triton needs CUDA or TRITON_INTERPRET=1")
@@ -92,9 +93,18 @@ def make(b, sq, sk, hq, hkv, d, dtype):
     return q, k, v, dout
 
 
-def check(dq, dk, dv, golden, baseline, what):
-    for name, ours, gold, base in zip(("dq", "dk", "dv"), (dq, dk, dv), golden, baseline):
-        assert_close(ours, gold, base, what=f"{what} {name}")
+def allowances(q, k, v, dout, out, lse, *, scale, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
+               cu_q=None, cu_k=None):
+    """The derived allowances of (dq, dk, dv) for the kernel fed with this out and lse (P and dS rounded to q's
+    dtype for the tensor-core dots, except under UPCAST)."""
+    return attention_bwd_allowance(q, k, v, dout, out, lse, causal=causal, softmax_scale=scale, window_size=window,
+                                   softcap=softcap, alibi_slopes=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                   operand_dtype=operand_dtype("triton", q.dtype))
+
+
+def check(grads, golden, baseline, allowance, what):
+    for name, ours, gold, base, a in zip(("dq", "dk", "dv"), grads, golden, baseline, allowance):
+        assert_close(ours, gold, base, allowance=a, what=f"{what} {name}")
 
 
 # ---- correctness -------------------------------------------------------------------------------------------------
@@ -144,7 +154,8 @@ def test_matches_golden(b, sq, sk, hq, hkv, d, dtype, opts):
     dq, dk, dv = launch(dout, q, k, v, out, lse, deterministic=opts.get("deterministic", False), **kw)
     for ours, ref in zip((dq, dk, dv), (q, k, v)):
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
-    check(dq, dk, dv, golden, baseline, case_id((b, sq, sk, hq, hkv, d, dtype, opts)))
+    check((dq, dk, dv), golden, baseline, allowances(q, k, v, dout, out, lse, **kw),
+          case_id((b, sq, sk, hq, hkv, d, dtype, opts)))
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
@@ -173,9 +184,10 @@ def test_varlen_matches_per_sequence(deterministic):
         baseline.append([t[0] for t in bl])
     dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.15, causal=True, alibi=alibi, cu_q=cu_q, cu_k=cu_k,
                         deterministic=deterministic)
+    allowance = allowances(q, k, v, dout, out, lse, scale=0.15, causal=True, alibi=alibi, cu_q=cu_q, cu_k=cu_k)
     for n, ours in enumerate((dq, dk, dv)):
         assert_close(ours, torch.cat([g[n] for g in golden]), torch.cat([g[n] for g in baseline]),
-                     what=("dq", "dk", "dv")[n])
+                     allowance=allowance[n], what=("dq", "dk", "dv")[n])
 
 
 def test_rows_without_keys_have_zero_gradients():
@@ -188,7 +200,8 @@ def test_rows_without_keys_have_zero_gradients():
         dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=deterministic)
         assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
         assert (dq[:, : sq - sk] == 0).all()
-        check(dq, dk, dv, golden, baseline, f"deterministic={deterministic}")
+        check((dq, dk, dv), golden, baseline, allowances(q, k, v, dout, out, lse, scale=0.125, causal=True),
+              f"deterministic={deterministic}")
 
 
 def test_deterministic_is_bitwise_repeatable():
@@ -208,7 +221,7 @@ def test_strided_inputs():
     dout = torch.randn(b, h, s, d, device=device()).half().transpose(1, 2)
     out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=0.125, causal=True)
     dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.125, causal=True)
-    check(dq, dk, dv, golden, baseline, "strided")
+    check((dq, dk, dv), golden, baseline, allowances(q, k, v, dout, out, lse, scale=0.125, causal=True), "strided")
 
 
 def shipped_configs():
@@ -227,11 +240,12 @@ def test_every_config_is_correct(monkeypatch):
     monkeypatch.setattr(kernel_module, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
     q, k, v, dout = make(1, 70, 150, 2, 1, 40, torch.float16)
     out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=0.15, causal=True)
+    allowance = allowances(q, k, v, dout, out, lse, scale=0.15, causal=True)
     for cfg in shipped_configs():
         for deterministic in (False, True):
             dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.15, causal=True, deterministic=deterministic,
                                 config=cfg)
-            check(dq, dk, dv, golden, baseline, f"{cfg} deterministic={deterministic}")
+            check((dq, dk, dv), golden, baseline, allowance, f"{cfg} deterministic={deterministic}")
 
 
 @pytest.mark.gpu
@@ -243,7 +257,9 @@ def test_gpu_long_sequence_d128():
             out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=d ** -0.5, causal=True)
             dq, dk, dv = launch(dout, q, k, v, out, lse, scale=d ** -0.5, causal=True,
                                 deterministic=deterministic)
-            check(dq, dk, dv, golden, baseline, f"{dtype} deterministic={deterministic}")
+            check((dq, dk, dv), golden, baseline,
+                  allowances(q, k, v, dout, out, lse, scale=d ** -0.5, causal=True),
+                  f"{dtype} deterministic={deterministic}")
 
 
 # ---- static code generation --------------------------------------------------------------------------------------

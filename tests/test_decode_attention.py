@@ -8,7 +8,8 @@ import torch
 
 import turbokernels as tk
 from turbokernels.reference.decode_attention import decode_attention as reference
-from turbokernels.testing import CodegenJob, assert_close, compile_triton, skip_reason_no_ptxas
+from turbokernels.testing import (CodegenJob, assert_close, compile_triton, decode_allowance, operand_dtype,
+                                  skip_reason_no_ptxas)
 from conftest import interpreting
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -45,13 +46,15 @@ def make_cache(B, S, Hkv, D, dtype, page_size=None, dev=None):
 
 
 def golden_and_baseline(q, k_cache, v_cache, seqlens, block_table=None, alibi=None, scale=None, window=(-1, -1),
-                        softcap=0.0):
+                        softcap=0.0, backend="triton"):
+    """(float64 golden, torch in q's dtype, the allowance of `backend`: P rounded to q's dtype on tensor cores)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     args = (seqlens, block_table, alibi, scale, window[0], window[1], softcap)
     golden = reference(q.double(), k_cache.double(), v_cache.double(), seqlens, block_table,
                        None if alibi is None else alibi.double(), *args[3:])
     baseline = reference(q, k_cache, v_cache, *args)
-    return golden, baseline
+    allowance = decode_allowance(q, k_cache, v_cache, *args, operand_dtype=operand_dtype(backend, q.dtype))
+    return golden, baseline, allowance
 
 
 def run(backend_name, q, k_cache, v_cache, seqlens, **kw):
@@ -91,9 +94,9 @@ def test_matches_golden(backend_name, case):
     q = torch.randn(B, T, Hq, D, device=device()).to(dtype)
     seqlens = lens(B, S, T)
     out = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt)
-    golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens, bt)
+    golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, bt, backend=backend_name)
     assert out.dtype == dtype and out.shape == q.shape
-    assert_close(out, golden, baseline, what=f"{backend_name} {case_id(case)}")
+    assert_close(out, golden, baseline, allowance=allowance, what=f"{backend_name} {case_id(case)}")
 
 
 FEATURES = [
@@ -126,10 +129,10 @@ def test_window_softcap_alibi(backend_name, paged, num_splits, feature, monkeypa
     if alibi is not None:
         kw["alibi_slopes"] = torch.rand((Hq,) if alibi == "heads" else (B, Hq), device=device()) * 0.3
     out = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt, **kw)
-    golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens, bt, kw.get("alibi_slopes"),
-                                           kw.get("softmax_scale"), kw.get("window_size", (-1, -1)),
-                                           kw.get("softcap", 0.0))
-    assert_close(out, golden, baseline, what=f"{backend_name} {feature} splits={num_splits}")
+    golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, bt, kw.get("alibi_slopes"),
+                                                      kw.get("softmax_scale"), kw.get("window_size", (-1, -1)),
+                                                      kw.get("softcap", 0.0), backend=backend_name)
+    assert_close(out, golden, baseline, allowance=allowance, what=f"{backend_name} {feature} splits={num_splits}")
 
 
 def explicit_attention(q, k, v, causal_offset):
@@ -174,8 +177,9 @@ def test_equals_full_attention_over_concatenated_keys(backend_name, paged):
     q, k_cache, v_cache, seqlens = (x.to(device()) for x in (q, k_cache, v_cache, seqlens))
     bt = None if bt is None else bt.to(device())
     out = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt)
-    baseline = reference(q, k_cache, v_cache, seqlens, bt, None, D ** -0.5, -1, -1, 0.0)
-    assert_close(out.cpu(), expected, baseline.cpu(), what=f"{backend_name} vs explicit attention")
+    _, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, bt, backend=backend_name)
+    assert_close(out.cpu(), expected, baseline.cpu(), allowance=allowance.map(lambda t: t.cpu()),
+                 what=f"{backend_name} vs explicit attention")
 
 
 def test_kv_cache_append_contiguous_and_paged():
@@ -212,6 +216,7 @@ def test_append_then_decode_is_attention_over_all_keys(backend_name, paged):
     out = run(backend_name, q, k_cache, v_cache, new, block_table=bt)
     keys = [torch.cat([k[b, :int(seqlens[b])], kn[b]]) for b in range(B)]
     vals = [torch.cat([v[b, :int(seqlens[b])], vn[b]]) for b in range(B)]
+    _, _, allowance = golden_and_baseline(q, k_cache, v_cache, new, bt, backend=backend_name)
     for b in range(B):
         kk = keys[b].double().repeat_interleave(Hq // Hkv, dim=1)   # (L, Hq, D)
         vv = vals[b].double().repeat_interleave(Hq // Hkv, dim=1)
@@ -220,7 +225,8 @@ def test_append_then_decode_is_attention_over_all_keys(backend_name, paged):
         baseline = torch.nn.functional.scaled_dot_product_attention(
             q[b].transpose(0, 1), keys[b].transpose(0, 1).repeat_interleave(Hq // Hkv, 0),
             vals[b].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)).transpose(0, 1)
-        assert_close(out[b], golden, baseline, what=f"{backend_name} sequence {b}")
+        assert_close(out[b], golden, baseline, allowance=allowance.map(lambda t: t[b]),
+                     what=f"{backend_name} sequence {b}")
 
 
 def test_every_triton_config_with_nan_poisoned_buffers(monkeypatch):
@@ -242,8 +248,9 @@ def test_every_triton_config_with_nan_poisoned_buffers(monkeypatch):
             # 2 < T: rows with no key; 0: an empty sequence (zeros)
             seqlens = torch.tensor([S, 2 if T > 1 else 0], dtype=torch.int32, device=device())
             out = launch(q, k_cache, v_cache, seqlens, bt, None, D ** -0.5, -1, 0.0, config=cfg, num_splits=splits)
-            golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens, bt)
-            assert_close(out, golden, baseline, what=f"{cfg} paged={paged} T={T} Hq={Hq} splits={splits}")
+            golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, bt)
+            assert_close(out, golden, baseline, allowance=allowance,
+                         what=f"{cfg} paged={paged} T={T} Hq={Hq} splits={splits}")
 
 
 @pytest.mark.parametrize("backend_name", runnable_backends())
@@ -273,13 +280,13 @@ def test_strided_query(backend_name):
     q = torch.randn(2, 4, 3, 80, device=device(), dtype=torch.float16)[..., 8:72].transpose(1, 2)  # (2, 3, 4, 64)
     seqlens = torch.tensor([70, 33], dtype=torch.int32, device=device())
     out = run(backend_name, q, k_cache, v_cache, seqlens)
-    golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens)
-    assert_close(out, golden, baseline, what=f"{backend_name} strided q {q.stride()}")
+    golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, backend=backend_name)
+    assert_close(out, golden, baseline, allowance=allowance, what=f"{backend_name} strided q {q.stride()}")
     # a V cache with other strides than K's (a slice of a wider buffer): the launcher's copy path
     v_wide = torch.randn(2, 70, 2, 96, device=device(), dtype=torch.float16)[..., 16:80]
     out = run(backend_name, q, k_cache, v_wide, seqlens)
-    golden, baseline = golden_and_baseline(q, k_cache, v_wide, seqlens)
-    assert_close(out, golden, baseline, what=f"{backend_name} v strides {v_wide.stride()}")
+    golden, baseline, allowance = golden_and_baseline(q, k_cache, v_wide, seqlens, backend=backend_name)
+    assert_close(out, golden, baseline, allowance=allowance, what=f"{backend_name} v strides {v_wide.stride()}")
 
 
 def test_opcheck():
@@ -411,8 +418,8 @@ def test_gpu_long_cache(page_size):
     seqlens = torch.tensor([8192, 1, 5000, 8191], dtype=torch.int32, device="cuda")
     with tk.backend("triton"):
         out = tk.decode_attention(q, k_cache, v_cache, seqlens, block_table=bt)
-    golden, baseline = golden_and_baseline(q, k_cache, v_cache, seqlens, bt)
-    assert_close(out, golden, baseline, what=f"gpu B4 S8192 d128 bf16 paged={page_size}")
+    golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, bt)
+    assert_close(out, golden, baseline, allowance=allowance, what=f"gpu B4 S8192 d128 bf16 paged={page_size}")
 
 
 # ---- static code generation ----------------------------------------------------------------------------------

@@ -1,58 +1,372 @@
 """Test helpers shared by tests/ and bench/: the tolerance rule and the static code-generation check.
 
-Tolerance (as FlashAttention tests it): against a float64 golden result, our error may be at most twice the error
-PyTorch itself makes in the same dtype, plus one unit of rounding noise:
+The tolerance rule
+------------------
+Every kernel is compared with a float64 golden result (the spec run in float64 on the exact inputs). The error each
+output element may have is derived from the computation, element by element; it depends on the kernel's arithmetic
+(which dtype each operand is rounded to, how long each reduction is, the accumulator's dtype) and on the inputs,
+never on which CPU or BLAS runs the test:
 
-    max|ours - golden| <= 2 * max|torch_same_dtype - golden| + atol,   atol = eps(dtype) * scale
+    |ours_i - golden_i| <= half_ulp_out(|golden_i| + a_i) + a_i                                            (1)
 
-with scale = max(1, max|golden|) by default. For reductions pass the magnitude of the summed terms (for a matmul,
-max(|x| @ |W|)): when a few outputs happen to cancel, torch's error can be near 0 by luck, and any other summation
-order would fail a bound that has no room for one rounding of the terms' size.
+    half_ulp_out(y)  one rounding of the output to its dtype (round to nearest: at most half a unit in the last
+                     place of y): the error every kernel makes, and all that a correct fp16/bf16 kernel may add
+                     when nothing else is rounded
+    a_i              what the computation may add before that rounding, for a sum of n terms t_k:
+                       accumulation in fp32, any order:   LAMBDA * sqrt(n) * u_acc * sum_k |t_k|
+                       operands rounded to a dtype of unit roundoff u_op before the product (a tensor-core dot of
+                       fp16/bf16 operands, e.g. the dequantized int4 weight or the softmax probabilities):
+                                                           LAMBDA * u_op * sqrt(sum_k t_k^2)
+                     (u = 2^-p: 2^-24 for fp32, 2^-11 fp16, 2^-8 bf16.)
 
-Code generation, without a GPU: a Triton kernel is compiled ahead of time for a GPUTarget (sm_80, sm_90) and
-ptxas (shipped with triton) reports registers and spills; the PTX and the SASS tell which matrix instructions the
-compiler chose (mma.sync / HMMA on sm_80, wgmma / HGMMA on sm_90).
+The sqrt(n) forms are Higham & Mary's probabilistic rounding-error bounds (SIAM J. Sci. Comput. 41(5), 2019):
+rounding errors that are independent and of mean zero give |error| <= LAMBDA sqrt(n) u sum|t_k| with probability
+at least 1 - 2 exp(-LAMBDA^2 / 2) per element (LAMBDA = 6: 3e-8), where the worst case n u sum|t_k| is too loose
+to catch a wrong kernel once n is large. The operand term is Hoeffding's inequality on sum_k t_k delta_k with
+|delta_k| <= u_op; the tests' inputs are random with random signs, which makes the delta_k of a weight that repeats
+(int4 has 16 values per group) as good as independent. Attention's allowance (attention_allowance) adds the
+propagation of the score errors through the softmax; the backward's (attention_bwd_allowance) follows dS = P (dP - D)
+through each of its matmuls.
+
+A second check is FlashAttention's: for fp16/bf16 outputs the largest error may be at most `factor` (2) times the
+largest error of torch computing the same thing in that dtype (the baseline), plus one output rounding of the
+largest element and the fp32 accumulation allowance (the part torch's summation order need not share). It is
+skipped for fp32 outputs, where torch's error is nothing but the accident of its BLAS's summation order (it differs
+between an AMD EPYC and an Intel Xeon: a bound built on it moves with the machine), and when torch's error is 0.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 
 # ---- tolerance -------------------------------------------------------------------------------------------------
-def error_bound(baseline: torch.Tensor, golden: torch.Tensor, dtype: torch.dtype, factor: float = 2.0,
-                scale: float | None = None) -> float:
-    golden = golden.to(torch.float64)
-    base_err = (baseline.to(torch.float64) - golden).abs().max().item() if golden.numel() else 0.0
-    if scale is None:
-        scale = max(1.0, golden.abs().max().item()) if golden.numel() else 1.0
-    return factor * base_err + torch.finfo(dtype).eps * scale
+LAMBDA = 6.0
+_UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
+                  torch.bfloat16: 2.0 ** -8}
+# smallest normal exponent: below it the spacing of the dtype stops shrinking
+_MIN_EXPONENT = {torch.float64: -1022, torch.float32: -126, torch.float16: -14, torch.bfloat16: -126}
+U32 = _UNIT_ROUNDOFF[torch.float32]
 
 
-def matmul_noise_scale(x: torch.Tensor, w_kn: torch.Tensor) -> float:
-    """max(|x| @ |W|): the size of the terms a matmul sums, the scale of one rounding in any summation order."""
-    if x.numel() == 0 or w_kn.numel() == 0:
-        return 1.0
-    return max(1.0, (x.abs().double() @ w_kn.abs().double()).max().item())
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p: rounding to nearest in `dtype` changes a value by at most u times its size."""
+    return _UNIT_ROUNDOFF[dtype]
 
 
-def assert_close(ours: torch.Tensor, golden: torch.Tensor, baseline: torch.Tensor, *, factor: float = 2.0,
-                 scale: float | None = None, what: str = "") -> None:
-    """Assert `ours` is within `factor` x the error of `baseline` (torch in ours' dtype) against `golden`."""
+def half_ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half a unit in the last place of |y| in `dtype` (float64 in, float64 out): the largest error of rounding a
+    value of that size to nearest; constant below the smallest normal number."""
+    y = y.to(torch.float64).abs()
+    _, exponent = torch.frexp(y)  # y = m 2^e, m in [0.5, 1): the binade of y starts at 2^(e - 1)
+    exponent = torch.clamp(exponent - 1, min=_MIN_EXPONENT[dtype])
+    return torch.ldexp(torch.full_like(y, unit_roundoff(dtype)), exponent)
+
+
+@dataclasses.dataclass
+class Allowance:
+    """What a computation may add to each output element before its final rounding (float64, broadcastable to
+    the output): `accumulation` (fp32 sums in any order, scalar multiplies, exp/log) and `operand` (operands rounded
+    to a narrower dtype before a product, an error torch's same-dtype computation makes as well)."""
+    accumulation: Union[torch.Tensor, float] = 0.0
+    operand: Union[torch.Tensor, float] = 0.0
+
+    @property
+    def total(self):
+        return self.accumulation + self.operand
+
+    def __add__(self, other: "Allowance") -> "Allowance":
+        return Allowance(self.accumulation + other.accumulation, self.operand + other.operand)
+
+    def map(self, fn) -> "Allowance":
+        """The same allowance with `fn` applied to both parts (a reshape, an index)."""
+        wrap = (lambda t: fn(t) if isinstance(t, torch.Tensor) else t)
+        return Allowance(wrap(self.accumulation), wrap(self.operand))
+
+
+def _operand_unit(operand_dtype: Optional[torch.dtype]) -> float:
+    """Unit roundoff of the dtype operands are rounded to (None: not rounded below fp32)."""
+    if operand_dtype is None:
+        return 0.0
+    u = unit_roundoff(operand_dtype)
+    return u if u > U32 else 0.0
+
+
+def matmul_allowance(x: torch.Tensor, w_kn: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                     operand_dtype: Optional[torch.dtype] = None, rounded_operands: int = 1) -> Allowance:
+    """x (..., K) @ w (K, N) [+ bias] accumulated in fp32 in any order, the bias added in fp32 before the one
+    rounding of the output; `rounded_operands` of the two operands rounded to `operand_dtype` first (None: both
+    used as they are, or rounded no coarser than fp32). x and w_kn are the exact values (float64 is best: an int4
+    weight's exact q * scale + offset)."""
+    x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    w64 = w_kn.to(torch.float64)
+    K = x64.shape[-1]
+    abs_sum = x64.abs() @ w64.abs()
+    # fp32 sums; the fp32 rounding of each dequantized weight (q * scale + offset: two roundings) and of x counts as
+    # two more operand roundings at fp32
+    acc = LAMBDA * (math.sqrt(max(K, 1)) * U32 * abs_sum)
+    sq_sum = (x64 * x64) @ (w64 * w64)
+    acc = acc + LAMBDA * 3 * U32 * sq_sum.sqrt()
+    if bias is not None:  # one fp32 addition
+        acc = acc + 2 * U32 * (abs_sum + bias.to(torch.float64).abs())
+    u_op = _operand_unit(operand_dtype)
+    operand = LAMBDA * u_op * math.sqrt(rounded_operands) * sq_sum.sqrt() if u_op else 0.0
+    shape = x.shape[:-1] + (w64.shape[-1],)
+    return Allowance(acc, operand).map(lambda t: t.reshape(shape))
+
+
+def operand_dtype(backend: str, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype `backend` rounds the operands of its dots to, for inputs of `dtype`: the Triton and CUDA kernels
+    feed fp16/bf16 operands to tensor cores (an int4 weight dequantized in fp32 is rounded to x's dtype, softmax
+    probabilities to q's), except where the Triton UPCAST switch runs the dot in fp32 (fp32 inputs; bf16 under
+    the interpreter). The reference and the CPU C++ kernels compute in fp32: None."""
+    if backend not in ("triton", "cuda") or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if backend == "triton":
+        from turbokernels.kernels._launch import upcast_dots
+        if upcast_dots(dtype):
+            return None
+    return dtype
+
+
+def _bound(golden64: torch.Tensor, dtype: torch.dtype, allowance: Allowance) -> torch.Tensor:
+    a = torch.as_tensor(allowance.total, dtype=torch.float64, device=golden64.device)
+    a = a.expand_as(golden64) if a.dim() else a
+    return half_ulp(golden64.abs() + a, dtype) + a
+
+
+def error_report(ours: torch.Tensor, golden: torch.Tensor, allowance: Optional[Allowance] = None):
+    """(max error, max bound, max error / bound, elements out of bound) of ours against the rule (1)."""
+    allowance = allowance or Allowance()
+    golden64 = golden.to(torch.float64)
+    err = (ours.to(torch.float64) - golden64).abs()
+    bound = _bound(golden64, ours.dtype, allowance)
+    ratio = err / bound
+    return err.max().item(), bound.max().item(), ratio.max().item(), int((err > bound).sum().item())
+
+
+def assert_close(ours: torch.Tensor, golden: torch.Tensor, baseline: Optional[torch.Tensor] = None, *,
+                 allowance: Optional[Allowance] = None, factor: float = 2.0, what: str = "") -> None:
+    """Rule (1) for every element of `ours` against the float64 `golden`, plus FlashAttention's check against
+    `baseline` (torch's same-dtype result) for fp16/bf16 outputs. Non-finite golden elements (an lse of -inf) must
+    be matched exactly."""
     assert ours.shape == golden.shape, f"{what}: shape {tuple(ours.shape)} != expected {tuple(golden.shape)}"
     assert not torch.isnan(ours).any(), f"{what}: NaN in the output"
     if ours.numel() == 0:
         return
-    bound = error_bound(baseline, golden, ours.dtype, factor, scale)
-    err = (ours.to(torch.float64) - golden.to(torch.float64)).abs().max().item()
-    assert err <= bound, (f"{what}: max error {err:.3g} exceeds {factor}x torch's same-dtype error + 1 ulp "
-                          f"({bound:.3g}); dtype {ours.dtype}")
+    allowance = allowance or Allowance()
+    golden64 = golden.to(torch.float64)
+    finite = torch.isfinite(golden64)
+    if not finite.all():
+        assert torch.equal(ours.to(torch.float64)[~finite], golden64[~finite]), \
+            f"{what}: non-finite golden elements (-inf/inf) not reproduced"
+        allowance = allowance.map(lambda t: t.expand_as(golden64)[finite] if t.dim() else t)
+        ours, golden64 = ours[finite], golden64[finite]
+        if ours.numel() == 0:
+            return
+    assert torch.isfinite(ours).all(), f"{what}: inf in the output where the golden result is finite"
+    err = (ours.to(torch.float64) - golden64).abs()
+    bound = _bound(golden64, ours.dtype, allowance)
+    bad = err > bound
+    if bad.any():
+        i = int(torch.argmax(err / bound))
+        flat_e, flat_b, flat_g = err.reshape(-1), bound.reshape(-1), golden64.reshape(-1)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the derived bound; worst: error "
+            f"{flat_e[i].item():.3g} > bound {flat_b[i].item():.3g} at flat index {i} (golden {flat_g[i].item():.6g}, "
+            f"ours {ours.reshape(-1)[i].item():.6g}); dtype {ours.dtype}")
+    if baseline is None or ours.dtype not in (torch.float16, torch.bfloat16):
+        return
+    base = baseline.to(torch.float64)[finite] if not finite.all() else baseline.to(torch.float64)
+    base_err = (base - golden64).abs().max().item()
+    if base_err == 0.0:
+        return
+    acc = torch.as_tensor(allowance.accumulation, dtype=torch.float64)
+    slack = half_ulp(golden64.abs().max(), ours.dtype).item() + acc.max().item()
+    worst = err.max().item()
+    assert worst <= factor * base_err + slack, (
+        f"{what}: max error {worst:.3g} exceeds {factor}x torch's same-dtype error ({base_err:.3g}) + one rounding "
+        f"of the largest output and the fp32 accumulation allowance ({slack:.3g}); dtype {ours.dtype}")
+
+
+# ---- allowances of attention ------------------------------------------------------------------------------------
+def _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale: float, softcap: float,
+                          operand_unit: float) -> tuple[Allowance, Allowance]:
+    """Forward attention in (B, H, T, D) / (B, H, S, D) layout, float64: (allowance of out (B, H, T, D), of the
+    natural-log lse (B, H, T)). s: exact scores with -inf where not allowed.
+
+    o_i = sum_j p_ij v_j: an error ds_j in score j moves o_i by sum_j p_ij ds_j (v_j - o_i), at most
+    2 max_j ds_j (P|V|)_i; the fp32 score of a dot of length D: LAMBDA sqrt(D) u |q_i|.|k_j| * scale, plus the
+    roundings of the scale multiply, softcap's tanh, the ALiBi bias and exp2 (a few u each, relative to their size).
+    Then the fp32 sum of sum_j p_ij v_j and of l_i = sum_j p_ij (and the rescalings of the online softmax: one
+    multiply per key block), and, when P is rounded for the tensor-core dot, the operand term."""
+    d = qh.shape[-1]
+    allowed = allowed.expand_as(s)
+    n = allowed.sum(-1).clamp(min=1).to(torch.float64)                                  # keys per row
+    qk_abs = (qh.abs() @ kh.abs().transpose(-1, -2)) * scale
+    ds = LAMBDA * math.sqrt(max(d, 1)) * U32 * qk_abs + 4 * U32 * (s.abs() + softcap) + 8 * U32
+    if bias is not None:
+        ds = ds + 4 * U32 * bias.abs()
+    ds = torch.where(allowed, ds, torch.zeros_like(ds)).amax(-1)                       # (B, H, T)
+    lse = torch.logsumexp(s, dim=-1)
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    pv_abs = p @ vh.abs()
+    pv_sq = (p * p) @ (vh * vh)
+    acc = (2 * ds + 2 * (LAMBDA * n.sqrt() + 2) * U32)[..., None] * pv_abs
+    operand = LAMBDA * operand_unit * pv_sq.sqrt() if operand_unit else torch.zeros_like(acc)
+    lse_acc = ds + (LAMBDA * n.sqrt() + 8) * U32 + 4 * U32 * torch.where(finite, lse, torch.zeros_like(lse)).abs()
+    return Allowance(acc, operand), Allowance(lse_acc, 0.0)
+
+
+def attention_allowance(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                        alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                        operand_dtype: Optional[torch.dtype] = None) -> tuple[Allowance, Allowance]:
+    """(allowance of out, in q's layout; of lse, in the lse layout) for turbokernels.attention with these
+    arguments (those of reference.attention.attention). operand_dtype: the dtype P is rounded to before the P @ V
+    dot (q.dtype for fp16/bf16 tensor-core kernels; None when the dot runs in fp32)."""
+    from .reference import attention as ref
+    f64 = torch.float64
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    u_op = _operand_unit(operand_dtype)
+    q64, k64, v64 = q.to(f64), k.to(f64), v.to(f64)
+
+    def one(qd, kd, vd, slopes):  # dense (B, S, H, D)
+        s, allowed, bias, ke = ref.dense_scores(qd, kd, slopes, scale, causal, window_size[0], window_size[1],
+                                                softcap, f64)
+        ve = ref.expand_kv(vd, qd.shape[2])
+        return _softmax_pv_allowance(qd.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), s, allowed, bias,
+                                     scale, softcap, u_op)
+
+    if cu_seqlens_q is None:
+        out_a, lse_a = one(q64, k64, v64, alibi_slopes)
+        return out_a.map(lambda t: t.transpose(1, 2)), lse_a
+    acc, opd = torch.zeros(q.shape, dtype=f64), torch.zeros(q.shape, dtype=f64)
+    lse_acc = torch.zeros(q.shape[1], q.shape[0], dtype=f64)
+    for b, q0, q1, k0, k1 in ref.sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0:
+            continue
+        out_a, lse_a = one(q64[None, q0:q1], k64[None, k0:k1], v64[None, k0:k1], ref.slopes_for(alibi_slopes, b))
+        acc[q0:q1] = out_a.accumulation[0].transpose(0, 1).cpu()
+        opd[q0:q1] = out_a.operand[0].transpose(0, 1).cpu()
+        lse_acc[:, q0:q1] = lse_a.accumulation[0].cpu()
+    dev = q.device
+    return Allowance(acc.to(dev), opd.to(dev)), Allowance(lse_acc.to(dev), 0.0)
+
+
+def decode_allowance(q, k_cache, v_cache, cache_seqlens, block_table=None, alibi_slopes=None, softmax_scale=None,
+                     window_left=-1, window_right=-1, softcap=0.0,
+                     operand_dtype: Optional[torch.dtype] = None) -> Allowance:
+    """Allowance of decode_attention's output (B, T, Hq, D), for the reference's arguments. The split-KV combine
+    (a weighted sum of partial outputs, weights from their lse) adds a few fp32 roundings: inside the constants."""
+    from .reference.decode_attention import decode_scores
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    qh, kh, vh, s, allowed, bias = decode_scores(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
+                                                 scale, window_left, window_right, softcap, torch.float64)
+    out_a, _ = _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale, softcap, _operand_unit(operand_dtype))
+    # the combine: exp of lse differences and a normalisation, each relative to |o|
+    out_a = out_a + Allowance(16 * U32 * ((torch.exp(s - torch.logsumexp(s, -1, keepdim=True).nan_to_num(0.0))
+                                           .nan_to_num(0.0)) @ vh.abs()), 0.0)
+    return out_a.map(lambda t: t.transpose(1, 2))
+
+
+def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
+                            softcap=0.0, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                            operand_dtype: Optional[torch.dtype] = None) -> tuple[Allowance, Allowance, Allowance]:
+    """Allowances of (dq, dk, dv) for the FlashAttention-2 backward fed with `out` and `lse` (what the kernel
+    gets: their own errors against the exact forward are measured here and propagated). operand_dtype: the dtype P
+    and dS are rounded to before their dots (q.dtype on tensor cores; None for fp32 dots).
+
+        dV = P^T dO      dP = dO V^T      D = rowsum(dO * O)      dS = P (dP - D) [(1 - t^2) with softcap]
+        dQ = scale dS K   dK = scale dS^T Q      (GQA: dK, dV summed over the q heads of a kv head)
+    Errors: P = exp(s - lse) carries the score error ds and lse's error; dP a D-long fp32 dot; D the error of the
+    O it is given; dS these three; each matmul then adds its fp32 sum and the rounding of its P / dS operand."""
+    from .reference import attention as ref
+    f64 = torch.float64
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    u_op = _operand_unit(operand_dtype)
+    t64 = [t.to(f64) for t in (q, k, v, dout, out)]
+    lse64 = lse.to(f64)
+
+    def one(qd, kd, vd, dod, od, lse_used, slopes):  # dense (1 or B, S, H, D); lse_used (B, H, Sq)
+        B, sq, hq, d = qd.shape
+        sk, hkv = kd.shape[1], kd.shape[2]
+        g = hq // hkv
+        s, allowed, bias, ke = ref.dense_scores(qd, kd, slopes, scale, causal, window_size[0], window_size[1],
+                                                softcap, f64)
+        ve = ref.expand_kv(vd, hq)
+        qh, kh, vh, doh, oh = (t.transpose(1, 2) for t in (qd, ke, ve, dod, od))     # (B, H, S, D)
+        allowed = allowed.expand_as(s)
+        lse_exact = torch.logsumexp(s, dim=-1)
+        finite = torch.isfinite(lse_exact)
+        p = torch.exp(s - torch.where(finite, lse_exact, torch.zeros_like(lse_exact))[..., None])
+        o_exact = p @ vh
+        qk_abs = (qh.abs() @ kh.abs().transpose(-1, -2)) * scale
+        ds_ = LAMBDA * math.sqrt(d) * U32 * qk_abs + 4 * U32 * (s.abs() + softcap) + 8 * U32
+        if bias is not None:
+            ds_ = ds_ + 4 * U32 * bias.abs()
+        ds_row = torch.where(allowed, ds_, torch.zeros_like(ds_)).amax(-1)             # (B, H, Sq)
+        lse_err = torch.where(finite, (lse_used - lse_exact).abs(), torch.zeros_like(lse_exact))
+        rel_p = ds_row + lse_err + 4 * U32 * torch.where(finite, lse_exact, torch.zeros_like(lse_exact)).abs()
+        # dV
+        dv_acc = (p * rel_p[..., None]).transpose(-1, -2) @ doh.abs() \
+            + LAMBDA * math.sqrt(sq * g) * U32 * (p.transpose(-1, -2) @ doh.abs())
+        dv_sq = (p * p).transpose(-1, -2) @ (doh * doh)
+        # dS
+        dp = doh @ vh.transpose(-1, -2)
+        dp_err = LAMBDA * math.sqrt(d) * U32 * (doh.abs() @ vh.abs().transpose(-1, -2))
+        delta = (doh * o_exact).sum(-1)
+        delta_err = (doh.abs() * (oh - o_exact).abs()).sum(-1) + LAMBDA * math.sqrt(d) * U32 * (doh.abs() * oh.abs()).sum(-1)
+        c = torch.ones_like(s)
+        if softcap > 0:
+            t = torch.tanh((qh @ kh.transpose(-1, -2)) * scale / softcap)
+            c = 1 - t * t
+        dpd = (dp - delta[..., None]).abs()
+        dS = p * (dp - delta[..., None]) * c
+        dS_err = (p * rel_p[..., None] * dpd + p * (dp_err + delta_err[..., None])) * c + 4 * U32 * dS.abs()
+        if softcap > 0:
+            dS_err = dS_err + 10 * U32 * p * dpd
+        dS_err = torch.where(allowed, dS_err, torch.zeros_like(dS_err))
+        dq_acc = scale * (dS_err @ kh.abs() + LAMBDA * math.sqrt(sk) * U32 * (dS.abs() @ kh.abs())) \
+            + 2 * U32 * scale * (dS @ kh).abs()
+        dq_sq = scale ** 2 * ((dS * dS) @ (kh * kh))
+        dk_acc = scale * (dS_err.transpose(-1, -2) @ qh.abs()
+                          + LAMBDA * math.sqrt(sq * g) * U32 * (dS.abs().transpose(-1, -2) @ qh.abs())) \
+            + 2 * U32 * scale * (dS.transpose(-1, -2) @ qh).abs()
+        dk_sq = scale ** 2 * ((dS * dS).transpose(-1, -2) @ (qh * qh))
+
+        def group_sum(t):  # (B, Hq, S, D) -> (B, Hkv, S, D): the q heads of one kv head add up
+            return t.reshape(B, hkv, g, *t.shape[2:]).sum(2)
+
+        out = []
+        for acc_, sq_, grouped in ((dq_acc, dq_sq, False), (dk_acc, dk_sq, True), (dv_acc, dv_sq, True)):
+            if grouped:
+                acc_, sq_ = group_sum(acc_), group_sum(sq_)
+            opd = LAMBDA * u_op * sq_.sqrt() if u_op else torch.zeros_like(acc_)
+            out.append(Allowance(acc_.transpose(1, 2), opd.transpose(1, 2)))
+        return out
+
+    if cu_seqlens_q is None:
+        return tuple(one(*t64, lse64, alibi_slopes))
+    parts = [[torch.zeros(t.shape, dtype=f64), torch.zeros(t.shape, dtype=f64)] for t in (q, k, v)]
+    for b, q0, q1, k0, k1 in ref.sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0 or k1 == k0:
+            continue
+        qd, kd, vd, dod, od = (t[None, a:z] for t, (a, z) in zip(t64, [(q0, q1), (k0, k1), (k0, k1), (q0, q1),
+                                                                           (q0, q1)]))
+        res = one(qd, kd, vd, dod, od, lse64[None, :, q0:q1], ref.slopes_for(alibi_slopes, b))
+        for n, (a, z) in enumerate([(q0, q1), (k0, k1), (k0, k1)]):
+            parts[n][0][a:z] = res[n].accumulation[0].cpu()
+            parts[n][1][a:z] = res[n].operand[0].cpu()
+    dev = q.device
+    return tuple(Allowance(a.to(dev), o.to(dev)) for a, o in parts)
 
 
 # ---- static code generation --------------------------------------------------------------------------------------

@@ -52,20 +52,30 @@ def _scores(q, k, softmax_scale, softcap):
     return s, None
 
 
-def _expand_kv(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+def expand_kv(x: torch.Tensor, heads_q: int) -> torch.Tensor:
     return x.repeat_interleave(heads_q // x.shape[2], dim=2) if x.shape[2] != heads_q else x
+
+
+def dense_scores(q, k, slopes, softmax_scale, causal, window_left, window_right, softcap, compute_dtype):
+    """Dense layout: (s (B, Hq, Sq, Sk) with masked keys at -inf, allowed (Sq, Sk), ALiBi bias or None, k expanded
+    to the q heads). Shared by the forward, the backward and the tests' error allowance (turbokernels.testing)."""
+    B, sq, hq, _ = q.shape
+    sk = k.shape[1]
+    ke = expand_kv(k, hq)
+    s, _ = _scores(q, ke, softmax_scale, softcap)
+    allowed, bias = _allowed_and_bias(sq, sk, causal, window_left, window_right, slopes, q.device, compute_dtype)
+    if bias is not None:
+        s = s + bias  # (Hq, Sq, Sk) or (B, Hq, Sq, Sk)
+    s = s.masked_fill(~allowed, float("-inf"))
+    return s, allowed, bias, ke
 
 
 def _dense_forward(q, k, v, slopes, softmax_scale, causal, window_left, window_right, softcap, compute_dtype):
     """Dense layout, compute_dtype in and out; returns (out (B, Sq, Hq, D), lse (B, Hq, Sq), P (B, Hq, Sq, Sk))."""
     B, sq, hq, _ = q.shape
     sk = k.shape[1]
-    ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
-    s, _ = _scores(q, ke, softmax_scale, softcap)
-    allowed, bias = _allowed_and_bias(sq, sk, causal, window_left, window_right, slopes, q.device, compute_dtype)
-    if bias is not None:
-        s = s + bias  # (Hq, Sq, Sk) or (B, Hq, Sq, Sk)
-    s = s.masked_fill(~allowed, float("-inf"))
+    s, _, _, _ = dense_scores(q, k, slopes, softmax_scale, causal, window_left, window_right, softcap, compute_dtype)
+    ve = expand_kv(v, hq)
     lse = torch.logsumexp(s, dim=-1) if sk > 0 else s.new_full((B, hq, sq), float("-inf"))
     finite = torch.isfinite(lse)
     p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])  # masked: exp(-inf) = 0
@@ -73,7 +83,7 @@ def _dense_forward(q, k, v, slopes, softmax_scale, causal, window_left, window_r
     return out, lse, p
 
 
-def _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+def sequences(q, k, cu_seqlens_q, cu_seqlens_k):
     """[(b, q_start, q_end, k_start, k_end)] for varlen (host read of cu_seqlens), [(b, None...)] otherwise."""
     if cu_seqlens_q is None:
         return [(b, None, None, None, None) for b in range(q.shape[0])]
@@ -81,7 +91,7 @@ def _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
     return [(b, cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
 
 
-def _slopes_for(alibi_slopes, b):
+def slopes_for(alibi_slopes, b):
     if alibi_slopes is None:
         return None
     return alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
@@ -101,11 +111,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_
         return out.to(q.dtype).contiguous(), lse.to(lse_dtype).contiguous()
     out = torch.zeros(q.shape, dtype=cd, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cd, device=q.device)
-    for b, q0, q1, k0, k1 in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+    for b, q0, q1, k0, k1 in sequences(q, k, cu_seqlens_q, cu_seqlens_k):
         if q1 == q0:
             continue
         o_b, lse_b, _ = _dense_forward(qc[None, q0:q1], kc[None, k0:k1], vc[None, k0:k1],
-                                       _slopes_for(alibi_slopes, b), softmax_scale, causal, window_left,
+                                       slopes_for(alibi_slopes, b), softmax_scale, causal, window_left,
                                        window_right, softcap, cd)
         out[q0:q1] = o_b[0]
         lse[:, q0:q1] = lse_b[0]
@@ -119,7 +129,7 @@ def _dense_backward(dout, q, k, v, slopes, softmax_scale, causal, window_left, w
     B, sq, hq, _ = q.shape
     hkv = k.shape[2]
     out, _, p = _dense_forward(q, k, v, slopes, softmax_scale, causal, window_left, window_right, softcap, cd)
-    ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
+    ke, ve = expand_kv(k, hq), expand_kv(v, hq)
     dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)
     dp = torch.einsum("bqhd,bkhd->bhqk", dout, ve)
     delta = (dout * out).sum(-1).transpose(1, 2)  # (B, Hq, Sq)
@@ -151,11 +161,11 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                                      softcap, cd)
     else:
         dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
-        for b, q0, q1, k0, k1 in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
+        for b, q0, q1, k0, k1 in sequences(q, k, cu_seqlens_q, cu_seqlens_k):
             if q1 == q0 or k1 == k0:
                 continue
             g = _dense_backward(doc[None, q0:q1], qc[None, q0:q1], kc[None, k0:k1], vc[None, k0:k1],
-                                _slopes_for(alibi_slopes, b), softmax_scale, causal, window_left, window_right,
+                                slopes_for(alibi_slopes, b), softmax_scale, causal, window_left, window_right,
                                 softcap, cd)
             dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()

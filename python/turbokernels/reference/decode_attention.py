@@ -29,12 +29,12 @@ def gather_cache(cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> to
     return cache[pages].reshape(b, p * page_size, *cache.shape[2:])
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                     block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], softmax_scale: float,
-                     window_left: int, window_right: int, softcap: float) -> torch.Tensor:
-    """q (B, T, Hq, D), caches (B, S, Hkv, D) or paged with block_table -> (B, T, Hq, D) in q.dtype.
-    Computed in float32, or float64 when q is float64."""
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+def decode_scores(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                  block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], softmax_scale: float,
+                  window_left: int, window_right: int, softcap: float, work: torch.dtype):
+    """The scores of the spec in `work` precision: (qh (B, H, T, D), kh, vh (B, H, S, D) with kv heads repeated for
+    their query heads, s (B, H, T, S) with disallowed keys at -inf, allowed (B, 1, T, S), ALiBi bias or None).
+    Shared by decode_attention and the tests' error allowance (turbokernels.testing)."""
     B, T, Hq, D = q.shape
     k = gather_cache(k_cache, block_table)
     v = gather_cache(v_cache, block_table)
@@ -51,9 +51,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     qpos = lens - T + torch.arange(T, device=q.device).view(1, T)                         # (B, T)
     j = torch.arange(S, device=q.device).view(1, 1, S)
     dist = qpos.unsqueeze(-1) - j                                                          # (B, T, S)
+    bias = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(work).expand(B, Hq) if alibi_slopes.dim() == 1 else alibi_slopes.to(work)
-        s = s - slopes.view(B, Hq, 1, 1) * dist.abs().to(work).unsqueeze(1)
+        bias = -slopes.view(B, Hq, 1, 1) * dist.abs().to(work).unsqueeze(1)
+        s = s + bias
     allowed = (dist >= 0) & (j < lens.view(B, 1, 1))
     if window_left >= 0:
         allowed &= dist <= window_left
@@ -61,6 +63,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         allowed &= dist >= -window_right
     allowed = allowed.unsqueeze(1)                                                         # (B, 1, T, S)
     s = s.masked_fill(~allowed, float("-inf"))
+    return qh, kh, vh, s, allowed, bias
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], softmax_scale: float,
+                     window_left: int, window_right: int, softcap: float) -> torch.Tensor:
+    """q (B, T, Hq, D), caches (B, S, Hkv, D) or paged with block_table -> (B, T, Hq, D) in q.dtype.
+    Computed in float32, or float64 when q is float64."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    _, _, vh, s, _, _ = decode_scores(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale,
+                                      window_left, window_right, softcap, work)
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)
