@@ -244,6 +244,58 @@ def test_every_triton_config_is_correct(monkeypatch):
                 assert_lse_close(lse, golden_lse, baseline_lse, a_lse, f"varlen {cfg} d={d}")
 
 
+def edge_sweep(block_m, block_n):
+    """(seqlens_q, seqlens_k) of packed sequences that put the causal / window edges of some query tile on every
+    offset -2..2 from a key-block boundary: 1, BLOCK_M - 1 and BLOCK_M + 1 rows, keys shifted by r + t BLOCK_N
+    (r in -2..2, t in 0, 1) from the bottom-right diagonal. An off-by-one in the kernels' block ranges (which
+    blocks to visit, which need no mask) only shows when an edge sits on such a boundary."""
+    lens_q, lens_k = [], []
+    for sq in (1, block_m - 1, block_m + 1):
+        for shift in (r + t * block_n for t in (0, 1) for r in range(-2, 3)):
+            lens_q.append(sq)
+            lens_k.append(max(sq + shift, 0))
+    return lens_q, lens_k
+
+
+def mask_edge_variants(block_n):
+    """causal; causal with a left window of one block (its left edge on the same boundaries); a two-sided
+    window (left edge one key before a boundary, right edge two keys after the diagonal)."""
+    return [dict(causal=True), dict(causal=True, window_size=(block_n, -1)), dict(window_size=(block_n - 1, 2))]
+
+
+def edge_tiles(configs):
+    """One tile shape per key-block width among `configs` (the smallest BLOCK_M with it): the block-range logic
+    depends on BLOCK_N and on BLOCK_M being a multiple of it, not on the rest of the config."""
+    tiles = {}
+    for cfg in sorted(configs, key=lambda c: c.BLOCK_M):
+        tiles.setdefault(cfg.BLOCK_N, cfg)
+    return [tiles[n] for n in sorted(tiles)]
+
+
+def test_mask_edges():
+    """The causal and window edges swept across the key-block boundaries of every key-block width the forward
+    ships (see edge_sweep), against the float64 golden: what the shapes of the other tests can hide behind a
+    block's width."""
+    if "triton" not in runnable_backends():
+        pytest.skip("triton cannot run here")
+    from turbokernels.kernels.attention_fwd import CONFIGS, attention_fwd as launch
+    for cfg in edge_tiles([cfg for table in CONFIGS.values() for cfgs in table.values() for cfg in cfgs]):
+        assert cfg.BLOCK_M % cfg.BLOCK_N == 0, "edge_sweep's residues assume BLOCK_M is a multiple of BLOCK_N"
+        lens_q, lens_k = edge_sweep(cfg.BLOCK_M, cfg.BLOCK_N)
+        q, k, v, cu_q, cu_k = _varlen_inputs(lens_q, lens_k, 1, 1, 16, torch.float16)
+        for kw in mask_edge_variants(cfg.BLOCK_N):
+            window = kw.get("window_size", (-1, -1))
+            out, lse = launch(q, k, v, cu_q, cu_k, None, 0.25, kw.get("causal", False), window[0], window[1], 0.0,
+                              config=cfg)
+            golden, golden_lse = ref.attention(q.double(), k.double(), v.double(), softmax_scale=0.25,
+                                               cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+            a_out, a_lse = allowances("triton", q, k, v, softmax_scale=0.25, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                      **kw)
+            what = f"tile {cfg.BLOCK_M}x{cfg.BLOCK_N} {kw}"
+            assert_close(out, golden, allowance=a_out, what=what)
+            assert_lse_close(lse, golden_lse, None, a_lse, what)
+
+
 # ---- backward (reference: the spec the Triton backward must match) ----------------------------------------------
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(softcap=1.5, alibi_slopes="per_head", window_size=(5, 2))],
                          ids=["causal", "softcap-alibi-window"])

@@ -248,6 +248,49 @@ def test_every_config_is_correct(monkeypatch):
             check((dq, dk, dv), golden, baseline, allowance, f"{cfg} deterministic={deterministic}")
 
 
+def test_mask_edges():
+    """The causal and window edges swept across the block boundaries the backward's loops use (the dK/dV kernel's
+    query blocks, BLOCK_M1; the dQ kernel's key blocks, BLOCK_N2), in both dQ modes, against the float64 golden:
+    packed sequences with 1 and BLOCK_M2 + 1 queries and keys shifted by r + t B from the diagonal (r in -2..2,
+    t in 0, 1, B the smaller of the two blocks), for one config per (BLOCK_M1, BLOCK_N2) pair shipped."""
+    tiles = {}
+    for cfg in shipped_configs():
+        tiles.setdefault((cfg.BLOCK_M1, cfg.BLOCK_N2), cfg)
+    dev = device()
+    for cfg in tiles.values():
+        step = min(cfg.BLOCK_M1, cfg.BLOCK_N2)
+        assert cfg.BLOCK_N1 % cfg.BLOCK_M1 == 0 and cfg.BLOCK_M2 % cfg.BLOCK_N2 == 0, "residues assume multiples"
+        lens_q, lens_k = [], []
+        for sq in (1, cfg.BLOCK_M2 + 1):
+            for shift in (r + t * step for t in (0, 1) for r in range(-2, 3)):
+                lens_q.append(sq)
+                lens_k.append(max(sq + shift, 0))
+        cu_q = torch.tensor([0] + lens_q, device=dev).cumsum(0).to(torch.int32)
+        cu_k = torch.tensor([0] + lens_k, device=dev).cumsum(0).to(torch.int32)
+        q, k, v, dout = (torch.randn(n, 1, 16, device=dev).half() for n in (sum(lens_q), sum(lens_k), sum(lens_k),
+                                                                                 sum(lens_q)))
+        for window, causal in (((-1, -1), True), ((step, -1), True), ((step - 1, 2), False)):
+            kw = dict(scale=0.25, causal=causal, window=window)
+            out, lse = torch.empty_like(q), torch.empty(1, q.shape[0], device=dev)
+            golden, baseline = [[], [], []], [[], [], []]
+            for i in range(len(lens_q)):
+                sl_q, sl_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+                o, l, g, bl = golden_and_baseline(q[None, sl_q], k[None, sl_k], v[None, sl_k], dout[None, sl_q],
+                                                  **kw)
+                out[sl_q], lse[:, sl_q] = o[0], l[0]
+                for n in range(3):
+                    golden[n].append(g[n][0])
+                    baseline[n].append(bl[n][0])
+            golden = [torch.cat(g) for g in golden]
+            baseline = [torch.cat(b) for b in baseline]
+            allowance = allowances(q, k, v, dout, out, lse, cu_q=cu_q, cu_k=cu_k, **kw)
+            for deterministic in (False, True):
+                grads = launch(dout, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, deterministic=deterministic,
+                               config=cfg, **kw)
+                check(grads, golden, baseline, allowance,
+                      f"{cfg} causal={causal} window={window} deterministic={deterministic}")
+
+
 @pytest.mark.gpu
 def test_gpu_long_sequence_d128():
     b, s, hq, hkv, d = 1, 1024, 4, 2, 128

@@ -253,6 +253,28 @@ def test_every_triton_config_with_nan_poisoned_buffers(monkeypatch):
                          what=f"{cfg} paged={paged} T={T} Hq={Hq} splits={splits}")
 
 
+def test_mask_edges():
+    """The left window edge swept across the key-block boundaries of every BLOCK_N shipped: cache lengths that put
+    the first new token's window start at -2..2 keys from a block boundary, 1 and 3 new tokens, one split and three
+    (split boundaries fall on blocks too), against the float64 golden."""
+    if "triton" not in runnable_backends():
+        pytest.skip("triton cannot run here")
+    from turbokernels.kernels.attention_decode import CONFIGS, decode_attention as launch
+    block_ns = sorted({cfg.BLOCK_N for cfgs in CONFIGS.values() for cfg in cfgs})
+    for cfg in [next(c for cfgs in CONFIGS.values() for c in cfgs if c.BLOCK_N == n) for n in block_ns]:
+        n = cfg.BLOCK_N
+        for T in (1, 3):
+            seqlens = [t * n + r + T for t in (1, 2) for r in range(-2, 3)]  # seqlen - T - window_left = (t-1)n + r
+            S = max(seqlens)
+            k_cache, v_cache, _, _, _ = make_cache(len(seqlens), S, 1, 16, torch.float16)
+            q = torch.randn(len(seqlens), T, 2, 16, device=device(), dtype=torch.float16)
+            lens_t = torch.tensor(seqlens, dtype=torch.int32, device=device())
+            golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, lens_t, scale=0.25, window=(n, -1))
+            for splits in (1, 3):
+                out = launch(q, k_cache, v_cache, lens_t, None, None, 0.25, n, 0.0, config=cfg, num_splits=splits)
+                assert_close(out, golden, baseline, allowance=allowance, what=f"{cfg} T={T} splits={splits}")
+
+
 @pytest.mark.parametrize("backend_name", runnable_backends())
 def test_empty_and_zero_length(backend_name):
     k_cache, v_cache, _, _, _ = make_cache(2, 32, 1, 64, torch.float16)

@@ -14,19 +14,20 @@ never on which CPU or BLAS runs the test:
                      when nothing else is rounded
     a_i              what the computation may add before that rounding, for a sum of n terms t_k:
                        accumulation in fp32, any order:   LAMBDA * sqrt(n) * u_acc * sum_k |t_k|
-                       operands rounded to a dtype of unit roundoff u_op before the product (a tensor-core dot of
-                       fp16/bf16 operands, e.g. the dequantized int4 weight or the softmax probabilities):
-                                                           LAMBDA * u_op * sqrt(sum_k t_k^2)
+                       one operand a_k of t_k = a_k b_k rounded to a dtype of unit roundoff u_op before the product
+                       (a tensor-core dot of fp16/bf16 operands: the dequantized int4 weight, the softmax
+                       probabilities, dS): LAMBDA * sqrt(sum_k (max(u_op |a_k|, eta) b_k)^2), eta = half the
+                       spacing of the dtype's subnormals (probabilities below fp16's smallest normal number)
                      (u = 2^-p: 2^-24 for fp32, 2^-11 fp16, 2^-8 bf16.)
 
 The sqrt(n) forms are Higham & Mary's probabilistic rounding-error bounds (SIAM J. Sci. Comput. 41(5), 2019):
 rounding errors that are independent and of mean zero give |error| <= LAMBDA sqrt(n) u sum|t_k| with probability
 at least 1 - 2 exp(-LAMBDA^2 / 2) per element (LAMBDA = 6: 3e-8), where the worst case n u sum|t_k| is too loose
-to catch a wrong kernel once n is large. The operand term is Hoeffding's inequality on sum_k t_k delta_k with
-|delta_k| <= u_op; the tests' inputs are random with random signs, which makes the delta_k of a weight that repeats
-(int4 has 16 values per group) as good as independent. Attention's allowance (attention_allowance) adds the
-propagation of the score errors through the softmax; the backward's (attention_bwd_allowance) follows dS = P (dP - D)
-through each of its matmuls.
+to catch a wrong kernel once n is large. The operand term is Hoeffding's inequality on sum_k delta_k b_k with
+|delta_k| <= max(u_op |a_k|, eta), same probability: the tests' b_k are random with random signs, which makes the
+terms independent and of mean zero even where a_k repeats (an int4 group has 16 distinct weights).
+attention_allowance adds the propagation of the score errors through the softmax; attention_bwd_allowance follows
+dS = P (dP - D) through each of the backward's matmuls.
 
 A second check is FlashAttention's: for fp16/bf16 outputs the largest error may be at most `factor` (2) times the
 largest error of torch computing the same thing in that dtype (the baseline), plus one output rounding of the
@@ -91,20 +92,31 @@ class Allowance:
         return Allowance(wrap(self.accumulation), wrap(self.operand))
 
 
-def _operand_unit(operand_dtype: Optional[torch.dtype]) -> float:
-    """Unit roundoff of the dtype operands are rounded to (None: not rounded below fp32)."""
-    if operand_dtype is None:
-        return 0.0
+def _operand_rounding(operand_dtype: Optional[torch.dtype]) -> tuple[float, float]:
+    """(u, eta) of the dtype operands are rounded to: rounding a changes it by at most max(u |a|, eta), eta being
+    half the spacing of its subnormal numbers (fp16: 2^-25, which softmax probabilities reach). (0, 0) when
+    nothing is rounded below fp32 (operand_dtype None or fp32)."""
+    if operand_dtype is None or unit_roundoff(operand_dtype) <= U32:
+        return 0.0, 0.0
     u = unit_roundoff(operand_dtype)
-    return u if u > U32 else 0.0
+    return u, u * 2.0 ** _MIN_EXPONENT[operand_dtype]
+
+
+def _operand_term(rounding: tuple[float, float], ab_sq: torch.Tensor, b_sq_nonzero: torch.Tensor):
+    """LAMBDA sqrt(sum_k (delta_k b_k)^2) with |delta_k| <= max(u |a_k|, eta) for a rounded operand a, an exact b:
+    ab_sq = sum_k (a_k b_k)^2, b_sq_nonzero = sum over the k where a_k != 0 of b_k^2 (a zero is rounded exactly)."""
+    u, eta = rounding
+    if not u:
+        return torch.zeros_like(ab_sq)
+    return LAMBDA * (u * u * ab_sq + eta * eta * b_sq_nonzero).sqrt()
 
 
 def matmul_allowance(x: torch.Tensor, w_kn: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
-                     operand_dtype: Optional[torch.dtype] = None, rounded_operands: int = 1) -> Allowance:
+                     operand_dtype: Optional[torch.dtype] = None) -> Allowance:
     """x (..., K) @ w (K, N) [+ bias] accumulated in fp32 in any order, the bias added in fp32 before the one
-    rounding of the output; `rounded_operands` of the two operands rounded to `operand_dtype` first (None: both
-    used as they are, or rounded no coarser than fp32). x and w_kn are the exact values (float64 is best: an int4
-    weight's exact q * scale + offset)."""
+    rounding of the output; the weight rounded to `operand_dtype` before the dot (an int4 weight dequantized in
+    fp32 and fed to a tensor core; None: used as it is, or rounded no coarser than fp32). x and w_kn are the exact
+    values (float64 is best: an int4 weight's exact q * scale + offset)."""
     x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
     w64 = w_kn.to(torch.float64)
     K = x64.shape[-1]
@@ -116,8 +128,8 @@ def matmul_allowance(x: torch.Tensor, w_kn: torch.Tensor, *, bias: Optional[torc
     acc = acc + LAMBDA * 3 * U32 * sq_sum.sqrt()
     if bias is not None:  # one fp32 addition
         acc = acc + 2 * U32 * (abs_sum + bias.to(torch.float64).abs())
-    u_op = _operand_unit(operand_dtype)
-    operand = LAMBDA * u_op * math.sqrt(rounded_operands) * sq_sum.sqrt() if u_op else 0.0
+    rounding = _operand_rounding(operand_dtype)
+    operand = _operand_term(rounding, sq_sum, (x64 * x64) @ (w64 != 0).to(torch.float64)) if rounding[0] else 0.0
     shape = x.shape[:-1] + (w64.shape[-1],)
     return Allowance(acc, operand).map(lambda t: t.reshape(shape))
 
@@ -198,7 +210,7 @@ def assert_close(ours: torch.Tensor, golden: torch.Tensor, baseline: Optional[to
 
 # ---- allowances of attention ------------------------------------------------------------------------------------
 def _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale: float, softcap: float,
-                          operand_unit: float) -> tuple[Allowance, Allowance]:
+                          rounding: tuple[float, float]) -> tuple[Allowance, Allowance]:
     """Forward attention in (B, H, T, D) / (B, H, S, D) layout, float64: (allowance of out (B, H, T, D), of the
     natural-log lse (B, H, T)). s: exact scores with -inf where not allowed.
 
@@ -208,6 +220,9 @@ def _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale: float, softcap: f
     Then the fp32 sum of sum_j p_ij v_j and of l_i = sum_j p_ij (and the rescalings of the online softmax: one
     multiply per key block), and, when P is rounded for the tensor-core dot, the operand term."""
     d = qh.shape[-1]
+    if s.shape[-1] == 0:  # no keys: the output is exactly 0 and the lse -inf
+        zeros = qh.new_zeros(qh.shape)
+        return Allowance(zeros, zeros), Allowance(qh.new_zeros(qh.shape[:-1]), 0.0)
     allowed = allowed.expand_as(s)
     n = allowed.sum(-1).clamp(min=1).to(torch.float64)                                  # keys per row
     qk_abs = (qh.abs() @ kh.abs().transpose(-1, -2)) * scale
@@ -221,7 +236,7 @@ def _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale: float, softcap: f
     pv_abs = p @ vh.abs()
     pv_sq = (p * p) @ (vh * vh)
     acc = (2 * ds + 2 * (LAMBDA * n.sqrt() + 2) * U32)[..., None] * pv_abs
-    operand = LAMBDA * operand_unit * pv_sq.sqrt() if operand_unit else torch.zeros_like(acc)
+    operand = _operand_term(rounding, pv_sq, allowed.to(torch.float64) @ (vh * vh))
     lse_acc = ds + (LAMBDA * n.sqrt() + 8) * U32 + 4 * U32 * torch.where(finite, lse, torch.zeros_like(lse)).abs()
     return Allowance(acc, operand), Allowance(lse_acc, 0.0)
 
@@ -235,7 +250,7 @@ def attention_allowance(q, k, v, *, causal=False, softmax_scale=None, window_siz
     from .reference import attention as ref
     f64 = torch.float64
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    u_op = _operand_unit(operand_dtype)
+    rounding = _operand_rounding(operand_dtype)
     q64, k64, v64 = q.to(f64), k.to(f64), v.to(f64)
 
     def one(qd, kd, vd, slopes):  # dense (B, S, H, D)
@@ -243,7 +258,7 @@ def attention_allowance(q, k, v, *, causal=False, softmax_scale=None, window_siz
                                                 softcap, f64)
         ve = ref.expand_kv(vd, qd.shape[2])
         return _softmax_pv_allowance(qd.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), s, allowed, bias,
-                                     scale, softcap, u_op)
+                                     scale, softcap, rounding)
 
     if cu_seqlens_q is None:
         out_a, lse_a = one(q64, k64, v64, alibi_slopes)
@@ -270,7 +285,8 @@ def decode_allowance(q, k_cache, v_cache, cache_seqlens, block_table=None, alibi
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     qh, kh, vh, s, allowed, bias = decode_scores(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
                                                  scale, window_left, window_right, softcap, torch.float64)
-    out_a, _ = _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale, softcap, _operand_unit(operand_dtype))
+    out_a, _ = _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale, softcap,
+                                     _operand_rounding(operand_dtype))
     # the combine: exp of lse differences and a normalisation, each relative to |o|
     out_a = out_a + Allowance(16 * U32 * ((torch.exp(s - torch.logsumexp(s, -1, keepdim=True).nan_to_num(0.0))
                                            .nan_to_num(0.0)) @ vh.abs()), 0.0)
@@ -291,7 +307,7 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
     from .reference import attention as ref
     f64 = torch.float64
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    u_op = _operand_unit(operand_dtype)
+    rounding = _operand_rounding(operand_dtype)
     t64 = [t.to(f64) for t in (q, k, v, dout, out)]
     lse64 = lse.to(f64)
 
@@ -318,7 +334,9 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
         # dV
         dv_acc = (p * rel_p[..., None]).transpose(-1, -2) @ doh.abs() \
             + LAMBDA * math.sqrt(sq * g) * U32 * (p.transpose(-1, -2) @ doh.abs())
+        ok = allowed.to(f64)
         dv_sq = (p * p).transpose(-1, -2) @ (doh * doh)
+        dv_floor = ok.transpose(-1, -2) @ (doh * doh)
         # dS
         dp = doh @ vh.transpose(-1, -2)
         dp_err = LAMBDA * math.sqrt(d) * U32 * (doh.abs() @ vh.abs().transpose(-1, -2))
@@ -337,19 +355,22 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
         dq_acc = scale * (dS_err @ kh.abs() + LAMBDA * math.sqrt(sk) * U32 * (dS.abs() @ kh.abs())) \
             + 2 * U32 * scale * (dS @ kh).abs()
         dq_sq = scale ** 2 * ((dS * dS) @ (kh * kh))
+        dq_floor = scale ** 2 * (ok @ (kh * kh))
         dk_acc = scale * (dS_err.transpose(-1, -2) @ qh.abs()
                           + LAMBDA * math.sqrt(sq * g) * U32 * (dS.abs().transpose(-1, -2) @ qh.abs())) \
             + 2 * U32 * scale * (dS.transpose(-1, -2) @ qh).abs()
         dk_sq = scale ** 2 * ((dS * dS).transpose(-1, -2) @ (qh * qh))
+        dk_floor = scale ** 2 * (ok.transpose(-1, -2) @ (qh * qh))
 
         def group_sum(t):  # (B, Hq, S, D) -> (B, Hkv, S, D): the q heads of one kv head add up
             return t.reshape(B, hkv, g, *t.shape[2:]).sum(2)
 
         out = []
-        for acc_, sq_, grouped in ((dq_acc, dq_sq, False), (dk_acc, dk_sq, True), (dv_acc, dv_sq, True)):
+        for acc_, sq_, floor, grouped in ((dq_acc, dq_sq, dq_floor, False), (dk_acc, dk_sq, dk_floor, True),
+                                          (dv_acc, dv_sq, dv_floor, True)):
             if grouped:
-                acc_, sq_ = group_sum(acc_), group_sum(sq_)
-            opd = LAMBDA * u_op * sq_.sqrt() if u_op else torch.zeros_like(acc_)
+                acc_, sq_, floor = group_sum(acc_), group_sum(sq_), group_sum(floor)
+            opd = _operand_term(rounding, sq_, floor)
             out.append(Allowance(acc_.transpose(1, 2), opd.transpose(1, 2)))
         return out
 

@@ -1,0 +1,175 @@
+"""Deliberate bugs the test suite must catch: run by hand, `python tests/mutations.py [name ...]` (`--list`).
+
+Each mutation is one exact text replacement in one source file. The tool copies the package (python/turbokernels,
+kernels/ as turbokernels.kernels, bench/ as turbokernels.bench, the built _C) and tests/ into a temporary
+directory, applies the mutation there (the working tree is never touched), and runs the named tests against the
+copy. A mutation is CAUGHT when those tests fail, MISSED when they pass. `--control` also runs each selection on
+the unmutated copy, which must pass (otherwise a catch proves nothing). Results go to stdout as a table; the counts
+are recorded in docs/reliability.md.
+
+C++ kernels are not mutated here (that would need a rebuild per mutation); their paths are covered by the same
+tolerance rule, and the Triton kernels exercise the arithmetic patterns the rule is meant to catch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str           # the bug, in words
+    path: str           # file, relative to the repository root
+    old: str            # exact text, must occur exactly once
+    new: str
+    tests: tuple        # pytest selections (relative to the repository root) that must catch it
+
+
+MUTATIONS = [
+    Mutation("int4-output-x1.01", "int4_mm Triton kernel scales its bf16/fp16 output by 1.01",
+             "kernels/int4_mm.py",
+             "tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty)",
+             "tl.store(out_ptrs, (acc * 1.01).to(out_ptr.dtype.element_ty)",
+             ("tests/test_int4_mm.py::test_int4_linear_matches_golden",)),
+    Mutation("int4-splitk-partials-in-input-dtype", "split-K partial sums kept in the activation dtype, not fp32",
+             "kernels/_launch.py",
+             "out = empty((splits, M, N), device=like.device, dtype=torch.float32)",
+             "out = empty((splits, M, N), device=like.device, dtype=like.dtype)",
+             ("tests/test_int4_mm.py::test_int4_linear_matches_golden",
+              "tests/test_int4_mm.py::test_every_triton_config_is_correct")),
+    Mutation("sparse24-output-x1.01", "sparse24_mm Triton kernel scales its output by 1.01",
+             "kernels/sparse24_mm.py",
+             "tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty)",
+             "tl.store(out_ptrs, (acc * 1.01).to(out_ptr.dtype.element_ty)",
+             ("tests/test_sparse24_mm.py::test_sparse24_linear_matches_golden",)),
+    Mutation("attention-fwd-causal-edge-hi", "forward: the last key block of a tile's causal/right window edge "
+             "ends one key early (hidden unless that key starts a block)",
+             "kernels/attention_fwd.py",
+             "hi = tl.maximum(tl.minimum(sk, m_last + shift + window_right + 1), 0)",
+             "hi = tl.maximum(tl.minimum(sk, m_last + shift + window_right), 0)",
+             ("tests/test_attention.py::test_mask_edges",)),
+    Mutation("attention-fwd-full-block-edge", "forward: a key block one past the causal edge is treated as "
+             "needing no mask (visible only when the edge sits on a block boundary)",
+             "kernels/attention_fwd.py",
+             "full_hi = tl.maximum(tl.minimum(m0 + shift + window_right + 1, sk), 0) // BLOCK_N * BLOCK_N",
+             "full_hi = tl.maximum(tl.minimum(m0 + shift + window_right + 2, sk), 0) // BLOCK_N * BLOCK_N",
+             ("tests/test_attention.py::test_mask_edges",)),
+    Mutation("attention-fwd-left-window-edge", "forward: the first unmasked block starts one key before the left "
+             "window edge allows",
+             "kernels/attention_fwd.py",
+             "full_lo = tl.minimum(tl.cdiv(tl.maximum(m_last + shift - window_left, 0), BLOCK_N) * BLOCK_N, hi)",
+             "full_lo = tl.minimum(tl.cdiv(tl.maximum(m_last + shift - window_left - 1, 0), BLOCK_N) * BLOCK_N, hi)",
+             ("tests/test_attention.py::test_mask_edges",)),
+    Mutation("attention-fwd-mask-off-by-one", "forward: the in-block causal mask lets each row see one key past "
+             "its diagonal",
+             "kernels/attention_fwd.py",
+             "ok = ok & (rel <= window_right)",
+             "ok = ok & (rel <= window_right + 1)",
+             ("tests/test_attention.py::test_forward_matches_golden",)),
+    Mutation("attention-bwd-dkdv-last-query-block", "backward dK/dV: the band of query blocks that see a key block "
+             "ends one row early", "kernels/attention_bwd.py",
+             "m_hi = tl.minimum(n0 + BLOCK_N + window_left - (sk - sq), sq)",
+             "m_hi = tl.minimum(n0 + BLOCK_N + window_left - (sk - sq) - 1, sq)",
+             ("tests/test_attention_bwd.py::test_mask_edges",)),
+    Mutation("attention-bwd-dkdv-first-query-block", "backward dK/dV: the band of query blocks starts one row late",
+             "kernels/attention_bwd.py",
+             "m_lo = tl.maximum(n0 - (sk - sq) - window_right, 0)",
+             "m_lo = tl.maximum(n0 - (sk - sq) - window_right + 1, 0)",
+             ("tests/test_attention_bwd.py::test_mask_edges",)),
+    Mutation("attention-bwd-dq-last-key-block", "backward dQ kernel: the key blocks of a query block end one key "
+             "early", "kernels/attention_bwd.py",
+             "n_hi = tl.minimum(m0 + BLOCK_M + (sk - sq) + window_right, sk)",
+             "n_hi = tl.minimum(m0 + BLOCK_M + (sk - sq) + window_right - 1, sk)",
+             ("tests/test_attention_bwd.py::test_mask_edges",)),
+    Mutation("attention-bwd-dq-first-key-block", "backward dQ kernel: the key blocks start one key late",
+             "kernels/attention_bwd.py",
+             "n_lo = tl.maximum(m0 + (sk - sq) - window_left, 0)",
+             "n_lo = tl.maximum(m0 + (sk - sq) - window_left + 1, 0)",
+             ("tests/test_attention_bwd.py::test_mask_edges",)),
+    Mutation("decode-window-first-block", "decode: the first key block inside the left window starts one key late",
+             "kernels/attention_decode.py",
+             "lo = tl.maximum(start, ((seqlen - T - window_left) // BLOCK_N) * BLOCK_N)",
+             "lo = tl.maximum(start, ((seqlen - T - window_left + 1) // BLOCK_N) * BLOCK_N)",
+             ("tests/test_decode_attention.py::test_mask_edges",)),
+]
+
+
+def _copy_tree(dst: str) -> None:
+    """The package as an installed tree (turbokernels/, turbokernels/kernels, turbokernels/bench) + tests/."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(os.path.join(ROOT, "python", "turbokernels"), os.path.join(dst, "turbokernels"), ignore=ignore)
+    shutil.copytree(os.path.join(ROOT, "kernels"), os.path.join(dst, "turbokernels", "kernels"), ignore=ignore)
+    shutil.copytree(os.path.join(ROOT, "bench"), os.path.join(dst, "turbokernels", "bench"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "out", "results"))
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(dst, "tests"), ignore=ignore)
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), dst)
+
+
+def _source_path(dst: str, path: str) -> str:
+    if path.startswith("kernels/"):
+        return os.path.join(dst, "turbokernels", path)
+    if path.startswith("python/"):
+        return os.path.join(dst, path[len("python/"):])
+    if path.startswith("bench/"):
+        return os.path.join(dst, "turbokernels", path)
+    return os.path.join(dst, path)
+
+
+def _run(dst: str, tests) -> tuple[int, str, float]:
+    """(pytest's exit code: 0 passed, 1 some test failed, other: collection/usage error), last line, seconds."""
+    env = dict(os.environ, PYTHONPATH=dst, TURBOKERNELS_AUTOTUNE="0")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return proc.returncode, (lines[-1] if lines else proc.stderr[-300:]), time.time() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--control", action="store_true", help="also run each selection without the mutation")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:<40} {m.path:<28} {m.what}")
+        return 0
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        _copy_tree(tmp)
+        check = subprocess.run([sys.executable, "-c", "import turbokernels; print(turbokernels.__file__)"],
+                               env=dict(os.environ, PYTHONPATH=tmp), capture_output=True, text=True, cwd=tmp)
+        assert check.stdout.startswith(tmp), f"the copy is not the package imported: {check.stdout}{check.stderr}"
+        for m in chosen:
+            target = _source_path(tmp, m.path)
+            original = open(target).read()
+            assert original.count(m.old) == 1, f"{m.name}: the text occurs {original.count(m.old)}x in {m.path}"
+            if args.control:
+                rc, tail, secs = _run(tmp, m.tests)
+                print(f"control {m.name}: {'pass' if rc == 0 else 'FAILS UNMUTATED'} ({secs:.0f} s) {tail}", flush=True)
+                bad += rc != 0
+            open(target, "w").write(original.replace(m.old, m.new))
+            try:
+                rc, tail, secs = _run(tmp, m.tests)
+            finally:
+                open(target, "w").write(original)
+            verdict = {0: "MISSED", 1: "caught"}.get(rc, f"ERROR rc={rc}")
+            bad += rc != 1
+            print(f"{verdict} {m.name:<40} {secs:6.0f} s  {tail}", flush=True)
+    print(f"{len(chosen)} mutations, {bad} not caught or errors")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
