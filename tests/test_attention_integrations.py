@@ -34,7 +34,9 @@ def test_sdpa_drop_in_matches_torch(backend_name, dtype, causal, hq, hkv, sq, sk
                  allowance=a_out.map(lambda t: t.transpose(1, 2)))
 
 
-def test_sdpa_unfusable_calls_are_torchs_answer_with_one_note():
+def test_sdpa_unfusable_calls_are_torchs_answer_with_one_note(monkeypatch):
+    from turbokernels.integrations import sdpa as sdpa_module
+    monkeypatch.setattr(sdpa_module, "_noted", set())  # a fresh once-per-process record: the count below is exact
     q, k, v = (torch.randn(1, 2, 8, 32) for _ in range(3))
     mask = torch.rand(8, 8) > 0.3
     k5, v5 = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32)
@@ -46,7 +48,12 @@ def test_sdpa_unfusable_calls_are_torchs_answer_with_one_note():
             torch.testing.assert_close(tk.scaled_dot_product_attention(q, k5, v5, is_causal=True),
                                        F.scaled_dot_product_attention(q, k5, v5, is_causal=True))
     notes = [str(c.message) for c in caught if "turbokernels.scaled_dot_product_attention" in str(c.message)]
-    assert len(notes) <= 2 and all("torch.nn.functional.scaled_dot_product_attention" in n for n in notes)
+    # exactly 2: two distinct fallback reasons (an attn_mask; is_causal with seqlen_q != seqlen_k), each noted once
+    # although each was called twice (<= 2 would pass with no note at all, or with one reason never noted)
+    assert len(notes) == 2, notes
+    assert sum("attn_mask is not fused" in n for n in notes) == 1, notes
+    assert sum("is_causal with seqlen_q != seqlen_k" in n for n in notes) == 1, notes
+    assert all("torch.nn.functional.scaled_dot_product_attention" in n for n in notes)
     with pytest.raises(ValueError, match="enable_gqa"):
         tk.scaled_dot_product_attention(q, torch.randn(1, 1, 8, 32), torch.randn(1, 1, 8, 32))
 
@@ -69,14 +76,19 @@ def test_multihead_attention_same_outputs(batch_first, kdim):
     assert ours.state_dict().keys() == torch_mha.state_dict().keys()
 
 
-def test_multihead_attention_causal_and_fallbacks():
+def test_multihead_attention_causal_and_fallbacks(monkeypatch):
+    from turbokernels.nn import multihead_attention as mha_module
+    monkeypatch.setattr(mha_module, "_noted", set())  # the notes below do not depend on which tests ran before
     torch_mha = nn.MultiheadAttention(32, 2, batch_first=True).eval()
     ours = tk.nn.MultiheadAttention.from_module(torch_mha)
     x = torch.randn(2, 11, 32)
     causal_mask = nn.Transformer.generate_square_subsequent_mask(11)
     with torch.no_grad():
         expected, _ = torch_mha(x, x, x, attn_mask=causal_mask, is_causal=True, need_weights=False)
-        out, _ = ours(x, x, x, attn_mask=causal_mask, is_causal=True, need_weights=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, _ = ours(x, x, x, attn_mask=causal_mask, is_causal=True, need_weights=False)
+        assert not [c for c in caught if "turbokernels.nn.MultiheadAttention" in str(c.message)]  # fused: no note
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
         pad = torch.zeros(2, 11, dtype=torch.bool)
         pad[1, 7:] = True
