@@ -8,10 +8,14 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(turbokernels_C, m) {
-  // x (M, K) fp16/bf16/fp32 @ dequant(qweight int32 (ceil(K/8), N), scales/offsets (G, N)) -> (M, N) in x's dtype
-  m.def("int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size) -> Tensor");
-  // x (M, K) fp16/bf16/fp32 @ W.T, W (N, K) 2:4-sparse as values (N, K/2) in x's dtype + meta int16 (N, ceil(K/16))
-  m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta) -> Tensor");
+  // The optional bias (N) is in x's dtype and is added to the fp32 sum before its one rounding to x's dtype.
+  // x (M, K) fp16/bf16/fp32 @ dequant(qweight int32 (ceil(K/8), N), scales/offsets (G, N)) [+ bias] -> (M, N) in x's
+  // dtype
+  m.def("int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, Tensor? bias=None) "
+        "-> Tensor");
+  // x (M, K) fp16/bf16/fp32 @ W.T [+ bias], W (N, K) 2:4-sparse as values (N, K/2) in x's dtype + meta int16
+  // (N, ceil(K/16))
+  m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
 }
 
 // Nothing is bound through pybind11: importing the module only runs the static registrations above (and the

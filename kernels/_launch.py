@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Hashable, Sequence, TypeVar
+from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -153,5 +153,14 @@ def split_k_output(empty: Callable, M: int, N: int, splits: int, like: torch.Ten
     return out, out.stride()
 
 
-def split_k_result(out: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tensor:
-    return out if splits == 1 else out.sum(dim=0).to(dtype)
+def split_k_result(out: torch.Tensor, splits: int, dtype: torch.dtype,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (M, N) result in `dtype`. Unsplit, `out` is it (the kernel added the bias to its fp32 accumulator).
+    Split, the fp32 partials are summed and the bias added in fp32 before the one rounding to `dtype`: the output
+    is rounded once, as torch's F.linear does, never once for the product and again for the bias."""
+    if splits == 1:
+        return out
+    acc = out.sum(dim=0)
+    if bias is not None:
+        acc += bias  # computed in acc's fp32 (the bias's upcast is exact), without a separate conversion kernel
+    return acc.to(dtype)

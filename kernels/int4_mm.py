@@ -1,4 +1,4 @@
-"""int4 weight-only matmul in Triton: out (M, N) = x (M, K) @ dequant(qweight) (K, N).
+"""int4 weight-only matmul in Triton: out (M, N) = x (M, K) @ dequant(qweight) (K, N) [+ bias (N,)].
 
 The weight is turbokernels.Int4Weight (python/turbokernels/formats/int4.py): qweight int32 (ceil(K/8), N) with 8
 consecutive k in one word, and (G, N) scales and offsets, W[k, n] = q * scale[k // group_size, n] + offset[...].
@@ -9,6 +9,8 @@ One kernel serves both regimes; the launcher picks the config by M:
     partial sums (fp32) are added by the launcher.
   * GEMM (M > 16): classic tiles with tl.dot; the int4 tile is unpacked and scaled in registers, so the weight
     still crosses HBM as 4 bits per element.
+The bias is added to the fp32 sum before its one rounding to the output dtype, as torch's F.linear does: by the
+kernel in its epilogue, or, when K is split, by the launcher to the sum of the partials.
 Read top to bottom: configs, kernel, launcher.
 """
 from __future__ import annotations
@@ -65,6 +67,7 @@ def int4_mm_kernel(
     qweight_ptr,    # (ceil(K/8), N) int32, contiguous: nibble k%8 of word [k//8, n] is q[k, n]
     scales_ptr,     # (G, N) contiguous, any float dtype
     offsets_ptr,    # (G, N) contiguous, any float dtype
+    bias_ptr,       # (N,) contiguous, any float dtype; never read without HAS_BIAS (the launcher then passes x)
     out_ptr,        # (M, N) in x's dtype when SPLIT_K == 1, else (SPLIT_K, M, N) fp32 partial sums
     M, N, K,
     group_size,     # rows of K per scale/offset row (the last group may be shorter)
@@ -76,6 +79,8 @@ def int4_mm_kernel(
     ONE_GROUP_PER_TILE: tl.constexpr,  # BLOCK_K divides group_size: one scale row per K tile; else a tile spans
                                        # two groups (the launcher keeps BLOCK_K <= group_size)
     SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,            # add bias[n] to the fp32 accumulator before the store (SPLIT_K == 1 only:
+                                       # with partial sums the launcher adds it to their sum, once)
     UPCAST: tl.constexpr,              # dot in fp32 ("ieee": torch does not use tf32 for fp32 matmul either) for
                                        # fp32 activations, and for bf16 under the interpreter, whose bf16
                                        # arithmetic is wrong (numpy works on the raw uint16 bits)
@@ -130,6 +135,9 @@ def int4_mm_kernel(
         else:
             acc += tl.dot(x, w.to(x.dtype))
 
+    if HAS_BIAS:
+        if SPLIT_K == 1:  # in fp32, so that the store is the output's only rounding
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -159,7 +167,7 @@ def _fit_block_k(cfg: Config, group_size: int) -> tuple[int, bool]:
 _empty = torch.empty
 
 
-def _launch(x, qweight, scales, offsets, group_size, cfg: Config):
+def _launch(x, qweight, scales, offsets, group_size, bias, cfg: Config):
     M, K = x.shape
     N = qweight.shape[1]
     block_k, one_group = _fit_block_k(cfg, group_size)
@@ -167,30 +175,31 @@ def _launch(x, qweight, scales, offsets, group_size, cfg: Config):
     out, strides = split_k_output(_empty, M, N, split_k, x)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), split_k)
     int4_mm_kernel[grid](
-        x, qweight, scales, offsets, out, M, N, K, group_size,
+        x, qweight, scales, offsets, x if bias is None else bias, out, M, N, K, group_size,
         x.stride(0), x.stride(1), *strides, k_per_split,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k, GROUP_M=cfg.GROUP_M,
-        ONE_GROUP_PER_TILE=one_group, SPLIT_K=split_k, UPCAST=upcast_dots(x.dtype),
+        ONE_GROUP_PER_TILE=one_group, SPLIT_K=split_k, HAS_BIAS=bias is not None, UPCAST=upcast_dots(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return split_k_result(out, split_k, x.dtype)
+    return split_k_result(out, split_k, x.dtype, bias)
 
 
 _tuner = Autotuner()
 
 
-def _choose(x, qweight, scales, offsets, group_size) -> Config:
+def _choose(x, qweight, scales, offsets, group_size, bias) -> Config:
     """The architecture's candidates for this M regime, timed once per (dtype, M bucket, N, K, group size)."""
     M, K = x.shape
     candidates = configs_for(capability(x.device), M <= DECODE_MAX_M)
     key = (x.dtype, pow2_bucket(M, 4096), qweight.shape[1], K, group_size)
     return _tuner.choose(x.device, candidates, key,
-                         lambda cand: _launch(x, qweight, scales, offsets, group_size, cand))
+                         lambda cand: _launch(x, qweight, scales, offsets, group_size, bias, cand))
 
 
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
-            config: Config | None = None) -> torch.Tensor:
-    """Launch: x (M, K) float, qweight (ceil(K/8), N) int32, scales/offsets (G, N) -> (M, N) in x's dtype.
-    `config` overrides the choice (tests use it to cover every shipped config)."""
-    cfg = config or _choose(x, qweight, scales, offsets, group_size)
-    return _launch(x, qweight, scales, offsets, group_size, cfg)
+            bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """Launch: x (M, K) float, qweight (ceil(K/8), N) int32, scales/offsets (G, N), optional bias (N,) -> (M, N) in
+    x's dtype. `config` overrides the choice (tests use it to cover every shipped config)."""
+    bias = None if bias is None else bias.contiguous()
+    cfg = config or _choose(x, qweight, scales, offsets, group_size, bias)
+    return _launch(x, qweight, scales, offsets, group_size, bias, cfg)

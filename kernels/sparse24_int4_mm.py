@@ -1,5 +1,5 @@
-"""int4 + 2:4 sparse matmul in Triton (the Sparse-Marlin idea): out (M, N) = x (M, K) @ W.T, W (N, K) 2:4-sparse
-with its kept values quantized to int4, read compressed.
+"""int4 + 2:4 sparse matmul in Triton (the Sparse-Marlin idea): out (M, N) = x (M, K) @ W.T [+ bias (N,)], W (N, K)
+2:4-sparse with its kept values quantized to int4, read compressed.
 
 The weight is turbokernels.Sparse24Int4Weight (python/turbokernels/formats/sparse24_int4.py): an Int4Weight over the
 compressed (N, K/2) values, i.e. qweight int32 (ceil(K/16), N) whose word [j, n] holds the 8 kept values of dense
@@ -13,6 +13,8 @@ kernels/sparse24_mm.py) and feeds the dense (BLOCK_K, BLOCK_N) tile to tl.dot. T
 One kernel serves both regimes; the launcher picks the config by M:
   * decode (M <= 16): tiles 16 rows tall and split-K, the fp32 partial sums added by the launcher.
   * GEMM (M > 16): classic tiles.
+The bias is added to the fp32 sum before its one rounding to the output dtype, as torch's F.linear does: by the
+kernel in its epilogue, or, when K is split, by the launcher to the sum of the partials.
 Read top to bottom: configs, kernel, launcher.
 """
 from __future__ import annotations
@@ -64,6 +66,7 @@ def sparse24_int4_mm_kernel(
     offsets_ptr,    # (G, N) contiguous, any float dtype
     meta_ptr,       # (N, ceil(K/16)) int16, row stride stride_mn: nibble g of element [n, j] = idx0 | idx1 << 2 of
                     # the group of dense columns 16*j + 4*g .. +3
+    bias_ptr,       # (N,) contiguous, any float dtype; never read without HAS_BIAS (the launcher then passes x)
     out_ptr,        # (M, N) in x's dtype when SPLIT_K == 1, else (SPLIT_K, M, N) fp32 partial sums
     M, N, K,
     group_size,     # KEPT values per scale/offset row (the last group may be shorter)
@@ -76,6 +79,8 @@ def sparse24_int4_mm_kernel(
     ONE_GROUP_PER_TILE: tl.constexpr,  # BLOCK_K/2 divides group_size: one scale row per K tile; else a tile spans
                                        # two groups (the launcher keeps BLOCK_K/2 <= group_size)
     SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,            # add bias[n] to the fp32 accumulator before the store (SPLIT_K == 1 only:
+                                       # with partial sums the launcher adds it to their sum, once)
     UPCAST: tl.constexpr,              # dot in fp32 ("ieee") for fp32 activations, and for bf16 under the
                                        # interpreter, whose bf16 arithmetic is wrong
 ):
@@ -136,6 +141,9 @@ def sparse24_int4_mm_kernel(
         else:
             acc += tl.dot(x, w.to(x.dtype))
 
+    if HAS_BIAS:
+        if SPLIT_K == 1:  # in fp32, so that the store is the output's only rounding
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -164,7 +172,7 @@ def _fit_block_k(cfg: Config, group_size: int) -> tuple[int, bool]:
 _empty = torch.empty
 
 
-def _launch(x, qweight, scales, offsets, meta, group_size, cfg: Config):
+def _launch(x, qweight, scales, offsets, meta, group_size, bias, cfg: Config):
     M, K = x.shape
     N = qweight.shape[1]
     block_k, one_group = _fit_block_k(cfg, group_size)
@@ -172,30 +180,33 @@ def _launch(x, qweight, scales, offsets, meta, group_size, cfg: Config):
     out, strides = split_k_output(_empty, M, N, split_k, x)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), split_k)
     sparse24_int4_mm_kernel[grid](
-        x, qweight, scales, offsets, meta, out, M, N, K, group_size,
+        x, qweight, scales, offsets, meta, x if bias is None else bias, out, M, N, K, group_size,
         x.stride(0), x.stride(1), meta.stride(0), *strides, k_per_split,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k, GROUP_M=cfg.GROUP_M,
-        ONE_GROUP_PER_TILE=one_group, SPLIT_K=split_k, UPCAST=upcast_dots(x.dtype),
+        ONE_GROUP_PER_TILE=one_group, SPLIT_K=split_k, HAS_BIAS=bias is not None, UPCAST=upcast_dots(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return split_k_result(out, split_k, x.dtype)
+    return split_k_result(out, split_k, x.dtype, bias)
 
 
 _tuner = Autotuner()
 
 
-def _choose(x, qweight, scales, offsets, meta, group_size) -> Config:
+def _choose(x, qweight, scales, offsets, meta, group_size, bias) -> Config:
     """The architecture's candidates for this M regime, timed once per (dtype, M bucket, N, K, group size)."""
     M, K = x.shape
     candidates = configs_for(capability(x.device), M <= DECODE_MAX_M)
     key = (x.dtype, pow2_bucket(M, 4096), qweight.shape[1], K, group_size)
     return _tuner.choose(x.device, candidates, key,
-                         lambda cand: _launch(x, qweight, scales, offsets, meta, group_size, cand))
+                         lambda cand: _launch(x, qweight, scales, offsets, meta, group_size, bias, cand))
 
 
 def sparse24_int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                     meta: torch.Tensor, group_size: int, config: Config | None = None) -> torch.Tensor:
+                     meta: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
+                     config: Config | None = None) -> torch.Tensor:
     """Launch: x (M, K) float, qweight (ceil(K/16), N) int32, scales/offsets (G, N), meta (N, ceil(K/16)) int16,
-    group_size in kept values -> (M, N) in x's dtype. `config` overrides the choice (tests cover every config)."""
-    cfg = config or _choose(x, qweight, scales, offsets, meta, group_size)
-    return _launch(x, qweight, scales, offsets, meta, group_size, cfg)
+    group_size in kept values, optional bias (N,) -> (M, N) in x's dtype. `config` overrides the choice (tests
+    cover every config)."""
+    bias = None if bias is None else bias.contiguous()
+    cfg = config or _choose(x, qweight, scales, offsets, meta, group_size, bias)
+    return _launch(x, qweight, scales, offsets, meta, group_size, bias, cfg)

@@ -1,4 +1,4 @@
-"""2:4 sparse matmul in Triton: out (M, N) = x (M, K) @ W.T, W (N, K) 2:4-sparse, read compressed.
+"""2:4 sparse matmul in Triton: out (M, N) = x (M, K) @ W.T [+ bias (N,)], W (N, K) 2:4-sparse, read compressed.
 
 The weight is turbokernels.Sparse24Weight (python/turbokernels/formats/sparse24.py): values (N, K/2) hold the two
 kept values of every group of 4 columns, meta int16 (N, ceil(K/16)) holds per group the nibble idx0 | idx1 << 2
@@ -9,6 +9,8 @@ One kernel serves both regimes; the launcher picks the config by M:
   * decode (M <= 16): the run time is the time to stream the weight once, so tiles are 16 rows tall (the smallest
     tensor-core M) and K is split across programs (SPLIT_K); the fp32 partial sums are added by the launcher.
   * GEMM (M > 16): classic tiles; the expansion is extra ALU work per weight tile, amortized over BLOCK_M rows.
+The bias is added to the fp32 sum before its one rounding to the output dtype, as torch's F.linear does: by the
+kernel in its epilogue, or, when K is split, by the launcher to the sum of the partials.
 Read top to bottom: configs, kernel, launcher.
 """
 from __future__ import annotations
@@ -61,6 +63,7 @@ def sparse24_mm_kernel(
     values_ptr,     # (N, K/2) kept values, x's dtype, row stride stride_vn, unit column stride
     meta_ptr,       # (N, ceil(K/16)) int16, row stride stride_mn: nibble g of element [n, j] = idx0 | idx1 << 2 of
                     # the group of columns 16*j + 4*g .. +3
+    bias_ptr,       # (N,) contiguous, any float dtype; never read without HAS_BIAS (the launcher then passes x)
     out_ptr,        # (M, N) in x's dtype when SPLIT_K == 1, else (SPLIT_K, M, N) fp32 partial sums
     M, N, K,
     stride_xm, stride_xk,
@@ -70,6 +73,8 @@ def sparse24_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K: a multiple of 16
     GROUP_M: tl.constexpr,             # tiles along M that share weight tiles in L2 (swizzled launch order)
     SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,            # add bias[n] to the fp32 accumulator before the store (SPLIT_K == 1 only:
+                                       # with partial sums the launcher adds it to their sum, once)
     UPCAST: tl.constexpr,              # dot in fp32 ("ieee": torch does not use tf32 for fp32 matmul either) for
                                        # fp32 activations, and for bf16 under the interpreter, whose bf16
                                        # arithmetic is wrong (numpy works on the raw uint16 bits)
@@ -130,6 +135,9 @@ def sparse24_mm_kernel(
         else:
             acc += tl.dot(x, tl.trans(w))
 
+    if HAS_BIAS:
+        if SPLIT_K == 1:  # in fp32, so that the store is the output's only rounding
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -141,35 +149,37 @@ def sparse24_mm_kernel(
 _empty = torch.empty
 
 
-def _launch(x, values, meta, cfg: Config):
+def _launch(x, values, meta, bias, cfg: Config):
     M, K = x.shape
     N = values.shape[0]
     split_k, k_per_split = split_k_plan(K, cfg.BLOCK_K, cfg.SPLIT_K)
     out, strides = split_k_output(_empty, M, N, split_k, x)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), split_k)
     sparse24_mm_kernel[grid](
-        x, values, meta, out, M, N, K,
+        x, values, meta, x if bias is None else bias, out, M, N, K,
         x.stride(0), x.stride(1), values.stride(0), meta.stride(0), *strides, k_per_split,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        SPLIT_K=split_k, UPCAST=upcast_dots(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_K=split_k, HAS_BIAS=bias is not None, UPCAST=upcast_dots(x.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    return split_k_result(out, split_k, x.dtype)
+    return split_k_result(out, split_k, x.dtype, bias)
 
 
 _tuner = Autotuner()
 
 
-def _choose(x, values, meta) -> Config:
+def _choose(x, values, meta, bias) -> Config:
     """The architecture's candidates for this M regime, timed once per (dtype, M bucket, N, K)."""
     M, K = x.shape
     candidates = configs_for(capability(x.device), M <= DECODE_MAX_M)
     return _tuner.choose(x.device, candidates, (x.dtype, pow2_bucket(M, 4096), values.shape[0], K),
-                         lambda cand: _launch(x, values, meta, cand))
+                         lambda cand: _launch(x, values, meta, bias, cand))
 
 
-def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
                 config: Config | None = None) -> torch.Tensor:
-    """Launch: x (M, K) float, values (N, K/2) in x's dtype, meta (N, ceil(K/16)) int16 -> (M, N) in x's dtype.
-    `config` overrides the choice (tests use it to cover every shipped config)."""
-    cfg = config or _choose(x, values, meta)
-    return _launch(x, values, meta, cfg)
+    """Launch: x (M, K) float, values (N, K/2) in x's dtype, meta (N, ceil(K/16)) int16, optional bias (N,)
+    -> (M, N) in x's dtype. `config` overrides the choice (tests use it to cover every shipped config)."""
+    bias = None if bias is None else bias.contiguous()
+    cfg = config or _choose(x, values, meta, bias)
+    return _launch(x, values, meta, bias, cfg)

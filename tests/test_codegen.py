@@ -8,27 +8,36 @@ pytestmark = pytest.mark.skipif(skip_reason_no_ptxas() is not None, reason=str(s
 
 INT4_KERNEL = "turbokernels.kernels.int4_mm:int4_mm_kernel"
 INT4_SIGNATURE = {
-    "x_ptr": "*{dt}", "qweight_ptr": "*i32", "scales_ptr": "*{dt}", "offsets_ptr": "*fp32", "out_ptr": "*{dt}",
+    "x_ptr": "*{dt}", "qweight_ptr": "*i32", "scales_ptr": "*{dt}", "offsets_ptr": "*fp32", "bias_ptr": "*{dt}",
+    "out_ptr": "*{dt}",
     "M": "i32", "N": "i32", "K": "i32", "group_size": "i32", "stride_xm": "i32", "stride_os": "i32",
     "stride_om": "i32", "k_per_split": "i32",
 }
-INT4_ALIGNED = ("x_ptr", "qweight_ptr", "scales_ptr", "offsets_ptr", "out_ptr", "N", "stride_xm", "stride_om")
+INT4_ALIGNED = ("x_ptr", "qweight_ptr", "scales_ptr", "offsets_ptr", "bias_ptr", "out_ptr", "N", "stride_xm",
+                "stride_om")
 
 
 def int4_cases():
-    """(id, capability, config, job): fp16 with one scale row per K tile (g128), bf16 with per-k scales."""
+    """(id, capability, config, job): fp16 with one scale row per K tile (g128), bf16 with per-k scales, both with
+    a bias; the GEMM configs also fp16 without one (the decode configs split K, where the kernel leaves the bias to
+    the launcher: the same code either way)."""
     from turbokernels.kernels.int4_mm import CONFIGS
     for cap, table in sorted(CONFIGS.items()):
         for kind in ("decode", "gemm"):
             for cfg in table[kind]:
-                for dt, one_group in (("fp16", True), ("bf16", False)):
+                variants = (("fp16", True, True), ("bf16", False, True))
+                if cfg.SPLIT_K == 1:
+                    variants += (("fp16", True, False),)
+                for dt, one_group, has_bias in variants:
                     constexprs = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
                                       GROUP_M=cfg.GROUP_M, ONE_GROUP_PER_TILE=one_group, SPLIT_K=cfg.SPLIT_K,
-                                      UPCAST=False, stride_xk=1, stride_on=1)  # unit strides: JIT specializes
+                                      HAS_BIAS=has_bias, UPCAST=False,
+                                      stride_xk=1, stride_on=1)  # unit strides: JIT specializes
                     job = CodegenJob(INT4_KERNEL, tuple((k, v.format(dt=dt)) for k, v in INT4_SIGNATURE.items()),
                                      tuple(constexprs.items()), cap, cfg.num_warps, cfg.num_stages, INT4_ALIGNED)
                     name = (f"sm{cap}-{kind}-{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}-s{cfg.SPLIT_K}"
-                            f"-w{cfg.num_warps}-p{cfg.num_stages}-{dt}{'' if one_group else '-perk'}")
+                            f"-w{cfg.num_warps}-p{cfg.num_stages}-{dt}{'' if one_group else '-perk'}"
+                            f"{'' if has_bias else '-nobias'}")
                     yield name, cap, cfg, job
 
 

@@ -4,7 +4,8 @@ import torch
 
 import turbokernels as tk
 from turbokernels import backends
-from turbokernels.testing import assert_close
+from turbokernels.reference.int4_mm import dequantize_int4
+from turbokernels.testing import assert_close, cancelling_bias
 from _int4_cases import allowance, golden_and_baseline, make_weight
 from conftest import interpreting
 
@@ -52,9 +53,35 @@ def test_int4_linear_matches_golden(backend_name, dtype, M, K, N, group_size, sy
                  what=f"{backend_name} {dtype} M={M} K={K} N={N} g={group_size}")
 
 
+def exact_weight(weight: tk.Int4Weight) -> torch.Tensor:
+    """The (K, N) weight in float64, in x's column order (after the act-order permutation, if any)."""
+    return dequantize_int4(weight.qweight, weight.scales, weight.offsets, weight.effective_group_size,
+                           weight.in_features, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M,K,N,group_size", [(1, 256, 72, 64), (33, 200, 40, 40)])
+def test_bias_is_rounded_once(backend_name, dtype, M, K, N, group_size):
+    """A bias that cancels row 0 of the product: its outputs are far smaller than the product, so rounding the
+    product before adding the bias would be off by up to half an ulp of the product. One rounding (the bias added
+    in fp32, as F.linear) stays within one rounding of |golden| (rule (1), element by element). M = 1 runs the split-K
+    decode configs, M = 33 the GEMM tiles."""
+    weight = make_weight(N, K, group_size, dtype=dtype).to(device())
+    x = torch.randn(M, K, device=device()).to(dtype)
+    bias = cancelling_bias(x[0].double() @ exact_weight(weight), dtype)
+    with tk.backend(backend_name):
+        out = tk.int4_linear(x, weight, bias)
+    golden, baseline = golden_and_baseline(x, weight, bias)
+    assert golden[0].abs().max() < 0.05 * (golden[0] - bias.double()).abs().mean(), "the bias does not cancel"
+    assert_close(out, golden, baseline, allowance=allowance(x, weight, backend_name, bias),
+                 what=f"{backend_name} {dtype} M={M} K={K} N={N} cancelling bias")
+
+
 def test_every_triton_config_is_correct(monkeypatch):
-    """Each shipped config (all architectures) on one awkward shape, forcing the split-K and tile paths, with
-    NaN-poisoned output buffers so an element the kernel forgets to write fails the test."""
+    """Each shipped config (all architectures) on one awkward shape, forcing the split-K and tile paths, with and
+    without a bias (added by the kernel, or by the launcher to the split-K sum), with NaN-poisoned output buffers so
+    an element the kernel forgets to write fails the test."""
     if "triton" not in runnable_backends():
         pytest.skip("triton cannot run here")
     import turbokernels.kernels.int4_mm as kernel_module
@@ -70,10 +97,11 @@ def test_every_triton_config_is_correct(monkeypatch):
             for group_size in (64, 40):  # 40: scales vary inside a K tile (the per-k scale path)
                 weight = make_weight(N, K, group_size, dtype=torch.float16).to(device())
                 x = torch.randn(M, K, device=device(), dtype=torch.float16)
-                out = launch(x, weight.qweight, weight.scales, weight.offsets, group_size, config=cfg)
-                golden, baseline = golden_and_baseline(x, weight)
-                assert_close(out, golden, baseline, allowance=allowance(x, weight, "triton"),
-                             what=f"{cfg} g={group_size}")
+                for bias in (None, torch.randn(N, device=device(), dtype=torch.float16)):
+                    out = launch(x, weight.qweight, weight.scales, weight.offsets, group_size, bias, config=cfg)
+                    golden, baseline = golden_and_baseline(x, weight, bias)
+                    assert_close(out, golden, baseline, allowance=allowance(x, weight, "triton", bias),
+                                 what=f"{cfg} g={group_size} bias={bias is not None}")
 
 
 @pytest.mark.parametrize("backend_name", runnable_backends())
@@ -139,19 +167,44 @@ def test_autograd_input_gradient():
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autograd_bias_gradient(dtype):
+    """The bias gradient is grad_out summed over the rows (in fp32, cast to the bias dtype), batch dims included;
+    x's gradient is unchanged by the bias."""
+    weight = make_weight(24, 64, 32, dtype=dtype)
+    x = torch.randn(2, 3, 64).to(dtype).requires_grad_()
+    bias = torch.randn(24).to(dtype).requires_grad_()
+    grad_out = torch.randn(2, 3, 24).to(dtype)
+    expected = grad_out.reshape(6, 24).float().sum(0).to(dtype)
+    tk.int4_linear(x, weight, bias).backward(grad_out)
+    assert bias.grad.dtype == dtype
+    assert torch.equal(bias.grad, expected)
+    x_grad_with_bias = x.grad.clone()
+    x.grad = None
+    tk.int4_linear(x, weight).backward(grad_out)
+    assert torch.equal(x.grad, x_grad_with_bias)
+    # only the bias requires a gradient
+    bias.grad = None
+    tk.int4_linear(x.detach(), weight, bias).backward(grad_out)
+    assert torch.equal(bias.grad, expected)
+
+
 def test_opcheck():
     weight = make_weight(40, 96, 32)
     for dtype in DTYPES:
         x = torch.randn(3, 96).to(dtype)
         args = (x, weight.qweight, weight.scales, weight.offsets, 32)
         torch.library.opcheck(torch.ops.turbokernels.int4_mm.default, args)
+        torch.library.opcheck(torch.ops.turbokernels.int4_mm.default, (*args, torch.randn(40).to(dtype)))
     x = torch.randn(3, 96, requires_grad=True)
-    torch.library.opcheck(torch.ops.turbokernels.int4_mm.default, (x, weight.qweight, weight.scales.float(),
-                                                                    weight.offsets.float(), 32))
+    args = (x, weight.qweight, weight.scales.float(), weight.offsets.float(), 32)
+    torch.library.opcheck(torch.ops.turbokernels.int4_mm.default, args)
+    torch.library.opcheck(torch.ops.turbokernels.int4_mm.default, (*args, torch.randn(40, requires_grad=True)))
 
 
-def test_torch_compile_fullgraph():
-    lin = torch.nn.Linear(64, 48)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_torch_compile_fullgraph(bias):
+    lin = torch.nn.Linear(64, 48, bias=bias)
     model = torch.nn.Sequential(tk.nn.Int4Linear.from_linear(lin, group_size=32), torch.nn.GELU())
     x = torch.randn(4, 64)
     expected = model(x)

@@ -3,6 +3,8 @@
 Golden: float64 x @ the exact dequantized weight (python/turbokernels/reference in float64). The kernel must be within
 2x the error of a plain matmul in x's dtype (x @ W.to(x.dtype)) plus one rounding of the summed terms' size
 (turbokernels.testing.assert_close), for every SIMD path it has: the best one of this CPU, and the AVX2 and plain C++ ones (TURBOKERNELS_CPU_ISA caps the choice).
+With a bias, the bias joins the fp32 sum before the one rounding to x's dtype, on every path (fused and
+dequantize + BLAS).
 """
 import itertools
 
@@ -13,7 +15,7 @@ import turbokernels as tk
 from turbokernels import _ext
 from turbokernels.formats.int4 import pack_int4
 from turbokernels.reference.int4_mm import dequantize_int4
-from turbokernels.testing import assert_close, matmul_allowance
+from turbokernels.testing import assert_close, cancelling_bias, matmul_allowance
 
 pytestmark = pytest.mark.skipif(
     not _ext.available() or _ext.missing_op_reason("int4_mm", "cpu") is not None,
@@ -22,8 +24,8 @@ pytestmark = pytest.mark.skipif(
 ISAS = ["best", "avx2", "scalar"]  # a cap above what the CPU has falls back to the best it has
 
 
-def op(x, qweight, scales, offsets, group_size):
-    return torch.ops.turbokernels_C.int4_mm(x, qweight, scales, offsets, group_size)
+def op(x, qweight, scales, offsets, group_size, bias=None):
+    return torch.ops.turbokernels_C.int4_mm(x, qweight, scales, offsets, group_size, bias)
 
 
 @pytest.fixture(params=ISAS)
@@ -35,18 +37,23 @@ def isa(request, monkeypatch):
     return request.param
 
 
-def check(x, qweight, scales, offsets, group_size, what=""):
-    """Run the kernel and compare with the float64 golden (the exact q * scale + offset weight) by the shared rule."""
+def check(x, qweight, scales, offsets, group_size, what="", bias=None):
+    """Run the kernel and compare with the float64 golden (the exact q * scale + offset weight, plus the bias) by the
+    shared rule."""
     M, K = x.shape
     N = qweight.shape[1]
-    out = op(x, qweight, scales, offsets, group_size)
+    out = op(x, qweight, scales, offsets, group_size, bias)
     assert out.shape == (M, N) and out.dtype == x.dtype, what
     if M == 0:
         return
     w64 = dequantize_int4(qweight, scales, offsets, group_size, K, dtype=torch.float64)
+    golden = x.double() @ w64
     baseline = x @ dequantize_int4(qweight, scales, offsets, group_size, K).to(x.dtype)
+    if bias is not None:
+        golden, baseline = golden + bias.double(), baseline + bias
     assert torch.isfinite(out).all(), what
-    assert_close(out, x.double() @ w64, baseline, allowance=matmul_allowance(x, w64), what=what)
+    assert_close(out, golden, baseline, allowance=matmul_allowance(x, w64, bias=bias),
+                 what=f"{what} bias={bias is not None}")
 
 
 SHAPES = [(8, 1), (17, 97), (113, 40), (576, 64), (256, 4097), (4096, 32)]
@@ -65,8 +72,9 @@ def test_quantized_grid(K, N, xdtype):
         offsets = qw.offsets.float()  # fp32 offsets, as real checkpoints with non-exact zero points
         for M in [0, 1, 3, 16, 17, 64]:
             x = torch.randn(M, K).to(xdtype)
+            bias = torch.randn(N).to(xdtype) if M % 2 else None
             check(x, qw.qweight, qw.scales, offsets, qw.effective_group_size,
-                  f"M={M} K={K} N={N} gs={gs} x={xdtype} s={sdtype} sym={symmetric}")
+                  f"M={M} K={K} N={N} gs={gs} x={xdtype} s={sdtype} sym={symmetric}", bias)
 
 
 def random_weight(K, N, G, sdtype, odtype, garbage_padding=False):
@@ -85,24 +93,45 @@ def random_weight(K, N, G, sdtype, odtype, garbage_padding=False):
 
 @pytest.mark.parametrize("K,N", [(17, 97), (113, 40), (576, 64), (256, 130), (40, 33)])
 def test_every_simd_path(isa, K, N):
-    """Each SIMD path (and its dequantize + BLAS path for larger M) on random weights, incl. odd group sizes."""
-    for gs, M, (xdtype, sdtype, odtype) in itertools.product(
+    """Each SIMD path (and its dequantize + BLAS path for larger M) on random weights, incl. odd group sizes; every
+    other case with a bias."""
+    for i, (gs, M, (xdtype, sdtype, odtype)) in enumerate(itertools.product(
             [1, 3, 8, 32, 100, K], [1, 2, 3, 5, 9, 17, 130],
             [(torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.float16, torch.float32),
-             (torch.float16, torch.bfloat16, torch.float16)]):
+             (torch.float16, torch.bfloat16, torch.float16)])):
         if gs < 8 and M > 5:
             continue
         G = -(-K // gs)
         qweight, scales, offsets = random_weight(K, N, G, sdtype, odtype, garbage_padding=True)
         x = torch.randn(M, K).to(xdtype)
-        check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} K={K} N={N} gs={gs} {xdtype}/{sdtype}/{odtype}")
+        bias = torch.randn(N).to(xdtype) if i % 2 else None
+        check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} K={K} N={N} gs={gs} {xdtype}/{sdtype}/{odtype}",
+              bias)
 
 
 def test_large_m_panels(isa):
     """More rows than one work panel (256), fused or dequantize + BLAS depending on the path."""
     K, N, gs = 200, 70, 64
     qweight, scales, offsets = random_weight(K, N, -(-K // gs), torch.float16, torch.float32)
-    check(torch.randn(300, K), qweight, scales, offsets, gs, f"isa={isa}")
+    x = torch.randn(300, K)
+    check(x, qweight, scales, offsets, gs, f"isa={isa}")
+    check(x, qweight, scales, offsets, gs, f"isa={isa}", torch.randn(N))
+    xb = x.to(torch.bfloat16)
+    check(xb, qweight, scales, offsets, gs, f"isa={isa} bf16", torch.randn(N).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bias_is_rounded_once(isa, xdtype):
+    """A bias that cancels row 0 of the product: one rounding after the bias (in fp32) is within rule (1) of the
+    small golden outputs; rounding the product first would not be. M = 1 and 5 (fused), 300 (fused with AVX-512,
+    dequantize + BLAS with AVX2 and plain C++)."""
+    K, N, gs = 200, 70, 64
+    qweight, scales, offsets = random_weight(K, N, -(-K // gs), torch.float16, torch.float32)
+    w64 = dequantize_int4(qweight, scales, offsets, gs, K, dtype=torch.float64)
+    for M in (1, 5, 300):
+        x = torch.randn(M, K).to(xdtype)
+        bias = cancelling_bias(x[0].double() @ w64, xdtype)
+        check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} {xdtype} cancelling", bias)
 
 
 def test_decode_layer_shape():
@@ -122,6 +151,20 @@ def test_non_contiguous_x_and_empty():
     check(xs, qweight, scales, offsets, gs, "strided x")
     out = op(torch.empty(0, K, dtype=torch.float16), qweight, scales, offsets, gs)
     assert out.shape == (0, N) and out.dtype == torch.float16
+    bias = torch.randn(2 * N)[::2]  # a strided bias
+    check(xt, qweight, scales, offsets, gs, "transposed x, strided bias", bias)
+    out = op(torch.empty(0, K), qweight, scales, offsets, gs, bias)
+    assert out.shape == (0, N)
+
+
+def test_k_zero_is_the_bias():
+    """K = 0: the product is empty, the output is the bias (a new tensor, never the caller's), or zeros."""
+    qweight = torch.zeros(0, 6, dtype=torch.int32)
+    scales = offsets = torch.ones(1, 6)
+    bias = torch.randn(6)
+    out = op(torch.empty(1, 0), qweight, scales, offsets, 32, bias)
+    assert torch.equal(out, bias.view(1, 6)) and out.data_ptr() != bias.data_ptr()
+    assert torch.equal(op(torch.empty(2, 0), qweight, scales, offsets, 32), torch.zeros(2, 6))
 
 
 def test_thread_count_does_not_change_the_result():
@@ -154,3 +197,9 @@ def test_bad_arguments_name_the_argument():
         op(x.to(torch.int32), qweight, scales, offsets, gs)
     with pytest.raises(RuntimeError, match="group_size"):
         op(x, qweight, scales, offsets, 0)
+    with pytest.raises(RuntimeError, match=r"int4_mm\(bias\): expected a 1-D tensor of N = 16"):
+        op(x, qweight, scales, offsets, gs, torch.randn(15))
+    with pytest.raises(RuntimeError, match=r"int4_mm\(bias\): expected a 1-D"):
+        op(x, qweight, scales, offsets, gs, torch.randn(1, 16))
+    with pytest.raises(RuntimeError, match=r"int4_mm\(bias\): dtype"):
+        op(x, qweight, scales, offsets, gs, torch.randn(16, dtype=torch.float16))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import turbokernels as tk
-from turbokernels.testing import (CodegenJob, assert_close, compile_triton, matmul_allowance, operand_dtype,
-                                  skip_reason_no_ptxas)
+from turbokernels.testing import (CodegenJob, assert_close, cancelling_bias, compile_triton, matmul_allowance,
+                                  operand_dtype, skip_reason_no_ptxas)
 from conftest import interpreting
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -68,9 +68,27 @@ def test_sparse24_int4_linear_matches_golden(backend_name, dtype, M, N, K, gs):
     check(out, x, weight, bias, what=f"{backend_name} {dtype} M={M} N={N} K={K} g={gs}", backend=backend_name)
 
 
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M,N,K,gs", [(1, 72, 256, 64), (33, 40, 208, 24)])
+def test_bias_is_rounded_once(backend_name, dtype, M, N, K, gs):
+    """A bias that cancels row 0 of the product: its outputs are far smaller than the product, so rounding the
+    product before adding the bias would be off by up to half an ulp of the product. One rounding (the bias added
+    in fp32, as F.linear) stays within one rounding of |golden| (rule (1), element by element). M = 1 runs the split-K
+    decode configs, M = 33 the GEMM tiles."""
+    weight = tk.Sparse24Int4Weight.from_dense(make_sparse(N, K, dtype, device()), group_size=gs)
+    x = torch.randn(M, K, device=device()).to(dtype)
+    bias = cancelling_bias(x[0].double() @ weight.dequantize(torch.float64).t(), dtype)
+    with tk.backend(backend_name):
+        out = tk.sparse24_int4_linear(x, weight, bias)
+    check(out, x, weight, bias, what=f"{backend_name} {dtype} M={M} N={N} K={K} cancelling bias",
+          backend=backend_name)
+
+
 def test_every_triton_config_is_correct(monkeypatch):
-    """Each shipped config on awkward shapes (split-K and tile paths, one- and two-group tiles), with NaN-poisoned
-    output buffers so an element the kernel forgets to write fails the test."""
+    """Each shipped config on awkward shapes (split-K and tile paths, one- and two-group tiles), with and without a
+    bias (added by the kernel, or by the launcher to the split-K sum), with NaN-poisoned output buffers so an
+    element the kernel forgets to write fails the test."""
     if "triton" not in runnable_backends():
         pytest.skip("triton cannot run here")
     import turbokernels.kernels.sparse24_int4_mm as kernel_module
@@ -87,9 +105,11 @@ def test_every_triton_config_is_correct(monkeypatch):
                 continue
             seen.add(cfg)
             for weight in weights:
-                out = launch(x, weight.qweight, weight.scales, weight.offsets, weight.meta, weight.kept_group_size,
-                             config=cfg)
-                check(out, x, weight, what=f"{cfg} g={weight.group_size}", backend="triton")
+                for bias in (None, torch.randn(N, device=device(), dtype=torch.float16)):
+                    out = launch(x, weight.qweight, weight.scales, weight.offsets, weight.meta,
+                                 weight.kept_group_size, bias, config=cfg)
+                    check(out, x, weight, bias, what=f"{cfg} g={weight.group_size} bias={bias is not None}",
+                          backend="triton")
 
 
 @pytest.mark.parametrize("backend_name", runnable_backends())
@@ -192,18 +212,42 @@ def test_autograd_input_gradient():
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autograd_bias_gradient(dtype):
+    """The bias gradient is grad_out summed over the rows (in fp32, cast to the bias dtype), batch dims included;
+    x's gradient is unchanged by the bias."""
+    weight = tk.Sparse24Int4Weight.from_dense(make_sparse(24, 64, dtype), group_size=32)
+    x = torch.randn(2, 3, 64).to(dtype).requires_grad_()
+    bias = torch.randn(24).to(dtype).requires_grad_()
+    grad_out = torch.randn(2, 3, 24).to(dtype)
+    expected = grad_out.reshape(6, 24).float().sum(0).to(dtype)
+    tk.sparse24_int4_linear(x, weight, bias).backward(grad_out)
+    assert bias.grad.dtype == dtype and torch.equal(bias.grad, expected)
+    x_grad_with_bias = x.grad.clone()
+    x.grad = None
+    tk.sparse24_int4_linear(x, weight).backward(grad_out)
+    assert torch.equal(x.grad, x_grad_with_bias)
+    bias.grad = None
+    tk.sparse24_int4_linear(x.detach(), weight, bias).backward(grad_out)  # only the bias requires a gradient
+    assert torch.equal(bias.grad, expected)
+
+
 def test_opcheck():
     weight = tk.Sparse24Int4Weight.from_dense(make_sparse(40, 96), group_size=64)
     args = (weight.qweight, weight.scales, weight.offsets, weight.meta, weight.kept_group_size)
+    op = torch.ops.turbokernels.sparse24_int4_mm.default
     for dtype in DTYPES:
-        torch.library.opcheck(torch.ops.turbokernels.sparse24_int4_mm.default, (torch.randn(3, 96).to(dtype), *args))
+        torch.library.opcheck(op, (torch.randn(3, 96).to(dtype), *args))
+        torch.library.opcheck(op, (torch.randn(3, 96).to(dtype), *args, torch.randn(40).to(dtype)))
     x = torch.randn(3, 96, requires_grad=True)
-    torch.library.opcheck(torch.ops.turbokernels.sparse24_int4_mm.default, (x, *args))
+    torch.library.opcheck(op, (x, *args))
+    torch.library.opcheck(op, (x, *args, torch.randn(40, requires_grad=True)))
 
 
-def test_torch_compile_fullgraph():
-    model = torch.nn.Sequential(tk.nn.Sparse24Int4Linear.from_linear(torch.nn.Linear(64, 48), group_size=32),
-                                torch.nn.GELU())
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_torch_compile_fullgraph(bias):
+    model = torch.nn.Sequential(
+        tk.nn.Sparse24Int4Linear.from_linear(torch.nn.Linear(64, 48, bias=bias), group_size=32), torch.nn.GELU())
     x = torch.randn(4, 64)
     expected = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -289,11 +333,11 @@ def test_sparse24_int4_linear_rejects_bad_inputs():
 KERNEL = "turbokernels.kernels.sparse24_int4_mm:sparse24_int4_mm_kernel"
 SIGNATURE = {
     "x_ptr": "*{dt}", "qweight_ptr": "*i32", "scales_ptr": "*{dt}", "offsets_ptr": "*{dt}", "meta_ptr": "*i16",
-    "out_ptr": "*{dt}", "M": "i32", "N": "i32", "K": "i32", "group_size": "i32", "stride_xm": "i32",
-    "stride_mn": "i32", "stride_os": "i32", "stride_om": "i32", "k_per_split": "i32",
+    "bias_ptr": "*{dt}", "out_ptr": "*{dt}", "M": "i32", "N": "i32", "K": "i32", "group_size": "i32",
+    "stride_xm": "i32", "stride_mn": "i32", "stride_os": "i32", "stride_om": "i32", "k_per_split": "i32",
 }
-ALIGNED = ("x_ptr", "qweight_ptr", "scales_ptr", "offsets_ptr", "meta_ptr", "out_ptr", "N", "K", "group_size",
-           "stride_xm", "stride_om")
+ALIGNED = ("x_ptr", "qweight_ptr", "scales_ptr", "offsets_ptr", "meta_ptr", "bias_ptr", "out_ptr", "N", "K",
+           "group_size", "stride_xm", "stride_om")
 
 
 def codegen_cases():
@@ -301,14 +345,21 @@ def codegen_cases():
     for cap, table in sorted(CONFIGS.items()):
         for kind in ("decode", "gemm"):
             for cfg in table[kind]:
-                for dt, one_group in (("fp16", True), ("bf16", True), ("fp16", False)):  # False: two-group tiles
+                # one_group False: two-group tiles. All with a bias; the GEMM configs also without one (the decode
+                # configs split K, where the kernel leaves the bias to the launcher: the same code either way).
+                variants = (("fp16", True, True), ("bf16", True, True), ("fp16", False, True))
+                if cfg.SPLIT_K == 1:
+                    variants += (("fp16", True, False),)
+                for dt, one_group, has_bias in variants:
                     constexprs = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
                                       GROUP_M=cfg.GROUP_M, ONE_GROUP_PER_TILE=one_group, SPLIT_K=cfg.SPLIT_K,
-                                      UPCAST=False, stride_xk=1, stride_on=1)  # unit strides: the JIT specializes
+                                      HAS_BIAS=has_bias, UPCAST=False,
+                                      stride_xk=1, stride_on=1)  # unit strides: the JIT specializes them
                     job = CodegenJob(KERNEL, tuple((k, v.format(dt=dt)) for k, v in SIGNATURE.items()),
                                      tuple(constexprs.items()), cap, cfg.num_warps, cfg.num_stages, ALIGNED)
                     name = (f"sm{cap}-{kind}-{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}-s{cfg.SPLIT_K}"
-                            f"-w{cfg.num_warps}-p{cfg.num_stages}-{dt}{'' if one_group else '-twogroups'}")
+                            f"-w{cfg.num_warps}-p{cfg.num_stages}-{dt}{'' if one_group else '-twogroups'}"
+                            f"{'' if has_bias else '-nobias'}")
                     yield name, cap, cfg, job
 
 

@@ -7,7 +7,7 @@ from torch.sparse._semi_structured_conversions import (sparse_semi_structured_fr
 
 import turbokernels as tk
 from turbokernels import backends
-from turbokernels.testing import (CodegenJob, assert_close, compile_triton, matmul_allowance,
+from turbokernels.testing import (CodegenJob, assert_close, cancelling_bias, compile_triton, matmul_allowance,
                                   skip_reason_no_ptxas)
 from conftest import interpreting
 
@@ -69,19 +69,42 @@ def test_sparse24_linear_matches_golden(backend_name, dtype, M, N, K):
 
 @pytest.mark.parametrize("backend_name", runnable_backends())
 def test_long_k(backend_name):
-    """K = 4104: many K tiles, split-K, and a padded last meta element, once per backend."""
+    """K = 4104: many K tiles, split-K, and a padded last meta element, once per backend, with and without a bias."""
     w = make_sparse(17, 4104, torch.float16, device())
     weight = tk.Sparse24Weight.from_dense(w)
     x = torch.randn(3, 4104, device=device(), dtype=torch.float16)
+    for bias in (None, torch.randn(17, device=device(), dtype=torch.float16)):
+        with tk.backend(backend_name):
+            out = tk.sparse24_linear(x, weight, bias)
+        golden, baseline = golden_and_baseline(x, w, bias)
+        assert_close(out, golden, baseline, allowance=matmul_allowance(x, w.t(), bias=bias),
+                     what=f"{backend_name} bias={bias is not None}")
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M,N,K", [(1, 72, 256), (33, 40, 208)])
+def test_bias_is_rounded_once(backend_name, dtype, M, N, K):
+    """A bias that cancels row 0 of the product: its outputs are far smaller than the product, so rounding the
+    product before adding the bias would be off by up to half an ulp of the product. One rounding (the bias added
+    in fp32, as F.linear) stays within one rounding of |golden| (rule (1), element by element). M = 1 runs the split-K
+    decode configs (Triton) and the gather path (C++), M = 33 the GEMM tiles and the row-vectorized path."""
+    w = make_sparse(N, K, dtype, device())
+    weight = tk.Sparse24Weight.from_dense(w)
+    x = torch.randn(M, K, device=device()).to(dtype)
+    bias = cancelling_bias(x[0].double() @ w.double().t(), dtype)
     with tk.backend(backend_name):
-        out = tk.sparse24_linear(x, weight)
-    golden, baseline = golden_and_baseline(x, w)
-    assert_close(out, golden, baseline, allowance=matmul_allowance(x, w.t()), what=backend_name)
+        out = tk.sparse24_linear(x, weight, bias)
+    golden, baseline = golden_and_baseline(x, w, bias)
+    assert golden[0].abs().max() < 0.05 * (golden[0] - bias.double()).abs().mean(), "the bias does not cancel"
+    assert_close(out, golden, baseline, allowance=matmul_allowance(x, w.t(), bias=bias),
+                 what=f"{backend_name} {dtype} M={M} N={N} K={K} cancelling bias")
 
 
 def test_every_triton_config_is_correct(monkeypatch):
-    """Each shipped config (all architectures) on one awkward shape, forcing the split-K and tile paths, with
-    NaN-poisoned output buffers so an element the kernel forgets to write fails the test."""
+    """Each shipped config (all architectures) on one awkward shape, forcing the split-K and tile paths, with and
+    without a bias (added by the kernel, or by the launcher to the split-K sum), with NaN-poisoned output buffers so
+    an element the kernel forgets to write fails the test."""
     if "triton" not in runnable_backends():
         pytest.skip("triton cannot run here")
     import turbokernels.kernels.sparse24_mm as kernel_module
@@ -91,15 +114,17 @@ def test_every_triton_config_is_correct(monkeypatch):
     w = make_sparse(N, K, torch.float16, device())
     weight = tk.Sparse24Weight.from_dense(w)
     x = torch.randn(M, K, device=device(), dtype=torch.float16)
-    golden, baseline = golden_and_baseline(x, w)
     seen = set()
     for arch in CONFIGS.values():
         for cfg in arch["decode"] + arch["gemm"]:
             if cfg in seen:
                 continue
             seen.add(cfg)
-            out = launch(x, weight.values, weight.meta, config=cfg)
-            assert_close(out, golden, baseline, allowance=matmul_allowance(x, w.t()), what=str(cfg))
+            for bias in (None, torch.randn(N, device=device(), dtype=torch.float16)):
+                out = launch(x, weight.values, weight.meta, bias, config=cfg)
+                golden, baseline = golden_and_baseline(x, w, bias)
+                assert_close(out, golden, baseline, allowance=matmul_allowance(x, w.t(), bias=bias),
+                             what=f"{cfg} bias={bias is not None}")
 
 
 @pytest.mark.parametrize("backend_name", runnable_backends())
@@ -229,19 +254,45 @@ def test_autograd_input_gradient():
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autograd_bias_gradient(dtype):
+    """The bias gradient is grad_out summed over the rows (in fp32, cast to the bias dtype), batch dims included;
+    x's gradient is unchanged by the bias."""
+    weight = tk.Sparse24Weight.from_dense(make_sparse(24, 64, dtype))
+    x = torch.randn(2, 3, 64).to(dtype).requires_grad_()
+    bias = torch.randn(24).to(dtype).requires_grad_()
+    grad_out = torch.randn(2, 3, 24).to(dtype)
+    expected = grad_out.reshape(6, 24).float().sum(0).to(dtype)
+    tk.sparse24_linear(x, weight, bias).backward(grad_out)
+    assert bias.grad.dtype == dtype and torch.equal(bias.grad, expected)
+    x_grad_with_bias = x.grad.clone()
+    x.grad = None
+    tk.sparse24_linear(x, weight).backward(grad_out)
+    assert torch.equal(x.grad, x_grad_with_bias)
+    bias.grad = None
+    tk.sparse24_linear(x.detach(), weight, bias).backward(grad_out)  # only the bias requires a gradient
+    assert torch.equal(bias.grad, expected)
+
+
 def test_opcheck():
     w = make_sparse(40, 96)
     for dtype in DTYPES:
         weight = tk.Sparse24Weight.from_dense(w.to(dtype))
         x = torch.randn(3, 96).to(dtype)
         torch.library.opcheck(torch.ops.turbokernels.sparse24_mm.default, (x, weight.values, weight.meta))
+        torch.library.opcheck(torch.ops.turbokernels.sparse24_mm.default,
+                              (x, weight.values, weight.meta, torch.randn(40).to(dtype)))
     weight = tk.Sparse24Weight.from_dense(w)
     x = torch.randn(3, 96, requires_grad=True)
     torch.library.opcheck(torch.ops.turbokernels.sparse24_mm.default, (x, weight.values, weight.meta))
+    torch.library.opcheck(torch.ops.turbokernels.sparse24_mm.default,
+                          (x, weight.values, weight.meta, torch.randn(40, requires_grad=True)))
 
 
-def test_torch_compile_fullgraph():
-    model = torch.nn.Sequential(tk.nn.Sparse24Linear.from_linear(torch.nn.Linear(64, 48)), torch.nn.GELU())
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_torch_compile_fullgraph(bias):
+    model = torch.nn.Sequential(tk.nn.Sparse24Linear.from_linear(torch.nn.Linear(64, 48, bias=bias)),
+                                torch.nn.GELU())
     x = torch.randn(4, 64)
     expected = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -342,26 +393,31 @@ def test_from_dense_rejects_bad_weights():
 # ---- static code generation ------------------------------------------------------------------------------------
 KERNEL = "turbokernels.kernels.sparse24_mm:sparse24_mm_kernel"
 SIGNATURE = {
-    "x_ptr": "*{dt}", "values_ptr": "*{dt}", "meta_ptr": "*i16", "out_ptr": "*{dt}", "M": "i32", "N": "i32",
+    "x_ptr": "*{dt}", "values_ptr": "*{dt}", "meta_ptr": "*i16", "bias_ptr": "*{dt}", "out_ptr": "*{dt}",
+    "M": "i32", "N": "i32",
     "K": "i32", "stride_xm": "i32", "stride_vn": "i32", "stride_mn": "i32", "stride_os": "i32", "stride_om": "i32",
     "k_per_split": "i32",
 }
-ALIGNED = ("x_ptr", "values_ptr", "meta_ptr", "out_ptr", "N", "K", "stride_xm", "stride_vn", "stride_om")
+ALIGNED = ("x_ptr", "values_ptr", "meta_ptr", "bias_ptr", "out_ptr", "N", "K", "stride_xm", "stride_vn",
+           "stride_om")
 
 
 def codegen_cases():
+    """fp16 and bf16 with a bias; for the GEMM configs also fp16 without one (the decode configs split K, where the
+    kernel leaves the bias to the launcher: the same code either way)."""
     from turbokernels.kernels.sparse24_mm import CONFIGS
     for cap, table in sorted(CONFIGS.items()):
         for kind in ("decode", "gemm"):
             for cfg in table[kind]:
-                for dt in ("fp16", "bf16"):
+                variants = (("fp16", True), ("bf16", True)) + ((("fp16", False),) if cfg.SPLIT_K == 1 else ())
+                for dt, has_bias in variants:
                     constexprs = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                                      GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K, UPCAST=False,
+                                      GROUP_M=cfg.GROUP_M, SPLIT_K=cfg.SPLIT_K, HAS_BIAS=has_bias, UPCAST=False,
                                       stride_xk=1, stride_on=1)  # unit strides: the JIT specializes them
                     job = CodegenJob(KERNEL, tuple((k, v.format(dt=dt)) for k, v in SIGNATURE.items()),
                                      tuple(constexprs.items()), cap, cfg.num_warps, cfg.num_stages, ALIGNED)
                     name = (f"sm{cap}-{kind}-{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}-s{cfg.SPLIT_K}"
-                            f"-w{cfg.num_warps}-p{cfg.num_stages}-{dt}")
+                            f"-w{cfg.num_warps}-p{cfg.num_stages}-{dt}{'' if has_bias else '-nobias'}")
                     yield name, cap, cfg, job
 
 

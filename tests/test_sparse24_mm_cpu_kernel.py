@@ -2,14 +2,16 @@
 
 Golden: float64 x @ the exact dense 2:4 weight. The kernel must be within 2x the error of a plain matmul in x's
 dtype (x @ W.T) plus one rounding of the summed terms' size (turbokernels.testing.assert_close), for every SIMD path
-it has: the best one of this CPU, and the AVX2 and plain C++ ones (TURBOKERNELS_CPU_ISA caps the choice).
+it has: the best one of this CPU, and the AVX2 and plain C++ ones (TURBOKERNELS_CPU_ISA caps the choice). With a
+bias, the fp32 accumulator of every path (gather, row-vectorized, expand + BLAS) starts from it, so the one rounding to
+x's dtype comes after it.
 """
 import pytest
 import torch
 
 import turbokernels as tk
 from turbokernels import _ext
-from turbokernels.testing import assert_close, matmul_allowance
+from turbokernels.testing import assert_close, cancelling_bias, matmul_allowance
 
 pytestmark = pytest.mark.skipif(
     not _ext.available() or _ext.missing_op_reason("sparse24_mm", "cpu") is not None,
@@ -25,8 +27,8 @@ SHAPES = [(1, 16), (17, 48), (113, 20), (64, 4104)]
 M_VALUES = [0, 1, 3, 5, 9, 16, 17, 64]
 
 
-def op(x, values, meta):
-    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta)
+def op(x, values, meta, bias=None):
+    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta, bias)
 
 
 @pytest.fixture(params=ISAS)
@@ -51,35 +53,59 @@ def make_sparse(N, K, dtype):
     return w
 
 
-def check(x, w, what=""):
+def check(x, w, what="", bias=None):
     """Run the kernel on w's compressed form and compare with the float64 golden by the shared rule."""
     weight = tk.Sparse24Weight.from_dense(w)
-    out = op(x, weight.values, weight.meta)
+    out = op(x, weight.values, weight.meta, bias)
     M, N = x.shape[0], w.shape[0]
     assert out.shape == (M, N) and out.dtype == x.dtype, what
     if M == 0:
         return
     assert torch.isfinite(out).all(), what
-    assert_close(out, x.double() @ w.double().t(), x @ w.t(), allowance=matmul_allowance(x, w.t()), what=what)
+    golden = x.double() @ w.double().t()
+    if bias is not None:
+        golden = golden + bias.double()
+    assert_close(out, golden, torch.nn.functional.linear(x, w, bias), allowance=matmul_allowance(x, w.t(), bias=bias),
+                 what=f"{what} bias={bias is not None}")
 
 
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grid(isa, N, K, dtype):
-    """Every SIMD path x shape x dtype x M class (register tiles of 1..4 rows, ragged last tiles)."""
+    """Every SIMD path x shape x dtype x M class (register tiles of 1..4 rows, ragged last tiles), every other M
+    with a bias."""
     w = make_sparse(N, K, dtype)
-    for M in M_VALUES:
+    for i, M in enumerate(M_VALUES):
         if K > 1000 and M > 17 and isa == "scalar":
             continue  # keep it quick: the scalar expand path is covered by the smaller shapes
-        check(torch.randn(M, K).to(dtype), w, f"isa={isa} M={M} N={N} K={K} {dtype}")
+        bias = torch.randn(N).to(dtype) if (i + N) % 2 else None
+        check(torch.randn(M, K).to(dtype), w, f"isa={isa} M={M} N={N} K={K} {dtype}", bias)
 
 
 def test_large_m_expand_path(isa):
-    """Large M: row-vectorized (AVX-512, M = 130) and expand to dense + BLAS (M = 300), ragged column chunks."""
+    """Large M: row-vectorized (AVX-512, M = 130) and expand to dense + BLAS (M = 300), ragged column chunks, with and
+    without a bias."""
     w = make_sparse(70, 200, torch.float32)
-    check(torch.randn(300, 200), w, f"isa={isa}")
+    x = torch.randn(300, 200)
+    check(x, w, f"isa={isa}")
+    check(x, w, f"isa={isa}", torch.randn(70))
     wh = make_sparse(33, 52, torch.bfloat16)
-    check(torch.randn(130, 52, dtype=torch.bfloat16), wh, f"isa={isa} bf16")
+    xh = torch.randn(130, 52, dtype=torch.bfloat16)
+    check(xh, wh, f"isa={isa} bf16")
+    check(xh, wh, f"isa={isa} bf16", torch.randn(33, dtype=torch.bfloat16))
+    check(torch.randn(300, 52, dtype=torch.bfloat16), wh, f"isa={isa} bf16", torch.randn(33, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bias_is_rounded_once(isa, dtype):
+    """A bias that cancels row 0 of the product: one rounding after the bias (in fp32) is within rule (1) of the
+    small golden outputs; rounding the product first would not be. Every path: M = 1, 5 (gather), 20, 130
+    (row-vectorized or expand + BLAS, by ISA), 300 (expand + BLAS)."""
+    w = make_sparse(70, 208, dtype)
+    for M in (1, 5, 20, 130, 300):
+        x = torch.randn(M, 208).to(dtype)
+        bias = cancelling_bias(x[0].double() @ w.double().t(), dtype)
+        check(x, w, f"isa={isa} M={M} {dtype} cancelling", bias)
 
 
 def test_all_zero_and_single_nonzero_groups(isa):
@@ -102,9 +128,21 @@ def test_non_contiguous_x_and_empty():
     check(torch.randn(K, 5).t(), w, "transposed x")  # (5, K), strides (1, 5)
     wb = w.to(torch.bfloat16)
     check(torch.randn(4, 2 * K, dtype=torch.bfloat16)[:, ::2], wb, "strided x")  # stride 2 along K
+    check(torch.randn(K, 20).t(), w, "transposed x, strided bias", torch.randn(2 * N)[::2])  # row-vectorized
     weight = tk.Sparse24Weight.from_dense(w.half())
     out = op(torch.empty(0, K, dtype=torch.float16), weight.values, weight.meta)
     assert out.shape == (0, N) and out.dtype == torch.float16
+    out = op(torch.empty(0, K, dtype=torch.float16), weight.values, weight.meta, torch.randn(N).half())
+    assert out.shape == (0, N)
+
+
+def test_k_zero_is_the_bias():
+    """K = 0: the product is empty, the output is the bias (a new tensor, never the caller's), or zeros."""
+    values, meta = torch.zeros(6, 0), torch.zeros(6, 0, dtype=torch.int16)
+    bias = torch.randn(6)
+    out = op(torch.empty(1, 0), values, meta, bias)
+    assert torch.equal(out, bias.view(1, 6)) and out.data_ptr() != bias.data_ptr()
+    assert torch.equal(op(torch.empty(2, 0), values, meta), torch.zeros(2, 6))
 
 
 def test_thread_count_does_not_change_the_result():
@@ -126,11 +164,13 @@ def test_through_the_op_dispatches_to_cpu():
     w = make_sparse(40, 64, torch.bfloat16)
     weight = tk.Sparse24Weight.from_dense(w)
     x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
-    assert tk.backends.select("sparse24_mm", x.view(6, 64), weight.values, weight.meta)[0] == "cpu"
+    bias = torch.randn(40, dtype=torch.bfloat16)
+    assert tk.backends.select("sparse24_mm", x.view(6, 64), weight.values, weight.meta, bias)[0] == "cpu"
     with tk.backend("cpu"):
-        out = tk.sparse24_linear(x, weight)
-    assert_close(out.view(6, 40), x.view(6, 64).double() @ w.double().t(), x.view(6, 64) @ w.t(),
-                 allowance=matmul_allowance(x.view(6, 64), w.t()))
+        out = tk.sparse24_linear(x, weight, bias)
+    assert_close(out.view(6, 40), x.view(6, 64).double() @ w.double().t() + bias.double(),
+                 torch.nn.functional.linear(x.view(6, 64), w, bias),
+                 allowance=matmul_allowance(x.view(6, 64), w.t(), bias=bias))
 
 
 def test_bad_arguments_name_the_argument():
@@ -152,3 +192,9 @@ def test_bad_arguments_name_the_argument():
         op(torch.randn(2, 62), torch.randn(N, 31), m)
     with pytest.raises(RuntimeError, match=r"\(x\)"):
         op(x[0], v, m)
+    with pytest.raises(RuntimeError, match=r"sparse24_mm\(bias\): expected a 1-D tensor of N = 16"):
+        op(x, v, m, torch.randn(17))
+    with pytest.raises(RuntimeError, match=r"sparse24_mm\(bias\): expected a 1-D"):
+        op(x, v, m, torch.randn(1, 16))
+    with pytest.raises(RuntimeError, match=r"sparse24_mm\(bias\): dtype"):
+        op(x, v, m, torch.randn(16, dtype=torch.bfloat16))

@@ -1,4 +1,4 @@
-// int4_mm on CPU: out (M, N) = x (M, K) @ W, W[k][n] = q[k][n] * scales[k / gs][n] + offsets[k / gs][n].
+// int4_mm on CPU: out (M, N) = x (M, K) @ W [+ bias (N)], W[k][n] = q[k][n] * scales[k / gs][n] + offsets[k / gs][n].
 //
 // Layout (python/turbokernels/formats/int4.py): qweight int32 (ceil(K/8), N), word [k/8][n] holds q[k][n] in bits
 // 4*(k%8)..+3. Rows are contiguous along N, so one vector load of 16 (AVX-512) or 8 (AVX2) words gives 8 k's for
@@ -20,7 +20,9 @@
 //  * Large M: the fused loop is FMA-bound at close to the machine's peak with AVX-512, which beats dequantize +
 //    BLAS (measured 2.2x at M = 256 on AMD, where MKL runs its AVX2 code). With AVX2 or plain C++ the BLAS catches
 //    up, so above Kernels::fused_max_m rows, column chunks are dequantized to fp32 and handed to at::mm_out.
-//  Accumulation is fp32; fp16/bf16 x is converted to fp32 once per call and the result back once at the end.
+//  Accumulation is fp32; fp16/bf16 x is converted to fp32 once per call and the result back once at the end. The
+//  bias joins the fp32 result first (the fused path adds it as it writes a block out, the BLAS path hands it to
+//  addmm), so that conversion is the output's only rounding, as in torch's F.linear.
 //
 // ISAs: int4_mm_simd.h is compiled three times (AVX-512F+BW, AVX2+FMA+F16C, plain C++) with function-level target
 // attributes, and the best one the CPU supports is picked at run time, so the build stays portable (no -march).
@@ -37,6 +39,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -70,6 +73,7 @@ struct Problem {
   const void* s;      // (G, N), dtype sdt
   const void* o;      // (G, N), dtype odt
   Dt sdt, odt;
+  const float* bias;  // (N) fp32, or nullptr
   float* out;         // (M, N) fp32
   int64_t M, K, N, G, gs;
   const Span* spans;  // (G)
@@ -261,7 +265,8 @@ void run_fused(const Kernels& kern, const Problem& P) {
   });
 }
 
-void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32, at::Tensor& out32) {
+void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32, const at::Tensor& bias32,
+                    at::Tensor& out32) {
   // ~4 MiB of fp32 weight per chunk: big enough for an efficient GEMM, small enough to stay in cache-ish sizes
   // and to bound the memory of huge layers (a 128k-vocab head is never dequantized whole).
   int64_t nb = std::max<int64_t>(64, ((int64_t(1) << 20) / P.K) / 64 * 64);
@@ -275,12 +280,29 @@ void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32
       kern.dequant_rows(P, k0, k1, n0, nc, w + k0 * nc, so.data(), so.data() + nc);
     });
     at::Tensor out_chunk = out32.narrow(1, n0, nc);
-    at::mm_out(out_chunk, x32, wbuf.narrow(0, 0, P.K * nc).view({P.K, nc}));
+    const at::Tensor w_chunk = wbuf.narrow(0, 0, P.K * nc).view({P.K, nc});
+    if (bias32.defined()) {
+      at::addmm_out(out_chunk, bias32.narrow(0, n0, nc), x32, w_chunk);  // bias + x @ w, in fp32
+    } else {
+      at::mm_out(out_chunk, x32, w_chunk);
+    }
   }
 }
 
+// The bias as the epilogue reads it: (N) fp32, contiguous; undefined when there is none.
+at::Tensor bias_f32(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "int4_mm(bias): expected a 1-D tensor of N = ", N,
+              " elements, got shape ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == x.scalar_type(), "int4_mm(bias): dtype ", b.scalar_type(), " differs from x's ",
+              x.scalar_type());
+  TORCH_CHECK(b.device() == x.device(), "int4_mm(bias): bias is on ", b.device(), " but x is on ", x.device());
+  return b.to(at::kFloat).contiguous();
+}
+
 at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const at::Tensor& offsets, int64_t group_size) {
+                       const at::Tensor& offsets, int64_t group_size, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "int4_mm(x): expected a 2-D (M, K) tensor, got shape ", x.sizes());
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt,
               "int4_mm(qweight): expected a 2-D int32 tensor, got ", qweight.scalar_type(), " of shape ",
@@ -300,8 +322,10 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
               ") for K = ", K, ", group_size = ", group_size, ", got ", scales.sizes());
   TORCH_CHECK(offsets.size(0) == G && offsets.size(1) == N, "int4_mm(offsets): expected shape (", G, ", ", N,
               ") for K = ", K, ", group_size = ", group_size, ", got ", offsets.sizes());
+  const at::Tensor bias32 = bias_f32(bias, x, N);
   if (M == 0 || N == 0) return at::empty({M, N}, x.options());
-  if (K == 0) return at::zeros({M, N}, x.options());
+  if (K == 0)  // a fresh tensor either way: never a view of the caller's bias
+    return bias32.defined() ? bias->expand({M, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({M, N}, x.options());
 
   const at::Tensor x32 = x.scalar_type() == at::kFloat ? x.contiguous() : x.contiguous().to(at::kFloat);
   const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), o = offsets.contiguous();
@@ -315,6 +339,7 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
   P.o = o.data_ptr();
   P.sdt = sdt;
   P.odt = odt;
+  P.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   P.out = out32.data_ptr<float>();
   P.M = M;
   P.K = K;
@@ -343,7 +368,7 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
     P.spans = spans.data();
     run_fused(kern, P);
   } else {
-    run_dequant_mm(kern, P, x32, out32);
+    run_dequant_mm(kern, P, x32, bias32, out32);
   }
   return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
 }

@@ -138,7 +138,7 @@ TK_ATTR __attribute__((always_inline)) inline void group_rows_n(int n, const int
   group_rows<R>(q, ldq, sp, x, ldx, xsum, xsum_stride, s, o, y);
 }
 
-// out[m0:m1, n0:n0 + NB] (fewer columns in the last block), all groups.
+// out[m0:m1, n0:n0 + NB] (fewer columns in the last block), all groups, plus the bias when there is one.
 // scratch: (m1 - m0 + 2) * NB floats; qpad: ceil(K/8) * NB int32, used only when the block is partial.
 TK_ATTR void fused_block(const Problem& P, int64_t m0, int64_t m1, int64_t n0, float* scratch, int32_t* qpad) {
   const int64_t ncols = P.N - n0 < NB ? P.N - n0 : NB;
@@ -165,8 +165,14 @@ TK_ATTR void fused_block(const Problem& P, int64_t m0, int64_t m1, int64_t n0, f
                          ob, y + r * NB);
     }
   }
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t n = 0; n < ncols; ++n) P.out[(m0 + m) * P.N + n0 + n] = y[m * NB + n];
+  // The epilogue: the bias joins the fp32 sum here, so the one conversion to x's dtype is the output's only rounding.
+  if (P.bias != nullptr) {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t n = 0; n < ncols; ++n) P.out[(m0 + m) * P.N + n0 + n] = y[m * NB + n] + P.bias[n0 + n];
+  } else {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t n = 0; n < ncols; ++n) P.out[(m0 + m) * P.N + n0 + n] = y[m * NB + n];
+  }
 }
 
 // Dequantize rows [k_begin, k_end) of columns [n0, n0 + nb) into w (row-major, nb floats per row):

@@ -1,4 +1,4 @@
-// sparse24_mm on CPU: out (M, N) = x (M, K) @ W.T, W (N, K) 2:4-sparse along K, given compressed as
+// sparse24_mm on CPU: out (M, N) = x (M, K) @ W.T [+ bias (N)], W (N, K) 2:4-sparse along K, given compressed as
 // values (N, K/2) in x's dtype and meta int16 (N, ceil(K/16)) (python/turbokernels/formats/sparse24.py).
 //
 // Layout as the kernel sees it: a row of W is a stream of kept values and a parallel bit stream of meta, 2 bits per
@@ -36,7 +36,8 @@
 //    lane sums chunks of 64 groups from zero and adds them to the fp32 output (the error grows with the chunk,
 //    not with K).
 //  * Larger M (Kernels::max_m, measured per ISA): column chunks are expanded to fp32 and handed to at::mm_out.
-//  Accumulation is fp32; the result is converted to x's dtype once at the end.
+//  Accumulation is fp32; the result is converted to x's dtype once at the end. The fp32 output starts from the bias
+//  (or 0) and every path adds its sums to it, so that conversion is the output's only rounding, as in F.linear.
 //
 // ISAs: sparse24_mm_simd.h is compiled three times (AVX-512F+BW, AVX2+FMA+F16C, plain C++) with function-level
 // target attributes, and the best one the CPU supports is picked at run time, so the build stays portable (no
@@ -54,6 +55,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define TK_X86_SIMD 1
@@ -87,7 +89,7 @@ struct Problem {
   int64_t vsize, ldv;    // element size, row stride (K/2)
   const int16_t* meta;   // (N, ldm), contiguous
   int64_t ldm;
-  float* out;            // (M, N) fp32, zero-initialized: tiles add their partial sums
+  float* out;            // (M, N) fp32, initialized to the bias (or 0): tiles add their partial sums
   int64_t M, N, K;
   int64_t nfull;         // blocks whose values and meta words lie entirely inside the tensors
   float value_at(int64_t n, int64_t i) const { return scalar_to_f32(vdt, values, n * ldv + i); }
@@ -311,6 +313,7 @@ void run_rowvec(const Kernels& kern, const Problem& P, const at::Tensor& x, at::
   at::Tensor xt = at::zeros({K, ldxt}, x.options().dtype(at::kFloat));
   xt.narrow(1, 0, M).copy_(x.t());
   at::Tensor outt = at::zeros({N, ldxt}, xt.options());
+  outt.narrow(1, 0, M).copy_(out32.t());  // starts from out32: the bias (or 0)
   const float* xtp = xt.data_ptr<float>();
   float* outp = outt.data_ptr<float>();
   // Chunks of 64 groups: every lane sums one chain of 128 products from zero (error growing with the chunk, not
@@ -348,11 +351,12 @@ void run_expand_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32,
     float* w = wbuf.data_ptr<float>();
     at::parallel_for(0, nc, 16, [&](int64_t i0, int64_t i1) { kern.expand(P, n0 + i0, i1 - i0, w + i0 * P.K); });
     at::Tensor o = out32.narrow(1, n0, nc);
-    at::mm_out(o, x32, wbuf.narrow(0, 0, nc).t());
+    o.addmm_(x32, wbuf.narrow(0, 0, nc).t());  // o (the bias, or 0) + x @ w, in fp32
   }
 }
 
-at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
+at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "sparse24_mm(x): expected a 2-D (M, K) tensor, got shape ", x.sizes());
   TORCH_CHECK(values.dim() == 2, "sparse24_mm(values): expected a 2-D (N, K/2) tensor, got shape ", values.sizes());
   TORCH_CHECK(meta.dim() == 2 && meta.scalar_type() == at::kShort,
@@ -369,12 +373,25 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
               x.sizes(), ", got shape ", values.sizes());
   TORCH_CHECK(meta.size(0) == N && meta.size(1) == (K + 15) / 16, "sparse24_mm(meta): expected shape (", N, ", ",
               (K + 15) / 16, ") for values of shape ", values.sizes(), ", got ", meta.sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "sparse24_mm(bias): expected a 1-D tensor of N = ", N,
+                " elements, got shape ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "sparse24_mm(bias): dtype ", b.scalar_type(),
+                " differs from x's ", x.scalar_type());
+    TORCH_CHECK(b.device() == x.device(), "sparse24_mm(bias): bias is on ", b.device(), " but x is on ",
+                x.device());
+  }
   if (M == 0 || N == 0) return at::empty({M, N}, x.options());
-  if (K == 0) return at::zeros({M, N}, x.options());
+  if (K == 0)  // a fresh tensor either way: never a view of the caller's bias
+    return has_bias ? bias->expand({M, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({M, N}, x.options());
 
   const Kernels& kern = select_kernels();
   const at::Tensor v = values.contiguous(), mt = meta.contiguous();
-  at::Tensor out32 = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  // The fp32 accumulator of every path starts from the bias (or 0); a copy (clone), never the caller's bias itself.
+  at::Tensor out32 = has_bias ? bias->to(at::kFloat).expand({M, N}).clone(at::MemoryFormat::Contiguous)
+                              : at::zeros({M, N}, x.options().dtype(at::kFloat));
   Problem P{};
   P.values = v.data_ptr();
   P.vdt = vdt;

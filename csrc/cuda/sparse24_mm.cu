@@ -1,5 +1,5 @@
-// sparse24_mm on CUDA: out (M, N) = x (M, K) @ W.T, W (N, K) 2:4-sparse along K, fp16/bf16, on sparse tensor
-// cores (mma.sp, sm_80+).
+// sparse24_mm on CUDA: out (M, N) = x (M, K) @ W.T [+ bias (N)], W (N, K) 2:4-sparse along K, fp16/bf16, on sparse
+// tensor cores (mma.sp, sm_80+).
 //
 // Layout (python/turbokernels/formats/sparse24.py): values (N, K/2) = the two kept values of every group of 4
 // consecutive k, increasing column; meta int16 (N, K/16), per group a nibble idx0 | idx1 << 2, group j of an element
@@ -46,6 +46,8 @@
 //    workspace (splits, M, N) and a second kernel sums them in a fixed order (deterministic, no atomics).
 //  * The output is stored straight from the accumulators, transposed: lanes with the same t write 8 consecutive n.
 //    An smem-staged, vectorized epilogue is a possible later gain (it matters only when M is large).
+//  * Bias: added to the fp32 accumulator before the one conversion to T (by the GEMM kernel, or by the split-K
+//    reduction to the sum of the partials), so the output is rounded once, as in torch's F.linear.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -55,6 +57,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 namespace turbokernels {
@@ -123,6 +126,13 @@ __device__ __forceinline__ void mma_sp(float (&c)[4], const uint32_t (&a)[4], co
 }
 
 template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
@@ -174,11 +184,13 @@ __device__ __forceinline__ void load_stage(Smem<BN, BM>& s, int stage, const T* 
 
 // grid (ceil(N / BN), ceil(M / BM), splits); warp tile (BN / WARPS_N) x (BM / WARPS_M). Split z covers k tiles
 // [z * tiles_per_split, ...). With splits == 1
-// it writes `out` (M, N) in T; otherwise fp32 partials to ws (splits, M, N).
+// it writes `out` (M, N) in T, the bias (N, or nullptr) added to the fp32 accumulator first; otherwise fp32
+// partials to ws (splits, M, N), without the bias (the reduction adds it once).
 template <typename T, int BN, int BM, int WARPS_N, int WARPS_M>
 __global__ void __launch_bounds__(THREADS)
     sparse24_mm_kernel(const T* __restrict__ x, const T* __restrict__ values, const int16_t* __restrict__ meta,
-                       T* __restrict__ out, float* __restrict__ ws, int M, int N, int K, int tiles_per_split) {
+                       const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int M, int N, int K,
+                       int tiles_per_split) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(WARPS_N * WARPS_M * 32 == THREADS, "4 warps");
   constexpr int WN = BN / WARPS_N, WM = BM / WARPS_M;  // warp tile
@@ -248,6 +260,17 @@ __global__ void __launch_bounds__(THREADS)
   }
   cp_async_wait<0>();
 
+  // The bias of this thread's two rows n per m16 tile (g and g + 8), in fp32; 0 when there is none or the partial
+  // sums go to ws.
+  float bn[MI][2];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + wn + i * 16 + g + h * 8;
+      bn[i][h] = (bias != nullptr && ws == nullptr && n < N) ? to_float<T>(bias[n]) : 0.f;
+    }
+
   // acc[i][j][r]: n = n0 + wn + 16 i + g + 8 (r >> 1), m = m0 + wm + 8 j + 2 t + (r & 1)
 #pragma unroll
   for (int i = 0; i < MI; ++i)
@@ -262,7 +285,7 @@ __global__ void __launch_bounds__(THREADS)
           if (ws != nullptr) {
             ws[static_cast<int64_t>(blockIdx.z) * M * N + off] = acc[i][j][r];
           } else {
-            out[off] = from_float<T>(acc[i][j][r]);
+            out[off] = from_float<T>(acc[i][j][r] + bn[i][r >> 1]);  // the output's one rounding
           }
         }
       }
@@ -271,20 +294,23 @@ __global__ void __launch_bounds__(THREADS)
 #endif
 }
 
-// out[idx] = sum over the splits of ws[z][idx], in split order (deterministic).
+// out[idx] = sum over the splits of ws[z][idx], in split order (deterministic), plus bias[idx % N] (unless
+// nullptr), in fp32: the one rounding of the output is the final conversion.
 template <typename T>
-__global__ void splitk_reduce_kernel(const float* __restrict__ ws, T* __restrict__ out, int64_t total, int splits) {
+__global__ void splitk_reduce_kernel(const float* __restrict__ ws, const T* __restrict__ bias, T* __restrict__ out,
+                                     int64_t total, int N, int splits) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float s = 0.f;
     for (int z = 0; z < splits; ++z) s += ws[z * total + idx];
+    if (bias != nullptr) s += to_float<T>(bias[idx % N]);
     out[idx] = from_float<T>(s);
   }
 }
 
 template <typename T, int BN, int BM, int WARPS_N, int WARPS_M>
-void launch(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, at::Tensor& out, int M, int N,
-            int K) {
+void launch(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta, const at::Tensor& bias,
+            at::Tensor& out, int M, int N, int K) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int ktiles = (K + BK - 1) / BK;
@@ -305,20 +331,21 @@ void launch(const at::Tensor& x, const at::Tensor& values, const at::Tensor& met
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const T* vp = reinterpret_cast<const T*>(values.data_ptr());
   const int16_t* mp = meta.data_ptr<int16_t>();
+  const T* bp = bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
   T* op = reinterpret_cast<T*>(out.data_ptr());
   if (splits == 1) {
     sparse24_mm_kernel<T, BN, BM, WARPS_N, WARPS_M>
-        <<<grid, THREADS, 0, stream>>>(xp, vp, mp, op, nullptr, M, N, K, tiles_per_split);
+        <<<grid, THREADS, 0, stream>>>(xp, vp, mp, bp, op, nullptr, M, N, K, tiles_per_split);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   at::Tensor ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
   sparse24_mm_kernel<T, BN, BM, WARPS_N, WARPS_M>
-      <<<grid, THREADS, 0, stream>>>(xp, vp, mp, nullptr, ws.data_ptr<float>(), M, N, K, tiles_per_split);
+      <<<grid, THREADS, 0, stream>>>(xp, vp, mp, bp, nullptr, ws.data_ptr<float>(), M, N, K, tiles_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t total = static_cast<int64_t>(M) * N;
   const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, int64_t{sms} * 8));
-  splitk_reduce_kernel<T><<<blocks, 256, 0, stream>>>(ws.data_ptr<float>(), op, total, splits);
+  splitk_reduce_kernel<T><<<blocks, 256, 0, stream>>>(ws.data_ptr<float>(), bp, op, total, N, splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -328,7 +355,8 @@ at::Tensor aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-at::Tensor sparse24_mm_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta) {
+at::Tensor sparse24_mm_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                            const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.is_cuda() && values.is_cuda() && meta.is_cuda(),
               "sparse24_mm (cuda): x, values and meta must be CUDA tensors");
   TORCH_CHECK(x.device() == values.device() && x.device() == meta.device(),
@@ -349,21 +377,31 @@ at::Tensor sparse24_mm_cuda(const at::Tensor& x, const at::Tensor& values, const
   TORCH_CHECK(meta.size(0) == N && meta.size(1) == K / 16, "sparse24_mm (cuda): meta must have shape (N, K/16) = (",
               N, ", ", K / 16, "), got ", meta.sizes());
   TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, "sparse24_mm (cuda): dimensions must fit in int32");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device() == x.device(), "sparse24_mm (cuda): bias is on ", b.device(), " but x is on ", x.device());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "sparse24_mm (cuda): bias must have shape (N,) = (", N, ",), got ",
+                b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "sparse24_mm (cuda): bias dtype ", b.scalar_type(),
+                " differs from x's ", x.scalar_type());
+  }
 
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
+  if (K == 0) return has_bias ? out.copy_(bias->expand({M, N})) : out.zero_();
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = aligned(x), vc = aligned(values), mc = aligned(meta);
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();  // read one element at a time: no alignment
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
   // M <= 16 (decode, small batches): 128 x 16 tiles, so a block does not load and multiply 48 padding rows of x;
   // otherwise 64 x 64.
   if (x.scalar_type() == at::kHalf) {
-    if (M <= 16) launch<__half, 128, 16, 4, 1>(xc, vc, mc, out, m, n, k);
-    else launch<__half, 64, 64, 2, 2>(xc, vc, mc, out, m, n, k);
+    if (M <= 16) launch<__half, 128, 16, 4, 1>(xc, vc, mc, bc, out, m, n, k);
+    else launch<__half, 64, 64, 2, 2>(xc, vc, mc, bc, out, m, n, k);
   } else {
-    if (M <= 16) launch<__nv_bfloat16, 128, 16, 4, 1>(xc, vc, mc, out, m, n, k);
-    else launch<__nv_bfloat16, 64, 64, 2, 2>(xc, vc, mc, out, m, n, k);
+    if (M <= 16) launch<__nv_bfloat16, 128, 16, 4, 1>(xc, vc, mc, bc, out, m, n, k);
+    else launch<__nv_bfloat16, 64, 64, 2, 2>(xc, vc, mc, bc, out, m, n, k);
   }
   return out;
 }

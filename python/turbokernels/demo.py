@@ -46,8 +46,9 @@ def _median_ms(fn, reps: int) -> float:
 
 def _backend_of(layer) -> str:
     x = torch.empty(1, layer.in_features, dtype=layer.scales.dtype, device=layer.qweight.device)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)  # the arguments the layer passes to the op
     return backends.select("int4_mm", x, layer.qweight, layer.scales, layer.offsets,
-                           layer.weight.effective_group_size)[0]
+                           layer.weight.effective_group_size, bias)[0]
 
 
 def _first_int4(model):

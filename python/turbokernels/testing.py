@@ -134,6 +134,17 @@ def matmul_allowance(x: torch.Tensor, w_kn: torch.Tensor, *, bias: Optional[torc
     return Allowance(acc, operand).map(lambda t: t.reshape(shape))
 
 
+def cancelling_bias(product_row: torch.Tensor, dtype: torch.dtype, remainder: float = 1e-2) -> torch.Tensor:
+    """A bias (N,) in `dtype` that nearly cancels one row of a product (float64, (N,)): -round(row) plus a random
+    remainder ~`remainder` times the row's size. Where it is added, golden = row + bias is much smaller than the row,
+    so a kernel that rounds the product to `dtype` before adding the bias (two roundings) is off by up to half an
+    ulp of the row: far outside rule (1) for that element, which allows one rounding of |golden|. A kernel that adds
+    the bias to its fp32 sum before the one rounding passes."""
+    row = product_row.to(torch.float64)
+    noise = torch.randn(row.shape, dtype=torch.float64, device=row.device) * remainder * row.abs().mean()
+    return (noise - row.to(dtype).to(torch.float64)).to(dtype)
+
+
 def operand_dtype(backend: str, dtype: torch.dtype) -> Optional[torch.dtype]:
     """The dtype `backend` rounds the operands of its dots to, for inputs of `dtype`: the Triton and CUDA kernels
     feed fp16/bf16 operands to tensor cores (an int4 weight dequantized in fp32 is rounded to x's dtype, softmax

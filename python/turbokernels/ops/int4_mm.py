@@ -1,7 +1,8 @@
 """int4_mm: x (M, K) @ dequant(Int4Weight) -> (M, N).
 
     functional   turbokernels.int4_linear(x, weight, bias)     checks arguments once, any leading batch shape
-    op           torch.ops.turbokernels.int4_mm(x, qweight, scales, offsets, group_size)   schema + fake + autograd
+    op           torch.ops.turbokernels.int4_mm(x, qweight, scales, offsets, group_size, bias=None)
+                 schema + fake + autograd; the bias is added in fp32 before the output's one rounding
     backends     reference  python/turbokernels/reference/int4_mm.py
                  triton     kernels/int4_mm.py
                  cpu        csrc/cpu/int4_mm.cpp  (torch.ops.turbokernels_C.int4_mm)
@@ -20,54 +21,59 @@ from ._library import define
 OP = "int4_mm"
 
 
-def _fake(x, qweight, scales, offsets, group_size):
+def _fake(x, qweight, scales, offsets, group_size, bias=None):
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
-def _empty(x, qweight, scales, offsets, group_size):
+def _empty(x, qweight, scales, offsets, group_size, bias=None):
     if x.shape[0] == 0:
         return x.new_empty((0, qweight.shape[1]))
     return None
 
 
-int4_mm = define(OP, "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size) -> Tensor",
-                 fake=_fake, before=_empty)
+int4_mm = define(OP, "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, Tensor? bias=None) "
+                     "-> Tensor", fake=_fake, before=_empty)
 
 
 # ---- backends --------------------------------------------------------------------------------------------------
 backends.register(OP, "reference", check=backends.always)(reference.int4_mm)
 
 
-def _check_triton(x, qweight, scales, offsets, group_size):
+def _check_triton(x, qweight, scales, offsets, group_size, bias=None):
     if group_size < 16:
         return f"group_size={group_size} < 16 (tl.dot tiles are 16 deep; a tile may span at most two groups)"
     return backends.check_triton(x)
 
 
 @backends.register(OP, "triton", check=_check_triton)
-def _triton(x, qweight, scales, offsets, group_size):
+def _triton(x, qweight, scales, offsets, group_size, bias=None):
     from turbokernels.kernels.int4_mm import int4_mm as launch
-    return launch(x, qweight, scales, offsets, group_size)
+    return launch(x, qweight, scales, offsets, group_size, bias)
 
 
 @backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
-def _cpu(x, qweight, scales, offsets, group_size):
-    return torch.ops.turbokernels_C.int4_mm(x, qweight, scales, offsets, group_size)
+def _cpu(x, qweight, scales, offsets, group_size, bias=None):
+    return torch.ops.turbokernels_C.int4_mm(x, qweight, scales, offsets, group_size, bias)
 
 
-# ---- autograd: gradient for the activations only (the int4 weight is frozen, as in QLoRA) ----------------------
+# ---- autograd: gradients for the activations and the bias (the int4 weight is frozen, as in QLoRA) -------------
 def _setup_context(ctx, inputs, output):
-    x, qweight, scales, offsets, group_size = inputs
+    x, qweight, scales, offsets, group_size, bias = inputs
     ctx.save_for_backward(qweight, scales, offsets)
     ctx.group_size = group_size
     ctx.in_features = x.shape[1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out):
     qweight, scales, offsets = ctx.saved_tensors
-    w = reference.dequantize_int4(qweight, scales, offsets, ctx.group_size, ctx.in_features)  # (K, N) fp32
-    grad_x = (grad_out.to(torch.float32) @ w.t()).to(grad_out.dtype)
-    return grad_x, None, None, None, None
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = reference.dequantize_int4(qweight, scales, offsets, ctx.group_size, ctx.in_features)  # (K, N) fp32
+        grad_x = (grad_out.to(torch.float32) @ w.t()).to(grad_out.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+        grad_bias = grad_out.to(torch.float32).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias
 
 
 torch.library.register_autograd(f"turbokernels::{OP}", _backward, setup_context=_setup_context)
@@ -99,7 +105,5 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
     x2 = x.reshape(-1, weight.in_features)
     if weight.perm is not None:
         x2 = x2.index_select(1, weight.perm)
-    out = int4_mm(x2, weight.qweight, weight.scales, weight.offsets, weight.effective_group_size)
-    if bias is not None:
-        out = out + bias
+    out = int4_mm(x2, weight.qweight, weight.scales, weight.offsets, weight.effective_group_size, bias)
     return out.reshape(*lead, weight.out_features)

@@ -1,8 +1,9 @@
 """sparse24_int4_mm: x (M, K) @ W.T -> (M, N), W (N, K) 2:4-sparse with int4 kept values (Sparse24Int4Weight).
 
     functional   turbokernels.sparse24_int4_linear(x, weight, bias)   checks arguments once, any leading batch shape
-    op           torch.ops.turbokernels.sparse24_int4_mm(x, qweight, scales, offsets, meta, group_size)
-                 (group_size counts KEPT values per scale row)   schema + fake + autograd
+    op           torch.ops.turbokernels.sparse24_int4_mm(x, qweight, scales, offsets, meta, group_size, bias=None)
+                 (group_size counts KEPT values per scale row)   schema + fake + autograd; the bias is added in
+                 fp32 before the output's one rounding
     backends     reference  python/turbokernels/reference/sparse24_int4_mm.py
                  triton     kernels/sparse24_int4_mm.py
 """
@@ -21,19 +22,19 @@ from ._library import define
 OP = "sparse24_int4_mm"
 
 
-def _fake(x, qweight, scales, offsets, meta, group_size):
+def _fake(x, qweight, scales, offsets, meta, group_size, bias=None):
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
-def _empty(x, qweight, scales, offsets, meta, group_size):
+def _empty(x, qweight, scales, offsets, meta, group_size, bias=None):
     if x.shape[0] == 0:
         return x.new_empty((0, qweight.shape[1]))
     return None
 
 
 sparse24_int4_mm = define(
-    OP, "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor meta, int group_size) -> Tensor",
-    fake=_fake, before=_empty)
+    OP, "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor meta, int group_size, Tensor? bias=None) "
+        "-> Tensor", fake=_fake, before=_empty)
 
 
 # ---- backends --------------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ backends.register(OP, "reference", check=backends.always)(reference.sparse24_int
 MIN_KEPT_GROUP_SIZE = 8
 
 
-def _check_triton(x, qweight, scales, offsets, meta, group_size):
+def _check_triton(x, qweight, scales, offsets, meta, group_size, bias=None):
     if group_size < MIN_KEPT_GROUP_SIZE:
         return (f"group_size={group_size} kept values (= {2 * group_size} dense columns) < {MIN_KEPT_GROUP_SIZE}: a "
                 f"K tile is 16 dense columns (8 kept values) and may span at most two groups")
@@ -56,24 +57,30 @@ def _check_triton(x, qweight, scales, offsets, meta, group_size):
 
 
 @backends.register(OP, "triton", check=_check_triton)
-def _triton(x, qweight, scales, offsets, meta, group_size):
+def _triton(x, qweight, scales, offsets, meta, group_size, bias=None):
     from turbokernels.kernels.sparse24_int4_mm import sparse24_int4_mm as launch
-    return launch(x, qweight, scales, offsets, meta, group_size)
+    return launch(x, qweight, scales, offsets, meta, group_size, bias)
 
 
-# ---- autograd: gradient for the activations only (the weight is frozen) --------------------------------------------
+# ---- autograd: gradients for the activations and the bias (the weight is frozen) -----------------------------------
 def _setup_context(ctx, inputs, output):
-    x, qweight, scales, offsets, meta, group_size = inputs
+    x, qweight, scales, offsets, meta, group_size, bias = inputs
     ctx.save_for_backward(qweight, scales, offsets, meta)
     ctx.group_size = group_size
     ctx.in_features = x.shape[1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out):
     qweight, scales, offsets, meta = ctx.saved_tensors
-    w = reference.sparse24_int4_to_dense(qweight, scales, offsets, meta, ctx.group_size, ctx.in_features)  # (N, K)
-    grad_x = (grad_out.to(torch.float32) @ w).to(grad_out.dtype)
-    return grad_x, None, None, None, None, None
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = reference.sparse24_int4_to_dense(qweight, scales, offsets, meta, ctx.group_size,
+                                             ctx.in_features)  # (N, K)
+        grad_x = (grad_out.to(torch.float32) @ w).to(grad_out.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad_out.to(torch.float32).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, grad_bias
 
 
 torch.library.register_autograd(f"turbokernels::{OP}", _backward, setup_context=_setup_context)
@@ -105,7 +112,5 @@ def sparse24_int4_linear(x: torch.Tensor, weight: Sparse24Int4Weight,
             raise ValueError(f"sparse24_int4_linear(bias): bias is on {bias.device} but x is on {x.device}")
     lead = x.shape[:-1]
     out = sparse24_int4_mm(x.reshape(-1, weight.in_features), weight.qweight, weight.scales, weight.offsets,
-                           weight.meta, weight.kept_group_size)
-    if bias is not None:
-        out = out + bias
+                           weight.meta, weight.kept_group_size, bias)
     return out.reshape(*lead, weight.out_features)

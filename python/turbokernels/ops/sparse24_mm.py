@@ -1,9 +1,11 @@
 """sparse24_mm: x (M, K) @ W.T -> (M, N), W (N, K) a 2:4-sparse weight given as Sparse24Weight (values + meta).
 
     functional   turbokernels.sparse24_linear(x, weight, bias)   checks arguments once, any leading batch shape
-    op           torch.ops.turbokernels.sparse24_mm(x, values, meta)   schema + fake + autograd
+    op           torch.ops.turbokernels.sparse24_mm(x, values, meta, bias=None)   schema + fake + autograd; the
+                 bias is added in fp32 before the output's one rounding
     backends     reference  python/turbokernels/reference/sparse24_mm.py
                  triton     kernels/sparse24_mm.py
+                 cpu        csrc/cpu/sparse24_mm.cpp  (torch.ops.turbokernels_C.sparse24_mm)
                  cuda       csrc/cuda/sparse24_mm.cu (auto=False: forced only, until it passes on a GPU)
 """
 from __future__ import annotations
@@ -21,24 +23,25 @@ from ._library import define
 OP = "sparse24_mm"
 
 
-def _fake(x, values, meta):
+def _fake(x, values, meta, bias=None):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
-def _empty(x, values, meta):
+def _empty(x, values, meta, bias=None):
     if x.shape[0] == 0:
         return x.new_empty((0, values.shape[0]))
     return None
 
 
-sparse24_mm = define(OP, "(Tensor x, Tensor values, Tensor meta) -> Tensor", fake=_fake, before=_empty)
+sparse24_mm = define(OP, "(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor", fake=_fake,
+                     before=_empty)
 
 
 # ---- backends --------------------------------------------------------------------------------------------------
 backends.register(OP, "reference", check=backends.always)(reference.sparse24_mm)
 
 
-def _check_triton(x, values, meta):
+def _check_triton(x, values, meta, bias=None):
     if values.dtype != x.dtype:
         return f"values dtype {values.dtype} differs from x's {x.dtype} (the kernel dots them in one dtype)"
     if meta.dtype != torch.int16:
@@ -47,20 +50,20 @@ def _check_triton(x, values, meta):
 
 
 @backends.register(OP, "triton", check=_check_triton)
-def _triton(x, values, meta):
+def _triton(x, values, meta, bias=None):
     from turbokernels.kernels.sparse24_mm import sparse24_mm as launch
-    return launch(x, values, meta)
+    return launch(x, values, meta, bias)
 
 
 @backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
-def _cpu(x, values, meta):
-    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta)
+def _cpu(x, values, meta, bias=None):
+    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta, bias)
 
 
 _cuda_ext = backends.check_extension_op(OP, "cuda")
 
 
-def _check_cuda(x, values, meta):
+def _check_cuda(x, values, meta, bias=None):
     """csrc/cuda/sparse24_mm.cu (mma.sp, sm_80+). Not automatic until it has passed its tests on a real GPU."""
     reason = _cuda_ext(x, values, meta)  # CUDA tensors, and a _C built with the kernel
     if reason is not None:
@@ -73,25 +76,32 @@ def _check_cuda(x, values, meta):
         return f"meta must be int16, got {meta.dtype}"
     if x.shape[-1] % 32:
         return f"in_features (x.shape[1]) must be a multiple of 32 (the k of mma.sp), got {x.shape[-1]}"
+    if bias is not None and bias.dtype != x.dtype:
+        return f"bias dtype {bias.dtype} differs from x's {x.dtype} (the epilogue reads it in x's dtype)"
     return None
 
 
 @backends.register(OP, "cuda", check=_check_cuda, auto=False)
-def _cuda(x, values, meta):
-    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta)
+def _cuda(x, values, meta, bias=None):
+    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta, bias)
 
 
-# ---- autograd: gradient for the activations only (the pruned weight is frozen) ---------------------------------
+# ---- autograd: gradients for the activations and the bias (the pruned weight is frozen) -------------------------
 def _setup_context(ctx, inputs, output):
-    x, values, meta = inputs
+    x, values, meta, bias = inputs
     ctx.save_for_backward(values, meta)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_out):
     values, meta = ctx.saved_tensors
-    w = reference.sparse24_to_dense(values, meta, torch.float32)  # (N, K)
-    grad_x = (grad_out.to(torch.float32) @ w).to(grad_out.dtype)
-    return grad_x, None, None
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = reference.sparse24_to_dense(values, meta, torch.float32)  # (N, K)
+        grad_x = (grad_out.to(torch.float32) @ w).to(grad_out.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.to(torch.float32).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias
 
 
 torch.library.register_autograd(f"turbokernels::{OP}", _backward, setup_context=_setup_context)
@@ -125,7 +135,5 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torc
         if bias.device != x.device:
             raise ValueError(f"sparse24_linear(bias): bias is on {bias.device} but x is on {x.device}")
     lead = x.shape[:-1]
-    out = sparse24_mm(x.reshape(-1, weight.in_features), weight.values, weight.meta)
-    if bias is not None:
-        out = out + bias
+    out = sparse24_mm(x.reshape(-1, weight.in_features), weight.values, weight.meta, bias)
     return out.reshape(*lead, weight.out_features)

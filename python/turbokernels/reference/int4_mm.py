@@ -1,4 +1,7 @@
-"""The spec of int4_mm in plain PyTorch: dequantize in fp32, one fp32 matmul, cast to the activation dtype."""
+"""The spec of int4_mm in plain PyTorch: dequantize in fp32, one fp32 matmul, the bias added in fp32, one cast to the
+activation dtype (one rounding of the output, as torch's F.linear)."""
+from typing import Optional
+
 import torch
 
 from ..formats.int4 import unpack_int4
@@ -14,7 +17,10 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.
 
 
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-            group_size: int) -> torch.Tensor:
-    """x (M, K) @ dequant(qweight) (K, N) -> (M, N) in x.dtype."""
+            group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) @ dequant(qweight) (K, N) [+ bias (N,)] -> (M, N) in x.dtype."""
     w = dequantize_int4(qweight, scales, offsets, group_size, x.shape[1])
-    return (x.to(torch.float32) @ w).to(x.dtype)
+    out = x.to(torch.float32) @ w
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)

@@ -1,5 +1,7 @@
 """The spec of sparse24_int4_mm in plain PyTorch: dequantize the kept values in fp32, expand them with meta to the
-dense 2:4 weight, one fp32 matmul, cast to the activation dtype."""
+dense 2:4 weight, one fp32 matmul, the bias added in fp32, one cast to the activation dtype."""
+from typing import Optional
+
 import torch
 
 from .int4_mm import dequantize_int4
@@ -14,7 +16,10 @@ def sparse24_int4_to_dense(qweight, scales, offsets, meta, group_size: int, in_f
 
 
 def sparse24_int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                     meta: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x (M, K) @ W.T -> (M, N) in x.dtype."""
+                     meta: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) @ W.T [+ bias (N,)] -> (M, N) in x.dtype."""
     w = sparse24_int4_to_dense(qweight, scales, offsets, meta, group_size, x.shape[1])
-    return (x.to(torch.float32) @ w.t()).to(x.dtype)
+    out = x.to(torch.float32) @ w.t()
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)

@@ -1,5 +1,8 @@
-"""The spec of sparse24_mm in plain PyTorch: expand the 2:4 weight to dense in fp32, one fp32 matmul, cast to the
-activation dtype. `sparse24_to_dense` is also the one expansion rule the format (Sparse24Weight.to_dense) uses."""
+"""The spec of sparse24_mm in plain PyTorch: expand the 2:4 weight to dense in fp32, one fp32 matmul, the bias added
+in fp32, one cast to the activation dtype. `sparse24_to_dense` is also the one expansion rule the format
+(Sparse24Weight.to_dense) uses."""
+from typing import Optional
+
 import torch
 
 
@@ -25,7 +28,11 @@ def sparse24_to_dense(values: torch.Tensor, meta: torch.Tensor, dtype: torch.dty
     return dense.view(N, groups * 4)
 
 
-def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ W.T -> (M, N) in x.dtype, W (N, K) given by values/meta."""
+def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) @ W.T [+ bias (N,)] -> (M, N) in x.dtype, W (N, K) given by values/meta."""
     w = sparse24_to_dense(values, meta, torch.float32)
-    return (x.to(torch.float32) @ w.t()).to(x.dtype)
+    out = x.to(torch.float32) @ w.t()
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)
