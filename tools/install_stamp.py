@@ -1,12 +1,14 @@
 """The Makefile's up-to-date check for `make install` (no torch import: it runs on every `make`).
 
-    python tools/install_stamp.py            -> the stamp file that stands for "installed, for this interpreter"
-    python tools/install_stamp.py --record   -> after a successful install: write that stamp
+    python tools/install_stamp.py [--record] VAR...
+
+prints the stamp file that stands for "installed, for this interpreter and these build variables", or with --record
+(after a successful install) writes it.
 
 The stamp's name is a hash of what an install depends on besides the files Make already compares by time (setup.py,
 pyproject.toml, the Makefile, csrc/): the interpreter and its environment (sys.prefix, the Python version, every
-installed distribution with its version, where turbokernels is installed from) and the build switches
-(TORCH_CUDA_ARCH_LIST, TURBOKERNELS_*, CUDA_HOME, CXX). The stamp holds the mtime and size of the in-place
+installed distribution with its version, where turbokernels is installed from) and the values of the environment
+variables named (the Makefile's BUILD_ENV: TORCH_CUDA_ARCH_LIST, TURBOKERNELS_*, CFLAGS...). The stamp holds the mtime and size of the in-place
 turbokernels/_C*.so that install produced: if another build replaced or removed it (another venv with the same
 Python version, a manual `pip install -e .`), the printed name ends in `.stale`, which does not exist, and Make
 installs again.
@@ -19,13 +21,11 @@ import sys
 import sysconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = ("TORCH_CUDA_ARCH_LIST", "TURBOKERNELS_CUDA", "TURBOKERNELS_NO_EXT", "TURBOKERNELS_REQUIRE_EXT", "CUDA_HOME",
-       "CXX", "CC")
 
 
-def _key() -> str:
+def _key(env_names) -> str:
     parts = [sys.prefix, sys.executable, sys.version]
-    parts += [f"{name}={os.environ.get(name, '')}" for name in ENV]
+    parts += [f"{name}={os.environ.get(name, '')}" for name in env_names]
     dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
     for d in dirs:
         if os.path.isdir(d):
@@ -47,8 +47,9 @@ def _so_state() -> str:
 
 
 def main() -> None:
-    stamp = os.path.join(ROOT, "build", "stamps", "install-" + _key())
-    if sys.argv[1:] == ["--record"]:
+    record = sys.argv[1:2] == ["--record"]
+    stamp = os.path.join(ROOT, "build", "stamps", "install-" + _key(sys.argv[1 + record:]))
+    if record:
         os.makedirs(os.path.dirname(stamp), exist_ok=True)
         with open(stamp, "w") as f:
             f.write(_so_state())
