@@ -7,11 +7,11 @@ prints the stamp file that stands for "installed, for this interpreter and these
 
 The stamp's name is a hash of what an install depends on besides the files Make already compares by time (setup.py,
 pyproject.toml, the Makefile, csrc/): the interpreter and its environment (sys.prefix, the Python version, every
-installed distribution with its version, where turbokernels is installed from) and the values of the environment
-variables named (the Makefile's BUILD_ENV: TORCH_CUDA_ARCH_LIST, TURBOKERNELS_*, CFLAGS...). The stamp holds the mtime and size of the in-place
-turbokernels/_C*.so that install produced: if another build replaced or removed it (another venv with the same
-Python version, a manual `pip install -e .`), the printed name ends in `.stale`, which does not exist, and Make
-installs again.
+installed distribution with its version, where turbokernels is installed from) and the values of the variables
+named (the Makefile's BUILD_ENV: TORCH_CUDA_ARCH_LIST, TURBOKERNELS_*, CFLAGS...). The stamp holds the mtime and
+size of the in-place turbokernels/_C*.so that install produced: if another build replaced or removed it (another
+venv with the same Python version, a manual `pip install -e .`), the printed name ends in `.stale`, which does not
+exist, and Make installs again.
 """
 import hashlib
 import importlib.metadata
