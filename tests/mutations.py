@@ -46,6 +46,17 @@ MUTATIONS = [
              "out = empty((splits, M, N), device=like.device, dtype=like.dtype)",
              ("tests/test_int4_mm.py::test_int4_linear_matches_golden",
               "tests/test_int4_mm.py::test_every_triton_config_is_correct")),
+    Mutation("int4-bias-after-rounding", "int4_linear adds the bias after the op's output is rounded (two "
+             "roundings; every backend)", "python/turbokernels/ops/int4_mm.py",
+             "out = int4_mm(x2, weight.qweight, weight.scales, weight.offsets, weight.effective_group_size, bias)",
+             "out = int4_mm(x2, weight.qweight, weight.scales, weight.offsets, weight.effective_group_size, None)"
+             " + (0 if bias is None else bias)",
+             ("tests/test_int4_mm.py::test_int4_linear_matches_golden",)),
+    Mutation("splitk-bias-after-rounding", "split-K: the reduced product is rounded, then the bias added",
+             "kernels/_launch.py",
+             "    return acc.to(dtype)",
+             "    return acc.to(dtype) if bias is None else (acc - bias).to(dtype) + bias.to(dtype)",
+             ("tests/test_int4_mm.py::test_every_triton_config_is_correct",)),
     Mutation("sparse24-output-x1.01", "sparse24_mm Triton kernel scales its output by 1.01",
              "kernels/sparse24_mm.py",
              "tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty)",

@@ -94,14 +94,17 @@ def test_every_triton_config_is_correct(monkeypatch):
             if cfg in seen:
                 continue
             seen.add(cfg)
-            for group_size in (64, 40):  # 40: scales vary inside a K tile (the per-k scale path)
-                weight = make_weight(N, K, group_size, dtype=torch.float16).to(device())
-                x = torch.randn(M, K, device=device(), dtype=torch.float16)
-                for bias in (None, torch.randn(N, device=device(), dtype=torch.float16)):
+            # 40: scales vary inside a K tile (the per-k scale path); bf16: no operand rounding under the
+            # interpreter (UPCAST), so the bound is one output rounding and a second rounding (a bias added
+            # after the split-K sum was rounded) shows
+            for group_size, dtype in ((64, torch.float16), (40, torch.float16), (64, torch.bfloat16)):
+                weight = make_weight(N, K, group_size, dtype=dtype).to(device())
+                x = torch.randn(M, K, device=device(), dtype=dtype)
+                for bias in (None, torch.randn(N, device=device(), dtype=dtype)):
                     out = launch(x, weight.qweight, weight.scales, weight.offsets, group_size, bias, config=cfg)
                     golden, baseline = golden_and_baseline(x, weight, bias)
                     assert_close(out, golden, baseline, allowance=allowance(x, weight, "triton", bias),
-                                 what=f"{cfg} g={group_size} bias={bias is not None}")
+                                 what=f"{cfg} g={group_size} {dtype} bias={bias is not None}")
 
 
 @pytest.mark.parametrize("backend_name", runnable_backends())
