@@ -79,6 +79,17 @@ def nearest_arch(table: dict, cap: int):
     return max([k for k in table if k <= cap], default=min(table))
 
 
+def int32_tile_offsets(t: torch.Tensor, tile: Sequence[int]) -> torch.Tensor:
+    """`t`, or a contiguous copy of it when a tile of `tile[i]` indices along dimension i (0: the dimension is
+    addressed by 64-bit offsets only) would not be addressable in 32 bits. Where the attention kernels add a
+    64-bit block base (block start * stride) and 32-bit offsets inside the block (index in tile * stride), that is
+    exact while the largest in-tile offset, sum_i (tile[i] - 1) * |stride_i|, stays below 2^31. Only a strange view
+    fails that (a row stride above 2^31 / 127 elements with 128-row tiles); a contiguous tensor within the limits
+    (heads < 2^16, head dim <= 256, tiles <= 128 rows) never does."""
+    span = sum((n - 1) * abs(s) for n, s in zip(tile, t.stride()) if n > 1)
+    return t if span < 2 ** 31 else t.contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

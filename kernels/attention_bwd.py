@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Autotuner, capability, nearest_arch, pow2_bucket, upcast_dots
+from ._launch import Autotuner, capability, int32_tile_offsets, nearest_arch, pow2_bucket, upcast_dots
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,19 +122,22 @@ def attention_bwd_preprocess_kernel(
         sq = tl.load(cu_q_ptr + b + 1) - q_start
     if pid_m * BLOCK_M >= sq:  # varlen grids are sized by the total, not the (unknown on host) longest sequence
         return
-    # int64 offsets to the start of a sequence (a tensor may pass 2**31 elements); int32 within one sequence.
+    # 64-bit base of the block (batch, head, first row: products that pass 2^31 elements on large inputs); int32
+    # offsets inside it (index in tile * stride, kept below 2^31 by the launcher).
     b64 = tl.cast(b, tl.int64)
-    start64 = tl.cast(q_start, tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    h64 = tl.cast(h, tl.int64)
+    row0 = tl.cast(q_start, tl.int64) + pid_m * BLOCK_M
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_mb
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < sq
     mask = mask_m[:, None] & (offs_d[None, :] < head_dim)
-    o = tl.load(out_ptr + b64 * stride_ob + start64 * stride_om + h * stride_oh
-                + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(dout_ptr + b64 * stride_dob + start64 * stride_dom + h * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + b64 * stride_ob + h64 * stride_oh + row0 * stride_om
+                + offs_mb[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(dout_ptr + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom
+                 + offs_mb[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, axis=1)
-    tl.store(delta_ptr + b64 * stride_deltab + start64 * stride_deltam + h * stride_deltah + offs_m * stride_deltam,
+    tl.store(delta_ptr + b64 * stride_deltab + h64 * stride_deltah + row0 * stride_deltam + offs_mb * stride_deltam,
              delta, mask=mask_m)
 
 
@@ -183,17 +186,21 @@ def attention_bwd_dkdv_kernel(
     if n0 >= sk:
         return
 
-    # int64 offsets to the start of a sequence (a tensor may pass 2**31 elements); int32 within one sequence.
+    # 64-bit bases (batch, head, block start: products that pass 2^31 elements on large inputs, e.g. 1M keys x 32
+    # heads x 128), int32 offsets inside a block (index in tile * stride, kept below 2^31 by the launcher).
     b64 = tl.cast(b, tl.int64)
+    hk64 = tl.cast(hk, tl.int64)
     q_start64 = tl.cast(q_start, tl.int64)
-    k_start64 = tl.cast(k_start, tl.int64)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    key0 = tl.cast(k_start, tl.int64) + n0  # this program's first key
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_n = n0 + offs_nb
+    offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_kd = (offs_n[:, None] < sk) & (offs_d[None, :] < head_dim)
-    k = tl.load(k_ptr + b64 * stride_kb + k_start64 * stride_kn + hk * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
-    v = tl.load(v_ptr + b64 * stride_vb + k_start64 * stride_vn + hk * stride_vh
-                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0)
+    k = tl.load(k_ptr + b64 * stride_kb + hk64 * stride_kh + key0 * stride_kn
+                + offs_nb[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
+    v = tl.load(v_ptr + b64 * stride_vb + hk64 * stride_vh + key0 * stride_vn
+                + offs_nb[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -209,26 +216,31 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for g in range(GROUP):
-        h = hk * GROUP + g
+        h64 = hk64 * GROUP + g
         slope = 0.0
         if ALIBI:
-            slope = tl.load(alibi_ptr + b64 * stride_ab + h * stride_ah)
-        q_head = q_ptr + b64 * stride_qb + q_start64 * stride_qm + h * stride_qh
-        do_head = dout_ptr + b64 * stride_dob + q_start64 * stride_dom + h * stride_doh
-        lse_head = lse_ptr + b64 * stride_lseb + q_start64 * stride_lsem + h * stride_lseh
-        delta_head = delta_ptr + b64 * stride_deltab + q_start64 * stride_deltam + h * stride_deltah
-        dq_head = dq_ptr + b64 * stride_dqb + q_start64 * stride_dqm + h * stride_dqh
+            slope = tl.load(alibi_ptr + b64 * stride_ab + h64 * stride_ah)
+        # the head's row 0; the query rows of each block below are int64 (row * stride passes 2^31 elements on
+        # long sequences; computed inside the loop: offsets hoisted out of it would stay live in registers)
+        q_head = q_ptr + b64 * stride_qb + q_start64 * stride_qm + h64 * stride_qh
+        do_head = dout_ptr + b64 * stride_dob + q_start64 * stride_dom + h64 * stride_doh
+        lse_head = lse_ptr + b64 * stride_lseb + q_start64 * stride_lsem + h64 * stride_lseh
+        delta_head = delta_ptr + b64 * stride_deltab + q_start64 * stride_deltam + h64 * stride_deltah
+        dq_head = dq_ptr + b64 * stride_dqb + q_start64 * stride_dqm + h64 * stride_dqh
         for m0 in range(m_lo, m_hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_m = m0 + offs_mb
+            rows = offs_m.to(tl.int64)
             mask_m = offs_m < sq
             mask_qd = mask_m[:, None] & (offs_d[None, :] < head_dim)
-            q = tl.load(q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
-            do = tl.load(do_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask_qd,
+            q = tl.load(q_head + (rows * stride_qm)[:, None] + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
+            do = tl.load(do_head + (rows * stride_dom)[:, None] + offs_d[None, :] * stride_dod, mask=mask_qd,
                          other=0.0)
-            lse = tl.load(lse_head + offs_m * stride_lsem, mask=mask_m, other=float("inf"))
+            # lse and delta: the block's first row in 64 bits, int32 inside it (fewer registers than int64 rows)
+            row0 = tl.cast(m0, tl.int64)
+            lse = tl.load(lse_head + row0 * stride_lsem + offs_mb * stride_lsem, mask=mask_m, other=float("inf"))
             # A row with no allowed key has lse = -inf: +inf makes its P exactly 0 instead of NaN.
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(delta_head + offs_m * stride_deltam, mask=mask_m, other=0.0)
+            delta = tl.load(delta_head + row0 * stride_deltam + offs_mb * stride_deltam, mask=mask_m, other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
@@ -257,12 +269,12 @@ def attention_bwd_dkdv_kernel(
                     dq = tl.dot(tl.trans(dsT), k, input_precision="ieee")
                 else:
                     dq = tl.dot(tl.trans(dsT.to(k.dtype)), k)
-                tl.atomic_add(dq_head + offs_m[:, None] * stride_dqm + offs_d[None, :], dq * scale, mask=mask_qd)
+                tl.atomic_add(dq_head + (rows * stride_dqm)[:, None] + offs_d[None, :], dq * scale, mask=mask_qd)
 
-    dk_offs = b64 * stride_dkb + k_start64 * stride_dkn + hk * stride_dkh + offs_n[:, None] * stride_dkn \
-        + offs_d[None, :]
-    tl.store(dk_ptr + dk_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask_kd)
-    tl.store(dv_ptr + dk_offs, dv.to(dv_ptr.dtype.element_ty), mask=mask_kd)
+    dk_base = b64 * stride_dkb + hk64 * stride_dkh + key0 * stride_dkn  # int64
+    dk_offs = offs_nb[:, None] * stride_dkn + offs_d[None, :]           # int32, inside the block
+    tl.store(dk_ptr + dk_base + dk_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask_kd)
+    tl.store(dv_ptr + dk_base + dk_offs, dv.to(dv_ptr.dtype.element_ty), mask=mask_kd)
 
 
 @triton.jit
@@ -307,29 +319,34 @@ def attention_bwd_dq_kernel(
     if m0 >= sq:
         return
 
-    # int64 offsets to the start of a sequence (a tensor may pass 2**31 elements); int32 within one sequence.
+    # 64-bit bases (batch, head, block start: products that pass 2^31 elements on large inputs, e.g. 1M tokens x
+    # 32 heads x 128), int32 offsets inside a block (index in tile * stride, kept below 2^31 by the launcher).
     b64 = tl.cast(b, tl.int64)
-    q_start64 = tl.cast(q_start, tl.int64)
+    h64 = tl.cast(h, tl.int64)
+    hk64 = tl.cast(hk, tl.int64)
+    row0 = tl.cast(q_start, tl.int64) + m0  # this program's first query row
     k_start64 = tl.cast(k_start, tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_mb
+    offs_nb = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < sq
     mask_qd = mask_m[:, None] & (offs_d[None, :] < head_dim)
-    q = tl.load(q_ptr + b64 * stride_qb + q_start64 * stride_qm + h * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
-    do = tl.load(dout_ptr + b64 * stride_dob + q_start64 * stride_dom + h * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask_qd, other=0.0)
+    q = tl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm
+                + offs_mb[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
+    do = tl.load(dout_ptr + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom
+                 + offs_mb[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask_qd, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(lse_ptr + b64 * stride_lseb + q_start64 * stride_lsem + h * stride_lseh + offs_m * stride_lsem,
+    lse = tl.load(lse_ptr + b64 * stride_lseb + h64 * stride_lseh + row0 * stride_lsem + offs_mb * stride_lsem,
                   mask=mask_m, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(delta_ptr + b64 * stride_deltab + q_start64 * stride_deltam + h * stride_deltah
-                    + offs_m * stride_deltam, mask=mask_m, other=0.0)
+    delta = tl.load(delta_ptr + b64 * stride_deltab + h64 * stride_deltah + row0 * stride_deltam
+                    + offs_mb * stride_deltam, mask=mask_m, other=0.0)
     slope = 0.0
     if ALIBI:
-        slope = tl.load(alibi_ptr + b64 * stride_ab + h * stride_ah)
+        slope = tl.load(alibi_ptr + b64 * stride_ab + h64 * stride_ah)
 
     n_lo = 0
     n_hi = sk
@@ -338,14 +355,17 @@ def attention_bwd_dq_kernel(
         n_lo = (n_lo // BLOCK_N) * BLOCK_N
         n_hi = tl.minimum(m0 + BLOCK_M + (sk - sq) + window_right, sk)
 
-    k_head = k_ptr + b64 * stride_kb + k_start64 * stride_kn + hk * stride_kh
-    v_head = v_ptr + b64 * stride_vb + k_start64 * stride_vn + hk * stride_vh
+    # the head's key 0; the keys of each block below are int64 (key * stride passes 2^31 elements on long
+    # sequences; computed inside the loop: offsets hoisted out of it would stay live in registers)
+    k_head = k_ptr + b64 * stride_kb + k_start64 * stride_kn + hk64 * stride_kh
+    v_head = v_ptr + b64 * stride_vb + k_start64 * stride_vn + hk64 * stride_vh
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_nb
+        keys = offs_n.to(tl.int64)
         mask_kd = (offs_n[:, None] < sk) & (offs_d[None, :] < head_dim)
-        k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
-        v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0)
+        k = tl.load(k_head + (keys * stride_kn)[:, None] + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
+        v = tl.load(v_head + (keys * stride_vn)[:, None] + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -367,7 +387,7 @@ def attention_bwd_dq_kernel(
         else:
             acc += tl.dot(ds.to(k.dtype), k)
 
-    tl.store(dq_ptr + b64 * stride_dqb + q_start64 * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm
+    tl.store(dq_ptr + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm + offs_mb[:, None] * stride_dqm
              + offs_d[None, :],
              (acc * scale).to(dq_ptr.dtype.element_ty), mask=mask_qd)
 
@@ -412,6 +432,10 @@ def _launch(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s
     group = heads_q // heads_kv
     block_d = _block_d(head_dim)
     upcast = upcast_dots(q.dtype)
+    # int32 offsets inside a tile (rows x head dim): a view with a huge row stride is copied first
+    rows = max(cfg.BLOCK_M1, cfg.BLOCK_N1, cfg.BLOCK_M2, cfg.BLOCK_N2, PREPROCESS_BLOCK_M)
+    tile = ((rows,) if varlen else (0, rows)) + (0, block_d)
+    dout, q, k, v, out = (int32_tile_offsets(t, tile) for t in (dout, q, k, v, out))
 
     # Rows outside every packed sequence (cu_seqlens may end before the total) are never written by the kernels:
     # zeros for varlen. Empty inputs on either side make every gradient zero.

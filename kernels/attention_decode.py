@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Autotuner, capability, nearest_arch, sm_count, upcast_dots
+from ._launch import Autotuner, capability, int32_tile_offsets, nearest_arch, sm_count, upcast_dots
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,6 +119,10 @@ def decode_attention_split_kernel(
         return                             # always runs, so that an empty sequence still writes its zero output)
     stop = tl.minimum(start + kv_per_split, seqlen)
 
+    # Address offsets are int64 where they can pass 2^31 elements: batch, head, token, page and key times their
+    # strides (a 2M-token cache of 8 heads x 128 has 2^31 elements), as vectors of rows; only the head-dim part of
+    # a tile stays int32 (the launcher keeps q's below 2^31; K/V's is contiguous).
+    b64 = b.to(tl.int64)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < rows
@@ -130,12 +134,13 @@ def decode_attention_split_kernel(
         q_mask = row_ok[:, None]
     else:
         q_mask = row_ok[:, None] & mask_d[None, :]
-    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
+    q_rows = b64 * stride_qb + t.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     if HAS_ALIBI:
-        slope = tl.load(alibi_ptr + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        slope = tl.load(alibi_ptr + b64 * stride_ab + h.to(tl.int64) * stride_ah, mask=row_ok,
+                        other=0.0).to(tl.float32) * LOG2E
 
     # Tiles that can matter: keys up to the last row's qpos (= stop-1 at most), and from the first row's window.
     lo = start
@@ -145,25 +150,30 @@ def decode_attention_split_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    k_base = k_ptr + kvh * stride_kh
-    v_base = v_ptr + kvh * stride_kh
+    kv_head = kvh.to(tl.int64) * stride_kh
+    k_base = k_ptr + kv_head
+    v_base = v_ptr + kv_head
+    bt_row = block_table_ptr + b64 * stride_btb
+    offs_nb = tl.arange(0, BLOCK_N)  # key in the tile
     for n0 in range(lo, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_nb        # key in the sequence
         n_ok = offs_n < stop
-        if PAGED:
-            if PAGE_PER_TILE:
-                page = tl.load(block_table_ptr + b * stride_btb + n0 // page_size).to(tl.int64)
-                rows_off = page * stride_kb + (offs_n - (n0 // page_size) * page_size) * stride_kn
-            else:
-                pages = tl.load(block_table_ptr + b * stride_btb + offs_n // page_size, mask=n_ok, other=0)
-                pages = pages.to(tl.int64)  # num_pages * page stride may pass 2^31 elements
-                rows_off = pages * stride_kb + (offs_n % page_size) * stride_kn
-        else:
-            rows_off = b.to(tl.int64) * stride_kb + offs_n * stride_kn  # B * S * Hkv * D may pass 2^31
         if EVEN_D:
             kv_mask = n_ok[:, None]
         else:
             kv_mask = n_ok[:, None] & mask_d[None, :]
+        # int64 row offsets of the K/V tile: page (or batch) times its stride plus the key's position in it,
+        # computed per tile (a 64-bit tile base plus int32 offsets inside the tile, loop-invariant and hoisted out
+        # of the loop, needed more registers: up to +85 and the one spill measured with the shipped configs)
+        if PAGED:
+            if PAGE_PER_TILE:  # the tile lies in one page: one block-table read
+                page = tl.load(bt_row + n0 // page_size).to(tl.int64)
+                rows_off = page * stride_kb + (n0 % page_size + offs_nb).to(tl.int64) * stride_kn
+            else:  # a page per key
+                pages = tl.load(bt_row + offs_n // page_size, mask=n_ok, other=0).to(tl.int64)
+                rows_off = pages * stride_kb + (offs_n % page_size).to(tl.int64) * stride_kn
+        else:  # contiguous
+            rows_off = b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
         k = tl.load(k_base + rows_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + rows_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
@@ -199,17 +209,20 @@ def decode_attention_split_kernel(
         o_mask = row_ok[:, None]
     else:
         o_mask = row_ok[:, None] & mask_d[None, :]
+    # 64-bit row offsets of the outputs, computed here rather than kept live through the key loop
+    t64 = (offs_m % T).to(tl.int64)
+    h64 = (kvh * group + offs_m // T).to(tl.int64)
     if SPLIT:
-        o_ptrs = out_ptr + split * stride_os + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh \
-            + offs_d[None, :]
-        tl.store(o_ptrs, acc, mask=o_mask)
-        ml_off = split * stride_ms + b * stride_mb + t * stride_mt + h
+        split64 = tl.cast(split, tl.int64)
+        o_rows = split64 * stride_os + b64 * stride_ob + t64 * stride_ot + h64 * stride_oh
+        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], acc, mask=o_mask)
+        ml_off = split64 * stride_ms + b64 * stride_mb + t64 * stride_mt + h64
         tl.store(m_ptr + ml_off, m_i, mask=row_ok)
         tl.store(l_ptr + ml_off, l_i, mask=row_ok)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row with no key to attend: 0
-        o_ptrs = out_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+        o_rows = b64 * stride_ob + t64 * stride_ot + h64 * stride_oh
+        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -231,8 +244,11 @@ def decode_attention_combine_kernel(
     b = pid // (Hq * T)
     seqlen = tl.minimum(tl.load(seqlens_ptr + b), capacity)
     n_valid = tl.minimum(tl.cdiv(seqlen, kv_per_split), num_splits)  # the splits that ran (others never wrote)
+    # int64 row offsets: the partials hold splits x B x T x Hq x D elements, which may pass 2^31
+    b64, t64, h64 = b.to(tl.int64), t.to(tl.int64), h.to(tl.int64)
+    ml_row = b64 * stride_mb + t64 * stride_mt + h64
     offs_s = tl.arange(0, BLOCK_S)
-    ml_off = offs_s * stride_ms + b * stride_mb + t * stride_mt + h
+    ml_off = ml_row + offs_s * stride_ms
     s_ok = offs_s < n_valid
     m = tl.load(m_ptr + ml_off, mask=s_ok, other=float("-inf"))
     l = tl.load(l_ptr + ml_off, mask=s_ok, other=0.0)
@@ -244,11 +260,12 @@ def decode_attention_combine_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    base = part_ptr + b * stride_pb + t * stride_pt + h * stride_ph
+    base = part_ptr + b64 * stride_pb + t64 * stride_pt + h64 * stride_ph
     for s in range(0, n_valid):
-        w_s = tl.exp2(tl.load(m_ptr + s * stride_ms + b * stride_mb + t * stride_mt + h) - m_max)
-        acc += w_s * tl.load(base + s * stride_ps + offs_d, mask=mask_d, other=0.0)
-    tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + offs_d,
+        s64 = tl.cast(s, tl.int64)
+        w_s = tl.exp2(tl.load(m_ptr + ml_row + s64 * stride_ms) - m_max)
+        acc += w_s * tl.load(base + s64 * stride_ps + offs_d, mask=mask_d, other=0.0)
+    tl.store(out_ptr + b64 * stride_ob + t64 * stride_ot + h64 * stride_oh + offs_d,
              (acc * inv).to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -282,16 +299,18 @@ def _launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softm
             cfg: Config, num_splits: int | None):
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    if v_cache.stride() != k_cache.stride():  # the kernel addresses K and V with one set of strides (registers)
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    paged = block_table is not None
-    page_size = k_cache.shape[1]
-    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     rows = (Hq // Hkv) * T
     block_d = max(16, triton.next_power_of_2(D))
     block_m = block_m_for(rows, block_d)
     programs = B * Hkv * triton.cdiv(rows, block_m)
     block_n = block_n_for(cfg, block_d)
+    # the kernel's int32 offsets along q's head dim (any stride): a view with a huge one is copied
+    q = int32_tile_offsets(q, (0, 0, 0, block_d))
+    if v_cache.stride() != k_cache.stride():  # the kernel addresses K and V with one set of strides (registers)
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    paged = block_table is not None
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     page_per_tile = paged and page_size % block_n == 0
     if num_splits is None:
         sms = sm_count(q.device.index or 0) if q.device.type == "cuda" else NOMINAL_SMS

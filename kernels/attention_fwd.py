@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Autotuner, capability, nearest_arch, pow2_bucket, upcast_dots
+from ._launch import Autotuner, capability, int32_tile_offsets, nearest_arch, pow2_bucket, upcast_dots
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,19 +86,25 @@ def _attend_block(acc, m_i, l_i, q, k_base, v_base, start, stop, offs_m, offs_d,
                   RIGHT_BOUNDED: tl.constexpr, LEFT_BOUNDED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over key blocks [start, stop). MASK: apply the window / sequence-end mask (only the edge
-    blocks need it). Scores are kept in base 2: s2 = s * log2(e)."""
-    offs_nb = tl.arange(0, BLOCK_N)
+    blocks need it). Scores are kept in base 2: s2 = s * log2(e). k_base / v_base point at key 0 of the sequence."""
+    offs_nb = tl.arange(0, BLOCK_N)  # key in the block
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + offs_nb
+        offs_n = start_n + offs_nb   # key in the sequence
+        # Key offsets are 64-bit: key * stride passes 2^31 elements past 2M keys of 8 heads x 128. Of the forms
+        # tried, this pair compiles without spills for every shipped config: K's key offsets in int64 (a BLOCK_N
+        # vector per block); V's block start in int64 plus int32 offsets inside the block (loop-invariant, hoisted
+        # out of the loop). The same block-base form for K, or int64 key offsets for V, spill on the 255-register
+        # tiles (sm_90 d=128 128x64 and d=256 64x16 with every feature on).
+        k_rows = offs_n.to(tl.int64) * stride_ks
         # K^T tile (HEAD_DIM_PAD, BLOCK_N): padded head-dim lanes load 0 and add nothing to q.k
         if MASK:
-            kt = tl.load(k_base + offs_d[:, None] + offs_n[None, :] * stride_ks,
+            kt = tl.load(k_base + offs_d[:, None] + k_rows[None, :],
                          mask=d_ok[:, None] & (offs_n[None, :] < seqlen_k), other=0.0)
         elif HEAD_DIM == HEAD_DIM_PAD:
-            kt = tl.load(k_base + offs_d[:, None] + offs_n[None, :] * stride_ks)
+            kt = tl.load(k_base + offs_d[:, None] + k_rows[None, :])
         else:
-            kt = tl.load(k_base + offs_d[:, None] + offs_n[None, :] * stride_ks, mask=d_ok[:, None], other=0.0)
+            kt = tl.load(k_base + offs_d[:, None] + k_rows[None, :], mask=d_ok[:, None], other=0.0)
         if UPCAST:
             qk = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
         else:
@@ -125,13 +131,14 @@ def _attend_block(acc, m_i, l_i, q, k_base, v_base, start, stop, offs_m, offs_d,
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        v_blk = v_base + tl.cast(start_n, tl.int64) * stride_vs  # the block's first key; int32 inside the block
         if MASK:
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :],
+            v = tl.load(v_blk + offs_nb[:, None] * stride_vs + offs_d[None, :],
                         mask=(offs_n[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         elif HEAD_DIM == HEAD_DIM_PAD:
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
+            v = tl.load(v_blk + offs_nb[:, None] * stride_vs + offs_d[None, :])
         else:
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_blk + offs_nb[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -213,15 +220,18 @@ def attention_fwd_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     hk64 = (h // kv_group).to(tl.int64)
-    # 64-bit base offsets: batch * stride and packed positions overflow int32 on large inputs
+    # 64-bit offsets: batch, head and position times their strides pass 2^31 elements on large inputs (1M tokens
+    # x 32 heads x 128 = 4.3e9). The bases below hold batch, head and the sequence start; query rows are int64 too
+    # (a BLOCK_M vector), keys in _attend_block. Only V's offsets inside a key block (key in block * stride, which
+    # the launcher keeps below 2^31) and the head-dim offsets stay int32.
     q_base = q_ptr + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qs
     k_base = k_ptr + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = v_ptr + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vs
 
     row_ok = offs_m < sq
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    q = tl.load(q_base + (offs_m.to(tl.int64) * stride_qs)[:, None] + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -270,9 +280,9 @@ def attention_fwd_kernel(
     # output bases computed here, not kept live through the key loop (registers are the limit on the big tiles)
     o_base = out_ptr + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_os
     l_base = lse_ptr + b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64) * stride_ls
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(l_base + offs_m * stride_ls, lse, mask=row_ok)
+    tl.store(o_base + (offs_m.to(tl.int64) * stride_os)[:, None] + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(l_base + offs_m.to(tl.int64) * stride_ls, lse, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,6 +299,8 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, ca
             softcap, cfg: Config):
     varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
+    # the kernel's int32 offsets inside a V tile (keys x head dim): a view with a huge row stride is copied first
+    v = int32_tile_offsets(v, ((cfg.BLOCK_N,) if varlen else (0, cfg.BLOCK_N)) + (0, padded_head_dim(head_dim)))
     out = _empty(q.shape, device=q.device, dtype=q.dtype)
     if varlen:
         total_q, heads_q, _ = q.shape

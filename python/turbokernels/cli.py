@@ -5,6 +5,9 @@ import argparse
 import importlib
 import sys
 
+# the ops `selftest --op` accepts (turbokernels.selftest.OPS; listed here so --help needs no torch import)
+OPS = ("attention_bwd", "attention_fwd", "decode_attention", "int4_mm", "kv_cache_append", "sparse24_int4_mm",
+       "sparse24_mm")
 BENCHMARKS = {"int4": "turbokernels.bench.int4", "sparse24": "turbokernels.bench.sparse24",
               "attention": "turbokernels.bench.attention", "attention_decode": "turbokernels.bench.attention_decode"}
 
@@ -51,36 +54,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_selftest(args) -> int:
-    """Every backend that can run here against the float64 golden result, by the tests' tolerance rule
-    (turbokernels.testing), on a few odd shapes, with a bias (added in fp32 before the output's one rounding)."""
-    import torch
-
-    import turbokernels as tk
-    from turbokernels import backends
-    from turbokernels.testing import error_report, matmul_allowance, operand_dtype
-    failures = 0
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for (M, K, N, g) in ((1, 576, 97, 128), (17, 256, 64, 64), (64, 113, 40, 32)):
-            w = tk.quantize_int4(torch.randn(N, K, device=device).to(dtype), group_size=g)
-            x = torch.randn(M, K, device=device, dtype=dtype)
-            bias = torch.randn(N, device=device).to(dtype)
-            w64 = w.dequantize(torch.float64).t()  # the exact quantized weight, (K, N)
-            golden = x.double() @ w64 + bias.double()
-            for name, impl in backends.registered("int4_mm").items():
-                args_ = (x, w.qweight, w.scales, w.offsets, w.effective_group_size, bias)
-                if impl.check(*args_) is not None:
-                    continue
-                with tk.backend(name):
-                    out = tk.int4_linear(x, w, bias)
-                allowance = matmul_allowance(x, w64, bias=bias, operand_dtype=operand_dtype(name, dtype))
-                err, _, ratio, bad = error_report(out, golden, allowance)
-                ok = bad == 0
-                failures += not ok
-                print(f"{'ok ' if ok else 'BAD'} int4_mm {name:<9} {str(dtype):<15} M={M:<3} K={K:<4} N={N:<3} "
-                      f"g={g:<4} max err {err:.2e} ({ratio:.2f} of the bound)")
-    print("selftest passed" if not failures else f"selftest: {failures} failures")
-    return 1 if failures else 0
+    from turbokernels import selftest
+    return selftest.main(ops=args.op or None, quick=args.quick)
 
 
 def main(argv=None) -> int:
@@ -97,8 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
-    sub.add_parser("selftest", help="check every runnable backend against the reference").set_defaults(
-        fn=cmd_selftest)
+    p = sub.add_parser("selftest", help="every op on every backend that can run here against the float64 golden "
+                                        "(exit 1 on a failure; TRITON_INTERPRET=1 adds the Triton kernels on a CPU)")
+    p.add_argument("--op", action="append", choices=sorted(OPS), help="run this op only (repeatable)")
+    p.add_argument("--quick", action="store_true", help="one shape per op")
+    p.set_defaults(fn=cmd_selftest)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -419,6 +419,7 @@ class CodegenReport:
     spill_bytes: int          # spill stores + spill loads reported by ptxas
     shared_bytes: int         # static + dynamic shared memory the launch needs
     ptxas_log: str
+    ttir: str = ""            # Triton IR after its target-independent passes (int32_stride_products reads it)
 
     def count(self, pattern: str, in_sass: bool = False) -> int:
         return len(re.findall(pattern, self.sass if in_sass else self.ptx))
@@ -473,7 +474,7 @@ def _compile_one(job: CodegenJob) -> CodegenReport:
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return CodegenReport(capability=job.capability, ptx=ptx, sass=sass, registers=registers, spill_bytes=spills,
-                         shared_bytes=int(kernel.metadata.shared), ptxas_log=log)
+                         shared_bytes=int(kernel.metadata.shared), ptxas_log=log, ttir=kernel.asm["ttir"])
 
 
 def compile_triton(jobs: list[CodegenJob]) -> list[CodegenReport]:
@@ -495,6 +496,76 @@ def compile_triton(jobs: list[CodegenJob]) -> list[CodegenReport]:
         subprocess.run([sys.executable, "-c", code, path_in, path_out], env=env, check=True)
         with open(path_out, "rb") as f:
             return pickle.load(f)
+
+
+# ---- 32-bit products of strides (static) ---------------------------------------------------------------------------
+# Ops through which a value keeps what it is: a stride stays a stride, a bounded tile index stays bounded.
+_SHAPE_OPS = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans")
+# Integer ops whose result is bounded at compile time when every operand is.
+_BOUNDED_OPS = _SHAPE_OPS + ("arith.addi", "arith.subi", "arith.muli", "arith.divsi", "arith.divui", "arith.remsi",
+                             "arith.remui", "arith.andi", "arith.ori", "arith.minsi", "arith.maxsi", "arith.extsi",
+                             "arith.trunci")
+_TTIR_OP = re.compile(r"^\s*(?:(%[\w$.-]+)(?::\d+)? = )?\"?([a-z_]+\.[\w.]+)\"?(.*)$")
+_TTIR_VALUE = re.compile(r"%[\w$.-]+(?:#\d+)?")
+
+
+def int32_stride_products(ttir: str, arg_names: list[str]) -> list[str]:
+    """The 32-bit products of stride arguments that can pass 2^31 in a kernel's Triton IR (TTIR): [] when every
+    int32 argument named stride_* is sign-extended to i64 (arith.extsi) before it scales a position, except where
+    it multiplies a tile index bounded at compile time -- a value computed from tt.make_range and constants only,
+    so that the product is below BLOCK * stride (the launchers keep that below 2^31: kernels/_launch.py
+    int32_tile_offsets). Any other use of a stride than those, a shape op (splat, broadcast...) or tt.addptr is
+    reported as well, so that a new pattern gets looked at rather than passed. arg_names: the kernel's runtime
+    arguments in order (TTIR names them %argN in some Triton versions)."""
+    lines = ttir.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("tt.func public"))
+    names = re.findall(r"%([\w$.-]+): ", header)
+    if all(re.fullmatch(r"arg\d+", n) for n in names):
+        assert len(names) == len(arg_names), f"{len(names)} TTIR arguments, {len(arg_names)} names given"
+        names = [f"%{n}" for n in names]
+        strides = {v: a for v, a in zip(names, arg_names) if a.startswith("stride_")}
+    else:
+        strides = {f"%{n}": n for n in names if n.startswith("stride_")}
+    types = dict(re.findall(r"(%[\w$.-]+): ([^ ,{)]+)", header))
+    # MLIR reuses value names in sibling regions (two loops may both define %kt_81): one scope per region
+    scopes = [({v: a for v, a in strides.items() if types.get(v) == "i32"}, set())]  # i64: the JIT saw >= 2^31
+
+    def stride(value):
+        return next((s[value] for s, _ in reversed(scopes) if value in s), None)
+
+    def is_bounded(value):
+        return any(value in b for _, b in scopes)
+
+    found = []
+    for line in lines[lines.index(header) + 1:]:
+        if line.lstrip().startswith("}"):
+            scopes.pop()
+            if not scopes:
+                break
+        m = _TTIR_OP.match(line)
+        if m:
+            result, op, rest = m.groups()
+            operands = _TTIR_VALUE.findall(rest.split(" loc(")[0].split(" : ")[0] if op != "scf.for" else rest)
+            strides_here, bounded_here = scopes[-1]
+            if op in ("tt.make_range", "arith.constant"):
+                bounded_here.add(result)
+            elif result and op in _BOUNDED_OPS and operands and all(is_bounded(o) for o in operands):
+                bounded_here.add(result)
+            used = [o for o in operands if stride(o)]
+            if used:
+                what = ", ".join(sorted({stride(o) for o in used}))
+                others = [o for o in operands if o not in used] or operands[1:]
+                if op in _SHAPE_OPS:
+                    strides_here[result] = what
+                elif op in ("arith.extsi", "tt.addptr"):
+                    pass  # widened to 64 bits; or a pointer plus one stride (< 2^31 elements)
+                elif op != "arith.muli":
+                    found.append(f"{what} used by {op}, which this check does not follow: {line.strip()[:160]}")
+                elif not all(is_bounded(o) for o in others):
+                    found.append(f"{what} scales a 32-bit value not bounded at compile time: {line.strip()[:160]}")
+        if line.rstrip().endswith("{"):
+            scopes.append(({}, set()))
+    return found
 
 
 def cuda_available() -> bool:
