@@ -350,6 +350,24 @@ def test_extension_loads_once_from_threads(monkeypatch):
     assert len(attempts) == 1
 
 
+def test_kernel_lookup_cache_from_threads():
+    """The lru_cache'd lookup of compiled kernels (_ext._has_kernel) filled by many threads at once."""
+    _ext._has_kernel.cache_clear()
+    x = torch.empty(1)
+    checks = [backends.check_extension_op(op, "cpu") for op in ("int4_mm", "sparse24_mm", "no_such_op")]
+    expected = [None, None, "turbokernels._C was built without a cpu kernel for no_such_op"] if _ext.available() \
+        else [check(x) for check in checks]
+    _ext._has_kernel.cache_clear()
+    start = threading.Barrier(8)
+
+    def ask(_):
+        start.wait()
+        return [check(x) for check in checks for _ in range(50)][::50]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(got == expected for got in pool.map(ask, range(8)))
+
+
 # ---- choosing the backend ---------------------------------------------------------------------------------------
 def int4_args():
     w = tk.quantize_int4(torch.randn(40, 64), group_size=32)
