@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
@@ -63,8 +64,43 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
+# Held for the whole of every interpreted launch in the process (see _serialize_interpreted_launches).
+INTERPRETER_LOCK = threading.RLock()
+
+
+def _serialize_interpreted_launches() -> None:
+    """Let only one thread at a time run a kernel under the interpreter.
+
+    The interpreter keeps per-launch state in module globals (triton/runtime/interpreter.py, 3.6-3.8): one
+    `interpreter_builder` whose grid_dim / grid_idx each launch sets before running each program (tl.program_id
+    reads it), and `_patch_lang`, which swaps triton.language's builtins for interpreted ones at the start of a
+    launch and restores the originals at its end. Two threads launching at once read each other's program ids
+    (ValueError "y >= grid_dim[1]"; an id that happens to be in range would compute the wrong tile silently) or
+    find the builtins restored under them ("`_semantic` argument must be provided outside of JIT functions"):
+    measured, 13 of 32 launches from 4 threads failed; tests/test_threads.py fails without this lock. Launches that collide are launches anywhere in the process, so the lock wraps the interpreter's own
+    entry point (InterpretedFunction.run: what `kernel[grid](...)` calls) rather than our launchers. A reentrant
+    lock: a pre-run hook may launch. GPU launches never come here and stay lock-free. Only ever called when
+    interpreting."""
+    try:
+        from triton.runtime import interpreter as interp
+    except ImportError:  # no triton: nothing runs under the interpreter
+        return
+    cls = interp.InterpretedFunction
+    if getattr(cls, "_turbokernels_run", None) is not None:
+        return
+    cls._turbokernels_run = cls.run  # the interpreter's own
+
+    @functools.wraps(cls.run)
+    def serialized_run(self, *args, **kwargs):
+        with INTERPRETER_LOCK:
+            return self._turbokernels_run(*args, **kwargs)
+
+    cls.run = serialized_run
+
+
 if interpreting():
     _round_bf16_to_nearest_in_interpreter()
+    _serialize_interpreted_launches()
 
 
 def capability(device: torch.device) -> int:
@@ -100,8 +136,22 @@ def pow2_bucket(n: int, cap: int) -> int:
     return 1 << max(0, (n - 1).bit_length()) if n <= cap else cap
 
 
+def _benchmark(fn: Callable[[], object]) -> float:
+    """Milliseconds per call of fn on the GPU (a module function: tests replace it to check the locking)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+# One tuning at a time in the process: candidates timed while another thread times its own on the same GPU would be
+# measured against each other's load (and a key tuned by two threads at once would be timed twice). Reentrant, so
+# a candidate's launch may itself tune another key. Held only while a key is tuned, never on the tuned path.
+_TUNING_LOCK = threading.RLock()
+_UNTUNED = object()
+
+
 class Autotuner:
-    """Times a launcher's candidates once per key and remembers the fastest."""
+    """Times a launcher's candidates once per key and remembers the fastest. Thread-safe: a key is tuned once
+    (concurrent first calls wait for it), tunings never overlap, and a tuned key is read without a lock."""
 
     def __init__(self) -> None:
         self.best: dict[Hashable, object] = {}
@@ -114,17 +164,22 @@ class Autotuner:
                 or torch.cuda.is_current_stream_capturing():
             return candidates[0]
         key = (device.index, key)
-        if key not in self.best:
-            import triton.testing
-            timings = []
-            for cand in candidates:
-                try:
-                    ms = triton.testing.do_bench(lambda: launch(cand), warmup=5, rep=20)
-                except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller part: skip the candidate
-                    continue
-                timings.append((ms, cand))
-            self.best[key] = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
-        return self.best[key]
+        best = self.best.get(key, _UNTUNED)
+        if best is not _UNTUNED:
+            return best
+        with _TUNING_LOCK:
+            best = self.best.get(key, _UNTUNED)  # tuned by another thread while this one waited
+            if best is _UNTUNED:
+                timings = []
+                for cand in candidates:
+                    try:
+                        ms = _benchmark(lambda: launch(cand))
+                    except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller part: skip the candidate
+                        continue
+                    timings.append((ms, cand))
+                best = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
+                self.best[key] = best
+        return best
 
 
 # ---- GEMM-like kernels (int4_mm, sparse24_mm): one config type, split-K for decode -------------------------------

@@ -28,3 +28,25 @@ def pytest_collection_modifyitems(config, items):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---- hypothesis profiles (tests/test_fuzz.py) ----------------------------------------------------------------------
+# "ci" (the default): few examples per op, a fixed seed per test (derandomize: CI runs the same examples every time,
+# a failure reproduces locally), no example database, no deadline (the Triton interpreter is slow and its speed
+# varies with the machine's load). "long": many random examples on larger shapes, for a nightly or a local hunt:
+#     HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py
+# function_scoped_fixture is suppressed because the only function-scoped fixture the fuzz tests see is the autouse
+# _fresh_seed above, which seeds torch's global generator once per test; the fuzz tests draw every input from a
+# torch.Generator seeded by hypothesis, so nothing depends on that fixture being re-run per example.
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ImportError:  # hypothesis is in the `test` extra; only tests/test_fuzz.py needs it
+    pass
+else:
+    _hypothesis_settings.register_profile(
+        "ci", max_examples=20, deadline=None, derandomize=True, database=None, print_blob=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture])
+    _hypothesis_settings.register_profile(
+        "long", max_examples=500, deadline=None, print_blob=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture])
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 from typing import Optional
 
@@ -15,23 +16,33 @@ import torch
 
 _error: Optional[str] = None
 _loaded = False
+# The first calls may come from several threads at once (the first op call of each): one of them loads (and warns),
+# the others wait for its outcome. After that the flags are read without the lock.
+_lock = threading.Lock()
+
+
+def _import_extension() -> None:
+    from . import _C  # noqa: F401  (registers the ops as a side effect)
 
 
 def _load() -> None:
     global _error, _loaded
     if _loaded or _error is not None:
         return
-    if os.environ.get("TURBOKERNELS_NO_EXT", "0") not in ("", "0"):
-        _error = "disabled by TURBOKERNELS_NO_EXT"
-        return
-    try:
-        from . import _C  # noqa: F401  (registers the ops as a side effect)
-        _loaded = True
-    except Exception as exc:  # noqa: BLE001 - ImportError, undefined symbols of a mismatched torch ABI, ...
-        _error = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"turbokernels: the compiled extension turbokernels._C could not be loaded ({_error}); "
-                      "using the Triton/reference backends. Rebuild with `pip install --no-build-isolation -e .` "
-                      "against the installed torch.", RuntimeWarning, stacklevel=3)
+    with _lock:
+        if _loaded or _error is not None:  # loaded (or failed) by another thread while this one waited
+            return
+        if os.environ.get("TURBOKERNELS_NO_EXT", "0") not in ("", "0"):
+            _error = "disabled by TURBOKERNELS_NO_EXT"
+            return
+        try:
+            _import_extension()
+            _loaded = True
+        except Exception as exc:  # noqa: BLE001 - ImportError, undefined symbols of a mismatched torch ABI, ...
+            _error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"turbokernels: the compiled extension turbokernels._C could not be loaded ({_error}); "
+                          "using the Triton/reference backends. Rebuild with `pip install --no-build-isolation -e .` "
+                          "against the installed torch.", RuntimeWarning, stacklevel=3)
 
 
 def load_error() -> Optional[str]:
