@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--control", action="store_true", help="also run each selection without the mutation")
+    parser.add_argument("--markdown", action="store_true", help="end with the results as a markdown table")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
     if args.list:
@@ -157,6 +158,7 @@ def main(argv=None) -> int:
             print(f"{m.name:<40} {m.path:<28} {m.what}")
         return 0
     bad = 0
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         _copy_tree(tmp)
         check = subprocess.run([sys.executable, "-c", "import turbokernels; print(turbokernels.__file__)"],
@@ -178,7 +180,11 @@ def main(argv=None) -> int:
             verdict = {0: "MISSED", 1: "caught"}.get(rc, f"ERROR rc={rc}")
             bad += rc != 1
             print(f"{verdict} {m.name:<40} {secs:6.0f} s  {tail}", flush=True)
+            tests = ", ".join(f"`{t.split('::')[-1]}`" for t in m.tests)
+            rows.append(f"| `{m.name}` | `{m.path}` | {m.what} | {tests} | {verdict}: {tail} |")
     print(f"{len(chosen)} mutations, {bad} not caught or errors")
+    if args.markdown:
+        print("| mutation | file | bug | tests | result |\n|---|---|---|---|---|\n" + "\n".join(rows))
     return 1 if bad else 0
 
 
