@@ -1267,6 +1267,12 @@ SPARSE24_WEIGHT = [
     bad("to_cutlass_n_not_32", "shape", lambda: Call(lambda: tk.Sparse24Weight.from_dense(_pruned(torch.float16, 8, 64))
                                                      .to_cutlass()),
         ValueError, r"Sparse24Weight.to_cutlass\(\): .*out_features % 32 == 0"),
+    bad("to_cutlass_k_48", "shape", lambda: Call(lambda: tk.Sparse24Weight.from_dense(_pruned(torch.float16, 32, 48))
+                                                 .to_cutlass()),
+        ValueError, r"Sparse24Weight.to_cutlass\(\): .*in_features % 32 == 0.*got \(32, 48\)"),
+    bad("from_cutlass_k_48", "shape", lambda: Call(lambda: tk.Sparse24Weight.from_cutlass(
+        torch.zeros(32, 24).half(), torch.zeros(32, 3, dtype=torch.int16))),
+        ValueError, r"Sparse24Weight.from_cutlass\(values\): .*in_features % 32 == 0"),
     bad("from_cutlass_meta_shape", "shape", lambda: cutlass_call(meta=lambda m: m[:, :2]), ValueError,
         r"Sparse24Weight.from_cutlass\(meta_reordered\): expected shape \(32, 4\)"),
     bad("from_dense_rows_0", "empty", lambda: s24_roundtrip_call(torch.zeros(0, 8)), ValueError,
