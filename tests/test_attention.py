@@ -456,13 +456,15 @@ def test_devices_must_match():
         tk.attention(q, k.cuda(), v)
 
 
-def test_debug_flag_checks_cu_seqlens_order(monkeypatch):
-    monkeypatch.setattr(ops_attention, "DEBUG", True)
+def test_cu_seqlens_values_are_always_checked():
+    """No debug flag needed (formerly TURBOKERNELS_DEBUG): on the CPU directly; on CUDA with torch._assert_async
+    (tests/test_bad_inputs.py has the full table)."""
     q, k, v = torch.randn(8, 2, 16).half(), torch.randn(8, 2, 16).half(), torch.randn(8, 2, 16).half()
-    bad = torch.tensor([0, 6, 4, 8], dtype=torch.int32)
     good = torch.tensor([0, 2, 4, 8], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"attention\(cu_seqlens_q\): must start at 0, be non-decreasing"):
-        tk.attention(q, k, v, cu_seqlens_q=bad, cu_seqlens_k=good)
+    for bad, match in (([0, 6, 4, 8], "must be non-decreasing"), ([1, 2, 4, 8], "must start at 0"),
+                       ([0, 2, 4, 7], r"must end at the packed length 8 \(q.shape\[0\]\), got 7")):
+        with pytest.raises(ValueError, match=r"attention\(cu_seqlens_q\): " + match):
+            tk.attention(q, k, v, cu_seqlens_q=torch.tensor(bad, dtype=torch.int32), cu_seqlens_k=good)
     tk.attention(q, k, v, cu_seqlens_q=good, cu_seqlens_k=good)
 
 

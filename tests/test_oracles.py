@@ -615,12 +615,10 @@ def test_sparse24_linear_through_torch_cutlass_layout(backend_name, dtype, M, N,
                  what=f"{backend_name} {dtype} M={M} N={N} K={K}")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "formats/sparse24.py: _check_cutlass_shape accepts in_features % 16 == 0, but torch's CUTLASS metadata layout "
-    "swizzles 2x2 blocks of int16 meta columns and needs in_features % 32 == 0: for K = 48 both torch's "
-    "sparse_semi_structured_from_dense_cutlass and Sparse24Weight.to_cutlass() fail with 'index 96 is out of bounds "
-    "for dimension 0 with size 96' (a RuntimeError) instead of the ValueError naming the constraint"))
 def test_sparse24_to_cutlass_states_the_k_constraint():
+    """torch's CUTLASS metadata layout swizzles 2x2 blocks of int16 meta columns: in_features % 32 == 0 (K = 48 made
+    both torch's sparse_semi_structured_from_dense_cutlass and, before the check, to_cutlass() fail with an index
+    error)."""
     w = random_24(32, 48, torch.float16)
     with pytest.raises(ValueError, match="in_features"):
         tk.Sparse24Weight.from_dense(w).to_cutlass()

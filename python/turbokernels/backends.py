@@ -160,6 +160,30 @@ def check_triton(*args) -> Optional[str]:
     return f"needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 for CPU tensors"
 
 
+INT32_LIMIT = 2 ** 31
+# Split-K (M <= 16 rows) keeps up to this many fp32 partial outputs (the GEMM kernels' CONFIGS: SPLIT_K <= 8).
+MAX_SPLIT_K = 8
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """The largest element offset a kernel computes for `t`: sum over dims of (size - 1) * |stride|."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def check_int32_offsets(out_rows: int, out_cols: int, **tensors) -> Optional[str]:
+    """None when every operand's element offsets, and the (out_rows, out_cols) output's (with split-K partials for
+    a decode-sized out_rows), fit in 32 bits, as the Triton GEMM kernels' offsets do; else the reason."""
+    for name, t in tensors.items():
+        if t is not None and max_offset(t) >= INT32_LIMIT:
+            return (f"{name} of shape {tuple(t.shape)} and strides {t.stride()} spans 2^31 or more elements: the "
+                    f"kernel's offsets are 32-bit")
+    out = out_rows * out_cols * (MAX_SPLIT_K if out_rows <= 16 else 1)
+    if out >= INT32_LIMIT:
+        return (f"the output ({out_rows}, {out_cols}) (with split-K partials) has {out} elements, 2^31 or more: "
+                f"the kernel's offsets are 32-bit")
+    return None
+
+
 def check_device(device_type: str) -> Callable[..., Optional[str]]:
     def check(*args) -> Optional[str]:
         got = _device_type(args)

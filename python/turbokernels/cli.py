@@ -44,6 +44,11 @@ def cmd_info(args) -> int:
 
 def cmd_demo(args) -> int:
     from turbokernels import demo
+    try:
+        demo.check_arguments(args.model, args.group_size, args.device)
+    except (TypeError, ValueError) as exc:
+        print(f"turbokernels demo: error: {exc}", file=sys.stderr)
+        return 2
     demo.run(model=args.model, group_size=args.group_size, device=args.device)
     return 0
 

@@ -143,9 +143,22 @@ def demo_llama(group_size: int, device: torch.device, new_tokens: int = 24) -> d
     return {"agree": agree, "speedup": s_before / s_after, "bytes_ratio": bytes_before / bytes_after}
 
 
+def check_arguments(model: str, group_size: int, device) -> torch.device:
+    """The demo's arguments, checked before any model is loaded (device='cuda' on a machine without CUDA, a bad
+    group size: a ValueError naming the argument; `turbokernels demo` prints it as a usage error). Returns the
+    device to run on."""
+    from ._checks import requested_device
+    from .formats.int4 import check_group_size
+    if model not in ("all", "minilm", "llama", "smollm2"):
+        raise ValueError(f"demo(model): expected 'all', 'minilm' or 'llama', got {model!r}")
+    check_group_size(group_size, "demo(group_size)")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return requested_device("demo(device)", device)
+
+
 def run(model: str = "all", group_size: int = 32, device: str = "auto") -> dict:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = check_arguments(model, group_size, device)
     from . import _ext
     print(f"turbokernels demo on {dev} — torch {torch.__version__}, turbokernels._C "
           f"{'loaded' if _ext.available() else 'not available: ' + str(_ext.load_error())}")

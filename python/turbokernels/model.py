@@ -12,20 +12,26 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from .formats.int4 import check_group_size
+from .formats.int4 import Int4Weight, check_group_size
 from .nn import Int4Linear
 
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head")  # the output projection is usually the most quantization-sensitive
 
 
-def _swap(model: nn.Module, want: Callable[[str, nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> list[str]:
-    # Build every replacement first, then install them: an error while converting leaves the model untouched.
+def _swap(fn: str, model: nn.Module, want: Callable[[str, nn.Module], bool],
+          make: Callable[[nn.Module], nn.Module]) -> list[str]:
+    """Build every replacement first, then install them: an error while converting any layer leaves the whole model
+    untouched (no layer swapped), and names the layer."""
     plan = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
             if want(full, child):
-                plan.append((module, child_name, full, make(child)))
+                try:
+                    new = make(child)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"{fn}(model): layer '{full}': {exc}") from exc
+                plan.append((module, child_name, full, new))
     for parent, child_name, _, new in plan:
         setattr(parent, child_name, new)
     return [full for _, _, full, _ in plan]
@@ -42,11 +48,20 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
 
     exclude: fnmatch patterns of layer names to keep in float (default: the LM head).
     include: optional predicate (name, layer) -> bool for finer control.
+    Every replacement is built before any is installed: a layer that cannot be quantized (e.g. a NaN weight) raises
+    an error naming it and leaves the whole model unchanged.
     """
+    fn = "quantize_int4_"
     if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize_int4_(model): expected an nn.Module, got {type(model).__name__}")
-    check_group_size(group_size)
-    exclude = tuple(exclude)
+        raise TypeError(f"{fn}(model): expected an nn.Module, got {type(model).__name__}")
+    check_group_size(group_size, f"{fn}(group_size)")
+    patterns = tuple(exclude) if not isinstance(exclude, str) and hasattr(exclude, "__iter__") else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{fn}(exclude): expected an iterable of fnmatch patterns (str), got "
+                        f"{type(exclude).__name__ if patterns is None else repr(patterns)}")
+    exclude = patterns
+    if include is not None and not callable(include):
+        raise TypeError(f"{fn}(include): expected a callable (name, layer) -> bool, got {type(include).__name__}")
 
     def want(name, module):
         return (type(module) is nn.Linear and not _excluded(name, exclude)
@@ -56,21 +71,26 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
         layer = Int4Linear.from_linear(linear, group_size=group_size, symmetric=symmetric)
         return layer.to(linear.weight.device)
 
-    return _swap(model, want, make)
+    return _swap(fn, model, want, make)
 
 
 def restore_(model: nn.Module) -> list[str]:
-    """Replace every Int4Linear by an nn.Linear holding its dequantized weight (the way back)."""
+    """Replace every Int4Linear by an nn.Linear holding its dequantized weight (the way back). Every layer's tensors
+    are validated (Int4Weight's checks) and every replacement built before any is installed."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"restore_(model): expected an nn.Module, got {type(model).__name__}")
 
     def make(layer: Int4Linear) -> nn.Linear:
         dtype = layer.bias.dtype if layer.bias is not None else layer.scales.dtype
+        weight = Int4Weight(layer.qweight, layer.scales, layer.offsets, layer.group_size, layer.in_features,
+                            layer.perm if layer.perm.numel() else None)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(layer.dequantize(dtype), requires_grad=False)
+        linear.weight = nn.Parameter(weight.dequantize(dtype), requires_grad=False)
         if layer.bias is not None:
             linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         return linear
 
-    return _swap(model, lambda name, m: isinstance(m, Int4Linear), make)
+    return _swap("restore_", model, lambda name, m: isinstance(m, Int4Linear), make)
 
 
 def linear_weight_bytes(model: nn.Module) -> int:

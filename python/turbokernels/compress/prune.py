@@ -25,9 +25,18 @@ def _check_weight(weight, fn: str) -> None:
                          f"{tuple(weight.shape)}")
 
 
+def _check_no_nan(name: str, t: torch.Tensor) -> None:
+    """A NaN has no magnitude to rank (+-Inf has: kept as the largest). A one-time conversion, so a host sync is
+    fine here; meta tensors have no values to check."""
+    if t.device.type != "meta" and bool(torch.isnan(t).any()):
+        raise ValueError(f"prune_24({name}): contains NaN at {int(torch.isnan(t).sum())} elements; 2:4 pruning ranks "
+                         f"weights by magnitude, which a NaN does not have")
+
+
 def prune_24(weight: torch.Tensor, method: str = "magnitude",
              activation_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A 2:4-sparse copy of `weight` (out_features, in_features); the input is never modified."""
+    """A 2:4-sparse copy of `weight` (out_features, in_features); the input is never modified. NaN in the weight or
+    activation_norm is refused (+-Inf is ranked as the largest magnitude); meta tensors give a meta result."""
     _check_weight(weight, "prune_24")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"prune_24(weight): dtype must be float16, bfloat16 or float32, got {weight.dtype}")
@@ -37,6 +46,7 @@ def prune_24(weight: torch.Tensor, method: str = "magnitude",
                          f"every 4 consecutive input columns)")
     if method not in METHODS:
         raise ValueError(f"prune_24(method): expected one of {METHODS}, got {method!r}")
+    _check_no_nan("weight", weight)
     w = weight.detach()
     score = w.abs().to(torch.float32)
     if method == "wanda":
@@ -54,6 +64,7 @@ def prune_24(weight: torch.Tensor, method: str = "magnitude",
         if activation_norm.device != weight.device:
             raise ValueError(f"prune_24(activation_norm): activation_norm is on {activation_norm.device} but the "
                              f"weight is on {weight.device}")
+        _check_no_nan("activation_norm", activation_norm)
         score = score * activation_norm.detach().to(torch.float32).abs()[None, :]
     elif activation_norm is not None:
         raise ValueError("prune_24(activation_norm): only method='wanda' uses activation_norm")

@@ -27,10 +27,11 @@ SUPPORTED_GROUP_SIZES_DOC = "a positive group size (32, 64, 128, 256 are the usu
 
 
 def check_group_size(group_size, name: str = "group_size") -> None:
+    """name: how the message names the argument, e.g. "quantize_int4(group_size)"."""
     if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"{name} must be an int, got {type(group_size).__name__}")
+        raise TypeError(f"{name}: must be an int, got {type(group_size).__name__}")
     if group_size == 0 or group_size < -1:
-        raise ValueError(f"{name} must be {SUPPORTED_GROUP_SIZES_DOC}, got {group_size}")
+        raise ValueError(f"{name}: must be {SUPPORTED_GROUP_SIZES_DOC}, got {group_size}")
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:
@@ -65,9 +66,58 @@ def unpack_int4(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def exact_offsets(offsets_fp32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Store offsets in `dtype` when that loses nothing, else keep fp32."""
+    """Store offsets in `dtype` when that loses nothing, else keep fp32 (meta tensors: `dtype`)."""
     cast = offsets_fp32.to(dtype)
+    if offsets_fp32.device.type == "meta":
+        return cast
     return cast if torch.equal(cast.to(torch.float32), offsets_fp32) else offsets_fp32
+
+
+def validate_int4_tensors(entry: str, qweight, scales, offsets, group_size, in_features, perm=None, note: str = ""):
+    """The checks of Int4Weight's constructor, with messages `entry(argument): ...`; returns perm as int64 (or
+    None). Shapes, dtypes and devices always; perm's values (a permutation of 0..K-1, which a kernel's index_select
+    relies on) with one host sync, on real tensors: a one-time check when a weight is built or loaded. `note` is
+    appended to the shape messages (Sparse24Int4Weight: in_features and group_size count kept values there)."""
+    check_group_size(group_size, f"{entry}(group_size)")
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"{entry}(in_features): must be a positive int, got {in_features!r}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{entry}({name}): {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{entry}({name}): {name} must be 2-D, got shape {tuple(t.shape)}")
+    if qweight.dtype != torch.int32:
+        raise TypeError(f"{entry}(qweight): qweight must be int32 (8 nibbles per word), got {qweight.dtype}")
+    K8, N = qweight.shape
+    if K8 != (in_features + 7) // 8:
+        raise ValueError(f"{entry}(qweight): qweight has {K8} rows but in_features={in_features}{note} needs "
+                         f"ceil(K/8)={(in_features + 7) // 8}")
+    G = num_groups(group_size, in_features)
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{entry}({name}): {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if tuple(t.shape) != (G, N):
+            raise ValueError(f"{entry}({name}): {name} must have shape (num_groups, out_features) = ({G}, {N}) for "
+                             f"in_features={in_features}, group_size={group_size}{note}; got {tuple(t.shape)}")
+        if t.device != qweight.device:
+            raise ValueError(f"{entry}({name}): {name} is on {t.device} but qweight is on {qweight.device}")
+    if perm is None:
+        return None
+    if not isinstance(perm, torch.Tensor) or perm.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{entry}(perm): perm must be an int64 (or int32) tensor of shape ({in_features},), got "
+                        f"{perm.dtype if isinstance(perm, torch.Tensor) else type(perm).__name__}")
+    if perm.dim() != 1 or perm.numel() != in_features:
+        raise ValueError(f"{entry}(perm): perm must be an int64 (or int32) tensor of shape ({in_features},), got "
+                         f"{tuple(perm.shape)}")
+    if perm.device != qweight.device:
+        raise ValueError(f"{entry}(perm): perm is on {perm.device} but qweight is on {qweight.device}")
+    perm = perm.to(torch.int64)
+    if perm.device.type != "meta" and not torch.equal(perm.sort().values,
+                                                      torch.arange(in_features, device=perm.device)):
+        raise ValueError(f"{entry}(perm): must be a permutation of 0..{in_features - 1} (row k of qweight holds "
+                         f"input feature perm[k]), got values in [{int(perm.min())}, {int(perm.max())}] with "
+                         f"{in_features - int(perm.unique().numel())} repeated")
+    return perm
 
 
 class Int4Weight:
@@ -75,36 +125,7 @@ class Int4Weight:
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
                  in_features: int, perm: Optional[torch.Tensor] = None):
-        check_group_size(group_size)
-        if not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        for name, t in (("qweight", qweight), ("scales", scales), ("offsets", offsets)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 2:
-                raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if qweight.dtype != torch.int32:
-            raise TypeError(f"qweight must be int32 (8 nibbles per word), got {qweight.dtype}")
-        K8, N = qweight.shape
-        if K8 != (in_features + 7) // 8:
-            raise ValueError(f"qweight has {K8} rows but in_features={in_features} needs ceil(K/8)="
-                             f"{(in_features + 7) // 8}")
-        G = num_groups(group_size, in_features)
-        for name, t in (("scales", scales), ("offsets", offsets)):
-            if t.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-            if tuple(t.shape) != (G, N):
-                raise ValueError(f"{name} must have shape (num_groups, out_features) = ({G}, {N}) for "
-                                 f"in_features={in_features}, group_size={group_size}; got {tuple(t.shape)}")
-            if t.device != qweight.device:
-                raise ValueError(f"{name} is on {t.device} but qweight is on {qweight.device}")
-        if perm is not None:
-            if perm.dim() != 1 or perm.numel() != in_features or perm.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"perm must be an int64 tensor of shape ({in_features},), got "
-                                 f"{perm.dtype} {tuple(perm.shape)}")
-            if perm.device != qweight.device:
-                raise ValueError(f"perm is on {perm.device} but qweight is on {qweight.device}")
-            perm = perm.to(torch.int64)
+        perm = validate_int4_tensors("Int4Weight", qweight, scales, offsets, group_size, in_features, perm)
         self.qweight = qweight.contiguous()
         self.scales = scales.contiguous()
         self.offsets = offsets.contiguous()
@@ -149,6 +170,8 @@ class Int4Weight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
 
     def to(self, device) -> "Int4Weight":
+        from .._checks import requested_device
+        requested_device("Int4Weight.to(device)", device)
         return Int4Weight(self.qweight.to(device), self.scales.to(device), self.offsets.to(device), self.group_size,
                           self.in_features, None if self.perm is None else self.perm.to(device))
 
@@ -205,22 +228,25 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool =
                 so the group's minimum is exact and a constant group is exact.
     symmetric:  scale = absmax / 7, q = clamp(round(w / scale), -8, 7) + 8, offset = -8 * scale.
     Scales are kept in the weight's dtype for fp16/bf16 weights, fp32 otherwise (or `scale_dtype`).
+    Inf/NaN weights are refused (one host sync: a one-time conversion); a meta weight gives a meta Int4Weight.
     """
+    fn = "quantize_int4"
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(f"{fn}(weight): expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{fn}(weight): must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weight must be float16, bfloat16 or float32, got {weight.dtype}")
+        raise TypeError(f"{fn}(weight): dtype must be float16, bfloat16 or float32, got {weight.dtype}")
     if weight.numel() == 0:
-        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains inf or NaN; int4 quantization needs finite values")
-    check_group_size(group_size)
+        raise ValueError(f"{fn}(weight): must not be empty, got shape {tuple(weight.shape)}")
+    if weight.device.type != "meta" and not torch.isfinite(weight).all():
+        raise ValueError(f"{fn}(weight): contains inf or NaN ({int((~torch.isfinite(weight)).sum())} elements); int4 "
+                         f"quantization needs finite values")
+    check_group_size(group_size, f"{fn}(group_size)")
     if scale_dtype is None:
         scale_dtype = weight.dtype if weight.dtype != torch.float32 else torch.float32
     if scale_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"scale_dtype must be float16, bfloat16 or float32, got {scale_dtype}")
+        raise TypeError(f"{fn}(scale_dtype): must be float16, bfloat16 or float32, got {scale_dtype}")
 
     N, K = weight.shape
     gs = effective_group_size(group_size, K)

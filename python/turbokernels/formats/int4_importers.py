@@ -110,7 +110,7 @@ def _check_g_idx(fmt: str, name: str, g_idx, K: int, G: int, ref: torch.Tensor) 
 def _resolve_group_size(fmt: str, K: int, G: int, group_size, g_idx: Optional[torch.Tensor], groups_of: str):
     """The group_size to store (-1 for per-channel) for K input features and G groups (see the module docstring)."""
     if group_size is not None:
-        check_group_size(group_size)
+        check_group_size(group_size, f"{fmt}(group_size)")
         if num_groups(group_size, K) != G:
             raise ValueError(f"{fmt}(group_size): group_size={group_size} with in_features={K} means "
                              f"{num_groups(group_size, K)} groups, but {groups_of} has {G}")

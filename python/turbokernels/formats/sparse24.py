@@ -73,37 +73,48 @@ def cutlass_meta_offsets(rows: int, meta_cols: int, device=None) -> torch.Tensor
     return ((c // 2) * rows * 2 + r * 2 + c % 2).reshape(-1)
 
 
+def check_meta_encoding(entry: str, meta: torch.Tensor, in_features: int) -> None:
+    """Every group encodes two distinct indices idx0 < idx1 (a corrupt meta would make the kernels read the wrong
+    columns). One host sync; meta tensors have no values to check."""
+    if meta.device.type == "meta":
+        return
+    from ..reference.sparse24_mm import meta_indices
+    idx0, idx1 = meta_indices(meta, in_features // 4)
+    bad = idx0 >= idx1
+    if bad.any():
+        r, g = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"{entry}(meta): meta is corrupt: the group at row {r}, column {4 * g} encodes indices "
+                         f"({int(idx0[r, g])}, {int(idx1[r, g])}); each group needs idx0 < idx1")
+
+
 class Sparse24Weight:
     """A compressed 2:4 weight of a linear layer (see the module docstring for the layout)."""
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor):
+        """Shapes, dtypes and devices are checked, and every group's encoding (one host sync, on real tensors: a
+        one-time check when a weight is built or loaded)."""
+        e = "Sparse24Weight"
         for name, t in (("values", values), ("meta", meta)):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+                raise TypeError(f"{e}({name}): {name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 2:
-                raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+                raise ValueError(f"{e}({name}): {name} must be 2-D, got shape {tuple(t.shape)}")
         if values.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"values must be float16, bfloat16 or float32, got {values.dtype}")
+            raise TypeError(f"{e}(values): values must be float16, bfloat16 or float32, got {values.dtype}")
         if meta.dtype != torch.int16:
-            raise TypeError(f"meta must be int16 (4 groups of 4 bits per element), got {meta.dtype}")
+            raise TypeError(f"{e}(meta): meta must be int16 (4 groups of 4 bits per element), got {meta.dtype}")
         N, half = values.shape
         if N < 1 or half < 2 or half % 2:
-            raise ValueError(f"values must have shape (out_features, in_features / 2) with out_features >= 1 and "
-                             f"in_features a positive multiple of 4, got {tuple(values.shape)}")
+            raise ValueError(f"{e}(values): values must have shape (out_features, in_features / 2) with out_features "
+                             f">= 1 and in_features a positive multiple of 4, got {tuple(values.shape)}")
         K = 2 * half
         if tuple(meta.shape) != (N, _meta_cols(K)):
-            raise ValueError(f"meta must have shape (out_features, ceil(in_features / 16)) = ({N}, {_meta_cols(K)}) "
-                             f"for values of shape {tuple(values.shape)}; got {tuple(meta.shape)}")
+            raise ValueError(f"{e}(meta): meta must have shape (out_features, ceil(in_features / 16)) = "
+                             f"({N}, {_meta_cols(K)}) for values of shape {tuple(values.shape)}; got "
+                             f"{tuple(meta.shape)}")
         if meta.device != values.device:
-            raise ValueError(f"meta is on {meta.device} but values is on {values.device}")
-        if meta.device.type != "meta":
-            from ..reference.sparse24_mm import meta_indices
-            idx0, idx1 = meta_indices(meta, K // 4)
-            bad = idx0 >= idx1
-            if bad.any():
-                r, g = (int(v) for v in bad.nonzero()[0])
-                raise ValueError(f"meta is corrupt: the group at row {r}, column {4 * g} encodes indices "
-                                 f"({int(idx0[r, g])}, {int(idx1[r, g])}); each group needs idx0 < idx1")
+            raise ValueError(f"{e}(meta): meta is on {meta.device} but values is on {values.device}")
+        check_meta_encoding(e, meta, K)
         self.values = values.contiguous()
         self.meta = meta.contiguous()
 
@@ -144,6 +155,8 @@ class Sparse24Weight:
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Sparse24Weight":
         """Move and/or cast the values (a cast keeps the sparsity pattern: the metadata is unchanged)."""
+        from .._checks import requested_device
+        requested_device("Sparse24Weight.to(device)", device)
         values = self.values.to(device=device, dtype=dtype)
         return Sparse24Weight._trusted(values.contiguous(), self.meta.to(device=values.device))
 
@@ -154,7 +167,8 @@ class Sparse24Weight:
     # ---- conversions -------------------------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, weight: torch.Tensor) -> "Sparse24Weight":
-        """Compress a 2:4-sparse (out_features, in_features) weight (see turbokernels.prune_24 to make one)."""
+        """Compress a 2:4-sparse (out_features, in_features) weight (see turbokernels.prune_24 to make one). NaN
+        and Inf count as nonzero and are kept exactly; a meta weight gives a meta Sparse24Weight."""
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"Sparse24Weight.from_dense(weight): expected a torch.Tensor, got {type(weight).__name__}")
         if weight.dim() != 2:
@@ -171,7 +185,7 @@ class Sparse24Weight:
         nonzero = (w != 0).reshape(N, K // 4, 4)
         count = nonzero.sum(dim=-1)
         bad = count > 2
-        if bad.any():
+        if w.device.type != "meta" and bad.any():  # a meta weight has no values: its meta encodes all-zero groups
             r, g = (int(v) for v in bad.nonzero()[0])
             raise ValueError(f"Sparse24Weight.from_dense(weight): not 2:4 sparse: the group at (row {r}, column "
                              f"{4 * g}) (columns {4 * g}..{4 * g + 3}) has {int(count[r, g])} nonzeros; at most 2 of "
@@ -195,9 +209,10 @@ class Sparse24Weight:
 
     @staticmethod
     def _check_cutlass_shape(fn: str, N: int, K: int) -> None:
-        if N % 32 or K % 16:
-            raise ValueError(f"{fn}: PyTorch's CUTLASS layout needs out_features % 32 == 0 and in_features % 16 == 0 "
-                             f"(metadata is reordered in blocks of 32 rows), got ({N}, {K})")
+        if N % 32 or K % 32:
+            raise ValueError(f"{fn}: PyTorch's CUTLASS layout needs out_features % 32 == 0 and in_features % 32 == 0 "
+                             f"(metadata is reordered in blocks of 32 rows and 2x2 blocks of its int16 columns, so an "
+                             f"even number of them), got ({N}, {K})")
 
     def to_cutlass(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, meta_reordered) in PyTorch's CUTLASS layout: equal to

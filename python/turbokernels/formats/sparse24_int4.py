@@ -18,38 +18,32 @@ from __future__ import annotations
 
 import torch
 
-from .int4 import Int4Weight, check_group_size, quantize_int4
-from .sparse24 import Sparse24Weight, _meta_cols
+from .int4 import Int4Weight, check_group_size, quantize_int4, validate_int4_tensors
+from .sparse24 import Sparse24Weight, _meta_cols, check_meta_encoding
 
 
-def check_meta(meta, out_features: int, in_features: int, device) -> None:
+def check_meta(meta, out_features: int, in_features: int, device, entry: str = "Sparse24Int4Weight") -> None:
     """The checks Sparse24Weight applies to its meta: int16, (N, ceil(K/16)), same device, idx0 < idx1."""
     if not isinstance(meta, torch.Tensor):
-        raise TypeError(f"meta must be a torch.Tensor, got {type(meta).__name__}")
+        raise TypeError(f"{entry}(meta): meta must be a torch.Tensor, got {type(meta).__name__}")
     if meta.dtype != torch.int16:
-        raise TypeError(f"meta must be int16 (4 groups of 4 bits per element), got {meta.dtype}")
+        raise TypeError(f"{entry}(meta): meta must be int16 (4 groups of 4 bits per element), got {meta.dtype}")
     if meta.dim() != 2:
-        raise ValueError(f"meta must be 2-D, got shape {tuple(meta.shape)}")
+        raise ValueError(f"{entry}(meta): meta must be 2-D, got shape {tuple(meta.shape)}")
     expected = (out_features, _meta_cols(in_features))
     if tuple(meta.shape) != expected:
-        raise ValueError(f"meta must have shape (out_features, ceil(in_features / 16)) = {expected}; got "
-                         f"{tuple(meta.shape)}")
+        raise ValueError(f"{entry}(meta): meta must have shape (out_features, ceil(in_features / 16)) = {expected}; "
+                         f"got {tuple(meta.shape)}")
     if meta.device != device:
-        raise ValueError(f"meta is on {meta.device} but qweight is on {device}")
-    if meta.device.type != "meta":
-        from ..reference.sparse24_mm import meta_indices
-        idx0, idx1 = meta_indices(meta, in_features // 4)
-        bad = idx0 >= idx1
-        if bad.any():
-            r, g = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"meta is corrupt: the group at row {r}, column {4 * g} encodes indices "
-                             f"({int(idx0[r, g])}, {int(idx1[r, g])}); each group needs idx0 < idx1")
+        raise ValueError(f"{entry}(meta): meta is on {meta.device} but qweight is on {device}")
+    check_meta_encoding(entry, meta, in_features)
 
 
 def check_dense_group_size(group_size, name: str = "group_size") -> None:
+    """name: how the message names the argument, e.g. "Sparse24Int4Weight.from_dense(group_size)"."""
     check_group_size(group_size, name)
     if group_size != -1 and group_size % 2:
-        raise ValueError(f"{name} counts dense columns and must be a multiple of 2 (half of them are kept) or -1, "
+        raise ValueError(f"{name}: counts dense columns and must be a multiple of 2 (half of them are kept) or -1, "
                          f"got {group_size}")
 
 
@@ -59,11 +53,16 @@ class Sparse24Int4Weight:
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor,
                  group_size: int, in_features: int):
         """group_size in DENSE columns (a multiple of 2) or -1; in_features the dense K (a multiple of 4)."""
-        check_dense_group_size(group_size)
+        e = "Sparse24Int4Weight"
+        check_dense_group_size(group_size, f"{e}(group_size)")
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 4 or in_features % 4:
-            raise ValueError(f"in_features must be a positive multiple of 4, got {in_features!r}")
-        int4 = Int4Weight(qweight, scales, offsets, -1 if group_size == -1 else group_size // 2, in_features // 2)
-        check_meta(meta, int4.out_features, in_features, int4.device)
+            raise ValueError(f"{e}(in_features): must be a positive multiple of 4, got {in_features!r}")
+        kept_gs = -1 if group_size == -1 else group_size // 2
+        validate_int4_tensors(e, qweight, scales, offsets, kept_gs, in_features // 2,
+                              note=" (kept values: half of the dense in_features and group_size)")
+        int4 = Int4Weight._trusted(qweight.contiguous(), scales.contiguous(), offsets.contiguous(), kept_gs,
+                                   in_features // 2)
+        check_meta(meta, int4.out_features, in_features, int4.device, e)
         self.int4 = int4
         self.meta = meta.contiguous()
 
@@ -121,6 +120,8 @@ class Sparse24Int4Weight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device) -> "Sparse24Int4Weight":
+        from .._checks import requested_device
+        requested_device("Sparse24Int4Weight.to(device)", device)
         return Sparse24Int4Weight._trusted(self.int4.to(device), self.meta.to(device))
 
     def __repr__(self) -> str:
@@ -132,15 +133,16 @@ class Sparse24Int4Weight:
     def from_dense(cls, weight: torch.Tensor, group_size: int = 128, symmetric: bool = False) -> "Sparse24Int4Weight":
         """Compress a 2:4-sparse (out_features, in_features) weight (turbokernels.prune_24 makes one) and quantize
         its kept values to int4 with group_size DENSE columns (group_size // 2 kept values) per scale."""
-        check_dense_group_size(group_size)
+        check_dense_group_size(group_size, "Sparse24Int4Weight.from_dense(group_size)")
         return cls.from_sparse24(Sparse24Weight.from_dense(weight), group_size, symmetric)
 
     @classmethod
     def from_sparse24(cls, weight: Sparse24Weight, group_size: int = 128,
                       symmetric: bool = False) -> "Sparse24Int4Weight":
         if not isinstance(weight, Sparse24Weight):
-            raise TypeError(f"from_sparse24(weight): expected a Sparse24Weight, got {type(weight).__name__}")
-        check_dense_group_size(group_size)
+            raise TypeError(f"Sparse24Int4Weight.from_sparse24(weight): expected a Sparse24Weight, got "
+                            f"{type(weight).__name__}")
+        check_dense_group_size(group_size, "Sparse24Int4Weight.from_sparse24(group_size)")
         int4 = quantize_int4(weight.values, -1 if group_size == -1 else group_size // 2, symmetric)
         return cls._trusted(int4, weight.meta)
 

@@ -4,10 +4,14 @@ Same signature and layout (batch, heads, seqlen, head_dim). Cases the fused kern
 computed by torch itself, with a one-time note, never with a wrong answer:
   * an attn_mask (boolean or additive) or dropout_p > 0;
   * is_causal with seqlen_q != seqlen_k: torch aligns its causal mask to the top-left corner, turbokernels.attention
-    (like FlashAttention >= 2.1) to the bottom-right.
+    (like FlashAttention >= 2.1) to the bottom-right;
+  * inputs that are not 4-D, a value head_dim other than query's, batch sizes torch would broadcast.
+Arguments are checked first, on every path: errors name this function's arguments (query, key, value, ...).
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -24,7 +28,51 @@ def _note_once(reason: str) -> None:
                       "torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
 
 
-def fallback_reason(query, key, attn_mask, dropout_p, is_causal) -> Optional[str]:
+FN = "scaled_dot_product_attention"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> None:
+    """The argument checks, before choosing between the fused kernel and torch's fallback, so that an error names
+    this function's arguments whichever path the call would take."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{FN}({name}): expected a torch.Tensor, got {type(t).__name__}")
+    if query.dtype not in DTYPES:
+        raise TypeError(f"{FN}(query): dtype must be float16, bfloat16, float32 or float64, got {query.dtype}")
+    if query.dim() < 2:
+        raise ValueError(f"{FN}(query): expected (..., seqlen, head_dim), got shape {tuple(query.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{FN}({name}): dtype {t.dtype} does not match query's {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{FN}({name}): is on {t.device} but query is on {query.device}")
+        if t.dim() != query.dim():
+            raise ValueError(f"{FN}({name}): expected {query.dim()} dims like query, got shape {tuple(t.shape)}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"{FN}(key): head_dim {key.shape[-1]} does not match query's {query.shape[-1]}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(f"{FN}(value): seqlen {value.shape[-2]} does not match key's {key.shape[-2]}")
+    if query.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+        if not enable_gqa:
+            raise ValueError(f"{FN}(key): query has {query.shape[-3]} heads and key {key.shape[-3]}; pass "
+                             f"enable_gqa=True for grouped-query attention (as torch requires)")
+        if key.shape[-3] == 0 or query.shape[-3] % key.shape[-3]:
+            raise ValueError(f"{FN}(key): query's {query.shape[-3]} heads must be a multiple of key's "
+                             f"{key.shape[-3]}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"{FN}(attn_mask): expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"{FN}(attn_mask): is on {attn_mask.device} but query is on {query.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{FN}(dropout_p): must be in [0, 1], got {dropout_p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"{FN}(scale): expected a finite float or None, got {scale!r}")
+
+
+def fallback_reason(query, key, attn_mask, dropout_p, is_causal, value=None) -> Optional[str]:
     if attn_mask is not None:
         return "attn_mask is not fused"
     if dropout_p > 0.0:
@@ -33,6 +81,10 @@ def fallback_reason(query, key, attn_mask, dropout_p, is_causal) -> Optional[str
         return "is_causal with seqlen_q != seqlen_k uses torch's top-left alignment"
     if query.dim() != 4:
         return f"{query.dim()}-D inputs (the fused kernel takes (batch, heads, seqlen, head_dim))"
+    if value is not None and value.shape[-1] != query.shape[-1]:
+        return "a value head_dim different from query's"
+    if query.shape[0] != key.shape[0]:
+        return "batch sizes that differ between query and key (torch broadcasts them)"
     return None
 
 
@@ -41,10 +93,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
     from ..ops.attention import attention
-    reason = fallback_reason(query, key, attn_mask, dropout_p, is_causal)
-    if reason is None and query.shape[1] != key.shape[1] and not enable_gqa:
-        raise ValueError(f"scaled_dot_product_attention: query has {query.shape[1]} heads and key "
-                         f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention (as torch requires)")
+    _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    reason = fallback_reason(query, key, attn_mask, dropout_p, is_causal, value)
     if reason is not None:
         _note_once(reason)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,

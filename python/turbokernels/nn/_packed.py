@@ -1,13 +1,43 @@
 """PackedWeightModule: the state-dict behaviour shared by the modules whose weight is a packed format.
 
-The packed buffers (e.g. qweight/scales/offsets, or values/meta) are taken *as saved* -- dtypes included, since a
-format may keep some tensors in fp32 for exactness -- and only after they, the bias shape and the extra state have
-been validated together: a corrupt state dict is reported as an error and leaves the layer untouched.
+load_state_dict keeps the layer's own dtypes, as nn.Linear does (it copies into its existing parameters): the packed
+float tensors (scales, values) are cast to the layer's current dtype -- an fp16 checkpoint loaded into an fp32 layer
+gives fp32 scales holding the same values; an fp32 one loaded into an fp16 layer rounds them, as .half() would --
+and offsets follow the format's rule (the scales' dtype when that is exact, else fp32). The bias is copied into the
+existing parameter by torch. Integer tensors (qweight, meta, perm) are taken as saved.
+
+Nothing is half-changed: the packed tensors, the bias and the extra state are validated together first; a corrupt
+tensor, an incomplete set of packed tensors (whatever `strict` says: new qweight with old scales is never a weight)
+or, in the layer's own load_state_dict with strict=True, a missing or unexpected key is reported as torch's
+RuntimeError and leaves the layer untouched. (Loaded as part of a larger model, torch's own rule applies to the
+model: it loads every valid module before reporting missing or unexpected keys.) A layer built on the "meta"
+device is materialized on the state dict's device, in its own dtypes.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..formats.int4 import FLOAT_DTYPES
+
+
+def check_features(entry: str, in_features, out_features, multiple_of: int = 1) -> None:
+    """in_features / out_features of a layer's constructor: positive ints (in_features a multiple of `multiple_of`)."""
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{entry}({name}): must be an int, got {type(v).__name__}")
+    if in_features < 1 or in_features % multiple_of:
+        what = "a positive int" if multiple_of == 1 else f"a positive multiple of {multiple_of}"
+        raise ValueError(f"{entry}(in_features): must be {what}, got {in_features}")
+    if out_features < 1:
+        raise ValueError(f"{entry}(out_features): must be a positive int, got {out_features}")
+
+
+def check_dtype(entry: str, dtype) -> torch.dtype:
+    dtype = dtype or torch.float32
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{entry}(dtype): must be float16, bfloat16 or float32, got {dtype}")
+    return dtype
 
 
 class PackedWeightModule(nn.Module):
@@ -17,32 +47,69 @@ class PackedWeightModule(nn.Module):
         """Raise TypeError/ValueError naming what is wrong with these packed tensors for this layer."""
         raise NotImplementedError
 
+    def _cast_packed(self, packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The validated packed tensors in this layer's own dtypes (as nn.Linear keeps its parameters' dtype)."""
+        return packed
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's, except that with strict=True missing or unexpected keys are reported before anything is loaded
+        (torch reports them after loading the rest), so a failed call leaves the layer unchanged."""
+        if strict and hasattr(state_dict, "keys"):
+            expected = set(self.state_dict().keys())
+            missing = [k for k in self.state_dict() if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in expected]
+            if missing or unexpected:
+                msgs = []
+                if missing:
+                    msgs.append("Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+                if unexpected:
+                    msgs.append("Unexpected key(s) in state_dict: {}. ".format(
+                        ", ".join(f'"{k}"' for k in unexpected)))
+                raise RuntimeError("Error(s) in loading state_dict for {}:\n\t{}".format(type(self).__name__,
+                                                                                          "\n\t".join(msgs)))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        where = f"{type(self).__name__} ({prefix or 'root'})"
+        extra_key = prefix + "_extra_state"
         packed = {n: state_dict[prefix + n] for n in self.PACKED if prefix + n in state_dict}
-        if len(packed) != len(self.PACKED):  # a partial state dict: the base class reports what is missing
-            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                 unexpected_keys, error_msgs)
-        try:
-            self._validate_packed(packed)
-            bias = state_dict.get(prefix + "bias")
-            if getattr(self, "bias", None) is not None and isinstance(bias, torch.Tensor) \
-                    and bias.shape != (self.out_features,):
-                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
-            extra = state_dict.get(prefix + "_extra_state")
-            if extra is not None:
-                self.set_extra_state(extra)
-        except (TypeError, ValueError) as exc:
-            error_msgs.append(f"{type(self).__name__} ({prefix or 'root'}): {exc}")
+        if packed and len(packed) != len(self.PACKED):  # never mix new and old parts of one weight
+            error_msgs.append(f"{where}: load_state_dict({', '.join(self.PACKED)}): must be loaded together; missing "
+                              f"{', '.join(n for n in self.PACKED if n not in packed)}")
             return
-        first = getattr(self, self.PACKED[0])
-        device = first.device if first.device.type != "meta" else packed[self.PACKED[0]].device
-        for n, t in packed.items():
-            self._buffers[n] = t.detach().to(device).clone()
-        rest = {k: v for k, v in state_dict.items() if k[len(prefix):] not in self.PACKED}
+        has_bias = getattr(self, "bias", None) is not None and prefix + "bias" in state_dict
+        try:
+            if packed:
+                self._validate_packed(packed)
+            if has_bias:
+                bias = state_dict[prefix + "bias"]
+                if not isinstance(bias, torch.Tensor):
+                    raise TypeError(f"load_state_dict(bias): expected a torch.Tensor, got {type(bias).__name__}")
+                if bias.shape != (self.out_features,):
+                    raise ValueError(f"load_state_dict(bias): bias has shape {tuple(bias.shape)}, expected "
+                                     f"({self.out_features},)")
+            if extra_key in state_dict:
+                self.set_extra_state(state_dict[extra_key])  # validates only: the layer is not changed
+            cast = self._cast_packed(packed) if packed else {}
+        except (TypeError, ValueError) as exc:
+            error_msgs.append(f"{where}: {exc}")
+            return
+        taken = set(cast)
+        if cast:
+            first = getattr(self, self.PACKED[0])
+            device = first.device if first.device.type != "meta" else cast[self.PACKED[0]].device
+            for n, t in cast.items():
+                self._buffers[n] = t.detach().to(device=device, memory_format=torch.contiguous_format, copy=True)
+        if has_bias and self.bias.device.type == "meta":  # a layer built on "meta": materialize it, keep its dtype
+            src = state_dict[prefix + "bias"].detach()
+            self.bias = nn.Parameter(src.to(dtype=self.bias.dtype, memory_format=torch.contiguous_format,
+                                            copy=True), requires_grad=self.bias.requires_grad)
+            taken.add("bias")
+        rest = {k: v for k, v in state_dict.items() if k[len(prefix):] not in taken}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        # The base class reports the packed keys as missing, since they were not in `rest`: they were taken above.
-        for n in self.PACKED:
+        # The base class reports what was taken above as missing, since it was not in `rest`.
+        for n in taken:
             if prefix + n in missing_keys:
                 missing_keys.remove(prefix + n)

@@ -6,9 +6,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats.int4 import FLOAT_DTYPES, Int4Weight, check_group_size, num_groups, quantize_int4
+from .._checks import requested_device
+from ..formats.int4 import Int4Weight, check_group_size, exact_offsets, num_groups, quantize_int4
 from ..ops.int4_mm import int4_linear
-from ._packed import PackedWeightModule
+from ._packed import PackedWeightModule, check_dtype, check_features
+
 
 class Int4Linear(PackedWeightModule):
     """y = x @ W.T + b with W stored as int4 (Int4Weight layout), for fp16, bf16 and fp32 activations.
@@ -16,18 +18,19 @@ class Int4Linear(PackedWeightModule):
     Build one with `Int4Linear.from_linear(linear, group_size=128, symmetric=False)` or
     `Int4Linear.from_weight(int4_weight, bias)`. The state dict holds qweight, scales, offsets, perm (empty when
     there is no act-order permutation), bias, and the group size as extra state, so
-    `Int4Linear(in, out, group_size=g).load_state_dict(sd)` restores a layer exactly (dtypes included).
+    `Int4Linear(in, out, group_size=g, dtype=...).load_state_dict(sd)` restores a layer exactly. Loading keeps the
+    layer's dtypes, as nn.Linear does: an fp16 state dict loaded into an fp32 layer gives fp32 scales and bias holding
+    the same values (build the layer with dtype=torch.float16 to keep fp16); offsets stay in the scales' dtype when
+    exact, else fp32 (nn/_packed.py). A corrupt state dict raises and leaves the layer unchanged.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        check_group_size(group_size)
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
-        dtype = dtype or torch.float32
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        check_features("Int4Linear", in_features, out_features)
+        check_group_size(group_size, "Int4Linear(group_size)")
+        dtype = check_dtype("Int4Linear", dtype)
+        requested_device("Int4Linear(device)", device)
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
@@ -44,7 +47,10 @@ class Int4Linear(PackedWeightModule):
     @classmethod
     def from_weight(cls, weight: Int4Weight, bias: Optional[torch.Tensor] = None) -> "Int4Linear":
         if not isinstance(weight, Int4Weight):
-            raise TypeError(f"from_weight(weight): expected an Int4Weight, got {type(weight).__name__}")
+            raise TypeError(f"Int4Linear.from_weight(weight): expected an Int4Weight, got {type(weight).__name__}")
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise TypeError(f"Int4Linear.from_weight(bias): expected a torch.Tensor or None, got "
+                            f"{type(bias).__name__}")
         layer = cls(weight.in_features, weight.out_features, bias=bias is not None, group_size=weight.group_size,
                     device="meta", dtype=weight.scales.dtype)
         layer.qweight, layer.scales, layer.offsets = weight.qweight, weight.scales, weight.offsets
@@ -52,7 +58,8 @@ class Int4Linear(PackedWeightModule):
                                                                                 device=weight.device)
         if bias is not None:
             if bias.shape != (weight.out_features,):
-                raise ValueError(f"from_weight(bias): expected shape ({weight.out_features},), got {tuple(bias.shape)}")
+                raise ValueError(f"Int4Linear.from_weight(bias): expected shape ({weight.out_features},), got "
+                                 f"{tuple(bias.shape)}")
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
 
@@ -60,7 +67,8 @@ class Int4Linear(PackedWeightModule):
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False) -> "Int4Linear":
         """Quantize an nn.Linear (round-to-nearest, min-max; see turbokernels.quantize_int4)."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"Int4Linear.from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
+        check_group_size(group_size, "Int4Linear.from_linear(group_size)")
         weight = quantize_int4(linear.weight.detach(), group_size=group_size, symmetric=symmetric)
         return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
 
@@ -86,19 +94,26 @@ class Int4Linear(PackedWeightModule):
 
     def _validate_packed(self, packed) -> None:
         perm = packed["perm"]
+        if not isinstance(perm, torch.Tensor):
+            raise TypeError(f"load_state_dict(perm): expected a torch.Tensor, got {type(perm).__name__}")
         Int4Weight(packed["qweight"], packed["scales"], packed["offsets"], self.group_size, self.in_features,
                    perm if perm.numel() else None)
         if packed["qweight"].shape[1] != self.out_features:
-            raise ValueError(f"qweight has {packed['qweight'].shape[1]} columns, this layer has "
-                             f"out_features={self.out_features}")
+            raise ValueError(f"load_state_dict(qweight): qweight has {packed['qweight'].shape[1]} columns, this "
+                             f"layer has out_features={self.out_features}")
+
+    def _cast_packed(self, packed):
+        scales = packed["scales"].to(self.scales.dtype)
+        return dict(packed, scales=scales, perm=packed["perm"].to(torch.int64),
+                    offsets=exact_offsets(packed["offsets"].to(torch.float32), scales.dtype))
 
     def get_extra_state(self):
         return {"format": "turbokernels.int4/1", "group_size": self.group_size, "in_features": self.in_features}
 
     def set_extra_state(self, state) -> None:
         if not isinstance(state, dict) or state.get("format") != "turbokernels.int4/1":
-            raise ValueError(f"Int4Linear: unknown extra state {state!r}")
+            raise ValueError(f"Int4Linear(_extra_state): unknown extra state {state!r}")
         if state.get("group_size") != self.group_size or state.get("in_features") != self.in_features:
-            raise ValueError(f"Int4Linear: the state dict was saved with group_size={state.get('group_size')}, "
-                             f"in_features={state.get('in_features')}; this layer has group_size={self.group_size}, "
-                             f"in_features={self.in_features}")
+            raise ValueError(f"Int4Linear(_extra_state): the state dict was saved with group_size="
+                             f"{state.get('group_size')}, in_features={state.get('in_features')}; this layer has "
+                             f"group_size={self.group_size}, in_features={self.in_features}")

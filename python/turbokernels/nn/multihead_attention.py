@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import requested_device
+
 _noted: set[str] = set()
 
 
@@ -25,10 +27,15 @@ def _note_once(reason: str) -> None:
 
 
 class MultiheadAttention(nn.MultiheadAttention):
+    def __init__(self, embed_dim, num_heads, *args, device=None, dtype=None, **kwargs):
+        requested_device("MultiheadAttention(device)", device)
+        super().__init__(embed_dim, num_heads, *args, device=device, dtype=dtype, **kwargs)
+
     @classmethod
     def from_module(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
         if not isinstance(mha, nn.MultiheadAttention):
-            raise TypeError(f"from_module(mha): expected an nn.MultiheadAttention, got {type(mha).__name__}")
+            raise TypeError(f"MultiheadAttention.from_module(mha): expected an nn.MultiheadAttention, got "
+                            f"{type(mha).__name__}")
         p = mha.in_proj_weight if mha.in_proj_weight is not None else mha.q_proj_weight
         layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
                     add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim,

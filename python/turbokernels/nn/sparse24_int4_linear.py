@@ -6,12 +6,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._checks import requested_device
 from ..compress.prune import prune_24
-from ..formats.int4 import FLOAT_DTYPES, Int4Weight, num_groups
+from ..formats.int4 import Int4Weight, exact_offsets, num_groups
 from ..formats.sparse24 import _meta_cols
 from ..formats.sparse24_int4 import Sparse24Int4Weight, check_dense_group_size
 from ..ops.sparse24_int4_mm import sparse24_int4_linear
-from ._packed import PackedWeightModule
+from ._packed import PackedWeightModule, check_dtype, check_features
 
 _FORMAT = "turbokernels.sparse24_int4/1"
 
@@ -23,19 +24,17 @@ class Sparse24Int4Linear(PackedWeightModule):
     Build one with `Sparse24Int4Linear.from_linear(linear, group_size=128, method="magnitude", activation_norm=None)`
     (prunes to 2:4, then quantizes the kept values; group_size in dense columns) or `from_weight(weight, bias)`. The
     state dict holds qweight, scales, offsets, meta, bias and (extra state) group size and in_features, so
-    `Sparse24Int4Linear(in, out, group_size=g).load_state_dict(sd)` restores a layer exactly (dtypes included).
+    `Sparse24Int4Linear(in, out, group_size=g, dtype=...).load_state_dict(sd)` restores a layer exactly. Loading keeps
+    the layer's dtypes, as nn.Linear does (nn/_packed.py); a corrupt state dict raises and leaves the layer unchanged.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        check_dense_group_size(group_size)
-        if in_features < 4 or in_features % 4 or out_features < 1:
-            raise ValueError(f"in_features must be a positive multiple of 4 and out_features positive, got "
-                             f"{in_features}, {out_features}")
-        dtype = dtype or torch.float32
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        check_features("Sparse24Int4Linear", in_features, out_features, multiple_of=4)
+        check_dense_group_size(group_size, "Sparse24Int4Linear(group_size)")
+        dtype = check_dtype("Sparse24Int4Linear", dtype)
+        requested_device("Sparse24Int4Linear(device)", device)
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
@@ -58,9 +57,10 @@ class Sparse24Int4Linear(PackedWeightModule):
     @classmethod
     def from_weight(cls, weight: Sparse24Int4Weight, bias: Optional[torch.Tensor] = None) -> "Sparse24Int4Linear":
         if not isinstance(weight, Sparse24Int4Weight):
-            raise TypeError(f"from_weight(weight): expected a Sparse24Int4Weight, got {type(weight).__name__}")
+            raise TypeError(f"Sparse24Int4Linear.from_weight(weight): expected a Sparse24Int4Weight, got "
+                            f"{type(weight).__name__}")
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,)):
-            raise ValueError(f"from_weight(bias): expected shape ({weight.out_features},), got "
+            raise ValueError(f"Sparse24Int4Linear.from_weight(bias): expected shape ({weight.out_features},), got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
         layer = cls(weight.in_features, weight.out_features, bias=bias is not None, group_size=weight.group_size,
                     device="meta", dtype=weight.scales.dtype)
@@ -76,8 +76,9 @@ class Sparse24Int4Linear(PackedWeightModule):
         """Prune an nn.Linear to 2:4 (turbokernels.prune_24), then quantize the kept values to int4 (group_size in
         dense columns); the linear is not modified."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
-        check_dense_group_size(group_size)
+            raise TypeError(f"Sparse24Int4Linear.from_linear(linear): expected an nn.Linear, got "
+                            f"{type(linear).__name__}")
+        check_dense_group_size(group_size, "Sparse24Int4Linear.from_linear(group_size)")
         pruned = prune_24(linear.weight.detach(), method=method, activation_norm=activation_norm)
         weight = Sparse24Int4Weight.from_dense(pruned, group_size=group_size, symmetric=symmetric)
         return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
@@ -105,18 +106,22 @@ class Sparse24Int4Linear(PackedWeightModule):
     def _validate_packed(self, packed) -> None:
         qweight = packed["qweight"]
         if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 and qweight.shape[1] != self.out_features:
-            raise ValueError(f"qweight has {qweight.shape[1]} columns, this layer has "
+            raise ValueError(f"load_state_dict(qweight): qweight has {qweight.shape[1]} columns, this layer has "
                              f"out_features={self.out_features}")
         Sparse24Int4Weight(packed["qweight"], packed["scales"], packed["offsets"], packed["meta"], self.group_size,
                            self.in_features)
+
+    def _cast_packed(self, packed):
+        scales = packed["scales"].to(self.scales.dtype)
+        return dict(packed, scales=scales, offsets=exact_offsets(packed["offsets"].to(torch.float32), scales.dtype))
 
     def get_extra_state(self):
         return {"format": _FORMAT, "group_size": self.group_size, "in_features": self.in_features}
 
     def set_extra_state(self, state) -> None:
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"Sparse24Int4Linear: unknown extra state {state!r}")
+            raise ValueError(f"Sparse24Int4Linear(_extra_state): unknown extra state {state!r}")
         if state.get("group_size") != self.group_size or state.get("in_features") != self.in_features:
-            raise ValueError(f"Sparse24Int4Linear: the state dict was saved with group_size={state.get('group_size')}, "
-                             f"in_features={state.get('in_features')}; this layer has group_size={self.group_size}, "
-                             f"in_features={self.in_features}")
+            raise ValueError(f"Sparse24Int4Linear(_extra_state): the state dict was saved with group_size="
+                             f"{state.get('group_size')}, in_features={state.get('in_features')}; this layer has "
+                             f"group_size={self.group_size}, in_features={self.in_features}")

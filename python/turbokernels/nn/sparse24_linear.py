@@ -6,11 +6,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._checks import requested_device
 from ..compress.prune import prune_24
-from ..formats.int4 import FLOAT_DTYPES
 from ..formats.sparse24 import Sparse24Weight, _meta_cols
 from ..ops.sparse24_mm import sparse24_linear
-from ._packed import PackedWeightModule
+from ._packed import PackedWeightModule, check_dtype, check_features
 
 _FORMAT = "turbokernels.sparse24/1"
 
@@ -21,18 +21,17 @@ class Sparse24Linear(PackedWeightModule):
     Build one with `Sparse24Linear.from_linear(linear, method="magnitude" | "wanda", activation_norm=None)` (prunes,
     then compresses) or `Sparse24Linear.from_weight(sparse24_weight, bias)`. The values keep the layer's dtype
     (`.half()` etc. cast them like any float buffer); x must have the same dtype. The state dict holds values, meta
-    and bias, so `Sparse24Linear(in, out, dtype=...).load_state_dict(sd)` restores a layer exactly.
+    and bias, so `Sparse24Linear(in, out, dtype=...).load_state_dict(sd)` restores a layer exactly. Loading keeps the
+    layer's dtype, as nn.Linear does (an fp16 state dict into an fp32 layer gives fp32 values); a corrupt state
+    dict raises and leaves the layer unchanged.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: Optional[torch.dtype] = None):
         super().__init__()
-        if in_features < 4 or in_features % 4 or out_features < 1:
-            raise ValueError(f"in_features must be a positive multiple of 4 and out_features positive, got "
-                             f"{in_features}, {out_features}")
-        dtype = dtype or torch.float32
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        check_features("Sparse24Linear", in_features, out_features, multiple_of=4)
+        dtype = check_dtype("Sparse24Linear", dtype)
+        requested_device("Sparse24Linear(device)", device)
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device))
@@ -46,9 +45,10 @@ class Sparse24Linear(PackedWeightModule):
     @classmethod
     def from_weight(cls, weight: Sparse24Weight, bias: Optional[torch.Tensor] = None) -> "Sparse24Linear":
         if not isinstance(weight, Sparse24Weight):
-            raise TypeError(f"from_weight(weight): expected a Sparse24Weight, got {type(weight).__name__}")
+            raise TypeError(f"Sparse24Linear.from_weight(weight): expected a Sparse24Weight, got "
+                            f"{type(weight).__name__}")
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,)):
-            raise ValueError(f"from_weight(bias): expected shape ({weight.out_features},), got "
+            raise ValueError(f"Sparse24Linear.from_weight(bias): expected shape ({weight.out_features},), got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
         layer = cls(weight.in_features, weight.out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
         layer.values, layer.meta = weight.values, weight.meta
@@ -61,7 +61,7 @@ class Sparse24Linear(PackedWeightModule):
                     activation_norm: Optional[torch.Tensor] = None) -> "Sparse24Linear":
         """Prune an nn.Linear to 2:4 (see turbokernels.prune_24) and compress it; the linear is not modified."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"Sparse24Linear.from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
         pruned = prune_24(linear.weight.detach(), method=method, activation_norm=activation_norm)
         return cls.from_weight(Sparse24Weight.from_dense(pruned), None if linear.bias is None else linear.bias.detach())
 
@@ -87,15 +87,18 @@ class Sparse24Linear(PackedWeightModule):
     def _validate_packed(self, packed) -> None:
         w = Sparse24Weight(packed["values"], packed["meta"])
         if w.shape != (self.out_features, self.in_features):
-            raise ValueError(f"values/meta describe a ({w.out_features}, {w.in_features}) weight; this layer "
-                             f"is ({self.out_features}, {self.in_features})")
+            raise ValueError(f"load_state_dict(values): values/meta describe a ({w.out_features}, {w.in_features}) "
+                             f"weight; this layer is ({self.out_features}, {self.in_features})")
+
+    def _cast_packed(self, packed):
+        return dict(packed, values=packed["values"].to(self.values.dtype))
 
     def get_extra_state(self):
         return {"format": _FORMAT, "in_features": self.in_features}
 
     def set_extra_state(self, state) -> None:
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"Sparse24Linear: unknown extra state {state!r}")
+            raise ValueError(f"Sparse24Linear(_extra_state): unknown extra state {state!r}")
         if state.get("in_features") != self.in_features:
-            raise ValueError(f"Sparse24Linear: the state dict was saved with in_features={state.get('in_features')}; "
-                             f"this layer has in_features={self.in_features}")
+            raise ValueError(f"Sparse24Linear(_extra_state): the state dict was saved with in_features="
+                             f"{state.get('in_features')}; this layer has in_features={self.in_features}")

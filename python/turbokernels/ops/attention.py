@@ -14,19 +14,21 @@
 
 Semantics (FlashAttention 2.x) are written down in the reference module. Outputs are contiguous. The ops take no
 max_seqlen: the Triton kernel finds each query tile's sequence from cu_seqlens on the device, so nothing is read
-back to the host (torch.compile and CUDA graphs keep working).
+back to the host (torch.compile and CUDA graphs keep working). The functional checks the values of cu_seqlens on
+every call: directly for CPU tensors, with torch._assert_async (no host sync; a failure is a device-side assert,
+fatal to the CUDA context) for CUDA tensors and under torch.compile (turbokernels/_checks.py).
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 import numbers
-import os
 from typing import Optional
 
 import torch
 
 from .. import backends
+from .._checks import check_values
 from ..reference import attention as reference
 from ._library import define
 
@@ -34,9 +36,6 @@ FWD = "attention_fwd"
 BWD = "attention_bwd"
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Checks that need a host sync (cu_seqlens non-decreasing and consistent with the packed sizes) run only when
-# TURBOKERNELS_DEBUG=1, or when this flag is set.
-DEBUG = os.environ.get("TURBOKERNELS_DEBUG", "0") not in ("", "0")
 
 
 # ---- attention_fwd ------------------------------------------------------------------------------------------
@@ -193,7 +192,10 @@ def _check_max_seqlen(arg: str, value) -> None:
     _check_int(arg, value, 0)
 
 
-def _check_cu_seqlens(arg: str, cu: torch.Tensor, device: torch.device, total: int) -> None:
+def _check_cu_seqlens(arg: str, cu: torch.Tensor, device: torch.device, total: int, packed: str) -> None:
+    """Layout checks, then the values: cu[0] == 0, non-decreasing, cu[-1] == the packed length (`packed`, e.g.
+    q.shape[0]). Values are checked directly on the CPU, and on CUDA with torch._assert_async, without a host sync
+    (_checks.check_values): a bad cu_seqlens would make the kernels read and write outside q/k/v/out."""
     if not isinstance(cu, torch.Tensor):
         _fail(arg, f"expected a torch.Tensor, got {type(cu).__name__}", TypeError)
     if cu.dtype != torch.int32:
@@ -202,11 +204,13 @@ def _check_cu_seqlens(arg: str, cu: torch.Tensor, device: torch.device, total: i
         _fail(arg, f"expected shape (batch + 1,), got {tuple(cu.shape)}")
     if cu.device != device:
         _fail(arg, f"is on {cu.device} but q is on {device}")
-    if DEBUG:  # host sync: debug only
-        c = cu.cpu()
-        if c[0].item() != 0 or bool((c[1:] < c[:-1]).any()) or c[-1].item() > total:
-            _fail(arg, f"must start at 0, be non-decreasing and end at most at the packed length {total}; "
-                       f"got {c.tolist()}")
+    check_values(cu.device, [
+        (lambda: cu[0] == 0, lambda: f"attention({arg}): must start at 0, got {cu.tolist()}"),
+        (lambda: (cu[1:] >= cu[:-1]).all(), lambda: f"attention({arg}): must be non-decreasing, got {cu.tolist()}"),
+        (lambda: cu[-1] == total, lambda: f"attention({arg}): must end at the packed length {total} ({packed}), "
+                                          f"got {int(cu[-1])}"),
+    ], f"attention({arg}): must start at 0, be non-decreasing and end at the packed length {total} ({packed}) "
+       f"(checked on the device)")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -217,7 +221,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """Fused attention in FlashAttention's layout.
 
     q (batch, seqlen_q, heads_q, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim); or packed
-    (total_tokens, heads, head_dim) with int32 cu_seqlens_q/cu_seqlens_k (batch + 1,) starting at 0.
+    (total_tokens, heads, head_dim) with int32 cu_seqlens_q/cu_seqlens_k (batch + 1,): starting at 0,
+    non-decreasing, ending at q.shape[0] / k.shape[0] (checked on every call, without a host sync on CUDA).
     Returns out (q's shape and dtype), and with return_lse=True also lse: fp32 (batch, heads_q, seqlen_q), or
     (heads_q, total_q) for varlen. See python/turbokernels/reference/attention.py for the exact semantics.
     max_seqlen_q/max_seqlen_k are accepted for FlashAttention compatibility and not needed (never read).
@@ -242,11 +247,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             _fail("q", f"with cu_seqlens expected {layout}, got shape {tuple(q.shape)}")
         if k.dim() != 3:
             _fail("k", f"with cu_seqlens expected {layout}, got shape {tuple(k.shape)}")
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
-        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], "q.shape[0]")
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0], "k.shape[0]")
         if cu_seqlens_k.shape != cu_seqlens_q.shape:
             _fail("cu_seqlens_k", f"shape {tuple(cu_seqlens_k.shape)} does not match cu_seqlens_q's "
                                   f"{tuple(cu_seqlens_q.shape)}")
+        # the kernels read them as contiguous vectors (a no-op for the usual tensors)
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
         batch = cu_seqlens_q.shape[0] - 1
     else:
         layout = "(batch, seqlen, heads, head_dim)"

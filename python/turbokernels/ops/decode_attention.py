@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .. import backends
+from .._checks import check_values
 from ..reference import decode_attention as reference
 from ._library import define
 
@@ -41,28 +42,37 @@ def _capacity(k_cache, block_table) -> int:
 
 
 def _check_values(fn: str, k_cache, cache_seqlens, block_table, new_tokens: int = 0) -> None:
-    """Checks that need the VALUES of cache_seqlens / block_table: done for CPU tensors only (reading them costs
-    no device sync there). On CUDA they are the caller's responsibility (a check would be a host sync or extra
-    kernel launches on every decode step); the Triton kernel clamps lengths to the cache capacity, so a bad length
-    never reads outside the cache, and kv_cache_append's index_put raises a device-side assert."""
-    if cache_seqlens.device.type != "cpu" or cache_seqlens.numel() == 0:
-        return
+    """Checks of the VALUES of cache_seqlens / block_table (after the layout checks): every length >= 0, length +
+    new_tokens within the capacity (pages per sequence * page_size when paged), and every page a sequence uses
+    (those holding positions < length + new_tokens) inside [0, num_pages). Direct on the CPU; on CUDA and under
+    torch.compile one torch._assert_async, no host sync (_checks.check_values): a bad value would otherwise read
+    (decode_attention) or write (kv_cache_append) outside the cache."""
     cap = _capacity(k_cache, block_table)
-    lens = cache_seqlens.to(torch.long)
-    if bool((lens < 0).any()):
-        raise ValueError(f"{fn}(cache_seqlens): negative length {int(lens.min())}")
-    if bool((lens + new_tokens > cap).any()):
-        worst = int(lens.max())
-        what = (f"{worst} + {new_tokens} new tokens" if new_tokens else f"{worst}")
-        raise ValueError(f"{fn}: cache too small: a sequence needs {what} positions, the cache holds {cap}"
-                         + (" (pages per sequence * page_size)" if block_table is not None else ""))
+    paged = " (pages per sequence * page_size)" if block_table is not None else ""
+    lens = cache_seqlens
+    plus = f" + {new_tokens} new tokens" if new_tokens else ""
+
+    def worst() -> int:
+        return int(lens.max())
+
+    checks = [
+        (lambda: (lens >= 0).all(), lambda: f"{fn}(cache_seqlens): negative length {int(lens.min())}"),
+        (lambda: (lens <= min(cap - new_tokens, 2 ** 31 - 1)).all(),  # an int32 compare: clamp the bound
+         lambda: f"{fn}(cache_seqlens): cache too small: length {worst()}{plus} does not fit, the cache holds {cap} "
+                 f"positions per sequence{paged}"),
+    ]
     if block_table is not None:
         page_size, num_pages = k_cache.shape[1], k_cache.shape[0]
-        pages_needed = (lens + new_tokens + page_size - 1) // page_size
-        used = torch.arange(block_table.shape[1]).view(1, -1) < pages_needed.view(-1, 1)
-        bad = used & ((block_table < 0) | (block_table >= num_pages))
-        if bool(bad.any()):
-            raise ValueError(f"{fn}(block_table): page index out of range [0, {num_pages}) in a page in use")
+
+        def pages_ok():
+            first_pos = torch.arange(block_table.shape[1], device=block_table.device) * page_size
+            used = first_pos.view(1, -1) < (lens.to(torch.int64) + new_tokens).view(-1, 1)
+            return ~(used & ((block_table < 0) | (block_table >= num_pages))).any()
+        checks.append((pages_ok, lambda: f"{fn}(block_table): page index out of range [0, {num_pages}) in a page in "
+                                         f"use"))
+    check_values(cache_seqlens.device, checks,
+                 f"{fn}(cache_seqlens/block_table): a length is negative, or length{plus} is past the cache's {cap} "
+                 f"positions per sequence{paged}, or a page in use is outside the cache (checked on the device)")
 
 
 # ---- decode_attention --------------------------------------------------------------------------------------------
@@ -73,7 +83,6 @@ def _fake(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax
 
 def _before(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, window_right,
             softcap):
-    _check_values("decode_attention", k_cache, cache_seqlens, block_table)
     if q.numel() == 0:
         return q.new_empty(q.shape)
     return None
@@ -109,21 +118,24 @@ def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     return cache_seqlens.new_empty(cache_seqlens.shape)
 
 
-def _append_before(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
-    _check_values("kv_cache_append", k_cache, cache_seqlens, block_table, new_tokens=k_new.shape[1])
-    return None
-
-
 kv_cache_append_op = define(
     APPEND_OP, "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor cache_seqlens, "
                "Tensor? block_table) -> Tensor",
-    fake=_append_fake, before=_append_before)
+    fake=_append_fake)
 
 # One implementation for every device: two index_put_ per call (no host sync), a Triton kernel would not be faster.
 backends.register(APPEND_OP, "reference", check=backends.always)(reference.kv_cache_append)
 
 
 # ---- functional entries: all argument checks happen here, once ----------------------------------------------------
+def _contiguous_index_tensors(cache_seqlens, block_table):
+    """The kernels read cache_seqlens as a contiguous vector and block_table rows with a unit column stride: a view
+    that is not is copied (a no-op for the usual tensors)."""
+    if block_table is not None and block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    return cache_seqlens.contiguous(), block_table
+
+
 def _tensor(fn: str, name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}({name}): expected a torch.Tensor, got {type(x).__name__}")
@@ -226,6 +238,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softmax_scale = 1.0 / math.sqrt(head_dim)
     elif not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
         raise TypeError(f"{fn}(softmax_scale): expected a float or None, got {type(softmax_scale).__name__}")
+    _check_values(fn, k_cache, cache_seqlens, block_table)
+    cache_seqlens, block_table = _contiguous_index_tensors(cache_seqlens, block_table)
     return decode_attention_op(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, float(softmax_scale),
                                int(window_size[0]), int(window_size[1]), float(softcap))
 
@@ -237,8 +251,9 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     lengths cache_seqlens + new_tokens (a new tensor; the argument is not modified).
 
     A cache that can never hold new_tokens is rejected here. Whether each sequence still has room depends on the
-    values of cache_seqlens (and, paged, on block_table): checked for CPU tensors; on CUDA it is the caller's
-    responsibility (checking would cost a host sync per step), and an overflow raises a device-side assert.
+    values of cache_seqlens (and, paged, on block_table): checked on every call before anything is written, directly
+    for CPU tensors (a ValueError, the caches untouched), with torch._assert_async for CUDA tensors (no host sync; a
+    failure is a device-side assert, fatal to the CUDA context, instead of a write outside the cache).
     """
     fn = "kv_cache_append"
     for name, x in (("k_new", k_new), ("v_new", v_new)):
@@ -248,15 +263,19 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
                              f"{tuple(x.shape)}")
     if v_new.shape != k_new.shape:
         raise ValueError(f"{fn}(v_new): shape {tuple(v_new.shape)} does not match k_new's {tuple(k_new.shape)}")
-    if v_new.dtype != k_new.dtype or v_new.device != k_new.device:
-        raise TypeError(f"{fn}(v_new): dtype/device {v_new.dtype}/{v_new.device} does not match k_new's "
-                        f"{k_new.dtype}/{k_new.device}")
+    if v_new.dtype != k_new.dtype:
+        raise TypeError(f"{fn}(v_new): dtype {v_new.dtype} does not match k_new's {k_new.dtype}")
+    if v_new.device != k_new.device:
+        raise ValueError(f"{fn}(v_new): v_new is on {v_new.device} but k_new is on {k_new.device}")
     batch, heads_kv, head_dim = _check_cache_layout(fn, k_new, "k_new", k_cache, v_cache, cache_seqlens,
                                                     block_table)
     if k_new.shape[2:] != (heads_kv, head_dim):
         raise ValueError(f"{fn}(k_new): (heads_kv, head_dim) {tuple(k_new.shape[2:])} does not match the caches' "
                          f"{(heads_kv, head_dim)}")
     if k_new.shape[1] > _capacity(k_cache, block_table):
-        raise ValueError(f"{fn}: cache too small: {k_new.shape[1]} new tokens, the cache holds "
+        raise ValueError(f"{fn}(k_new): cache too small: {k_new.shape[1]} new tokens, the cache holds "
                          f"{_capacity(k_cache, block_table)} per sequence")
+    if v_cache is k_cache:
+        raise ValueError(f"{fn}(v_cache): must not share memory with k_cache (the same tensor was passed twice)")
+    _check_values(fn, k_cache, cache_seqlens, block_table, new_tokens=k_new.shape[1])
     return kv_cache_append_op(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)

@@ -42,7 +42,8 @@ backends.register(OP, "reference", check=backends.always)(reference.int4_mm)
 def _check_triton(x, qweight, scales, offsets, group_size, bias=None):
     if group_size < 16:
         return f"group_size={group_size} < 16 (tl.dot tiles are 16 deep; a tile may span at most two groups)"
-    return backends.check_triton(x)
+    return backends.check_int32_offsets(x.shape[0], qweight.shape[1], x=x, qweight=qweight, scales=scales) \
+        or backends.check_triton(x)
 
 
 @backends.register(OP, "triton", check=_check_triton)
@@ -94,9 +95,10 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
     if x.device != weight.device:
         raise ValueError(f"int4_linear(x): x is on {x.device} but the weight is on {weight.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,):
-            raise ValueError(f"int4_linear(bias): expected shape ({weight.out_features},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"int4_linear(bias): expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.out_features,):
+            raise ValueError(f"int4_linear(bias): expected shape ({weight.out_features},), got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"int4_linear(bias): dtype {bias.dtype} does not match x's {x.dtype}")
         if bias.device != x.device:

@@ -53,7 +53,8 @@ def _check_triton(x, qweight, scales, offsets, meta, group_size, bias=None):
         return f"meta must be int16, got {meta.dtype}"
     if qweight.dtype != torch.int32:
         return f"qweight must be int32, got {qweight.dtype}"
-    return backends.check_triton(x)
+    return backends.check_int32_offsets(x.shape[0], qweight.shape[1], x=x, qweight=qweight, scales=scales,
+                                        meta=meta) or backends.check_triton(x)
 
 
 @backends.register(OP, "triton", check=_check_triton)
@@ -103,9 +104,11 @@ def sparse24_int4_linear(x: torch.Tensor, weight: Sparse24Int4Weight,
     if x.device != weight.device:
         raise ValueError(f"sparse24_int4_linear(x): x is on {x.device} but the weight is on {weight.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,):
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"sparse24_int4_linear(bias): expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.out_features,):
             raise ValueError(f"sparse24_int4_linear(bias): expected shape ({weight.out_features},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+                             f"{tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"sparse24_int4_linear(bias): dtype {bias.dtype} does not match x's {x.dtype}")
         if bias.device != x.device:

@@ -46,7 +46,8 @@ def _check_triton(x, values, meta, bias=None):
         return f"values dtype {values.dtype} differs from x's {x.dtype} (the kernel dots them in one dtype)"
     if meta.dtype != torch.int16:
         return f"meta must be int16, got {meta.dtype}"
-    return backends.check_triton(x)
+    return backends.check_int32_offsets(x.shape[0], values.shape[0], x=x, values=values, meta=meta) \
+        or backends.check_triton(x)
 
 
 @backends.register(OP, "triton", check=_check_triton)
@@ -127,9 +128,10 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torc
     if x.device != weight.device:
         raise ValueError(f"sparse24_linear(x): x is on {x.device} but the weight is on {weight.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.out_features,):
-            raise ValueError(f"sparse24_linear(bias): expected shape ({weight.out_features},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"sparse24_linear(bias): expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.out_features,):
+            raise ValueError(f"sparse24_linear(bias): expected shape ({weight.out_features},), got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"sparse24_linear(bias): dtype {bias.dtype} does not match x's {x.dtype}")
         if bias.device != x.device:
