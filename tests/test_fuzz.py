@@ -447,8 +447,6 @@ def test_attention_forward_varlen(backend):
 
 
 def run_attention_bwd(backend, c):
-    if backend == "reference" and "seqlens_q" not in c and c["ratio"] > 1 and 0 in (c["sk"], c["batch"]):
-        assume(False)  # known: the reference backward raises (test_reference_backward_gqa_without_keys)
     dev = device(backend)
     q, k, v, kw, _ = attention_inputs(c, dev, requires_grad=True)
     dout = with_layout(randn(generator(c["seed"] + 1), q.shape, q.dtype, dev=dev), c["layouts"][3])
@@ -479,16 +477,16 @@ def run_attention_bwd(backend, c):
                      what=what)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="BUG (reference/attention.py _dense_backward): GQA with no keys or no batch: "
-                          "dk.reshape(B, Sk, hkv, g, -1) of 0 elements ('-1' is ambiguous) raises")
-def test_reference_backward_gqa_without_keys():
-    """Minimal example found by the fuzz (remove the xfail and the assume in run_attention_bwd once fixed)."""
-    q = torch.randn(1, 1, 2, 8, requires_grad=True)
-    k, v = (torch.randn(1, 0, 1, 8, requires_grad=True) for _ in range(2))
+@pytest.mark.parametrize("batch, sk", [(1, 0), (0, 3), (0, 0)])
+def test_reference_backward_gqa_without_keys(batch, sk):
+    """Found by the fuzz: GQA with no keys or no batch made the reference backward raise (a reshape with -1 of 0
+    elements). Now dq is exactly 0 and dk, dv have k's shape."""
+    q = torch.randn(batch, 1, 2, 8, requires_grad=True)
+    k, v = (torch.randn(batch, sk, 1, 8, requires_grad=True) for _ in range(2))
     with tk.backend("reference"):
         tk.attention(q, k, v).sum().backward()
-    assert torch.equal(q.grad, torch.zeros_like(q)) and k.grad.shape == k.shape
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
 def underflow_floor(c, q, k, v, dout, kw):
