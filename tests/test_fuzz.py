@@ -630,8 +630,6 @@ def decode_splits(num_splits):
 
 
 def run_decode(backend, c):
-    if backend == "reference" and c["garbage"] == "nan":
-        assume(False)  # known: the reference multiplies NaN values of unused slots by 0 (test_reference_decode_nan_garbage)
     dev = device(backend)
     g = generator(c["seed"])
     lens = lengths(c)
@@ -664,13 +662,17 @@ def test_decode_attention(backend):
     fuzz(decode_case(), {"reference": 1.0, "triton": 0.75}[backend])(lambda c: run_decode(backend, c))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reference/decode_attention.py): p @ vh multiplies the values of slots "
-                                       "past cache_seqlens by p = 0, so a NaN/inf there (torch.empty caches) makes "
-                                       "the output NaN; the Triton kernel never reads them")
-def test_reference_decode_nan_garbage():
-    """Minimal example found by the fuzz (remove the xfail and the assume in run_decode once fixed)."""
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["k", "v", "kv"])
+def test_reference_decode_nan_garbage(junk, where):
+    """Found by the fuzz: the reference multiplied the values of slots past cache_seqlens by p = 0, so a NaN/inf
+    there (torch.empty caches) made the output NaN. Slots no query may attend are now never read."""
     k_cache = torch.zeros(1, 2, 1, 1)
-    v_cache = torch.tensor([1.0, float("nan")]).view(1, 2, 1, 1)
+    v_cache = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    if "k" in where:
+        k_cache[0, 1] = junk
+    if "v" in where:
+        v_cache[0, 1] = junk
     q = torch.ones(1, 1, 1, 1)
     with tk.backend("reference"):
         out = tk.decode_attention(q, k_cache, v_cache, torch.tensor([1], dtype=torch.int32))
