@@ -251,18 +251,18 @@ def test_int4_linear(backend):
 
 
 @pytest.mark.skipif(not has_cpu_kernel("int4_mm"), reason="no C++ int4_mm kernel")
-@pytest.mark.xfail(strict=True, reason="BUG (csrc/cpu/int4_mm_simd.h group_rows): the kernel computes "
-                                       "(q - 8) s + (o + 8 s) and rounds o + 8 s in fp32; for a constant group "
-                                       "(quantize_int4 sets s = 1, o = w) that is w + 8, which keeps ~24 - log2(8/|w|) "
-                                       "bits of w (w = 1e-6 comes out as 9.54e-7); reference and Triton are exact")
 @pytest.mark.parametrize("isa", ["best", "avx2", "scalar"])
 def test_cpu_int4_constant_group(isa):
-    """Minimal example found by the fuzz (K = 1: one group of one weight). Remove the xfail once fixed."""
+    """Found by the fuzz (K = 1: one group of one weight): quantize_int4 stored a constant group as s = 1, o = w and
+    the C++ kernel rounded o + 8 s = w + 8 in fp32 (w = 1e-6 came out 9.54e-7). Now the quantizer picks s on the
+    group's own scale, where o + 8 s is exact. Checked with the default allowance: roundings relative to |w|."""
     weight = tk.quantize_int4(torch.tensor([[1e-6]]), group_size=32)
+    assert weight.scales.item() < 1e-6
     x = torch.ones(1, 1)
     with cpu_isa(isa), tk.backend("cpu"):
         out = tk.int4_linear(x, weight)
     w64 = weight.dequantize(torch.float64)
+    assert w64.item() == torch.tensor(1e-6).item()
     assert_close(out, x.double() @ w64.t(), allowance=matmul_allowance(x, w64.t()), what=f"isa={isa}")
 
 
