@@ -251,13 +251,18 @@ def test_int4_linear(backend):
 
 
 @pytest.mark.skipif(not has_cpu_kernel("int4_mm"), reason="no C++ int4_mm kernel")
+@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("isa", ["best", "avx2", "scalar"])
-def test_cpu_int4_constant_group(isa):
+def test_cpu_int4_constant_group(isa, legacy):
     """Found by the fuzz (K = 1: one group of one weight): quantize_int4 stored a constant group as s = 1, o = w and
     the C++ kernel rounded o + 8 s = w + 8 in fp32 (w = 1e-6 came out 9.54e-7). Now the quantizer picks s on the
-    group's own scale, where o + 8 s is exact. Checked with the default allowance: roundings relative to |w|."""
+    group's own scale, and the kernel keeps o + 8 s exactly (legacy: a weight stored the old way, s = 1). Checked
+    with the default allowance: roundings relative to |w| only."""
     weight = tk.quantize_int4(torch.tensor([[1e-6]]), group_size=32)
-    assert weight.scales.item() < 1e-6
+    if legacy:
+        weight = tk.Int4Weight(weight.qweight, torch.ones_like(weight.scales), weight.offsets, 32, 1)
+    else:
+        assert weight.scales.item() < 1e-6
     x = torch.ones(1, 1)
     with cpu_isa(isa), tk.backend("cpu"):
         out = tk.int4_linear(x, weight)
