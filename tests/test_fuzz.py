@@ -24,10 +24,9 @@ import turbokernels as tk
 from turbokernels import backends
 from turbokernels.reference import attention as ref_attention
 from turbokernels.reference.decode_attention import decode_attention as ref_decode
-from turbokernels.formats.int4 import unpack_int4
-from turbokernels.reference.sparse24_mm import sparse24_to_dense
-from turbokernels.testing import (LAMBDA, U32, Allowance, assert_close, attention_allowance, attention_bwd_allowance,
-                                  decode_allowance, half_ulp, matmul_allowance, operand_dtype)
+from turbokernels.testing import (Allowance, assert_close, attention_allowance, attention_bwd_allowance,
+                                  decode_allowance, half_ulp, int4_dequant_magnitudes, matmul_allowance,
+                                  operand_dtype)
 from _int4_cases import allowance as int4_allowance, golden_and_baseline as int4_golden_and_baseline
 from conftest import interpreting
 
@@ -148,23 +147,6 @@ def with_bias_rounding(allowance: Allowance, golden_no_bias, dtype) -> Allowance
     return allowance + Allowance(half_ulp(golden_no_bias.abs() + a, dtype), 0.0)
 
 
-def dequant_magnitude(weight: tk.Int4Weight) -> torch.Tensor:
-    """|q s| + |o| (float64, (K, N) in qweight's row order) of each int4 weight."""
-    q = unpack_int4(weight.qweight, weight.in_features).to(torch.float64)
-    group = torch.arange(weight.in_features, device=q.device) // weight.effective_group_size
-    return (q * weight.scales.to(torch.float64)[group]).abs() + weight.offsets.to(torch.float64)[group].abs()
-
-
-def dequant_allowance(x, magnitude_kn) -> Allowance:
-    """Every backend (and the spec) dequantizes w = q s + o in fp32: an error up to 2 u32 (|q s| + |o|) per weight,
-    far more than u32 |w| where q s and o cancel (a weight near 0 in a group whose minimum is far from 0: found by
-    this fuzz). matmul_allowance counts those roundings relative to |w| only, so they are added here, summed over k
-    like its operand term."""
-    x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    acc = LAMBDA * 2 * U32 * ((x64 * x64) @ (magnitude_kn * magnitude_kn)).sqrt()
-    return Allowance(acc.reshape(x.shape[:-1] + (magnitude_kn.shape[-1],)), 0.0)
-
-
 # ---- linear ops: int4_mm, sparse24_mm, sparse24_int4_mm --------------------------------------------------------
 M_SIZES = sizes([1, 2, 3, 5, 7, 13, 16, 17, 31], [33, 64, 97, 130, 257])
 N_SIZES = sizes([1, 3, 8, 17, 31, 40], [64, 97, 128, 257])
@@ -235,8 +217,7 @@ def run_int4(backend, c):
     bias = randn(g, (N,), dtype, dev=dev) if c["bias"] else None
     golden0, baseline0 = int4_golden_and_baseline(x, weight)
     golden, baseline = add_bias(golden0, baseline0, bias)
-    xs = x if weight.perm is None else x.index_select(-1, weight.perm)
-    allowance = int4_allowance(x, weight, backend, bias) + dequant_allowance(xs, dequant_magnitude(weight))
+    allowance = int4_allowance(x, weight, backend, bias)  # with the roundings of the backend's dequantization
     note(f"x strides {x.stride()}, weight {weight}")
     with cpu_isa(c.get("isa")):
         check_linear(backend, x, "int4_mm", lambda: tk.int4_linear(x, weight, bias), golden, baseline, allowance,
@@ -337,9 +318,8 @@ def run_sparse24_int4(backend, c):
     w64 = weight.dequantize(torch.float64)
     golden0 = x.double() @ w64.t()
     golden, baseline = add_bias(golden0, x @ w64.to(dtype).t(), bias)
-    magnitude = sparse24_to_dense(dequant_magnitude(weight.int4).t(), weight.meta, torch.float64)  # (N, K)
-    allowance = matmul_allowance(x, w64.t(), bias=bias, operand_dtype=operand_dtype(backend, dtype)) \
-        + dequant_allowance(x, magnitude.t())
+    allowance = matmul_allowance(x, w64.t(), bias=bias, operand_dtype=operand_dtype(backend, dtype),
+                                 dequant_magnitudes=int4_dequant_magnitudes(weight, backend))
     note(f"x strides {x.stride()}")
     check_linear(backend, x, "sparse24_int4_mm", lambda: tk.sparse24_int4_linear(x, weight, bias), golden, baseline,
                  allowance, bias, golden0, f"sparse24_int4 {backend} {c}",

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import turbokernels as tk
 from turbokernels import backends
 from turbokernels.testing import (assert_close, attention_allowance, attention_bwd_allowance, decode_allowance,
-                                  matmul_allowance, operand_dtype)
+                                  int4_dequant_magnitudes, matmul_allowance, operand_dtype)
 from conftest import interpreting
 
 try:
@@ -519,7 +519,8 @@ def test_int4_linear_against_gguf_dequantize(backend_name, dtype, kind, M, N, K)
     baseline = F.linear(x, w.to(x.device, dtype))
     assert out.dtype == dtype and out.shape == (M, N)
     assert_close(out, golden, baseline,
-                 allowance=matmul_allowance(x, w.t(), operand_dtype=operand_dtype(backend_name, dtype)),
+                 allowance=matmul_allowance(x, w.t(), operand_dtype=operand_dtype(backend_name, dtype),
+                                            dequant_magnitudes=int4_dequant_magnitudes(weight, backend_name)),
                  what=f"{backend_name} {dtype} {kind} M={M} N={N} K={K}")
 
 

@@ -43,7 +43,7 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -112,26 +112,61 @@ def _operand_term(rounding: tuple[float, float], ab_sq: torch.Tensor, b_sq_nonze
 
 
 def matmul_allowance(x: torch.Tensor, w_kn: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
-                     operand_dtype: Optional[torch.dtype] = None) -> Allowance:
+                     operand_dtype: Optional[torch.dtype] = None,
+                     dequant_magnitudes: Optional[Sequence[torch.Tensor]] = None) -> Allowance:
     """x (..., K) @ w (K, N) [+ bias] accumulated in fp32 in any order, the bias added in fp32 before the one
     rounding of the output; the weight rounded to `operand_dtype` before the dot (an int4 weight dequantized in
     fp32 and fed to a tensor core; None: used as it is, or rounded no coarser than fp32). x and w_kn are the exact
-    values (float64 is best: an int4 weight's exact q * scale + offset)."""
+    values (float64 is best: an int4 weight's exact q * scale + offset).
+
+    dequant_magnitudes: the (K, N) magnitudes the fp32 dequantization of each weight rounds, one tensor per
+    rounding (each changes the weight by at most u32 times its magnitude; int4: int4_dequant_magnitudes, per
+    backend). Default (|w|, |w|): two roundings relative to the weight itself. Where the dequantization's terms
+    cancel (q * s and o, a weight near 0 in a group far from 0) they are much larger than |w|."""
     x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
     w64 = w_kn.to(torch.float64)
     K = x64.shape[-1]
     abs_sum = x64.abs() @ w64.abs()
-    # fp32 sums; the fp32 rounding of each dequantized weight (q * scale + offset: two roundings) and of x counts as
-    # two more operand roundings at fp32
+    x_sq = x64 * x64
+    # fp32 sums; the rounding of x (and of the product) counts as one operand rounding at fp32, relative to |w|,
+    # and each rounding of the dequantization as one more, relative to its magnitude (summed per weight:
+    # |delta_k| <= u32 sum_r m_r,k, then Hoeffding over k as for the operand term)
     acc = LAMBDA * (math.sqrt(max(K, 1)) * U32 * abs_sum)
-    sq_sum = (x64 * x64) @ (w64 * w64)
-    acc = acc + LAMBDA * 3 * U32 * sq_sum.sqrt()
+    sq_sum = x_sq @ (w64 * w64)
+    if dequant_magnitudes is None:
+        m = 2 * w64.abs()
+    else:
+        m = sum(t.to(device=w64.device, dtype=torch.float64).abs() for t in dequant_magnitudes)
+        assert tuple(m.shape) == tuple(w64.shape), f"dequant_magnitudes {tuple(m.shape)} != w {tuple(w64.shape)}"
+    acc = acc + LAMBDA * U32 * (sq_sum.sqrt() + (x_sq @ (m * m)).sqrt())
     if bias is not None:  # one fp32 addition
         acc = acc + 2 * U32 * (abs_sum + bias.to(torch.float64).abs())
     rounding = _operand_rounding(operand_dtype)
     operand = _operand_term(rounding, sq_sum, (x64 * x64) @ (w64 != 0).to(torch.float64)) if rounding[0] else 0.0
     shape = x.shape[:-1] + (w64.shape[-1],)
     return Allowance(acc, operand).map(lambda t: t.reshape(shape))
+
+
+def int4_dequant_magnitudes(weight, backend: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """For matmul_allowance(dequant_magnitudes=...): the (K, N) magnitudes (float64; an Int4Weight: in qweight's row
+    order, a Sparse24Int4Weight: expanded to the dense K, 0 at pruned positions) that `backend`'s fp32 arithmetic
+    rounds on the way from the stored q, s, o to each weight's share of the dot (all backends dequantize in fp32):
+      reference, triton, cuda   w = q * s + o: the product and the sum, (|q s|, |w|)
+      cpu (csrc/cpu/int4_mm_simd.h, the fused path)  s (q - 8) summed against x and scaled, plus (o + 8 s) times
+                                the sum of x: (|s (q - 8)|, |o + 8 s|) (its dequantize + BLAS path rounds q s + o
+                                once, relative to |w|, no more than their sum)."""
+    from .formats.int4 import unpack_int4
+    f64 = torch.float64
+    if hasattr(weight, "meta"):  # Sparse24Int4Weight: the kept values are an Int4Weight over K/2
+        from .reference.sparse24_mm import sparse24_to_dense
+        return tuple(sparse24_to_dense(m.t(), weight.meta, f64).t()
+                     for m in int4_dequant_magnitudes(weight.int4, backend))
+    q = unpack_int4(weight.qweight, weight.in_features).to(f64)
+    group = torch.arange(weight.in_features, device=q.device) // weight.effective_group_size
+    s, o = weight.scales.to(f64)[group], weight.offsets.to(f64)[group]
+    if backend == "cpu":
+        return (s * (q - 8)).abs(), (o + 8 * s).abs()
+    return (q * s).abs(), (q * s + o).abs()
 
 
 def cancelling_bias(product_row: torch.Tensor, dtype: torch.dtype, remainder: float = 1e-2) -> torch.Tensor:
