@@ -55,6 +55,10 @@ _UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.fl
 # smallest normal exponent: below it the spacing of the dtype stops shrinking
 _MIN_EXPONENT = {torch.float64: -1022, torch.float32: -126, torch.float16: -14, torch.bfloat16: -126}
 U32 = _UNIT_ROUNDOFF[torch.float32]
+# half the spacing of fp32's subnormal numbers: the largest absolute error of one fp32 rounding of a result below the
+# smallest normal number (where the relative bound u32 |y| no longer holds); the fp32 counterpart of the operand
+# dtypes' eta (_operand_rounding)
+ETA32 = U32 * 2.0 ** _MIN_EXPONENT[torch.float32]
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -361,6 +365,8 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
         B, sq, hq, d = qd.shape
         sk, hkv = kd.shape[1], kd.shape[2]
         g = hq // hkv
+        if 0 in (B, sq, sk):  # no keys (dq exactly 0), no queries (dk, dv exactly 0) or nothing at all
+            return [Allowance(torch.zeros_like(t), torch.zeros_like(t)) for t in (qd, kd, vd)]
         s, allowed, bias, ke = ref.dense_scores(qd, kd, slopes, scale, causal, window_size[0], window_size[1],
                                                 softcap, f64)
         ve = ref.expand_kv(vd, hq)
@@ -398,13 +404,23 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
         if softcap > 0:
             dS_err = dS_err + 10 * U32 * p * dpd
         dS_err = torch.where(allowed, dS_err, torch.zeros_like(dS_err))
+        # fp32 underflow: below fp32's smallest normal number the relative errors above become absolute ones,
+        # at most ETA32 (half the spacing of fp32's subnormals) per rounding. Probabilities that small (keys far
+        # below a row's maximum) give P an absolute error of up to 4 ETA32 (exp: a few roundings), dS = P (dP - D)
+        # that times |dP - D| plus 2 ETA32 (the product; softcap's factor), and every sum of n such terms n + 2
+        # more (its additions, the scale multiply, the result): the gradients of keys whose probabilities all
+        # underflow (~1e-44) are that inexact on every backend, the reference included.
+        n_keys, n_rows = ok.sum(-1)[..., None], ok.sum(-2)[..., None]        # allowed keys per row, rows per key
+        dS_under = (4 * dpd + 2) * ETA32 * ok
+        dv_acc = dv_acc + 4 * ETA32 * (ok.transpose(-1, -2) @ doh.abs()) + ETA32 * (n_rows + 2)
         dq_acc = scale * (dS_err @ kh.abs() + LAMBDA * math.sqrt(sk) * U32 * (dS.abs() @ kh.abs())) \
-            + 2 * U32 * scale * (dS @ kh).abs()
+            + 2 * U32 * scale * (dS @ kh).abs() + scale * (dS_under @ kh.abs()) + ETA32 * (n_keys + 2)
         dq_sq = scale ** 2 * ((dS * dS) @ (kh * kh))
         dq_floor = scale ** 2 * (ok @ (kh * kh))
         dk_acc = scale * (dS_err.transpose(-1, -2) @ qh.abs()
                           + LAMBDA * math.sqrt(sq * g) * U32 * (dS.abs().transpose(-1, -2) @ qh.abs())) \
-            + 2 * U32 * scale * (dS.transpose(-1, -2) @ qh).abs()
+            + 2 * U32 * scale * (dS.transpose(-1, -2) @ qh).abs() \
+            + scale * (dS_under.transpose(-1, -2) @ qh.abs()) + ETA32 * (n_rows + 2)
         dk_sq = scale ** 2 * ((dS * dS).transpose(-1, -2) @ (qh * qh))
         dk_floor = scale ** 2 * (ok.transpose(-1, -2) @ (qh * qh))
 
