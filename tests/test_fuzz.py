@@ -24,9 +24,8 @@ import turbokernels as tk
 from turbokernels import backends
 from turbokernels.reference import attention as ref_attention
 from turbokernels.reference.decode_attention import decode_attention as ref_decode
-from turbokernels.testing import (Allowance, assert_close, attention_allowance, attention_bwd_allowance,
-                                  decode_allowance, half_ulp, int4_dequant_magnitudes, matmul_allowance,
-                                  operand_dtype)
+from turbokernels.testing import (assert_close, attention_allowance, attention_bwd_allowance, cancelling_bias,
+                                  decode_allowance, int4_dequant_magnitudes, matmul_allowance, operand_dtype)
 from _int4_cases import allowance as int4_allowance, golden_and_baseline as int4_golden_and_baseline
 from conftest import interpreting
 
@@ -134,24 +133,12 @@ def cpu_isa(isa):
             os.environ["TURBOKERNELS_CPU_ISA"] = old
 
 
-def bias_after_rounding(op: str) -> bool:
-    """True while the op takes no bias: the functional adds it to the output already rounded to x's dtype (a
-    second rounding the tolerance rule does not allow; WIP since f8a4f8c, the bias-fusion branch moves it into the
-    op). The check then allows that one extra rounding, and tightens by itself once the op has the bias."""
-    return "bias" not in str(getattr(torch.ops.turbokernels, op).default._schema)
-
-
-def with_bias_rounding(allowance: Allowance, golden_no_bias, dtype) -> Allowance:
-    """`allowance` plus one rounding of the unbiased output to `dtype` (see bias_after_rounding)."""
-    a = torch.as_tensor(allowance.total, dtype=torch.float64)
-    return allowance + Allowance(half_ulp(golden_no_bias.abs() + a, dtype), 0.0)
-
-
 # ---- linear ops: int4_mm, sparse24_mm, sparse24_int4_mm --------------------------------------------------------
 M_SIZES = sizes([1, 2, 3, 5, 7, 13, 16, 17, 31], [33, 64, 97, 130, 257])
 N_SIZES = sizes([1, 3, 8, 17, 31, 40], [64, 97, 128, 257])
 MATMUL_LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced", "stride2", "offset", "broadcast"])
 CPU_ISAS = st.sampled_from(["best", "avx2", "scalar"])
+BIASES = st.sampled_from([False, True, "cancelling"])
 
 
 @st.composite
@@ -172,7 +159,7 @@ def int4_case(draw, backend):
         lead=draw(lead_shape()), K=draw(sizes([1, 3, 8, 16, 17, 37, 40, 64, 97, 128], [200, 256, 331, 576, 1031])),
         N=draw(N_SIZES), group_size=draw(st.sampled_from(groups)), symmetric=draw(st.booleans()),
         dtype=draw(st.sampled_from(DTYPES)), scale_dtype=draw(st.sampled_from(DTYPES)),
-        act_order=draw(st.booleans()), bias=draw(st.booleans()), layout=draw(MATMUL_LAYOUTS),
+        act_order=draw(st.booleans()), bias=draw(BIASES), layout=draw(MATMUL_LAYOUTS),
         seed=draw(st.integers(0, 2 ** 31 - 1)))
     if backend == "cpu":
         case["isa"] = draw(CPU_ISAS)
@@ -180,11 +167,21 @@ def int4_case(draw, backend):
     return case
 
 
-def check_linear(backend, x, op_name, run, golden, baseline, allowance, bias, golden_no_bias, what,
-                 unsupported=None):
-    """Run the functional on `backend` and compare with the golden (bias added before the one rounding).
-    unsupported: the reason the backend refuses this call (it must raise BackendUnavailable saying so: never a
-    silent fallback), or None."""
+def make_bias(g, c, golden_no_bias, dtype, dev):
+    """The drawn bias (N,): none, random, or "cancelling" (testing.cancelling_bias: it nearly cancels the first
+    output row, so that a second rounding -- of the product before the bias is added -- fails the check)."""
+    N = c["N"]
+    if not c["bias"]:
+        return None
+    if c["bias"] == "cancelling" and golden_no_bias.numel():
+        return cancelling_bias(golden_no_bias.reshape(-1, N)[0].cpu(), dtype, generator=g).to(dev)
+    return randn(g, (N,), dtype, dev=dev)
+
+
+def check_linear(backend, x, run, golden, baseline, allowance, what, unsupported=None):
+    """Run the functional on `backend` and compare with the golden: the bias is added to the fp32 sum before the
+    one rounding of the output (rule (1) allows that one rounding only). unsupported: the reason the backend
+    refuses this call (it must raise BackendUnavailable saying so: never a silent fallback), or None."""
     with tk.backend(backend):
         if unsupported is not None:
             with pytest.raises(tk.BackendUnavailable, match=unsupported):
@@ -192,8 +189,6 @@ def check_linear(backend, x, op_name, run, golden, baseline, allowance, bias, go
             return
         out = run()
     assert out.shape == golden.shape and out.dtype == x.dtype and out.device == x.device, what
-    if bias is not None and bias_after_rounding(op_name):
-        allowance = with_bias_rounding(allowance, golden_no_bias, x.dtype)
     assert_close(out, golden, baseline, allowance=allowance, what=what)
 
 
@@ -214,14 +209,14 @@ def run_int4(backend, c):
                                perm=torch.randperm(K, generator=g))
     weight = weight.to(dev)
     x = with_layout(randn(g, c["lead"] + (K,), dtype, dev=dev), c["layout"])
-    bias = randn(g, (N,), dtype, dev=dev) if c["bias"] else None
     golden0, baseline0 = int4_golden_and_baseline(x, weight)
+    bias = make_bias(g, c, golden0, dtype, dev)
     golden, baseline = add_bias(golden0, baseline0, bias)
     allowance = int4_allowance(x, weight, backend, bias)  # with the roundings of the backend's dequantization
     note(f"x strides {x.stride()}, weight {weight}")
     with cpu_isa(c.get("isa")):
-        check_linear(backend, x, "int4_mm", lambda: tk.int4_linear(x, weight, bias), golden, baseline, allowance,
-                     bias, golden0, f"int4 {backend} {c}",
+        check_linear(backend, x, lambda: tk.int4_linear(x, weight, bias), golden, baseline, allowance,
+                     f"int4 {backend} {c}",
                      unsupported="group_size" if backend == "triton" and weight.effective_group_size < 16 else None)
 
 
@@ -267,7 +262,7 @@ K24_SIZES = sizes([4, 8, 12, 16, 20, 36, 48, 52, 100, 128], [160, 260, 576, 1028
 @st.composite
 def sparse24_case(draw, backend):
     case = dict(lead=draw(lead_shape()), K=draw(K24_SIZES), N=draw(N_SIZES), dtype=draw(st.sampled_from(DTYPES)),
-                bias=draw(st.booleans()), layout=draw(MATMUL_LAYOUTS), seed=draw(st.integers(0, 2 ** 31 - 1)))
+                bias=draw(BIASES), layout=draw(MATMUL_LAYOUTS), seed=draw(st.integers(0, 2 ** 31 - 1)))
     if backend == "cpu":
         case["isa"] = draw(CPU_ISAS)
         case["lead"] = draw(st.sampled_from([case["lead"], (draw(st.sampled_from([63, 64, 65, 257])),)]))
@@ -281,14 +276,14 @@ def run_sparse24(backend, c):
     w = random_24(g, N, K, dtype).to(dev)
     weight = tk.Sparse24Weight.from_dense(w)
     x = with_layout(randn(g, c["lead"] + (K,), dtype, dev=dev), c["layout"])
-    bias = randn(g, (N,), dtype, dev=dev) if c["bias"] else None
     golden0 = x.double() @ w.double().t()
+    bias = make_bias(g, c, golden0, dtype, dev)
     golden, baseline = add_bias(golden0, x @ w.t(), bias)
     allowance = matmul_allowance(x, w.t(), bias=bias)
     note(f"x strides {x.stride()}")
     with cpu_isa(c.get("isa")):
-        check_linear(backend, x, "sparse24_mm", lambda: tk.sparse24_linear(x, weight, bias), golden, baseline,
-                     allowance, bias, golden0, f"sparse24 {backend} {c}")
+        check_linear(backend, x, lambda: tk.sparse24_linear(x, weight, bias), golden, baseline, allowance,
+                     f"sparse24 {backend} {c}")
 
 
 @pytest.mark.parametrize("backend", backends_of("sparse24_mm", cpu_kernel=True))
@@ -303,7 +298,7 @@ def sparse24_int4_case(draw, backend):
     groups = [16, 32, 64, 128, -1, 24, 36, 40, 100] + ([2, 6, 10] if backend != "triton" else [])
     return dict(lead=draw(lead_shape()), K=draw(K24_SIZES), N=draw(N_SIZES), group_size=draw(st.sampled_from(groups)),
                 symmetric=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
-                wdtype=draw(st.sampled_from(DTYPES)), bias=draw(st.booleans()), layout=draw(MATMUL_LAYOUTS),
+                wdtype=draw(st.sampled_from(DTYPES)), bias=draw(BIASES), layout=draw(MATMUL_LAYOUTS),
                 seed=draw(st.integers(0, 2 ** 31 - 1)))
 
 
@@ -314,15 +309,15 @@ def run_sparse24_int4(backend, c):
     weight = tk.Sparse24Int4Weight.from_dense(random_24(g, N, K, c["wdtype"]), group_size=c["group_size"],
                                               symmetric=c["symmetric"]).to(dev)
     x = with_layout(randn(g, c["lead"] + (K,), dtype, dev=dev), c["layout"])
-    bias = randn(g, (N,), dtype, dev=dev) if c["bias"] else None
     w64 = weight.dequantize(torch.float64)
     golden0 = x.double() @ w64.t()
+    bias = make_bias(g, c, golden0, dtype, dev)
     golden, baseline = add_bias(golden0, x @ w64.to(dtype).t(), bias)
     allowance = matmul_allowance(x, w64.t(), bias=bias, operand_dtype=operand_dtype(backend, dtype),
                                  dequant_magnitudes=int4_dequant_magnitudes(weight, backend))
     note(f"x strides {x.stride()}")
-    check_linear(backend, x, "sparse24_int4_mm", lambda: tk.sparse24_int4_linear(x, weight, bias), golden, baseline,
-                 allowance, bias, golden0, f"sparse24_int4 {backend} {c}",
+    check_linear(backend, x, lambda: tk.sparse24_int4_linear(x, weight, bias), golden, baseline, allowance,
+                 f"sparse24_int4 {backend} {c}",
                  unsupported="group_size" if backend == "triton" and weight.kept_group_size < 8 else None)
 
 

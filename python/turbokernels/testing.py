@@ -173,14 +173,16 @@ def int4_dequant_magnitudes(weight, backend: str = "reference") -> tuple[torch.T
     return (q * s).abs(), (q * s + o).abs()
 
 
-def cancelling_bias(product_row: torch.Tensor, dtype: torch.dtype, remainder: float = 1e-2) -> torch.Tensor:
+def cancelling_bias(product_row: torch.Tensor, dtype: torch.dtype, remainder: float = 1e-2,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A bias (N,) in `dtype` that nearly cancels one row of a product (float64, (N,)): -round(row) plus a random
     remainder ~`remainder` times the row's size. Where it is added, golden = row + bias is much smaller than the row,
     so a kernel that rounds the product to `dtype` before adding the bias (two roundings) is off by up to half an
     ulp of the row: far outside rule (1) for that element, which allows one rounding of |golden|. A kernel that adds
     the bias to its fp32 sum before the one rounding passes."""
     row = product_row.to(torch.float64)
-    noise = torch.randn(row.shape, dtype=torch.float64, device=row.device) * remainder * row.abs().mean()
+    noise = torch.randn(row.shape, dtype=torch.float64, generator=generator).to(row.device) \
+        * remainder * row.abs().mean()
     return (noise - row.to(dtype).to(torch.float64)).to(dtype)
 
 
