@@ -616,12 +616,16 @@ def test_sparse24_linear_through_torch_cutlass_layout(backend_name, dtype, M, N,
                  what=f"{backend_name} {dtype} M={M} N={N} K={K}")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "formats/sparse24.py: _check_cutlass_shape accepts in_features % 16 == 0, but torch's CUTLASS metadata layout "
-    "swizzles 2x2 blocks of int16 meta columns and needs in_features % 32 == 0: for K = 48 both torch's "
-    "sparse_semi_structured_from_dense_cutlass and Sparse24Weight.to_cutlass() fail with 'index 96 is out of bounds "
-    "for dimension 0 with size 96' (a RuntimeError) instead of the ValueError naming the constraint"))
-def test_sparse24_to_cutlass_states_the_k_constraint():
-    w = random_24(32, 48, torch.float16)
-    with pytest.raises(ValueError, match="in_features"):
+@pytest.mark.parametrize("K", [16, 48, 80, 112])
+def test_sparse24_to_cutlass_states_the_k_constraint(K):
+    """torch's CUTLASS metadata layout swizzles 2x2 blocks of int16 meta columns (16 dense columns each), so it needs
+    in_features % 32 == 0: for K = 48 torch's sparse_semi_structured_from_dense_cutlass fails with 'index 96 is out
+    of bounds'. Both conversions say so with a ValueError naming the constraint (they accepted K % 16 == 0)."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+    w = random_24(32, K, torch.float16)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        sparse_semi_structured_from_dense_cutlass(w)  # the constraint is torch's
+    with pytest.raises(ValueError, match=r"in_features % 32 == 0"):
         tk.Sparse24Weight.from_dense(w).to_cutlass()
+    with pytest.raises(ValueError, match=r"in_features % 32 == 0"):
+        tk.Sparse24Weight.from_cutlass(w[:, : K // 2].contiguous(), torch.zeros(32, K // 16, dtype=torch.int16))
