@@ -18,6 +18,11 @@ never on which CPU or BLAS runs the test:
                        (a tensor-core dot of fp16/bf16 operands: the dequantized int4 weight, the softmax
                        probabilities, dS): LAMBDA * sqrt(sum_k (max(u_op |a_k|, eta) b_k)^2), eta = half the
                        spacing of the dtype's subnormals (probabilities below fp16's smallest normal number)
+                       an int4 weight dequantized in fp32: LAMBDA * sqrt(sum_k (u32 b_k sum_r m_rk)^2), m_rk the
+                       magnitude the backend's rounding r of weight k sees (q s, w; the C++ kernel's s (q - 8),
+                       o + 8 s: int4_dequant_magnitudes), larger than |w_k| where q s and o cancel
+                       an fp32 result below fp32's smallest normal number: ETA32 = 2^-150 absolute per rounding
+                       (the attention backward's underflowing probabilities)
                      (u = 2^-p: 2^-24 for fp32, 2^-11 fp16, 2^-8 bf16.)
 
 The sqrt(n) forms are Higham & Mary's probabilistic rounding-error bounds (SIAM J. Sci. Comput. 41(5), 2019):
