@@ -204,6 +204,35 @@ def test_rows_without_keys_have_zero_gradients():
               f"deterministic={deterministic}")
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 0, 2, 1), (0, 3, 5, 2, 1), (1, 0, 5, 2, 2)], ids=["no_keys", "batch0", "no_rows"])
+def test_allowance_of_empty_attention_is_zero(shape):
+    """attention_bwd_allowance without keys (dq exactly 0), rows or batch: zero allowances of the gradients' shapes
+    (it used to raise: an amax over the empty key dim)."""
+    b, sq, sk, hq, hkv = shape
+    q, k, v, dout = make(b, sq, sk, hq, hkv, 8, torch.float32)
+    out = torch.zeros_like(q)
+    lse = torch.full((b, hq, sq), float("-inf"))
+    for a, t in zip(attention_bwd_allowance(q, k, v, dout, out, lse), (q, k, v)):
+        for part in (a.accumulation, a.operand):
+            assert part.shape == t.shape and not part.any()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_underflowing_probabilities(deterministic):
+    """Found by tests/test_fuzz.py: scores spread over hundreds (inputs of size 3, d = 96, scale 0.5) leave some keys
+    only probabilities below fp32's smallest normal number, and their dk (~1e-44) a few subnormal spacings off on
+    every backend; attention_bwd_allowance counts fp32's absolute rounding floor there (testing.ETA32)."""
+    g = torch.Generator().manual_seed(18)
+    q, k, v = (torch.randn(1, n, 1, 96, generator=g) * 3 for n in (5, 7, 7))
+    dout = torch.randn(1, 5, 1, 96, generator=g)
+    q, k, v, dout = (t.to(device()) for t in (q, k, v, dout))
+    out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=0.5)
+    dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.5, deterministic=deterministic)
+    tiny = golden[1].abs() < torch.finfo(torch.float32).tiny
+    assert (tiny & (golden[1] != 0)).any()  # the case: subnormal gradients
+    check((dq, dk, dv), golden, baseline, allowances(q, k, v, dout, out, lse, scale=0.5), "underflow")
+
+
 def test_deterministic_is_bitwise_repeatable():
     q, k, v, dout = make(1, 70, 90, 4, 1, 64, torch.float16)
     out, lse, _, _ = golden_and_baseline(q, k, v, dout, scale=0.125, causal=True)

@@ -159,6 +159,26 @@ def test_constant_group_is_exact():
     assert torch.equal(q.dequantize()[:, :32], w[:, :32])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_constant_group_scale_is_on_the_groups_scale(dtype, symmetric):
+    """A constant group's scale is free (asymmetric: q = 0, w = o; symmetric all-zero: w = 0). It used to be 1,
+    which the C++ kernel's o + 8 s turned into w + 8 (1e-6 came out 9.54e-7, found by tests/test_fuzz.py). Now it is
+    a power of two on the group's own scale: q * s + o reproduces the value exactly and o + 8 s is exact in fp32."""
+    values = [1e-6, -1e-6, 0.3, -3.7, 1.0, 0.0, 2.0 ** -20, 1000.0]
+    w = torch.tensor(values).repeat_interleave(32).view(1, -1).to(dtype)
+    if symmetric:
+        w = torch.zeros_like(w)
+    q = tk.quantize_int4(w, group_size=32, symmetric=symmetric)
+    assert torch.equal(q.dequantize(torch.float64).to(dtype), w)
+    s, o = q.scales.float(), q.offsets.float()
+    assert torch.equal((o + 8 * s).double(), o.double() + 8 * s.double())
+    tiny = torch.finfo(dtype).tiny
+    assert (s > 0).all() and (s <= torch.maximum(o.abs() / 8, torch.tensor(tiny))).all()
+    if symmetric:
+        assert (s == tiny).all()
+
+
 def test_autograd_input_gradient():
     weight = make_weight(32, 64, 32, dtype=torch.float32)
     x = torch.randn(5, 64, dtype=torch.float64).float().requires_grad_()

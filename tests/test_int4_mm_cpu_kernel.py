@@ -15,7 +15,7 @@ import turbokernels as tk
 from turbokernels import _ext
 from turbokernels.formats.int4 import pack_int4
 from turbokernels.reference.int4_mm import dequantize_int4
-from turbokernels.testing import assert_close, cancelling_bias, matmul_allowance
+from turbokernels.testing import assert_close, cancelling_bias, int4_dequant_magnitudes, matmul_allowance
 
 pytestmark = pytest.mark.skipif(
     not _ext.available() or _ext.missing_op_reason("int4_mm", "cpu") is not None,
@@ -52,7 +52,8 @@ def check(x, qweight, scales, offsets, group_size, what="", bias=None):
     if bias is not None:
         golden, baseline = golden + bias.double(), baseline + bias
     assert torch.isfinite(out).all(), what
-    assert_close(out, golden, baseline, allowance=matmul_allowance(x, w64, bias=bias),
+    magnitudes = int4_dequant_magnitudes(tk.Int4Weight._trusted(qweight, scales, offsets, group_size, K), "cpu")
+    assert_close(out, golden, baseline, allowance=matmul_allowance(x, w64, bias=bias, dequant_magnitudes=magnitudes),
                  what=f"{what} bias={bias is not None}")
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import turbokernels as tk
 from turbokernels import backends
 from turbokernels.testing import (assert_close, attention_allowance, attention_bwd_allowance, decode_allowance,
-                                  matmul_allowance, operand_dtype)
+                                  int4_dequant_magnitudes, matmul_allowance, operand_dtype)
 from conftest import interpreting
 
 try:
@@ -519,7 +519,8 @@ def test_int4_linear_against_gguf_dequantize(backend_name, dtype, kind, M, N, K)
     baseline = F.linear(x, w.to(x.device, dtype))
     assert out.dtype == dtype and out.shape == (M, N)
     assert_close(out, golden, baseline,
-                 allowance=matmul_allowance(x, w.t(), operand_dtype=operand_dtype(backend_name, dtype)),
+                 allowance=matmul_allowance(x, w.t(), operand_dtype=operand_dtype(backend_name, dtype),
+                                            dequant_magnitudes=int4_dequant_magnitudes(weight, backend_name)),
                  what=f"{backend_name} {dtype} {kind} M={M} N={N} K={K}")
 
 
@@ -615,10 +616,16 @@ def test_sparse24_linear_through_torch_cutlass_layout(backend_name, dtype, M, N,
                  what=f"{backend_name} {dtype} M={M} N={N} K={K}")
 
 
-def test_sparse24_to_cutlass_states_the_k_constraint():
-    """torch's CUTLASS metadata layout swizzles 2x2 blocks of int16 meta columns: in_features % 32 == 0 (K = 48 made
-    both torch's sparse_semi_structured_from_dense_cutlass and, before the check, to_cutlass() fail with an index
-    error)."""
-    w = random_24(32, 48, torch.float16)
-    with pytest.raises(ValueError, match="in_features"):
+@pytest.mark.parametrize("K", [16, 48, 80, 112])
+def test_sparse24_to_cutlass_states_the_k_constraint(K):
+    """torch's CUTLASS metadata layout swizzles 2x2 blocks of int16 meta columns (16 dense columns each), so it needs
+    in_features % 32 == 0: for K = 48 torch's sparse_semi_structured_from_dense_cutlass fails with 'index 96 is out
+    of bounds'. Both conversions say so with a ValueError naming the constraint (they accepted K % 16 == 0)."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+    w = random_24(32, K, torch.float16)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        sparse_semi_structured_from_dense_cutlass(w)  # the constraint is torch's
+    with pytest.raises(ValueError, match=r"in_features % 32 == 0"):
         tk.Sparse24Weight.from_dense(w).to_cutlass()
+    with pytest.raises(ValueError, match=r"in_features % 32 == 0"):
+        tk.Sparse24Weight.from_cutlass(w[:, : K // 2].contiguous(), torch.zeros(32, K // 16, dtype=torch.int16))

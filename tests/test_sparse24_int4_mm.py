@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import turbokernels as tk
-from turbokernels.testing import (CodegenJob, assert_close, cancelling_bias, compile_triton, matmul_allowance,
-                                  operand_dtype, skip_reason_no_ptxas)
+from turbokernels.testing import (CodegenJob, assert_close, cancelling_bias, compile_triton, int4_dequant_magnitudes,
+                                  matmul_allowance, operand_dtype, skip_reason_no_ptxas)
 from conftest import interpreting
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -45,7 +45,8 @@ def check(out, x, weight, bias=None, what="", backend="reference"):
         golden = golden + bias.double()
         baseline = baseline + bias
     assert out.dtype == x.dtype and out.device == x.device
-    allowance = matmul_allowance(x, w64.t(), bias=bias, operand_dtype=operand_dtype(backend, x.dtype))
+    allowance = matmul_allowance(x, w64.t(), bias=bias, operand_dtype=operand_dtype(backend, x.dtype),
+                                 dequant_magnitudes=int4_dequant_magnitudes(weight, backend))
     assert_close(out, golden, baseline, allowance=allowance, what=what)
 
 

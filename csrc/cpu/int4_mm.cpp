@@ -10,8 +10,9 @@
 //  * Per block of NB columns (the unit of work of a thread) and per group g:
 //        acc[n] = sum_{k in g} x[k] * (q[k][n] - 8)      (unpack = shift by 4, low nibble - 8 -> float, then FMA)
 //        y[n]  += scales[g][n] * acc[n] + (offsets[g][n] + 8 scales[g][n]) * sum_{k in g} x[k]
-//    so scales and offsets cost one FMA each per group, not per weight, and the hot loop is 1 FMA per weight and
-//    row plus the unpack. (Centering on 8 keeps the two terms from cancelling; see group_rows.) The result is the
+//    so scales and offsets cost a few FMAs per group, not per weight (o + 8s is kept exactly, as two floats), and
+//    the hot loop is 1 FMA per weight and row plus the unpack. (Centering on 8 keeps the two terms from
+//    cancelling; see group_rows.) The result is the
 //    spec's sum without rounding each dequantized weight to fp32 first: against the exact quantized weights it
 //    is more accurate than the fp32 reference (dequantize, then sgemm), not less. Each unpacked vector feeds RMAX rows of x at once, so for M > 1 the unpack is amortized
 //    and the loop runs at the FMA throughput of the core.
@@ -99,6 +100,7 @@ struct Vec {
   static void storeu(float* p, F v) { *p = v; }
   static F fma(F a, F b, F c) { return a * b + c; }
   static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
   static I loadq(const int32_t* p) { return static_cast<uint32_t>(*p); }
   static I prepare(I w) { return w; }
   static F nibble(I w, int i) { return static_cast<float>(static_cast<int>((w >> (4 * i)) & 15u) - 8); }
@@ -126,6 +128,7 @@ struct Vec {
   TK_VEC void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
   TK_VEC F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   TK_VEC F add(F a, F b) { return _mm256_add_ps(a, b); }
+  TK_VEC F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   TK_VEC I loadq(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   // Flipping bit 3 of every nibble turns q into q - 8 read as a signed 4-bit number, so nibble i is two shifts
   // (left to the top, arithmetic right) and a convert, with no mask and no subtract.
@@ -161,6 +164,7 @@ struct Vec {
   TK_VEC void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
   TK_VEC F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   TK_VEC F add(F a, F b) { return _mm512_add_ps(a, b); }
+  TK_VEC F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   TK_VEC I loadq(const int32_t* p) { return _mm512_loadu_si512(p); }
   // A 16-entry table lookup indexes with the low 4 bits of each lane only: "& 15", "- 8" and int->float in one
   // instruction (AVX2's 8-entry permute cannot do this).

@@ -72,7 +72,7 @@ def _add_bias(golden, baseline, bias):
 
 def _int4_mm(gen, dev, dtype, shape):
     import turbokernels as tk
-    from turbokernels.testing import matmul_allowance, operand_dtype
+    from turbokernels.testing import int4_dequant_magnitudes, matmul_allowance, operand_dtype
     M, K, N, g, with_bias = shape
     w = tk.quantize_int4(_randn(gen, N, K, dtype=dtype), group_size=g).to(dev)
     x = _randn(gen, M, K, dtype=dtype, device=dev)
@@ -82,7 +82,8 @@ def _int4_mm(gen, dev, dtype, shape):
 
     def run(name):
         out = tk.int4_linear(x, w, bias)
-        allowance = matmul_allowance(x, w64, bias=bias, operand_dtype=operand_dtype(name, dtype))
+        allowance = matmul_allowance(x, w64, bias=bias, operand_dtype=operand_dtype(name, dtype),
+                                     dequant_magnitudes=int4_dequant_magnitudes(w, name))
         return _Result([("out", out, golden, baseline, allowance)])
     return run, f"M={M} K={K} N={N} g={g}" + (" bias" if with_bias else "")
 
@@ -105,7 +106,7 @@ def _sparse24_mm(gen, dev, dtype, shape):
 
 def _sparse24_int4_mm(gen, dev, dtype, shape):
     import turbokernels as tk
-    from turbokernels.testing import matmul_allowance, operand_dtype
+    from turbokernels.testing import int4_dequant_magnitudes, matmul_allowance, operand_dtype
     M, N, K, g, with_bias = shape
     w = tk.prune_24(_randn(gen, N, K)).to(dtype=dtype, device=dev)
     weight = tk.Sparse24Int4Weight.from_dense(w, group_size=g)
@@ -116,7 +117,8 @@ def _sparse24_int4_mm(gen, dev, dtype, shape):
 
     def run(name):
         out = tk.sparse24_int4_linear(x, weight, bias)
-        allowance = matmul_allowance(x, w64.t(), bias=bias, operand_dtype=operand_dtype(name, dtype))
+        allowance = matmul_allowance(x, w64.t(), bias=bias, operand_dtype=operand_dtype(name, dtype),
+                                     dequant_magnitudes=int4_dequant_magnitudes(weight, name))
         return _Result([("out", out, golden, baseline, allowance)])
     return run, f"M={M} N={N} K={K} g={g}" + (" bias" if with_bias else "")
 

@@ -18,6 +18,11 @@ never on which CPU or BLAS runs the test:
                        (a tensor-core dot of fp16/bf16 operands: the dequantized int4 weight, the softmax
                        probabilities, dS): LAMBDA * sqrt(sum_k (max(u_op |a_k|, eta) b_k)^2), eta = half the
                        spacing of the dtype's subnormals (probabilities below fp16's smallest normal number)
+                       an int4 weight dequantized in fp32: LAMBDA * sqrt(sum_k (u32 b_k sum_r m_rk)^2), m_rk the
+                       magnitude the backend's rounding r of weight k sees (q s, w; the C++ kernel's s (q - 8),
+                       o + 8 s: int4_dequant_magnitudes), larger than |w_k| where q s and o cancel
+                       an fp32 result below fp32's smallest normal number: ETA32 = 2^-150 absolute per rounding
+                       (the attention backward's underflowing probabilities)
                      (u = 2^-p: 2^-24 for fp32, 2^-11 fp16, 2^-8 bf16.)
 
 The sqrt(n) forms are Higham & Mary's probabilistic rounding-error bounds (SIAM J. Sci. Comput. 41(5), 2019):
@@ -43,7 +48,7 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -55,6 +60,10 @@ _UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.fl
 # smallest normal exponent: below it the spacing of the dtype stops shrinking
 _MIN_EXPONENT = {torch.float64: -1022, torch.float32: -126, torch.float16: -14, torch.bfloat16: -126}
 U32 = _UNIT_ROUNDOFF[torch.float32]
+# half the spacing of fp32's subnormal numbers: the largest absolute error of one fp32 rounding of a result below the
+# smallest normal number (where the relative bound u32 |y| no longer holds); the fp32 counterpart of the operand
+# dtypes' eta (_operand_rounding)
+ETA32 = U32 * 2.0 ** _MIN_EXPONENT[torch.float32]
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -112,20 +121,33 @@ def _operand_term(rounding: tuple[float, float], ab_sq: torch.Tensor, b_sq_nonze
 
 
 def matmul_allowance(x: torch.Tensor, w_kn: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
-                     operand_dtype: Optional[torch.dtype] = None) -> Allowance:
+                     operand_dtype: Optional[torch.dtype] = None,
+                     dequant_magnitudes: Optional[Sequence[torch.Tensor]] = None) -> Allowance:
     """x (..., K) @ w (K, N) [+ bias] accumulated in fp32 in any order, the bias added in fp32 before the one
     rounding of the output; the weight rounded to `operand_dtype` before the dot (an int4 weight dequantized in
     fp32 and fed to a tensor core; None: used as it is, or rounded no coarser than fp32). x and w_kn are the exact
-    values (float64 is best: an int4 weight's exact q * scale + offset)."""
+    values (float64 is best: an int4 weight's exact q * scale + offset).
+
+    dequant_magnitudes: the (K, N) magnitudes the fp32 dequantization of each weight rounds, one tensor per
+    rounding (each changes the weight by at most u32 times its magnitude; int4: int4_dequant_magnitudes, per
+    backend). Default (|w|, |w|): two roundings relative to the weight itself. Where the dequantization's terms
+    cancel (q * s and o, a weight near 0 in a group far from 0) they are much larger than |w|."""
     x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
     w64 = w_kn.to(torch.float64)
     K = x64.shape[-1]
     abs_sum = x64.abs() @ w64.abs()
-    # fp32 sums; the fp32 rounding of each dequantized weight (q * scale + offset: two roundings) and of x counts as
-    # two more operand roundings at fp32
+    x_sq = x64 * x64
+    # fp32 sums; the rounding of x (and of the product) counts as one operand rounding at fp32, relative to |w|,
+    # and each rounding of the dequantization as one more, relative to its magnitude (summed per weight:
+    # |delta_k| <= u32 sum_r m_r,k, then Hoeffding over k as for the operand term)
     acc = LAMBDA * (math.sqrt(max(K, 1)) * U32 * abs_sum)
-    sq_sum = (x64 * x64) @ (w64 * w64)
-    acc = acc + LAMBDA * 3 * U32 * sq_sum.sqrt()
+    sq_sum = x_sq @ (w64 * w64)
+    if dequant_magnitudes is None:
+        m = 2 * w64.abs()
+    else:
+        m = sum(t.to(device=w64.device, dtype=torch.float64).abs() for t in dequant_magnitudes)
+        assert tuple(m.shape) == tuple(w64.shape), f"dequant_magnitudes {tuple(m.shape)} != w {tuple(w64.shape)}"
+    acc = acc + LAMBDA * U32 * (sq_sum.sqrt() + (x_sq @ (m * m)).sqrt())
     if bias is not None:  # one fp32 addition
         acc = acc + 2 * U32 * (abs_sum + bias.to(torch.float64).abs())
     rounding = _operand_rounding(operand_dtype)
@@ -134,14 +156,38 @@ def matmul_allowance(x: torch.Tensor, w_kn: torch.Tensor, *, bias: Optional[torc
     return Allowance(acc, operand).map(lambda t: t.reshape(shape))
 
 
-def cancelling_bias(product_row: torch.Tensor, dtype: torch.dtype, remainder: float = 1e-2) -> torch.Tensor:
+def int4_dequant_magnitudes(weight, backend: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """For matmul_allowance(dequant_magnitudes=...): the (K, N) magnitudes (float64; an Int4Weight: in qweight's row
+    order, a Sparse24Int4Weight: expanded to the dense K, 0 at pruned positions) that `backend`'s fp32 arithmetic
+    rounds on the way from the stored q, s, o to each weight's share of the dot (all backends dequantize in fp32):
+      reference, triton, cuda   w = q * s + o: the product and the sum, (|q s|, |w|)
+      cpu (csrc/cpu/int4_mm_simd.h, the fused path)  s (q - 8) summed against x and scaled, plus (o + 8 s) times
+                                the sum of x: (|s (q - 8)|, |o + 8 s|) (its dequantize + BLAS path rounds q s + o
+                                once, relative to |w|, no more than their sum)."""
+    from .formats.int4 import unpack_int4
+    f64 = torch.float64
+    if hasattr(weight, "meta"):  # Sparse24Int4Weight: the kept values are an Int4Weight over K/2
+        from .reference.sparse24_mm import sparse24_to_dense
+        return tuple(sparse24_to_dense(m.t(), weight.meta, f64).t()
+                     for m in int4_dequant_magnitudes(weight.int4, backend))
+    q = unpack_int4(weight.qweight, weight.in_features).to(f64)
+    group = torch.arange(weight.in_features, device=q.device) // weight.effective_group_size
+    s, o = weight.scales.to(f64)[group], weight.offsets.to(f64)[group]
+    if backend == "cpu":
+        return (s * (q - 8)).abs(), (o + 8 * s).abs()
+    return (q * s).abs(), (q * s + o).abs()
+
+
+def cancelling_bias(product_row: torch.Tensor, dtype: torch.dtype, remainder: float = 1e-2,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A bias (N,) in `dtype` that nearly cancels one row of a product (float64, (N,)): -round(row) plus a random
     remainder ~`remainder` times the row's size. Where it is added, golden = row + bias is much smaller than the row,
     so a kernel that rounds the product to `dtype` before adding the bias (two roundings) is off by up to half an
     ulp of the row: far outside rule (1) for that element, which allows one rounding of |golden|. A kernel that adds
     the bias to its fp32 sum before the one rounding passes."""
     row = product_row.to(torch.float64)
-    noise = torch.randn(row.shape, dtype=torch.float64, device=row.device) * remainder * row.abs().mean()
+    noise = torch.randn(row.shape, dtype=torch.float64, generator=generator).to(row.device) \
+        * remainder * row.abs().mean()
     return (noise - row.to(dtype).to(torch.float64)).to(dtype)
 
 
@@ -326,6 +372,8 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
         B, sq, hq, d = qd.shape
         sk, hkv = kd.shape[1], kd.shape[2]
         g = hq // hkv
+        if 0 in (B, sq, sk):  # no keys (dq exactly 0), no queries (dk, dv exactly 0) or nothing at all
+            return [Allowance(torch.zeros_like(t), torch.zeros_like(t)) for t in (qd, kd, vd)]
         s, allowed, bias, ke = ref.dense_scores(qd, kd, slopes, scale, causal, window_size[0], window_size[1],
                                                 softcap, f64)
         ve = ref.expand_kv(vd, hq)
@@ -363,13 +411,23 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
         if softcap > 0:
             dS_err = dS_err + 10 * U32 * p * dpd
         dS_err = torch.where(allowed, dS_err, torch.zeros_like(dS_err))
+        # fp32 underflow: below fp32's smallest normal number the relative errors above become absolute ones,
+        # at most ETA32 (half the spacing of fp32's subnormals) per rounding. Probabilities that small (keys far
+        # below a row's maximum) give P an absolute error of up to 4 ETA32 (exp: a few roundings), dS = P (dP - D)
+        # that times |dP - D| plus 2 ETA32 (the product; softcap's factor), and every sum of n such terms n + 2
+        # more (its additions, the scale multiply, the result): the gradients of keys whose probabilities all
+        # underflow (~1e-44) are that inexact on every backend, the reference included.
+        n_keys, n_rows = ok.sum(-1)[..., None], ok.sum(-2)[..., None]        # allowed keys per row, rows per key
+        dS_under = (4 * dpd + 2) * ETA32 * ok
+        dv_acc = dv_acc + 4 * ETA32 * (ok.transpose(-1, -2) @ doh.abs()) + ETA32 * (n_rows + 2)
         dq_acc = scale * (dS_err @ kh.abs() + LAMBDA * math.sqrt(sk) * U32 * (dS.abs() @ kh.abs())) \
-            + 2 * U32 * scale * (dS @ kh).abs()
+            + 2 * U32 * scale * (dS @ kh).abs() + scale * (dS_under @ kh.abs()) + ETA32 * (n_keys + 2)
         dq_sq = scale ** 2 * ((dS * dS) @ (kh * kh))
         dq_floor = scale ** 2 * (ok @ (kh * kh))
         dk_acc = scale * (dS_err.transpose(-1, -2) @ qh.abs()
                           + LAMBDA * math.sqrt(sq * g) * U32 * (dS.abs().transpose(-1, -2) @ qh.abs())) \
-            + 2 * U32 * scale * (dS.transpose(-1, -2) @ qh).abs()
+            + 2 * U32 * scale * (dS.transpose(-1, -2) @ qh).abs() \
+            + scale * (dS_under.transpose(-1, -2) @ qh.abs()) + ETA32 * (n_rows + 2)
         dk_sq = scale ** 2 * ((dS * dS).transpose(-1, -2) @ (qh * qh))
         dk_floor = scale ** 2 * (ok.transpose(-1, -2) @ (qh * qh))
 

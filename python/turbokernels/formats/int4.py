@@ -220,13 +220,29 @@ class Int4Weight:
         return from_gguf(data, ggml_type, shape)
 
 
+def _constant_group_scale(offsets: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The scale of an asymmetric group whose range is 0 in `scale_dtype` (a constant group: q = 0, w = offset o):
+    any scale reproduces o, so pick one on o's own scale that keeps every kernel's fp32 arithmetic exact: s =
+    2^lsb(o) / 8, lsb(o) the exponent of o's lowest set bit, so that o + 8 s (the C++ kernel's centered form,
+    csrc/cpu/int4_mm_simd.h) is o plus one unit of its last place, exact in fp32. (A scale of 1 made that o + 8 and
+    kept ~24 - log2(8 / |o|) bits of o.) Not below the scale dtype's smallest normal number; o = 0: that one."""
+    tiny = torch.finfo(scale_dtype).tiny
+    o = offsets.to(torch.float64)
+    mantissa, exponent = torch.frexp(o)  # o = m 2^e, |m| in [0.5, 1): m 2^53 is an integer
+    m = (mantissa.abs() * 2.0 ** 53).to(torch.int64)
+    lowest_bit = torch.ldexp((m & -m).to(torch.float64), exponent - 53)  # 2^lsb(o); 0 for o = 0
+    return (lowest_bit / 8).clamp(min=tiny).to(scale_dtype).to(torch.float32)
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False,
                   scale_dtype: Optional[torch.dtype] = None) -> Int4Weight:
     """Round-to-nearest, min-max int4 quantization of an nn.Linear weight (out_features, in_features).
 
     asymmetric: per group, offset = min, scale = (max - min) / 15, q = round((w - min) / scale) -- a float offset,
-                so the group's minimum is exact and a constant group is exact.
-    symmetric:  scale = absmax / 7, q = clamp(round(w / scale), -8, 7) + 8, offset = -8 * scale.
+                so the group's minimum is exact and a constant group is exact (its scale, which any value would
+                do, is a power of two on the group's own scale: _constant_group_scale).
+    symmetric:  scale = absmax / 7, q = clamp(round(w / scale), -8, 7) + 8, offset = -8 * scale (an all-zero group:
+                the scale dtype's smallest normal number).
     Scales are kept in the weight's dtype for fp16/bf16 weights, fp32 otherwise (or `scale_dtype`).
     Inf/NaN weights are refused (one host sync: a one-time conversion); a meta weight gives a meta Int4Weight.
     """
@@ -260,12 +276,14 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool =
     group_of_k = torch.arange(K, device=w.device) // gs
     if symmetric:
         scale = (torch.maximum(hi.abs(), lo.abs()) / 7).to(scale_dtype).to(torch.float32)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # all zeros (or below the scale dtype's range): any scale represents the group; the smallest keeps q * s
+        # and every kernel's intermediate on the group's own scale
+        scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(scale_dtype).tiny))
         q = torch.clamp(torch.round(w / scale[group_of_k]), -8, 7) + 8
         offsets = -8 * scale
     else:
         scale = ((hi - lo) / 15).to(scale_dtype).to(torch.float32)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         offsets = lo.to(scale_dtype).to(torch.float32)  # lo is a weight value: exact in the weight's dtype
+        scale = torch.where(scale > 0, scale, _constant_group_scale(offsets, scale_dtype))
         q = torch.clamp(torch.round((w - offsets[group_of_k]) / scale[group_of_k]), 0, 15)
     return Int4Weight(pack_int4(q), scale.to(scale_dtype), exact_offsets(offsets, scale_dtype), group_size, K)

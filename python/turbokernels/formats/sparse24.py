@@ -211,8 +211,8 @@ class Sparse24Weight:
     def _check_cutlass_shape(fn: str, N: int, K: int) -> None:
         if N % 32 or K % 32:
             raise ValueError(f"{fn}: PyTorch's CUTLASS layout needs out_features % 32 == 0 and in_features % 32 == 0 "
-                             f"(metadata is reordered in blocks of 32 rows and 2x2 blocks of its int16 columns, so an "
-                             f"even number of them), got ({N}, {K})")
+                             f"(metadata is reordered in blocks of 32 rows and 2x2 blocks of int16 meta columns, "
+                             f"16 dense columns each), got ({N}, {K})")
 
     def to_cutlass(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, meta_reordered) in PyTorch's CUTLASS layout: equal to

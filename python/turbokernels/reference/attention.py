@@ -140,9 +140,9 @@ def _dense_backward(dout, q, k, v, slopes, softmax_scale, causal, window_left, w
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke) * softmax_scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * softmax_scale
     if hkv != hq:
-        g = hq // hkv
-        dk = dk.reshape(B, dk.shape[1], hkv, g, -1).sum(3)
-        dv = dv.reshape(B, dv.shape[1], hkv, g, -1).sum(3)
+        g = hq // hkv  # explicit sizes: a -1 is ambiguous when there are no keys or no batch (0 elements)
+        dk = dk.reshape(B, dk.shape[1], hkv, g, dk.shape[-1]).sum(3)
+        dv = dv.reshape(B, dv.shape[1], hkv, g, dv.shape[-1]).sum(3)
     return dq, dk, dv
 
 

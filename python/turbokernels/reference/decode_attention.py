@@ -33,7 +33,8 @@ def decode_scores(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], softmax_scale: float,
                   window_left: int, window_right: int, softcap: float, work: torch.dtype):
     """The scores of the spec in `work` precision: (qh (B, H, T, D), kh, vh (B, H, S, D) with kv heads repeated for
-    their query heads, s (B, H, T, S) with disallowed keys at -inf, allowed (B, 1, T, S), ALiBi bias or None).
+    their query heads, and 0 in the slots no query may attend; s (B, H, T, S) with disallowed keys at -inf,
+    allowed (B, 1, T, S), ALiBi bias or None).
     Shared by decode_attention and the tests' error allowance (turbokernels.testing)."""
     B, T, Hq, D = q.shape
     k = gather_cache(k_cache, block_table)
@@ -41,27 +42,32 @@ def decode_scores(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     S, Hkv = k.shape[1], k.shape[2]
     group = Hq // Hkv
     # (B, H, T, D) and (B, H, S, D), kv heads repeated for their query heads (query head h reads kv head h // group)
-    qh = q.to(work).transpose(1, 2)
-    kh = k.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
-    s = (qh @ kh.transpose(-1, -2)) * softmax_scale                                       # (B, H, T, S)
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
     lens = cache_seqlens.to(torch.long).view(B, 1)
     qpos = lens - T + torch.arange(T, device=q.device).view(1, T)                         # (B, T)
     j = torch.arange(S, device=q.device).view(1, 1, S)
     dist = qpos.unsqueeze(-1) - j                                                          # (B, T, S)
-    bias = None
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.to(work).expand(B, Hq) if alibi_slopes.dim() == 1 else alibi_slopes.to(work)
-        bias = -slopes.view(B, Hq, 1, 1) * dist.abs().to(work).unsqueeze(1)
-        s = s + bias
     allowed = (dist >= 0) & (j < lens.view(B, 1, 1))
     if window_left >= 0:
         allowed &= dist <= window_left
     if window_right >= 0:
         allowed &= dist >= -window_right
     allowed = allowed.unsqueeze(1)                                                         # (B, 1, T, S)
+    # slots no query may attend (at or past cache_seqlens: unwritten, possibly NaN/inf) are never read: their keys
+    # and values are replaced by 0 before any product (p = 0 times a NaN value would still be NaN)
+    seen = allowed.any(dim=2).unsqueeze(-1)                                                # (B, 1, S, 1)
+    qh = q.to(work).transpose(1, 2)
+    kh = k.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.to(work).transpose(1, 2).repeat_interleave(group, dim=1)
+    kh = torch.where(seen, kh, torch.zeros((), dtype=work, device=q.device))
+    vh = torch.where(seen, vh, torch.zeros((), dtype=work, device=q.device))
+    s = (qh @ kh.transpose(-1, -2)) * softmax_scale                                       # (B, H, T, S)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    bias = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(work).expand(B, Hq) if alibi_slopes.dim() == 1 else alibi_slopes.to(work)
+        bias = -slopes.view(B, Hq, 1, 1) * dist.abs().to(work).unsqueeze(1)
+        s = s + bias
     s = s.masked_fill(~allowed, float("-inf"))
     return qh, kh, vh, s, allowed, bias
 
