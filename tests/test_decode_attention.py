@@ -52,7 +52,7 @@ def golden_and_baseline(q, k_cache, v_cache, seqlens, block_table=None, alibi=No
     args = (seqlens, block_table, alibi, scale, window[0], window[1], softcap)
     golden = reference(q.double(), k_cache.double(), v_cache.double(), seqlens, block_table,
                        None if alibi is None else alibi.double(), *args[3:])
-    baseline = reference(q, k_cache, v_cache, *args)
+    baseline = reference(q, k_cache, v_cache, *args, compute_dtype=q.dtype)
     allowance = decode_allowance(q, k_cache, v_cache, *args, operand_dtype=operand_dtype(backend, q.dtype))
     return golden, baseline, allowance
 

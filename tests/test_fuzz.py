@@ -580,7 +580,7 @@ def run_decode(backend, c):
     args = (seqlens, block_table, alibi, scale, c["window"][0], c["window"][1], c["softcap"])
     golden = ref_decode(q.double(), k_clean.double(), v_clean.double(), seqlens, block_table,
                         None if alibi is None else alibi.double(), *args[3:])
-    baseline = ref_decode(q, k_clean, v_clean, *args)
+    baseline = ref_decode(q, k_clean, v_clean, *args, compute_dtype=dtype)
     allowance = decode_allowance(q, k_clean, v_clean, *args, operand_dtype=operand_dtype(backend, dtype))
     what = f"decode {backend} {c}"
     assert out.shape == q.shape and out.dtype == dtype, what

@@ -200,7 +200,7 @@ def _decode_attention(gen, dev, dtype, shape):
     scale = q.shape[-1] ** -0.5
     args = (lens, block_table, None, scale, -1, -1, 0.0)
     golden = reference(q.double(), k_cache.double(), v_cache.double(), *args)
-    baseline = reference(q, k_cache, v_cache, *args)
+    baseline = reference(q, k_cache, v_cache, *args, compute_dtype=dtype)
 
     def run(name):
         out = tk.decode_attention(q, k_cache, v_cache, lens, block_table=block_table)

@@ -74,10 +74,12 @@ def decode_scores(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], softmax_scale: float,
-                     window_left: int, window_right: int, softcap: float) -> torch.Tensor:
+                     window_left: int, window_right: int, softcap: float,
+                     compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """q (B, T, Hq, D), caches (B, S, Hkv, D) or paged with block_table -> (B, T, Hq, D) in q.dtype.
-    Computed in float32, or float64 when q is float64."""
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Computed in float32, or float64 when q is float64; tests also run it in the inputs' own dtype
+    (compute_dtype) as the "torch in the same dtype" baseline of the tolerance rule."""
+    work = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     _, _, vh, s, _, _ = decode_scores(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale,
                                       window_left, window_right, softcap, work)
     m = s.amax(dim=-1, keepdim=True)
