@@ -537,23 +537,34 @@ def _compile_one(job: CodegenJob) -> CodegenReport:
 
 def compile_triton(jobs: list[CodegenJob]) -> list[CodegenReport]:
     """Compile kernels for their targets without a GPU. Under TRITON_INTERPRET=1 this process's @triton.jit
-    functions are interpreter objects, so the compilation runs in one child process without it."""
+    functions are interpreter objects, so the compilation runs in child processes without it: one per CPU this
+    process may use (compilation is most of the codegen tests' time), each taking every n-th job."""
     from .backends import triton_interpreting
     if not triton_interpreting():
         return [_compile_one(job) for job in jobs]
     import pickle
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    workers = max(1, min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else (os.cpu_count() or 1)))
+    code = ("import pickle, sys; from turbokernels.testing import _compile_one; "
+            "jobs = pickle.load(open(sys.argv[1], 'rb')); "
+            "pickle.dump([_compile_one(j) for j in jobs], open(sys.argv[2], 'wb'))")
     with tempfile.TemporaryDirectory() as tmp:
-        path_in, path_out = os.path.join(tmp, "jobs.pkl"), os.path.join(tmp, "reports.pkl")
-        with open(path_in, "wb") as f:
-            pickle.dump(jobs, f)
-        code = ("import pickle, sys; from turbokernels.testing import _compile_one; "
-                "jobs = pickle.load(open(sys.argv[1], 'rb')); "
-                "pickle.dump([_compile_one(j) for j in jobs], open(sys.argv[2], 'wb'))")
-        subprocess.run([sys.executable, "-c", code, path_in, path_out], env=env, check=True)
-        with open(path_out, "rb") as f:
-            return pickle.load(f)
+        children = []
+        for w in range(workers):
+            path_in, path_out = os.path.join(tmp, f"jobs{w}.pkl"), os.path.join(tmp, f"reports{w}.pkl")
+            with open(path_in, "wb") as f:
+                pickle.dump(jobs[w::workers], f)
+            children.append((subprocess.Popen([sys.executable, "-c", code, path_in, path_out], env=env), path_out))
+        failed = [child.args for child, _ in children if child.wait() != 0]
+        if failed:
+            raise subprocess.CalledProcessError(1, failed[0])
+        reports: list = [None] * len(jobs)
+        for w, (_, path_out) in enumerate(children):
+            with open(path_out, "rb") as f:
+                reports[w::workers] = pickle.load(f)
+        return reports
 
 
 # ---- 32-bit products of strides (static) ---------------------------------------------------------------------------
