@@ -221,11 +221,18 @@ def error_report(ours: torch.Tensor, golden: torch.Tensor, allowance: Optional[A
     return err.max().item(), bound.max().item(), ratio.max().item(), int((err > bound).sum().item())
 
 
+# FlashAttention's check compares two maxima of rounding noise (ours and torch's, each a sum of roundings in a
+# different order). Over a handful of elements a maximum is one or two draws, and a correct kernel exceeds 2x torch's
+# lucky draw now and then: measured on one-element fp16 decode outputs (Triton, P rounded to fp16 as FlashAttention
+# does), 1 of 300 random cases. Outputs smaller than this are judged by rule (1) alone.
+MIN_ELEMENTS_2X = 32
+
+
 def assert_close(ours: torch.Tensor, golden: torch.Tensor, baseline: Optional[torch.Tensor] = None, *,
                  allowance: Optional[Allowance] = None, factor: float = 2.0, what: str = "") -> None:
     """Rule (1) for every element of `ours` against the float64 `golden`, plus FlashAttention's check against
-    `baseline` (torch's same-dtype result) for fp16/bf16 outputs. Non-finite golden elements (an lse of -inf) must
-    be matched exactly."""
+    `baseline` (torch's same-dtype result) for fp16/bf16 outputs of at least MIN_ELEMENTS_2X elements. Non-finite
+    golden elements (an lse of -inf) must be matched exactly."""
     assert ours.shape == golden.shape, f"{what}: shape {tuple(ours.shape)} != expected {tuple(golden.shape)}"
     assert not torch.isnan(ours).any(), f"{what}: NaN in the output"
     if ours.numel() == 0:
@@ -251,7 +258,7 @@ def assert_close(ours: torch.Tensor, golden: torch.Tensor, baseline: Optional[to
             f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the derived bound; worst: error "
             f"{flat_e[i].item():.3g} > bound {flat_b[i].item():.3g} at flat index {i} (golden {flat_g[i].item():.6g}, "
             f"ours {ours.reshape(-1)[i].item():.6g}); dtype {ours.dtype}")
-    if baseline is None or ours.dtype not in (torch.float16, torch.bfloat16):
+    if baseline is None or ours.dtype not in (torch.float16, torch.bfloat16) or ours.numel() < MIN_ELEMENTS_2X:
         return
     base = baseline.to(torch.float64)[finite] if not finite.all() else baseline.to(torch.float64)
     base_err = (base - golden64).abs().max().item()
