@@ -29,6 +29,48 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     return statistics.median(times) * 1e3
 
 
+def interleaved_ms(fns: dict, device: torch.device, rounds: int = 7, min_round_s: float = 0.03) -> dict:
+    """Median milliseconds per call of each of `fns` (name -> callable), measured in interleaved rounds: every round
+    times each function in turn (as many calls as fill min_round_s), so a slow phase of a shared machine (another
+    process, a frequency change) lands on all of them alike, not on whichever ran then. CUDA: median_ms each."""
+    if device.type == "cuda":
+        return {name: median_ms(fn, device) for name, fn in fns.items()}
+    per_call = {name: [] for name in fns}
+    calls = {}
+    for name, fn in fns.items():  # warm up, and size each round from one timed call
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        calls[name] = max(1, min(200, int(min_round_s / max(time.perf_counter() - t0, 1e-7))))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            per_call[name].append((time.perf_counter() - t0) / calls[name])
+    return {name: statistics.median(v) * 1e3 for name, v in per_call.items()}
+
+
+def cpu_description() -> str:
+    """The CPU model, its SIMD level (what our C++ kernels can use) and torch's thread count."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == (platform.processor() or platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = ("AMX" if "amx_tile" in flags else "") or ("AVX-512" if "avx512f" in flags else "") or \
+        ("AVX2" if "avx2" in flags else "no AVX2")
+    extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "bf16")) if flag in flags]
+    if isa == "AMX":
+        isa = "AVX-512, AMX"
+    return f"{model}, {isa}{' + ' + '/'.join(extras) if extras else ''}, {torch.get_num_threads()} threads"
+
+
 def measured_roofline(device: torch.device, dtype: torch.dtype) -> dict:
     """Peak memory bandwidth (a large copy) and peak matmul throughput in `dtype`, measured now, here."""
     n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
@@ -77,12 +119,7 @@ def environment(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
                                                                                platform.machine())
     if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name += f" ({torch.get_num_threads()} threads)"
+        name = cpu_description()
     return {"device": name, "torch": torch.__version__, "triton": triton_version,
             "date": datetime.date.today().isoformat()}
 

@@ -207,3 +207,133 @@ TK_ATTR void dequant_rows(const Problem& P, int64_t k_begin, int64_t k_end, int6
       dst[n] = static_cast<float>((static_cast<uint32_t>(qrow[n]) >> (4 * i)) & 15u) * sb[n] + ob[n];
   }
 }
+
+// ---- the streaming path: M <= RMAX (decode) ------------------------------------------------------------------
+// The block path above walks one NB-column block down all K rows: a 64-byte (AVX2) or 256-byte (AVX-512) piece of
+// every packed row, N words apart: a new 4 KiB page every row at Llama sizes, which the hardware prefetchers do not
+// follow, so M = 1 waited on memory latency (2.5 GB/s at 4096 x 4096 on a 2-core EPYC whose copy runs at 12).
+// Here a thread owns a strip of columns and walks the packed rows in order: each row's strip is one contiguous
+// run (kStripBytes), the sums live in L1 scratch, and every byte of the weight is read once, in address order.
+// Per word vector: the 8 nibbles unpacked once, 8 FMAs per row of x in two chains, one load and store of the
+// row's partial sum. The arithmetic per column is the block path's (each chunk of <= kChunkWords words summed
+// from zero, the same centered epilogue), so which columns a thread gets changes no bit of the result.
+
+constexpr int64_t kStreamChunkWords = 16;  // as group_rows: long groups are summed in chunks of this many words
+
+// part[r][v W + lane] (first ? = : +=) sum_{i<8} xw[r][i] * (nibble i of word v of qrow - 8), v in [0, nv)
+// prefetch: the same columns of a later row (nullptr: none). A row's strip is a few KiB at most, and the hardware
+// prefetchers stop at each 4 KiB page, so every row would start with a full memory latency; fetching the next row
+// while this one is summed keeps the memory busy (never faults: a prefetch past the tensor is dropped).
+template <int R>
+TK_ATTR __attribute__((always_inline)) inline void stream_word_row(const int32_t* qrow, int64_t nv,
+                                                                   const float* const* xw, float* part, int64_t ldp,
+                                                                   bool first, const int32_t* prefetch) {
+  // broadcast once per row, not per vector: the stores to part could alias xw for all the compiler knows, and
+  // a broadcast from memory takes a shuffle port the nibble shifts need
+  VF xb[R][8];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 8; ++i) xb[r][i] = Vec::set1(xw[r][i]);
+  for (int64_t v = 0; v < nv; ++v) {
+    if (prefetch != nullptr && (v * W) % 16 == 0) __builtin_prefetch(prefetch + v * W);
+    VI wv = Vec::prepare(Vec::loadq(qrow + v * W));
+    VF t[R][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const VF nb = Vec::next_nibble(wv, i);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) t[r][i & 1] = Vec::fma(xb[r][i], nb, i < 2 ? Vec::zero() : t[r][i & 1]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* p = part + r * ldp + v * W;
+      const VF sum = Vec::add(t[r][0], t[r][1]);
+      Vec::storeu(p, first ? sum : Vec::add(Vec::loadu(p), sum));
+    }
+  }
+}
+
+// Columns [n0, n0 + ncols) of rows [0, R) (x and out point at row 0; ncols <= the scratch's width sw, a
+// multiple of W): all groups, then the bias. scratch: 3 R sw + 2 sw + W floats, qt: W words.
+template <int R>
+TK_ATTR void stream_strip(const Problem& P, const float* x, float* out, int64_t n0, int64_t ncols, int64_t sw,
+                          float* scratch, int32_t* qt) {
+  const int64_t nfull = ncols / W, ragged = ncols % W, nv = nfull + (ragged ? 1 : 0), w_pad = nv * W;
+  float* acc = scratch;        // (R, sw): the group's sum
+  float* part = acc + R * sw;  // (R, sw): a chunk's sum, from zero
+  float* y = part + R * sw;    // (R, sw): the output, over all groups
+  float* sb = y + R * sw;      // (sw): the group's scales as fp32
+  float* ob = sb + sw;         // (sw): its offsets
+  for (int64_t i = 0; i < R * w_pad; ++i) y[(i / w_pad) * sw + i % w_pad] = 0.f;
+  const int32_t* q = P.q + n0;
+  for (int64_t g = 0; g < P.G; ++g) {
+    const Span& sp = P.spans[g];
+    const int64_t w_first = sp.head_w >= 0 ? sp.head_w : sp.mid_w0;
+    const int64_t w_last = sp.tail_w >= 0 ? sp.tail_w : sp.mid_w0 + sp.mid_n - 1;
+    for (int64_t c0 = w_first; c0 <= w_last; c0 += kStreamChunkWords) {
+      const int64_t c1 = std::min(w_last + 1, c0 + kStreamChunkWords);
+      float* dst = c0 == w_first ? acc : part;  // the first chunk is the group's sum so far: no copy
+      for (int64_t w = c0; w < c1; ++w) {
+        float xm[R][8];  // x masked to [k0, k1) for a word the group shares or that runs past K
+        const float* xw[R];
+        const bool masked = w == sp.head_w || w == sp.tail_w;
+        for (int r = 0; r < R; ++r) {
+          if (masked) {
+            for (int i = 0; i < 8; ++i) {
+              const int64_t k = 8 * w + i;
+              xm[r][i] = (k >= sp.k0 && k < sp.k1) ? x[r * P.K + k] : 0.f;
+            }
+            xw[r] = xm[r];
+          } else {
+            xw[r] = x + r * P.K + 8 * w;
+          }
+        }
+        const int32_t* qrow = q + w * P.N;
+        stream_word_row<R>(qrow, nfull, xw, dst, sw, w == c0, qrow + P.N);
+        if (ragged) {  // the last columns of N: a zero-padded copy, so no read runs past the row (or the tensor)
+          for (int64_t n = 0; n < W; ++n) qt[n] = n < ragged ? qrow[nfull * W + n] : 0;
+          stream_word_row<R>(qt, 1, xw, dst + nfull * W, sw, w == c0, nullptr);
+        }
+      }
+      if (dst == part)
+        for (int r = 0; r < R; ++r)
+          for (int64_t n = 0; n < w_pad; n += W)
+            Vec::storeu(acc + r * sw + n, Vec::add(Vec::loadu(acc + r * sw + n), Vec::loadu(part + r * sw + n)));
+    }
+    // the group's epilogue, as group_rows: y += s acc + (hi + lo) xsum, o + 8s = hi + lo exactly
+    row_to_f32(P.sdt, P.s, g * P.N + n0, ncols, sb, w_pad);
+    row_to_f32(P.odt, P.o, g * P.N + n0, ncols, ob, w_pad);
+    for (int64_t n = 0; n < w_pad; n += W) {
+      const VF sv = Vec::loadu(sb + n), ov = Vec::loadu(ob + n);
+      const VF s8 = Vec::fma(Vec::set1(8.f), sv, Vec::zero());  // exact
+      const VF hi = Vec::add(ov, s8), bv = Vec::sub(hi, ov);
+      const VF lo = Vec::add(Vec::sub(ov, Vec::sub(hi, bv)), Vec::sub(s8, bv));
+      for (int r = 0; r < R; ++r) {
+        const VF xs = Vec::set1(P.xsum[r * P.G + g]);
+        VF yv = Vec::loadu(y + r * sw + n);
+        yv = Vec::fma(hi, xs, yv);
+        yv = Vec::fma(sv, Vec::loadu(acc + r * sw + n), yv);
+        yv = Vec::fma(lo, xs, yv);
+        Vec::storeu(y + r * sw + n, yv);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t n = 0; n < ncols; ++n)
+      out[r * P.N + n0 + n] = P.bias != nullptr ? y[r * sw + n] + P.bias[n0 + n] : y[r * sw + n];
+}
+
+// stream_strip<m> for a run-time m in [1, R]
+template <int R>
+TK_ATTR void stream_strip_n(int m, const Problem& P, const float* x, float* out, int64_t n0, int64_t ncols,
+                            int64_t sw, float* scratch, int32_t* qt) {
+  if constexpr (R > 1) {
+    if (m < R) return stream_strip_n<R - 1>(m, P, x, out, n0, ncols, sw, scratch, qt);
+  }
+  stream_strip<R>(P, x, out, n0, ncols, sw, scratch, qt);
+}
+
+// Rows [0, M) (M <= RMAX), columns [n0, n1): n1 - n0 a multiple of W except at N. scratch as stream_strip's.
+TK_ATTR void stream_columns(const Problem& P, int64_t n0, int64_t n1, int64_t sw, float* scratch, int32_t* qt) {
+  for (int64_t c = n0; c < n1; c += sw)
+    stream_strip_n<RMAX>(static_cast<int>(P.M), P, P.x, P.out, c, std::min(sw, n1 - c), sw, scratch, qt);
+}
