@@ -382,10 +382,15 @@ def decode_allowance(q, k_cache, v_cache, cache_seqlens, block_table=None, alibi
 
 def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
                             softcap=0.0, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                            operand_dtype: Optional[torch.dtype] = None) -> tuple[Allowance, Allowance, Allowance]:
+                            operand_dtype: Optional[torch.dtype] = None,
+                            output_partials=None) -> tuple[Allowance, Allowance, Allowance]:
     """Allowances of (dq, dk, dv) for the FlashAttention-2 backward fed with `out` and `lse` (what the kernel
     gets: their own errors against the exact forward are measured here and propagated). operand_dtype: the dtype P
-    and dS are rounded to before their dots (q.dtype on tensor cores; None for fp32 dots).
+    and dS are rounded to before their dots (q.dtype on tensor cores; None for fp32 dots). output_partials: for a
+    kernel that accumulates the gradients in their own (input) dtype, f(sq, sk, hq, hkv) -> (n_dq, n_dkv), how
+    many partial sums of each dq and each dk/dv element are rounded to it (testing.bwd_output_partials); each
+    rounding but the last (the output's own, in rule (1)) adds u |partial| <= u sum |terms|, independent:
+    LAMBDA sqrt(n - 1) u sum |terms|.
 
         dV = P^T dO      dP = dO V^T      D = rowsum(dO * O)      dS = P (dP - D) [(1 - t^2) with softcap]
         dQ = scale dS K   dK = scale dS^T Q      (GQA: dK, dV summed over the q heads of a kv head)
@@ -461,6 +466,13 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
         dk_sq = scale ** 2 * ((dS * dS).transpose(-1, -2) @ (qh * qh))
         dk_floor = scale ** 2 * (ok.transpose(-1, -2) @ (qh * qh))
 
+        if output_partials is not None:
+            n_dq, n_dkv = output_partials(sq, sk, hq, hkv)
+            u_out = unit_roundoff(q.dtype)
+            dq_acc = dq_acc + LAMBDA * math.sqrt(n_dq - 1) * u_out * scale * (dS.abs() @ kh.abs())
+            dk_acc = dk_acc + LAMBDA * math.sqrt(n_dkv - 1) * u_out * scale * (dS.abs().transpose(-1, -2) @ qh.abs())
+            dv_acc = dv_acc + LAMBDA * math.sqrt(n_dkv - 1) * u_out * (p.transpose(-1, -2) @ doh.abs())
+
         def group_sum(t):  # (B, Hq, S, D) -> (B, Hkv, S, D): the q heads of one kv head add up
             return t.reshape(B, hkv, g, *t.shape[2:]).sum(2)
 
@@ -487,6 +499,19 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
             parts[n][1][a:z] = res[n].operand[0].cpu()
     dev = q.device
     return tuple(Allowance(a.to(dev), o.to(dev)) for a, o in parts)
+
+
+def _torch_bwd_partials(sq: int, sk: int, hq: int, hkv: int) -> tuple[int, int]:
+    """torch's CPU flash backward (FlashAttentionKernel.cpp, cpu_flash_attention_backward) adds each block's
+    product into grad_q/grad_k/grad_v in the inputs' dtype (gemm with beta = 1): dq once per key block of 512,
+    dk/dv once per query block (256 rows from 768 query rows on, 64 from 192, else 32) and q head of its group."""
+    q_split = 256 if sq >= 768 else 64 if sq >= 192 else 32
+    return max(1, math.ceil(sk / 512)), max(1, math.ceil(sq / q_split) * (hq // hkv))
+
+
+def bwd_output_partials(backend: str):
+    """attention_bwd_allowance's output_partials for `backend` (None: accumulates in fp32, rounds once)."""
+    return _torch_bwd_partials if backend == "torch" else None
 
 
 # ---- static code generation --------------------------------------------------------------------------------------

@@ -224,7 +224,8 @@ def attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slo
 # ---- decode_attention ----------------------------------------------------------------------------------------
 def check_decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
                  window_right, softcap) -> Optional[str]:
-    return _common_reason(q, k_cache, v_cache, softcap)
+    # q's head dim is made contiguous here if needed (a few rows); the entry already requires it of the caches
+    return _common_reason(q[..., :1], k_cache, v_cache, softcap)
 
 
 def _slots(cache, block_table, b: int, lo: int, hi: int) -> torch.Tensor:
@@ -243,6 +244,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slop
     (clamped at 0): attention_fwd's dense case with causal=True on that slice (its bottom-right alignment puts token
     t at position L_b - T + t), window_right implied by causality."""
     batch, T = q.shape[0], q.shape[1]
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        q = q.contiguous()
     lens = cache_seqlens.tolist()  # CPU tensors: no device sync
     spans = [(max(0, n - T - window_left) if window_left >= 0 else 0, n) for n in lens]
     if block_table is None and all(s == spans[0] for s in spans):
