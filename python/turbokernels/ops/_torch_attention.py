@@ -22,6 +22,9 @@ How the spec maps onto the kernel (B, H, S, D views of our (B, S, H, D) tensors,
     the pages holding them, gathered); slots outside are never read, as the spec requires (unwritten slots may hold
     NaN: a mask cannot hide a NaN key, NaN + -inf is NaN). Sequences of different lengths: one call each.
 Softcap (tanh of the scores) is not an additive mask: declined, the reference runs it.
+Non-finite inputs: a NaN query row gives a NaN output row, as in the spec (restored after the kernel, which would
+write 0); one known divergence remains: a row whose every allowed KEY is NaN comes out 0 instead of NaN when those
+keys fall in the kernel's scalar tail (fewer than a vector's width), where std::max skips NaN.
 """
 from __future__ import annotations
 
@@ -160,7 +163,15 @@ def _dense_fwd(q, k, v, slopes, scale, causal, window_left, window_right):
         lse[..., :a] = NEG_INF
     if b < sq:
         lse[..., b:] = NEG_INF
-    return out.transpose(1, 2).contiguous(), lse
+    out = out.transpose(1, 2).contiguous()
+    # A NaN query row makes every score of the row NaN; the kernel's scalar max (std::max, for the keys past the
+    # last full vector) skips NaN, so such a row looks fully masked and comes out 0 where the spec gives NaN. One
+    # pass over q (a 1/Sk part of the kernel's reads) restores it.
+    nan_rows = q.isnan().any(-1)
+    if nan_rows.any():
+        out.masked_fill_(nan_rows[..., None], float("nan"))
+        lse.masked_fill_(nan_rows.transpose(1, 2), float("nan"))
+    return out, lse
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left,
