@@ -29,6 +29,33 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     return statistics.median(times) * 1e3
 
 
+def interleaved_medians(fns: dict, warmup: int = 2, rounds: int = 9, min_time_s: float = 1.0,
+                        max_rounds: int = 200) -> dict:
+    """{name: median ms} of several functions timed in turns (a, b, a, b, ...): on a shared, noisy CPU a load
+    change then hits every contender alike, where timing one after the other would credit it to one of them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    n = 0
+    while n < rounds or (time.perf_counter() - start < min_time_s and n < max_rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        n += 1
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def cpu_environment() -> dict:
+    """The CPU facts a CPU result needs: model (from /proc/cpuinfo), torch's threads, logical CPUs."""
+    env = environment(torch.device("cpu"))
+    env["threads"] = torch.get_num_threads()
+    env["logical_cpus"] = os.cpu_count()
+    return env
+
+
 def measured_roofline(device: torch.device, dtype: torch.dtype) -> dict:
     """Peak memory bandwidth (a large copy) and peak matmul throughput in `dtype`, measured now, here."""
     n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)

@@ -158,17 +158,17 @@ def _dense_fwd(q, k, v, slopes, scale, causal, window_left, window_right):
     out, lse = _fwd(qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
     # the kernel's out is a (B, H, S, D) view of a contiguous (B, S, H, D) tensor; its lse a (B, H, S) view of
     # (B, S, H) storage: made contiguous (the op's outputs are)
-    lse = lse.to(torch.float32, memory_format=torch.contiguous_format)
+    lse = lse.float().contiguous()
     if a > 0:
         lse[..., :a] = NEG_INF
     if b < sq:
         lse[..., b:] = NEG_INF
     out = out.transpose(1, 2).contiguous()
     # A NaN query row makes every score of the row NaN; the kernel's scalar max (std::max, for the keys past the
-    # last full vector) skips NaN, so such a row looks fully masked and comes out 0 where the spec gives NaN. One
-    # pass over q (a 1/Sk part of the kernel's reads) restores it.
-    nan_rows = q.isnan().any(-1)
-    if nan_rows.any():
+    # last full vector) skips NaN, so such a row looks fully masked: out 0 and lse exactly 0, where the spec gives
+    # NaN. Only when some lse is exactly 0 (that, or a rare real row) is q scanned: no pass over q per call.
+    if (lse == 0).any():
+        nan_rows = q.isnan().any(-1)
         out.masked_fill_(nan_rows[..., None], float("nan"))
         lse.masked_fill_(nan_rows.transpose(1, 2), float("nan"))
     return out, lse
