@@ -3,11 +3,17 @@
 Prefill: forward and backward at head dims 64/128/256, seqlens 512..16k, causal and not, bf16 (and fp16 with
 --full), against every torch.nn.attention.SDPBackend that runs the case and FlexAttention; TFLOP/s (FlashAttention's
 FLOP count: 4*B*H*Sq*Sk*D, halved for causal; backward 2.5x the forward) and % of the dense matmul peak measured at
-the start of the run. Decode (decode_attention) has its own benchmark, bench/attention_decode.py. GPU only (the CPU
-has no fast attention to compare). Medians (triton.testing.do_bench); speedup = baseline time / our time, both
-measured in this run.
+the start of the run. Decode (decode_attention) has its own benchmark, bench/attention_decode.py. Medians
+(triton.testing.do_bench); speedup = baseline time / our time, both measured in this run.
 
-    python bench/attention.py [--out DIR] [--quick | --full]
+CPU (--device cpu): turbokernels (the automatic backend, `torch`: torch's fused CPU kernels) against
+F.scaled_dot_product_attention on the same tensors, timed in turns (interleaved medians: the CPU may be shared),
+fp32 and bf16, S = 128..2048 (--quick: 128 and 512), B=1 H=8 D=64: full, causal, GQA (8/2 heads), the
+scaled_dot_product_attention drop-in, the forward+backward of causal; and the features SDPA has no argument for
+(a causal sliding window of 256, causal ALiBi) against SDPA given the equivalent explicit mask, built beforehand
+(not timed). speedup = SDPA time / ours (>= 1: not slower than torch).
+
+    python bench/attention.py [--device cpu|cuda] [--out DIR] [--quick | --full]
     turbokernels bench attention ...
 """
 from __future__ import annotations
@@ -24,7 +30,8 @@ if __package__ in (None, ""):  # run as a script: python bench/attention.py
     __package__ = "turbokernels.bench"
 
 import turbokernels as tk  # noqa: E402
-from turbokernels.bench.common import environment, measured_roofline, median_ms, plot_speedup, write_csv  # noqa: E402
+from turbokernels.bench.common import (cpu_environment, environment, interleaved_medians, measured_roofline,  # noqa: E402
+                                       median_ms, plot_speedup, write_csv)
 
 HEAD_DIMS = (64, 128, 256)
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -113,9 +120,84 @@ def _prefill_rows(dev, dtype, roof, env, quick, full):
     return rows
 
 
-def run(out_dir: str = "bench/out", quick: bool = False, full: bool = False) -> list[dict]:
+CPU_SEQLENS = (128, 256, 512, 1024, 2048)
+CPU_HEADS, CPU_HEADS_KV, CPU_HEAD_DIM, CPU_WINDOW = 8, 2, 64, 256
+
+
+def _explicit_mask(s, causal, window_left, slopes, dtype):
+    """The additive (H, S, S) or (S, S) mask equal to our arguments (bottom-right = top-left for square S)."""
+    i = torch.arange(s)[:, None]
+    j = torch.arange(s)[None, :]
+    allowed = torch.ones(s, s, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window_left >= 0:
+        allowed &= j >= i - window_left
+    mask = torch.zeros(s, s, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    if slopes is not None:
+        mask = mask - slopes.to(dtype)[:, None, None] * (i - j).abs().to(dtype)
+    return mask
+
+
+def _cpu_cases(s, dtype):
+    """(case, ours(), sdpa()) on one set of (B, S, H, D) tensors; SDPA gets their (B, H, S, D) views."""
+    g = torch.Generator().manual_seed(s)
+    q, k, v = (torch.randn(1, s, CPU_HEADS, CPU_HEAD_DIM, generator=g).to(dtype) for _ in range(3))
+    kg, vg = (torch.randn(1, s, CPU_HEADS_KV, CPU_HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+    qt, kt, vt, kgt, vgt = (t.transpose(1, 2) for t in (q, k, v, kg, vg))
+    slopes = torch.exp2(-8.0 * torch.arange(1, CPU_HEADS + 1) / CPU_HEADS)  # ALiBi's geometric slopes
+    window_mask = _explicit_mask(s, True, CPU_WINDOW, None, dtype)
+    alibi_mask = _explicit_mask(s, True, -1, slopes, torch.float32 if dtype != torch.float64 else dtype)[None]
+    sdpa = F.scaled_dot_product_attention
+    cases = [
+        ("full", lambda: tk.attention(q, k, v), lambda: sdpa(qt, kt, vt)),
+        ("causal", lambda: tk.attention(q, k, v, causal=True), lambda: sdpa(qt, kt, vt, is_causal=True)),
+        ("gqa_causal", lambda: tk.attention(q, kg, vg, causal=True),
+         lambda: sdpa(qt, kgt, vgt, is_causal=True, enable_gqa=True)),
+        ("sdpa_dropin_causal", lambda: tk.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+         lambda: sdpa(qt, kt, vt, is_causal=True)),
+        ("window256_causal", lambda: tk.attention(q, k, v, causal=True, window_size=(CPU_WINDOW, 0)),
+         lambda: sdpa(qt, kt, vt, attn_mask=window_mask)),
+        ("alibi_causal", lambda: tk.attention(q, k, v, causal=True, alibi_slopes=slopes),
+         lambda: sdpa(qt, kt, vt, attn_mask=alibi_mask)),
+    ]
+    # forward + backward of causal attention (training on CPU): autograd through each
+    ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    qlt, klt, vlt = (t.detach().clone().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    do = torch.randn(q.shape, generator=g).to(dtype)
+    dot = do.transpose(1, 2)
+    cases.append(("causal_fwd_bwd",
+                  lambda: torch.autograd.grad(tk.attention(ql, kl, vl, causal=True), (ql, kl, vl), do),
+                  lambda: torch.autograd.grad(sdpa(qlt, klt, vlt, is_causal=True), (qlt, klt, vlt), dot)))
+    return cases
+
+
+def _cpu_rows(quick: bool) -> list[dict]:
+    env = cpu_environment()
+    print(f"# {env['device']}, torch {env['torch']}, {env['date']}: turbokernels (auto backend) vs "
+          f"F.scaled_dot_product_attention, interleaved medians", flush=True)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for s in ((128, 512) if quick else CPU_SEQLENS):
+            for case, ours, base in _cpu_cases(s, dtype):
+                ms = interleaved_medians({"ours": ours, "sdpa": base}, min_time_s=0.5 if quick else 2.0)
+                row = dict(env, op="attention", case=case, dtype=str(dtype).replace("torch.", ""), batch=1,
+                           heads=CPU_HEADS, seqlen=s, head_dim=CPU_HEAD_DIM, ours_ms=round(ms["ours"], 4),
+                           sdpa_ms=round(ms["sdpa"], 4), speedup=round(ms["sdpa"] / ms["ours"], 3))
+                rows.append(row)
+                print(f"{row['dtype']:<8} s={s:<5} {case:<20} ours {ms['ours']:9.3f} ms  sdpa {ms['sdpa']:9.3f} ms  "
+                      f"{row['speedup']:.2f}x", flush=True)
+    return rows
+
+
+def run(out_dir: str = "bench/out", quick: bool = False, full: bool = False, device: str = "cuda") -> list[dict]:
+    if device == "cpu":
+        rows = _cpu_rows(quick)
+        write_csv(rows, os.path.join(out_dir, "attention_cpu.csv"))
+        print(f"wrote {out_dir}/attention_cpu.csv")
+        return rows
     if not torch.cuda.is_available():
-        print("bench attention: needs a CUDA GPU (there is no fast CPU attention to compare against)")
+        print("bench attention: --device cuda needs a CUDA GPU (use --device cpu for the CPU comparison)")
         return []
     dev = torch.device("cuda")
     env = environment(dev)
@@ -135,11 +217,15 @@ def run(out_dir: str = "bench/out", quick: bool = False, full: bool = False) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/out")
+    p.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="d=128, two seqlens")
     p.add_argument("--full", action="store_true", help="fp16 too, every seqlen, FlexAttention everywhere (slow)")
     a = p.parse_args(argv)
-    run(a.out, a.quick, a.full)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run(a.out, a.quick, a.full, a.device)
     return 0
 
 

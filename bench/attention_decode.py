@@ -5,7 +5,13 @@ for the shape, GQA through enable_gqa) on the same keys laid out as it prefers, 
 sequence is full (cache_seqlens = capacity), so SDPA needs no mask and both read the same bytes. Medians (triton's
 do_bench, which flushes L2; the caches are larger than L2 anyway). gbps = bytes read and written (K, V, q, out)
 per second; bandwidth_pct = that over a large copy's rate measured at the start of the run (decode is
-bandwidth-bound). CPU: the reference backend, a smoke run only (--quick).
+bandwidth-bound).
+
+CPU (--device cpu): ours (the automatic backend, `torch`: torch's fused CPU kernel on the cache slots in use) against
+F.scaled_dot_product_attention given the keys in the layout it prefers, (B, Hkv, S, D) contiguous, timed in turns
+(interleaved medians: the CPU may be shared), fp32 and bf16, one new token over full caches; with lengths that
+differ per sequence (between S/2 and S) and with 4 new tokens, SDPA gets the equivalent explicit mask, built
+beforehand (not timed).
 
     python bench/attention_decode.py [--device cpu|cuda] [--out DIR] [--quick]
 """
@@ -23,15 +29,14 @@ if __package__ in (None, ""):  # run as a script: python bench/attention_decode.
     __package__ = "turbokernels.bench"
 
 import turbokernels as tk  # noqa: E402
-from turbokernels.bench.common import environment, measured_roofline, median_ms, plot_speedup, write_csv  # noqa: E402
+from turbokernels.bench.common import (cpu_environment, environment, interleaved_medians, measured_roofline,  # noqa: E402
+                                       median_ms, plot_speedup, write_csv)
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128   # Llama-3-8B
 PAGE_SIZE = 64
 
 
 def _cases(device: torch.device, quick: bool):
-    if device.type != "cuda":
-        return [(torch.float32, [(1, 256)], 1)]
     if quick:
         return [(torch.bfloat16, [(1, 4096), (16, 4096)], 1)]
     shapes = [(b, s) for b in (1, 4, 16, 64) for s in (1024, 4096, 16384) if b * s <= 64 * 16384]
@@ -51,9 +56,52 @@ def _paged(k: torch.Tensor, v: torch.Tensor):
     return kp, vp, table
 
 
+def _cpu_rows(quick: bool) -> list[dict]:
+    env = cpu_environment()
+    print(f"# {env['device']}, torch {env['torch']}, {env['date']}: decode_attention (auto backend) vs "
+          f"F.scaled_dot_product_attention, heads {HEADS_Q}/{HEADS_KV} d{HEAD_DIM}, interleaved medians", flush=True)
+    shapes = [(1, 512), (4, 2048)] if quick else [(1, 512), (1, 2048), (1, 8192), (8, 512), (8, 2048)]
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for B, S in shapes:
+            g = torch.Generator().manual_seed(B * S)
+            k, v = (torch.randn(B, S, HEADS_KV, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+            kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # SDPA's preferred layout
+            for case in ("full", "ragged", "new_tokens4"):
+                T = 4 if case == "new_tokens4" else 1
+                q = torch.randn(B, T, HEADS_Q, HEAD_DIM, generator=g).to(dtype)
+                qt = q.transpose(1, 2)
+                if case == "ragged":
+                    lens = torch.randint(S // 2, S + 1, (B,), generator=g, dtype=torch.int32)
+                else:
+                    lens = torch.full((B,), S, dtype=torch.int32)
+                mask = None
+                if case != "full":  # key j allowed iff j <= L_b - T + t
+                    j = torch.arange(S)
+                    last = lens.view(B, 1, 1, 1).long() - T + torch.arange(T).view(1, 1, T, 1)
+                    mask = torch.zeros(B, 1, T, S, dtype=dtype).masked_fill(j > last, float("-inf"))
+                ms = interleaved_medians({
+                    "ours": lambda: tk.decode_attention(q, k, v, lens),
+                    "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True),
+                }, min_time_s=0.3 if quick else 1.0)
+                row = dict(env, op="decode_attention", case=case, dtype=str(dtype).replace("torch.", ""), batch=B,
+                           seqlen=S, new_tokens=T, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
+                           ours_ms=round(ms["ours"], 4), sdpa_ms=round(ms["sdpa"], 4),
+                           speedup=round(ms["sdpa"] / ms["ours"], 3))
+                rows.append(row)
+                print(f"{row['dtype']:<8} B={B:<2} S={S:<5} {case:<12} ours {ms['ours']:8.3f} ms  sdpa "
+                      f"{ms['sdpa']:8.3f} ms  {row['speedup']:.2f}x", flush=True)
+    return rows
+
+
 def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -> list[dict]:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    if dev.type == "cpu":
+        rows = _cpu_rows(quick)
+        write_csv(rows, os.path.join(out_dir, "attention_decode_cpu.csv"))
+        print(f"wrote {out_dir}/attention_decode_cpu.csv")
+        return rows
     env = environment(dev)
     rows = []
     for dtype, shapes, T in _cases(dev, quick):
@@ -109,8 +157,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="bench/out")
+    p.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="two shapes, bf16, one new token")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     run(a.device, a.out, a.quick)
     return 0
 

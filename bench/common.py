@@ -29,26 +29,31 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     return statistics.median(times) * 1e3
 
 
-def interleaved_ms(fns: dict, device: torch.device, rounds: int = 7, min_round_s: float = 0.03) -> dict:
-    """Median milliseconds per call of each of `fns` (name -> callable), measured in interleaved rounds: every round
-    times each function in turn (as many calls as fill min_round_s), so a slow phase of a shared machine (another
-    process, a frequency change) lands on all of them alike, not on whichever ran then. CUDA: median_ms each."""
-    if device.type == "cuda":
-        return {name: median_ms(fn, device) for name, fn in fns.items()}
-    per_call = {name: [] for name in fns}
-    calls = {}
-    for name, fn in fns.items():  # warm up, and size each round from one timed call
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        calls[name] = max(1, min(200, int(min_round_s / max(time.perf_counter() - t0, 1e-7))))
-    for _ in range(rounds):
+def interleaved_medians(fns: dict, warmup: int = 2, rounds: int = 9, min_time_s: float = 1.0,
+                        max_rounds: int = 200) -> dict:
+    """{name: median ms} of several functions timed in turns (a, b, a, b, ...): on a shared, noisy CPU a load
+    change then hits every contender alike, where timing one after the other would credit it to one of them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    n = 0
+    while n < rounds or (time.perf_counter() - start < min_time_s and n < max_rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            per_call[name].append((time.perf_counter() - t0) / calls[name])
-    return {name: statistics.median(v) * 1e3 for name, v in per_call.items()}
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        n += 1
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def cpu_environment() -> dict:
+    """The CPU facts a CPU result needs: model (from /proc/cpuinfo), torch's threads, logical CPUs."""
+    env = environment(torch.device("cpu"))
+    env["threads"] = torch.get_num_threads()
+    env["logical_cpus"] = os.cpu_count()
+    return env
 
 
 def cpu_description() -> str:

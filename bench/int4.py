@@ -1,7 +1,7 @@
 """int4 weight-only linear (op int4_mm) against dense matmul on real-model shapes.
 
 GPU: ours (auto backend: Triton) vs cuBLAS `F.linear` in fp16 and bf16; medians; speedup = baseline time / our time.
-CPU, fp32 and bf16 activations, in interleaved rounds (bench.common.interleaved_ms), one row per case:
+CPU, fp32 and bf16 activations, in interleaved rounds (bench.common.interleaved_medians), one row per case:
   ours (the C++ `cpu` backend) | dense F.linear in fp32 and in bf16 (the weight stored in that dtype, x converted
   to it: what a user who does not quantize would run) | torch's own int4 CPU kernel
   (aten._weight_int4pack_mm_for_cpu, same weight and group size, bf16 x) where this torch has it.
@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: python bench/int4.py
     __package__ = "turbokernels.bench"
 
 import turbokernels as tk  # noqa: E402
-from turbokernels.bench.common import (copies_to_exceed_cache, environment, interleaved_ms,  # noqa: E402
+from turbokernels.bench.common import (copies_to_exceed_cache, environment, interleaved_medians,  # noqa: E402
                                        measured_roofline, median_ms, plot_speedup, roofline_fraction, rotating,
                                        write_csv)
 
@@ -98,7 +98,7 @@ def run_cpu(out_dir: str, quick: bool, full: bool) -> list[dict]:
                         return torch.ops.aten._weight_int4pack_mm_for_cpu(
                             x16 if dtype == torch.bfloat16 else x.to(torch.bfloat16), packed, gs, sz)
                     fns["torch_int4"] = torch_int4
-                ms = interleaved_ms(fns, dev)
+                ms = interleaved_medians(fns)
                 n_bytes = weight.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
                 best_dense = min(ms["fp32"], ms["bf16"])
                 row = dict(env, op="int4_mm", dtype=str(dtype).replace("torch.", ""), K=K, N=N, M=M,

@@ -11,8 +11,8 @@ import torch
 import turbokernels as tk
 from turbokernels import backends
 from turbokernels.reference import attention as ref
-from turbokernels.testing import (CodegenJob, assert_close, attention_allowance, compile_triton, operand_dtype,
-                                  skip_reason_no_ptxas)
+from turbokernels.testing import (CodegenJob, assert_close, attention_allowance, compile_triton, exp_error,
+                                  operand_dtype, skip_reason_no_ptxas)
 from conftest import interpreting
 
 ops_attention = importlib.import_module("turbokernels.ops.attention")
@@ -20,7 +20,15 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def runnable_backends():
-    return ["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+    """torch's fused kernels (the `torch` backend) are its CPU ones: held to the same tests on CPU tensors."""
+    return (["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+            + (["torch"] if device() == "cpu" else []))
+
+
+def declined(backend_name, kw) -> bool:
+    """Calls the backend cannot run exactly (softcap is no additive mask for torch's kernel): a forced call must
+    raise BackendUnavailable naming the reason, never compute something else."""
+    return backend_name == "torch" and kw.get("softcap", 0.0) > 0
 
 
 def device():
@@ -44,12 +52,18 @@ def assert_lse_close(lse, golden, baseline, allowance, what):
 
 
 def allowances(backend_name, q, k, v, **kw):
-    """(out, lse) allowances of `backend_name` for these inputs (P rounded to q's dtype on tensor cores)."""
-    return attention_allowance(q, k, v, operand_dtype=operand_dtype(backend_name, q.dtype), **kw)
+    """(out, lse) allowances of `backend_name` for these inputs (P rounded to q's dtype on tensor cores and in
+    torch's CPU kernel; torch's approximate exp)."""
+    return attention_allowance(q, k, v, operand_dtype=operand_dtype(backend_name, q.dtype),
+                               exp_error=exp_error(backend_name, q.dtype), **kw)
 
 
 def check_forward(backend_name, q, k, v, what="", **kw):
     """Run tk.attention on `backend_name` and compare out and lse with the float64 golden."""
+    if declined(backend_name, kw):
+        with tk.backend(backend_name), pytest.raises(tk.BackendUnavailable, match="softcap"):
+            tk.attention(q, k, v, **kw)
+        return None
     with tk.backend(backend_name):
         out, lse = tk.attention(q, k, v, return_lse=True, **kw)
     d = torch.float64
@@ -120,7 +134,7 @@ def test_varlen_matches_per_sequence_loop(backend_name, dtype):
     hq, hkv, d = 4, 2, 48
     q, k, v, cu_q, cu_k = _varlen_inputs(seqlens_q, seqlens_k, hq, hkv, d, dtype)
     slopes = alibi(len(seqlens_q), hq)
-    kw = dict(causal=True, alibi_slopes=slopes, softcap=4.0)
+    kw = dict(causal=True, alibi_slopes=slopes, softcap=0.0 if backend_name == "torch" else 4.0)
     with tk.backend(backend_name):
         out, lse = tk.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True,
                                 max_seqlen_q=torch.tensor(97), max_seqlen_k=None, **kw)
@@ -130,7 +144,7 @@ def test_varlen_matches_per_sequence_loop(backend_name, dtype):
             if q1 == q0:
                 continue
             o_b, lse_b = tk.attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], return_lse=True,
-                                      causal=True, alibi_slopes=slopes[b], softcap=4.0)
+                                      causal=True, alibi_slopes=slopes[b], softcap=kw["softcap"])
             torch.testing.assert_close(out[q0:q1], o_b[0], atol=0, rtol=0)
             torch.testing.assert_close(lse[:, q0:q1], lse_b[0], atol=0, rtol=0)
     assert (out[cu_q[4]:cu_q[5]] == 0).all() and (lse[:, cu_q[4]:cu_q[5]] == float("-inf")).all()

@@ -1,4 +1,5 @@
-"""Triton attention backward (kernels/attention_bwd.py) against the autograd of a float64 masked-softmax attention.
+"""Triton attention backward (kernels/attention_bwd.py), and the `torch` backend's (torch's CPU flash backward) on
+CPU tensors, against the autograd of a float64 masked-softmax attention.
 
 The reference lives here (not in turbokernels.reference) so this file tests the kernel on its own: a float64
 forward gives `out` and `lse` to feed the backward, its autograd gives the golden (dq, dk, dv), and the same code
@@ -9,16 +10,21 @@ import itertools
 import pytest
 import torch
 
+import turbokernels as tk
 from conftest import interpreting
-from turbokernels.testing import (CodegenJob, assert_close, attention_bwd_allowance, compile_triton, operand_dtype,
-                                  skip_reason_no_ptxas)
+from turbokernels.testing import (CodegenJob, assert_close, attention_bwd_allowance, bwd_output_partials,
+                                  compile_triton, operand_dtype, skip_reason_no_ptxas)
 
-pytestmark = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
-                                reason="triton needs CUDA or TRITON_INTERPRET=1")
+TRITON = interpreting() or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not TRITON, reason="triton needs CUDA or TRITON_INTERPRET=1")
 
 
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# the `torch` backend (torch's CPU kernels) is held to the backward tests on CPU tensors
+BACKENDS = (["triton"] if TRITON else []) + (["torch"] if device() == "cpu" else [])
 
 
 # ---- reference ---------------------------------------------------------------------------------------------------
@@ -78,7 +84,11 @@ def golden_and_baseline(q, k, v, dout, **kw):
 
 
 def launch(dout, q, k, v, out, lse, *, scale, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
-           deterministic=False, cu_q=None, cu_k=None, config=None):
+           deterministic=False, cu_q=None, cu_k=None, config=None, backend="triton"):
+    if backend != "triton":
+        with tk.backend(backend):
+            return torch.ops.turbokernels.attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, alibi, scale, causal,
+                                                        window[0], window[1], softcap, deterministic)
     from turbokernels.kernels.attention_bwd import attention_bwd
     return attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, alibi, scale, causal, window[0], window[1],
                          softcap, deterministic, config=config)
@@ -94,12 +104,15 @@ def make(b, sq, sk, hq, hkv, d, dtype):
 
 
 def allowances(q, k, v, dout, out, lse, *, scale, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
-               cu_q=None, cu_k=None):
+               cu_q=None, cu_k=None, backend="triton"):
     """The derived allowances of (dq, dk, dv) for the kernel fed with this out and lse (P and dS rounded to q's
-    dtype for the tensor-core dots, except under UPCAST)."""
+    dtype for the tensor-core dots, except under UPCAST; in torch's CPU kernel too, which also adds its partial
+    gradients in the inputs' dtype). torch's backward takes P = exp(s - lse) from the correctly rounded vectorized
+    exp: no exp_error here."""
     return attention_bwd_allowance(q, k, v, dout, out, lse, causal=causal, softmax_scale=scale, window_size=window,
                                    softcap=softcap, alibi_slopes=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                   operand_dtype=operand_dtype("triton", q.dtype))
+                                   operand_dtype=operand_dtype(backend, q.dtype),
+                                   output_partials=bwd_output_partials(backend))
 
 
 def check(grads, golden, baseline, allowance, what):
@@ -146,20 +159,28 @@ def options(opts, b, hq, d):
     return kw
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("b,sq,sk,hq,hkv,d,dtype,opts", CASES, ids=[case_id(c) for c in CASES])
-def test_matches_golden(b, sq, sk, hq, hkv, d, dtype, opts):
+def test_matches_golden(b, sq, sk, hq, hkv, d, dtype, opts, backend):
     q, k, v, dout = make(b, sq, sk, hq, hkv, d, dtype)
     kw = options(opts, b, hq, d)
     out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, **kw)
-    dq, dk, dv = launch(dout, q, k, v, out, lse, deterministic=opts.get("deterministic", False), **kw)
+    if backend == "torch" and kw.get("softcap", 0.0) > 0:  # no additive mask expresses tanh: declined
+        with pytest.raises(tk.BackendUnavailable, match="softcap"):
+            launch(dout, q, k, v, out, lse, backend=backend, **kw)
+        return
+    dq, dk, dv = launch(dout, q, k, v, out, lse, deterministic=opts.get("deterministic", False), backend=backend,
+                        **kw)
     for ours, ref in zip((dq, dk, dv), (q, k, v)):
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
-    check((dq, dk, dv), golden, baseline, allowances(q, k, v, dout, out, lse, **kw),
-          case_id((b, sq, sk, hq, hkv, d, dtype, opts)))
+    check((dq, dk, dv), golden, baseline, allowances(q, k, v, dout, out, lse, backend=backend, **kw),
+          f"{backend} {case_id((b, sq, sk, hq, hkv, d, dtype, opts))}")
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_varlen_matches_per_sequence(deterministic):
+@pytest.mark.parametrize("backend,deterministic", [(b, d) for b in BACKENDS for d in (False, True)
+                                                   if b == "triton" or d],
+                         ids=lambda x: x if isinstance(x, str) else ("deterministic" if x else "atomic"))
+def test_varlen_matches_per_sequence(backend, deterministic):
     """Packed sequences (no queries, no keys, odd lengths, q longer and shorter than k) against the reference run
     on each sequence alone, with GQA, causal and ALiBi per (batch, head)."""
     lens_q, lens_k = [17, 0, 40, 5, 6], [30, 9, 23, 5, 0]
@@ -183,25 +204,29 @@ def test_varlen_matches_per_sequence(deterministic):
         golden.append([t[0] for t in g])
         baseline.append([t[0] for t in bl])
     dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.15, causal=True, alibi=alibi, cu_q=cu_q, cu_k=cu_k,
-                        deterministic=deterministic)
-    allowance = allowances(q, k, v, dout, out, lse, scale=0.15, causal=True, alibi=alibi, cu_q=cu_q, cu_k=cu_k)
+                        deterministic=deterministic, backend=backend)
+    allowance = allowances(q, k, v, dout, out, lse, scale=0.15, causal=True, alibi=alibi, cu_q=cu_q, cu_k=cu_k,
+                           backend=backend)
     for n, ours in enumerate((dq, dk, dv)):
         assert_close(ours, torch.cat([g[n] for g in golden]), torch.cat([g[n] for g in baseline]),
                      allowance=allowance[n], what=("dq", "dk", "dv")[n])
 
 
-def test_rows_without_keys_have_zero_gradients():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_keys_have_zero_gradients(backend):
     """Causal with seqlen_q > seqlen_k: the first sq - sk query rows see no key (lse = -inf, out = 0)."""
     b, sq, sk, hq, hkv, d = 1, 40, 9, 2, 1, 64
     q, k, v, dout = make(b, sq, sk, hq, hkv, d, torch.float16)
     out, lse, golden, baseline = golden_and_baseline(q, k, v, dout, scale=0.125, causal=True)
     assert torch.isinf(lse[:, :, : sq - sk]).all()
     for deterministic in (False, True):
-        dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=deterministic)
+        dq, dk, dv = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=deterministic,
+                            backend=backend)
         assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
         assert (dq[:, : sq - sk] == 0).all()
-        check((dq, dk, dv), golden, baseline, allowances(q, k, v, dout, out, lse, scale=0.125, causal=True),
-              f"deterministic={deterministic}")
+        check((dq, dk, dv), golden, baseline,
+              allowances(q, k, v, dout, out, lse, scale=0.125, causal=True, backend=backend),
+              f"{backend} deterministic={deterministic}")
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 0, 2, 1), (0, 3, 5, 2, 1), (1, 0, 5, 2, 2)], ids=["no_keys", "batch0", "no_rows"])
@@ -217,6 +242,7 @@ def test_allowance_of_empty_attention_is_zero(shape):
             assert part.shape == t.shape and not part.any()
 
 
+@needs_triton
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_underflowing_probabilities(deterministic):
     """Found by tests/test_fuzz.py: scores spread over hundreds (inputs of size 3, d = 96, scale 0.5) leave some keys
@@ -233,15 +259,17 @@ def test_underflowing_probabilities(deterministic):
     check((dq, dk, dv), golden, baseline, allowances(q, k, v, dout, out, lse, scale=0.5), "underflow")
 
 
-def test_deterministic_is_bitwise_repeatable():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_is_bitwise_repeatable(backend):
     q, k, v, dout = make(1, 70, 90, 4, 1, 64, torch.float16)
     out, lse, _, _ = golden_and_baseline(q, k, v, dout, scale=0.125, causal=True)
-    first = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=True)
-    second = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=True)
+    first = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=True, backend=backend)
+    second = launch(dout, q, k, v, out, lse, scale=0.125, causal=True, deterministic=True, backend=backend)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
+@needs_triton
 def test_strided_inputs():
     """q/k/v as views of one packed (b, s, 3, h, d) projection, dout transposed: no copies needed."""
     b, s, h, d = 1, 37, 2, 64
@@ -262,6 +290,7 @@ def shipped_configs():
     return seen
 
 
+@needs_triton
 def test_every_config_is_correct(monkeypatch):
     """Every shipped config (all architectures and head-dim buckets) on one awkward shape that spans several
     blocks, in both dQ modes, with NaN-poisoned outputs so an element the kernels forget to write fails."""
@@ -277,6 +306,7 @@ def test_every_config_is_correct(monkeypatch):
             check((dq, dk, dv), golden, baseline, allowance, f"{cfg} deterministic={deterministic}")
 
 
+@needs_triton
 def test_mask_edges():
     """The causal and window edges swept across the block boundaries the backward's loops use (the dK/dV kernel's
     query blocks, BLOCK_M1; the dQ kernel's key blocks, BLOCK_N2), in both dQ modes, against the float64 golden:

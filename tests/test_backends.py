@@ -82,6 +82,22 @@ def test_auto_order_on_cpu():
     assert name == expected
 
 
+def test_attention_on_cpu_runs_torch_kernels_unless_they_cannot():
+    """CPU attention: torch's fused kernels (the `torch` backend) for every call they compute exactly; softcap (no
+    additive mask expresses tanh) falls to the reference, and forcing `torch` for it names the reason."""
+    assert backends.AUTO_ORDER["cpu"] == ("cpu", "torch", "reference")
+    q, k = torch.randn(1, 5, 2, 16), torch.randn(1, 7, 1, 16)
+    fwd = (q, k, k, None, None, None, 0.25, True, 3, -1)
+    assert backends.select("attention_fwd", *fwd, 0.0)[0] == "torch"
+    assert backends.select("attention_fwd", *fwd, 2.0)[0] == "reference"
+    with tk.backend("torch"), pytest.raises(tk.BackendUnavailable, match="softcap"):
+        backends.select("attention_fwd", *fwd, 2.0)
+    cache = torch.randn(1, 8, 1, 16)
+    decode = (q[:, :1], cache, cache, torch.tensor([4], dtype=torch.int32), None, None, 0.25, -1, -1)
+    assert backends.select("decode_attention", *decode, 0.0)[0] == "torch"
+    assert backends.select("decode_attention", *decode, 1.0)[0] == "reference"
+
+
 def test_non_auto_backend_runs_only_when_forced():
     calls = []
     op = "_test_only_op"

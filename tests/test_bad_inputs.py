@@ -43,7 +43,8 @@ from turbokernels import backends as tk_backends
 from turbokernels import model as tk_model
 from turbokernels.reference import attention as ref_attention
 from turbokernels.reference import decode_attention as ref_decode
-from turbokernels.testing import (Allowance, assert_close, attention_allowance, decode_allowance, matmul_allowance,
+from turbokernels.testing import (Allowance, assert_close, attention_allowance, decode_allowance, exp_error,
+                                  matmul_allowance,
                                   operand_dtype)
 
 import int4_packers as P
@@ -144,6 +145,10 @@ def assert_meta_like(out: torch.Tensor, shape, dtype):
 
 def _opd(backend, dtype):
     return operand_dtype(backend or "reference", dtype)
+
+
+def _expe(backend, dtype):
+    return exp_error(backend or "reference", dtype)
 
 
 # ---- linear ops ---------------------------------------------------------------------------------------------------
@@ -399,7 +404,8 @@ def attn_call(q=None, k=None, v=None, **kw) -> Call:
         if q.device.type == "meta":
             return assert_meta_like(out, q.shape, q.dtype)
         golden, _ = ref_attention.attention(q.double(), k.double(), v.double(), **ref_kw)
-        allowance, _ = attention_allowance(q, k, v, operand_dtype=_opd(backend, q.dtype), **ref_kw)
+        allowance, _ = attention_allowance(q, k, v, operand_dtype=_opd(backend, q.dtype),
+                                           exp_error=_expe(backend, q.dtype), **ref_kw)
         assert out.dtype == q.dtype
         assert_matches(out, golden, allowance, what=f"attention {backend}")
     return Call(lambda: tk.attention(q, k, v, **kw), check)
@@ -558,7 +564,8 @@ def sdpa_call(q=None, k=None, v=None, fused=True, **kw) -> Call:
         golden = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
                                                 scale=kw.get("scale"), enable_gqa=kw.get("enable_gqa", False))
         allowance, _ = attention_allowance(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                                           softmax_scale=kw.get("scale"), operand_dtype=_opd(backend, q.dtype))
+                                           softmax_scale=kw.get("scale"), operand_dtype=_opd(backend, q.dtype),
+                                           exp_error=_expe(backend, q.dtype))
         assert_matches(out, golden, allowance.map(lambda t: t.transpose(1, 2)), what=f"sdpa {backend}")
     return Call(lambda: tk.scaled_dot_product_attention(q, k, v, **kw), check)
 
@@ -641,7 +648,8 @@ def decode_call(q=None, k_cache=None, v_cache=None, seqlens=None, **kw) -> Call:
         args = (seqlens, kw.get("block_table"), kw.get("alibi_slopes"), scale, window[0], window[1],
                 kw.get("softcap", 0.0))
         golden = ref_decode.decode_attention(q.double(), k_cache.double(), v_cache.double(), *args)
-        allowance = decode_allowance(q, k_cache, v_cache, *args, operand_dtype=_opd(backend, q.dtype))
+        allowance = decode_allowance(q, k_cache, v_cache, *args, operand_dtype=_opd(backend, q.dtype),
+                                     exp_error=_expe(backend, q.dtype))
         assert out.dtype == q.dtype
         assert_matches(out, golden, allowance, what=f"decode_attention {backend}")
     return Call(lambda: tk.decode_attention(q, k_cache, v_cache, seqlens, **kw), check)
@@ -1718,9 +1726,9 @@ ENTRIES = [
     Entry("int4_linear", INT4_LINEAR, ("reference", "cpu", "triton")),
     Entry("sparse24_linear", SPARSE24_LINEAR, ("reference", "cpu", "triton")),
     Entry("sparse24_int4_linear", SPARSE24_INT4_LINEAR, ("reference", "triton")),
-    Entry("attention", ATTENTION, ("reference", "triton")),
-    Entry("scaled_dot_product_attention", SDPA, ("reference", "triton")),
-    Entry("decode_attention", DECODE, ("reference", "triton")),
+    Entry("attention", ATTENTION, ("reference", "triton", "torch")),
+    Entry("scaled_dot_product_attention", SDPA, ("reference", "triton", "torch")),
+    Entry("decode_attention", DECODE, ("reference", "triton", "torch")),
     Entry("kv_cache_append", KV_CACHE_APPEND, ("reference",), unchanged="both caches, bitwise"),
     Entry("prune_24", PRUNE_24, unchanged="the input weight"),
     Entry("quantize_int4", QUANTIZE_INT4),

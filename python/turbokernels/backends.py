@@ -5,6 +5,8 @@ Backends (the same names for every op):
   triton     kernels/<op>.py; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (how CI proves them)
   cpu        C++ in csrc/cpu/<op>.cpp, from turbokernels._C
   cuda       CUDA C++ in csrc/cuda/<op>.cu, from turbokernels._C
+  torch      torch's own fused kernels, where they compute the op exactly and are the fastest we have (attention
+             on CPU tensors: ops/_torch_attention.py)
 
 Choosing: a forced backend wins (innermost `with backend(name)`, then `set_backend(name)`, then the environment
 variable TURBOKERNELS_BACKEND). A forced backend that cannot run the call raises BackendUnavailable with the
@@ -23,12 +25,12 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-BACKENDS = ("reference", "triton", "cpu", "cuda")
+BACKENDS = ("reference", "triton", "cpu", "cuda", "torch")
 # Order tried when nothing is forced. The Triton backend is not auto on CPU tensors: the interpreter is a
 # correctness tool, not a fast path.
 AUTO_ORDER = {
     "cuda": ("cuda", "triton", "reference"),
-    "cpu": ("cpu", "reference"),
+    "cpu": ("cpu", "torch", "reference"),
 }
 ENV_VAR = "TURBOKERNELS_BACKEND"
 

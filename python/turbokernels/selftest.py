@@ -135,14 +135,15 @@ def _attention_inputs(gen, dev, dtype, shape):
 def _attention_fwd(gen, dev, dtype, shape):
     import turbokernels as tk
     from turbokernels.reference import attention as ref
-    from turbokernels.testing import attention_allowance, operand_dtype
+    from turbokernels.testing import attention_allowance, exp_error, operand_dtype
     q, k, v, causal, what = _attention_inputs(gen, dev, dtype, shape)
     golden, golden_lse = ref.attention(q.double(), k.double(), v.double(), causal=causal)
     baseline, baseline_lse = ref.attention(q, k, v, causal=causal, compute_dtype=dtype)
 
     def run(name):
         out, lse = tk.attention(q, k, v, causal=causal, return_lse=True)
-        a_out, a_lse = attention_allowance(q, k, v, causal=causal, operand_dtype=operand_dtype(name, dtype))
+        a_out, a_lse = attention_allowance(q, k, v, causal=causal, operand_dtype=operand_dtype(name, dtype),
+                                           exp_error=exp_error(name, dtype))
         return _Result([("out", out, golden, baseline, a_out), ("lse", lse, golden_lse, baseline_lse, a_lse)])
     return run, what
 
@@ -152,7 +153,7 @@ def _attention_bwd(gen, dev, dtype, shape):
     tests' backward baseline is their own same-dtype autograd, not repeated here)."""
     import turbokernels as tk
     from turbokernels.reference import attention as ref
-    from turbokernels.testing import attention_bwd_allowance, operand_dtype
+    from turbokernels.testing import attention_bwd_allowance, bwd_output_partials, operand_dtype
     q, k, v, causal, what = _attention_inputs(gen, dev, dtype, shape)
     dout = _randn(gen, *q.shape, dtype=dtype, device=dev)
     scale = q.shape[-1] ** -0.5
@@ -164,7 +165,8 @@ def _attention_bwd(gen, dev, dtype, shape):
         out, lse = tk.attention(*leaves, causal=causal, return_lse=True)
         grads = torch.autograd.grad(out, leaves, dout)
         allowances = attention_bwd_allowance(q, k, v, dout, out.detach(), lse, causal=causal,
-                                             operand_dtype=operand_dtype(name, dtype))
+                                             operand_dtype=operand_dtype(name, dtype),
+                                             output_partials=bwd_output_partials(name))
         return _Result([(n, g, gold, None, a) for n, g, gold, a in zip(("dq", "dk", "dv"), grads, golden,
                                                                            allowances)])
     return run, what
@@ -195,7 +197,7 @@ def _decode_inputs(gen, dev, dtype, shape):
 def _decode_attention(gen, dev, dtype, shape):
     import turbokernels as tk
     from turbokernels.reference.decode_attention import decode_attention as reference
-    from turbokernels.testing import decode_allowance, operand_dtype
+    from turbokernels.testing import decode_allowance, exp_error, operand_dtype
     q, k_cache, v_cache, lens, block_table, what = _decode_inputs(gen, dev, dtype, shape)
     scale = q.shape[-1] ** -0.5
     args = (lens, block_table, None, scale, -1, -1, 0.0)
@@ -204,7 +206,8 @@ def _decode_attention(gen, dev, dtype, shape):
 
     def run(name):
         out = tk.decode_attention(q, k_cache, v_cache, lens, block_table=block_table)
-        allowance = decode_allowance(q, k_cache, v_cache, *args, operand_dtype=operand_dtype(name, dtype))
+        allowance = decode_allowance(q, k_cache, v_cache, *args, operand_dtype=operand_dtype(name, dtype),
+                                     exp_error=exp_error(name, dtype))
         return _Result([("out", out, golden, baseline, allowance)])
     return run, what
 

@@ -195,14 +195,33 @@ def operand_dtype(backend: str, dtype: torch.dtype) -> Optional[torch.dtype]:
     """The dtype `backend` rounds the operands of its dots to, for inputs of `dtype`: the Triton and CUDA kernels
     feed fp16/bf16 operands to tensor cores (an int4 weight dequantized in fp32 is rounded to x's dtype, softmax
     probabilities to q's), except where the Triton UPCAST switch runs the dot in fp32 (fp32 inputs; bf16 under
-    the interpreter). The reference and the CPU C++ kernels compute in fp32: None."""
-    if backend not in ("triton", "cuda") or dtype not in (torch.float16, torch.bfloat16):
+    the interpreter). torch's CPU flash attention (the `torch` backend; aten/src/ATen/native/cpu/
+    FlashAttentionKernel.cpp) stores the probabilities exp(s - running max) in q's dtype before its P @ V gemm,
+    and in the backward P and dS before theirs: fp16/bf16 too. The reference and the CPU C++ kernels compute in
+    fp32: None."""
+    if backend not in ("triton", "cuda", "torch") or dtype not in (torch.float16, torch.bfloat16):
         return None
     if backend == "triton":
         from turbokernels.kernels._launch import upcast_dots
         if upcast_dots(dtype):
             return None
     return dtype
+
+
+# torch's CPU flash attention forward takes its probabilities exp(s - max) from at::vec's fast exponentials:
+# Vectorized<float>::exp_u20 for fp32 inputs (a polynomial documented as 20 ulp: 40 U32 relative), fexp_u20 for
+# fp16/bf16 inputs (a cubic fit of 2^f, f the fraction of s log2(e)). Its error is periodic in f, so a sweep of
+# s - max over [-3, 0] in steps of 1e-4 sees every f: the largest relative error measured through the kernel's lse
+# (torch 2.14, AMD EPYC, AVX-512) was 1.26e-4 for fp16 and 1.18e-4 for bf16; 2^-12 = 2.44e-4 holds it twice over.
+# (On CPUs without AVX2 both fall back to the correctly rounded exp: the bound still holds.)
+TORCH_EXP_ERROR = {torch.float32: 40 * U32, torch.float16: 2.0 ** -12, torch.bfloat16: 2.0 ** -12}
+
+
+def exp_error(backend: str, dtype: torch.dtype) -> float:
+    """The relative error of `backend`'s softmax exponential beyond a correctly rounded one, for inputs of
+    `dtype` (the attention allowances' `exp_error`): TORCH_EXP_ERROR for the `torch` backend's forward; every
+    other backend's exp is within the few ulps the allowances already hold (0)."""
+    return TORCH_EXP_ERROR.get(dtype, 0.0) if backend == "torch" else 0.0
 
 
 def _bound(golden64: torch.Tensor, dtype: torch.dtype, allowance: Allowance) -> torch.Tensor:
@@ -274,7 +293,7 @@ def assert_close(ours: torch.Tensor, golden: torch.Tensor, baseline: Optional[to
 
 # ---- allowances of attention ------------------------------------------------------------------------------------
 def _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale: float, softcap: float,
-                          rounding: tuple[float, float]) -> tuple[Allowance, Allowance]:
+                          rounding: tuple[float, float], exp_error: float = 0.0) -> tuple[Allowance, Allowance]:
     """Forward attention in (B, H, T, D) / (B, H, S, D) layout, float64: (allowance of out (B, H, T, D), of the
     natural-log lse (B, H, T)). s: exact scores with -inf where not allowed.
 
@@ -282,7 +301,8 @@ def _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale: float, softcap: f
     2 max_j ds_j (P|V|)_i; the fp32 score of a dot of length D: LAMBDA sqrt(D) u |q_i|.|k_j| * scale, plus the
     roundings of the scale multiply, softcap's tanh, the ALiBi bias and exp2 (a few u each, relative to their size).
     Then the fp32 sum of sum_j p_ij v_j and of l_i = sum_j p_ij (and the rescalings of the online softmax: one
-    multiply per key block), and, when P is rounded for the tensor-core dot, the operand term."""
+    multiply per key block), and, when P is rounded for the tensor-core dot, the operand term. An exp with a
+    relative error exp_error changes p_j (in the sum and in P V alike) as a score error of that size would."""
     d = qh.shape[-1]
     if s.shape[-1] == 0:  # no keys: the output is exactly 0 and the lse -inf
         zeros = qh.new_zeros(qh.shape)
@@ -290,7 +310,7 @@ def _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale: float, softcap: f
     allowed = allowed.expand_as(s)
     n = allowed.sum(-1).clamp(min=1).to(torch.float64)                                  # keys per row
     qk_abs = (qh.abs() @ kh.abs().transpose(-1, -2)) * scale
-    ds = LAMBDA * math.sqrt(max(d, 1)) * U32 * qk_abs + 4 * U32 * (s.abs() + softcap) + 8 * U32
+    ds = LAMBDA * math.sqrt(max(d, 1)) * U32 * qk_abs + 4 * U32 * (s.abs() + softcap) + 8 * U32 + exp_error
     if bias is not None:
         ds = ds + 4 * U32 * bias.abs()
     ds = torch.where(allowed, ds, torch.zeros_like(ds)).amax(-1)                       # (B, H, T)
@@ -307,10 +327,12 @@ def _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale: float, softcap: f
 
 def attention_allowance(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
                         alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                        operand_dtype: Optional[torch.dtype] = None) -> tuple[Allowance, Allowance]:
+                        operand_dtype: Optional[torch.dtype] = None,
+                        exp_error: float = 0.0) -> tuple[Allowance, Allowance]:
     """(allowance of out, in q's layout; of lse, in the lse layout) for turbokernels.attention with these
     arguments (those of reference.attention.attention). operand_dtype: the dtype P is rounded to before the P @ V
-    dot (q.dtype for fp16/bf16 tensor-core kernels; None when the dot runs in fp32)."""
+    dot (q.dtype for fp16/bf16 tensor-core kernels; None when the dot runs in fp32). exp_error: the relative
+    error of the backend's exp beyond a correctly rounded one (testing.exp_error)."""
     from .reference import attention as ref
     f64 = torch.float64
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -322,7 +344,7 @@ def attention_allowance(q, k, v, *, causal=False, softmax_scale=None, window_siz
                                                 softcap, f64)
         ve = ref.expand_kv(vd, qd.shape[2])
         return _softmax_pv_allowance(qd.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), s, allowed, bias,
-                                     scale, softcap, rounding)
+                                     scale, softcap, rounding, exp_error)
 
     if cu_seqlens_q is None:
         out_a, lse_a = one(q64, k64, v64, alibi_slopes)
@@ -342,15 +364,16 @@ def attention_allowance(q, k, v, *, causal=False, softmax_scale=None, window_siz
 
 def decode_allowance(q, k_cache, v_cache, cache_seqlens, block_table=None, alibi_slopes=None, softmax_scale=None,
                      window_left=-1, window_right=-1, softcap=0.0,
-                     operand_dtype: Optional[torch.dtype] = None) -> Allowance:
+                     operand_dtype: Optional[torch.dtype] = None, exp_error: float = 0.0) -> Allowance:
     """Allowance of decode_attention's output (B, T, Hq, D), for the reference's arguments. The split-KV combine
-    (a weighted sum of partial outputs, weights from their lse) adds a few fp32 roundings: inside the constants."""
+    (a weighted sum of partial outputs, weights from their lse) adds a few fp32 roundings: inside the constants.
+    exp_error: as attention_allowance's."""
     from .reference.decode_attention import decode_scores
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     qh, kh, vh, s, allowed, bias = decode_scores(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
                                                  scale, window_left, window_right, softcap, torch.float64)
     out_a, _ = _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale, softcap,
-                                     _operand_rounding(operand_dtype))
+                                     _operand_rounding(operand_dtype), exp_error)
     # the combine: exp of lse differences and a normalisation, each relative to |o|
     out_a = out_a + Allowance(16 * U32 * ((torch.exp(s - torch.logsumexp(s, -1, keepdim=True).nan_to_num(0.0))
                                            .nan_to_num(0.0)) @ vh.abs()), 0.0)
@@ -359,10 +382,15 @@ def decode_allowance(q, k_cache, v_cache, cache_seqlens, block_table=None, alibi
 
 def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
                             softcap=0.0, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                            operand_dtype: Optional[torch.dtype] = None) -> tuple[Allowance, Allowance, Allowance]:
+                            operand_dtype: Optional[torch.dtype] = None,
+                            output_partials=None) -> tuple[Allowance, Allowance, Allowance]:
     """Allowances of (dq, dk, dv) for the FlashAttention-2 backward fed with `out` and `lse` (what the kernel
     gets: their own errors against the exact forward are measured here and propagated). operand_dtype: the dtype P
-    and dS are rounded to before their dots (q.dtype on tensor cores; None for fp32 dots).
+    and dS are rounded to before their dots (q.dtype on tensor cores; None for fp32 dots). output_partials: for a
+    kernel that accumulates the gradients in their own (input) dtype, f(sq, sk, hq, hkv) -> (n_dq, n_dkv), how
+    many partial sums of each dq and each dk/dv element are rounded to it (testing.bwd_output_partials); each
+    rounding but the last (the output's own, in rule (1)) adds u |partial| <= u sum |terms|, independent:
+    LAMBDA sqrt(n - 1) u sum |terms|.
 
         dV = P^T dO      dP = dO V^T      D = rowsum(dO * O)      dS = P (dP - D) [(1 - t^2) with softcap]
         dQ = scale dS K   dK = scale dS^T Q      (GQA: dK, dV summed over the q heads of a kv head)
@@ -438,6 +466,13 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
         dk_sq = scale ** 2 * ((dS * dS).transpose(-1, -2) @ (qh * qh))
         dk_floor = scale ** 2 * (ok.transpose(-1, -2) @ (qh * qh))
 
+        if output_partials is not None:
+            n_dq, n_dkv = output_partials(sq, sk, hq, hkv)
+            u_out = unit_roundoff(q.dtype)
+            dq_acc = dq_acc + LAMBDA * math.sqrt(n_dq - 1) * u_out * scale * (dS.abs() @ kh.abs())
+            dk_acc = dk_acc + LAMBDA * math.sqrt(n_dkv - 1) * u_out * scale * (dS.abs().transpose(-1, -2) @ qh.abs())
+            dv_acc = dv_acc + LAMBDA * math.sqrt(n_dkv - 1) * u_out * (p.transpose(-1, -2) @ doh.abs())
+
         def group_sum(t):  # (B, Hq, S, D) -> (B, Hkv, S, D): the q heads of one kv head add up
             return t.reshape(B, hkv, g, *t.shape[2:]).sum(2)
 
@@ -464,6 +499,19 @@ def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_sc
             parts[n][1][a:z] = res[n].operand[0].cpu()
     dev = q.device
     return tuple(Allowance(a.to(dev), o.to(dev)) for a, o in parts)
+
+
+def _torch_bwd_partials(sq: int, sk: int, hq: int, hkv: int) -> tuple[int, int]:
+    """torch's CPU flash backward (FlashAttentionKernel.cpp, cpu_flash_attention_backward) adds each block's
+    product into grad_q/grad_k/grad_v in the inputs' dtype (gemm with beta = 1): dq once per key block of 512,
+    dk/dv once per query block (256 rows from 768 query rows on, 64 from 192, else 32) and q head of its group."""
+    q_split = 256 if sq >= 768 else 64 if sq >= 192 else 32
+    return max(1, math.ceil(sk / 512)), max(1, math.ceil(sq / q_split) * (hq // hkv))
+
+
+def bwd_output_partials(backend: str):
+    """attention_bwd_allowance's output_partials for `backend` (None: accumulates in fp32, rounds once)."""
+    return _torch_bwd_partials if backend == "torch" else None
 
 
 # ---- static code generation --------------------------------------------------------------------------------------

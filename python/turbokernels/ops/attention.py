@@ -11,6 +11,7 @@
                  schema + fake; register_autograd(attention_fwd) calls attention_bwd
     backends     reference  python/turbokernels/reference/attention.py   (fp32, float64 for float64 inputs)
                  triton     kernels/attention_fwd.py, kernels/attention_bwd.py
+                 torch      ops/_torch_attention.py: torch's fused CPU kernels (every call but softcap)
 
 Semantics (FlashAttention 2.x) are written down in the reference module. Outputs are contiguous. The ops take no
 max_seqlen: the Triton kernel finds each query tile's sequence from cu_seqlens on the device, so nothing is read
@@ -30,6 +31,7 @@ import torch
 from .. import backends
 from .._checks import check_values
 from ..reference import attention as reference
+from . import _torch_attention
 from ._library import define
 
 FWD = "attention_fwd"
@@ -92,6 +94,9 @@ def _triton_fwd(*args):
     return launch(*args)
 
 
+backends.register(FWD, "torch", check=_torch_attention.check_fwd)(_torch_attention.attention_fwd)
+
+
 # ---- attention_bwd ------------------------------------------------------------------------------------------
 def _fake_bwd(dout, q, k, v, out, lse, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -120,6 +125,9 @@ def _triton_bwd(*args):
     """The kernel takes the op's arguments in order and returns contiguous (dq, dk, dv)."""
     from turbokernels.kernels.attention_bwd import attention_bwd as launch
     return launch(*args)
+
+
+backends.register(BWD, "torch", check=_torch_attention.check_bwd)(_torch_attention.attention_bwd)
 
 
 # ---- autograd -----------------------------------------------------------------------------------------------

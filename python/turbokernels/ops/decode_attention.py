@@ -9,6 +9,7 @@
                                                         block_table)              mutates the caches in place
     backends     reference  python/turbokernels/reference/decode_attention.py   (both ops)
                  triton     kernels/attention_decode.py                         (decode_attention)
+                 torch      ops/_torch_attention.py: torch's fused CPU kernel       (decode_attention)
 
 The convention (FlashAttention's flash_attn_with_kvcache, after its append): the new tokens are ALREADY in the
 cache. A decode step is
@@ -29,6 +30,7 @@ import torch
 from .. import backends
 from .._checks import check_values
 from ..reference import decode_attention as reference
+from . import _torch_attention
 from ._library import define
 
 OP = "decode_attention"
@@ -111,6 +113,9 @@ def _triton(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softm
     from turbokernels.kernels.attention_decode import decode_attention as launch
     # window_right is implied by causality (a new token never sees later keys), so the kernel does not need it.
     return launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, softcap)
+
+
+backends.register(OP, "torch", check=_torch_attention.check_decode)(_torch_attention.decode_attention)
 
 
 # ---- kv_cache_append ---------------------------------------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""The `torch` backend of the attention ops: torch's own fused CPU kernels (aten's flash-style
+_scaled_dot_product_flash_attention_for_cpu and its backward), for every call they can compute EXACTLY as our spec
+(reference/attention.py, reference/decode_attention.py) says.
+
+Why a backend and not a C++ kernel of ours: on CPU tensors torch's kernel is what F.scaled_dot_product_attention
+runs, so calling it is the way to be never slower than torch. Calling the aten op directly (not F.sdpa) skips
+torch's backend selection and returns the logsumexp the autograd backward needs.
+
+How the spec maps onto the kernel (B, H, S, D views of our (B, S, H, D) tensors, no copies):
+  * causal: torch aligns to the top-left corner, the spec to the bottom-right (key j allowed iff
+    j <= i + Sk - Sq). is_causal=True is used when the top-left edge is at or outside the spec's (the kernel then
+    skips key blocks past it); the spec's edge, windows and ALiBi become an explicit additive mask (0 / -inf, and
+    -slope * |j - i - (Sk - Sq)| in fp32, float64 for float64 inputs: the same products the reference computes);
+  * rows without any allowed key: the kernel writes out = 0 (as the spec) but lse = 0 where the spec has -inf;
+    those rows are known from the arguments and their lse is set to -inf (the backward maps it back to 0);
+  * no keys at all: out = 0, lse = -inf here (the kernel divides by zero);
+  * GQA: the kernel indexes kv head h // (Hq / Hkv) itself in the torch versions probed to (_native_gqa);
+    otherwise k/v are expanded for it (a copy) and dK/dV summed back;
+  * varlen: one call per sequence on views of the packed tensors (a block-diagonal mask would cost
+    total_q * total_k);
+  * decode: one call on the cache slots some new token may attend, [L - T - window_left, L), a view (paged caches:
+    the pages holding them, gathered); slots outside are never read, as the spec requires (unwritten slots may hold
+    NaN: a mask cannot hide a NaN key, NaN + -inf is NaN). Sequences of different lengths: one call each.
+Softcap (tanh of the scores) is not an additive mask: declined, the reference runs it.
+Non-finite inputs: a NaN query row gives a NaN output row, as in the spec (restored after the kernel, which would
+write 0); one known divergence remains: a row whose every allowed KEY is NaN comes out 0 instead of NaN when those
+keys fall in the kernel's scalar tail (fewer than a vector's width), where std::max skips NaN.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NEG_INF = float("-inf")
+
+
+@functools.lru_cache(maxsize=None)
+def _native_gqa() -> bool:
+    """Whether this torch's CPU kernels read kv head h // group for query head h (forward and backward), probed once
+    on a tiny case against the expanded computation: older torch versions index k/v with the query's head count."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, h, 4, 8, generator=g) for h in (2, 1, 1, 2))
+    try:
+        o, lse = _fwd(q, k, v, 0.0, False)
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, 0.0, False)
+    except RuntimeError:
+        return False
+    ke, ve = k.expand(1, 2, 4, 8), v.expand(1, 2, 4, 8)
+    o2, lse2 = _fwd(q, ke, ve, 0.0, False)
+    _, dk2, dv2 = _bwd(do, q, ke, ve, o2, lse2, 0.0, False)
+    return (torch.allclose(o, o2) and dk.shape == k.shape and torch.allclose(dk, dk2.sum(1, keepdim=True))
+            and torch.allclose(dv, dv2.sum(1, keepdim=True)))
+
+
+def _common_reason(q, k, v, softcap) -> Optional[str]:
+    if q.device.type != "cpu":
+        return f"torch's fused attention kernel used here is the CPU one (got {q.device.type} tensors)"
+    if softcap > 0:
+        return "softcap (tanh of the scores) cannot be expressed as an additive mask for torch's kernel"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            return f"{name}'s head dim is not contiguous (stride {t.stride(-1)})"
+    return None
+
+
+def check_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left, window_right,
+              softcap) -> Optional[str]:
+    return _common_reason(q, k, v, softcap)
+
+
+def check_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal,
+              window_left, window_right, softcap, deterministic) -> Optional[str]:
+    reason = _common_reason(q, k, v, softcap)
+    if reason is None and q.dtype == torch.float64:
+        return ("float64: the op's lse is fp32, and the kernel's P = exp(s - lse) would carry its error into "
+                "float64 gradients (the reference recomputes it)")
+    if reason is None and dout.shape[-1] > 1 and dout.stride(-1) != 1:
+        return f"dout's head dim is not contiguous (stride {dout.stride(-1)})"
+    return reason
+
+
+def _edges(sq: int, sk: int, causal: bool, window_left: int, window_right: int):
+    """(left, right, offset): the window relative to each row's aligned diagonal (key j allowed iff
+    -left <= j - i - offset <= right), None where it excludes no key of any row."""
+    off = sk - sq
+    right = 0 if causal else window_right
+    # rel = j - i - off lies in [-(sk - 1), sq - 1]: a bound outside that range excludes nothing
+    left = window_left if 0 <= window_left < sk - 1 else None
+    right = right if 0 <= right < sq - 1 else None
+    return left, right, off
+
+
+def _mask(sq: int, sk: int, left, right, off: int, is_causal: bool, slopes, dtype, device):
+    """The additive mask of one (sq, sk) block, or None: -inf outside the window (where is_causal does not already
+    exclude it), -slope * |j - i - off| with ALiBi slopes ((H,) or (B, H)): (sq, sk), (1, H, sq, sk) or
+    (B, H, sq, sk)."""
+    need_right = right is not None and not (is_causal and off + right == 0)
+    if slopes is None and left is None and not need_right:
+        return None
+    if slopes is not None:
+        rel = torch.arange(sk, dtype=dtype, device=device) - torch.arange(off, sq + off, dtype=dtype,
+                                                                           device=device)[:, None]
+        neg = -slopes.to(dtype)
+        mask = (neg[..., None, None] * rel.abs_())
+        if mask.dim() == 3:
+            mask = mask[None]
+        # the same 0/-inf window for every (batch, head): applied to the (sq, sk) plane of each
+        window = _mask(sq, sk, left, right, off, is_causal, None, dtype, device)
+        return mask if window is None else mask.add_(window)
+    mask = torch.zeros(sq, sk, dtype=dtype, device=device)
+    if need_right:  # -inf where j - i > off + right
+        mask = mask.masked_fill_(torch.ones(sq, sk, dtype=torch.bool, device=device).triu_(off + right + 1), NEG_INF)
+    if left is not None:  # -inf where j - i < off - left
+        mask = mask.masked_fill_(torch.ones(sq, sk, dtype=torch.bool, device=device).tril_(off - left - 1), NEG_INF)
+    return mask
+
+
+def _empty_rows(sq: int, sk: int, left, right, off: int) -> tuple[int, int]:
+    """Rows [0, a) and [b, sq) have no allowed key (a <= b)."""
+    a = min(sq, max(0, -(off + right))) if right is not None else 0
+    b = max(a, min(sq, sk - off + left)) if left is not None else sq
+    return a, b
+
+
+def _call_args(sq, sk, slopes, causal, window_left, window_right, dtype, device):
+    """(is_causal, mask, (a, b) rows with keys) for one dense block."""
+    left, right, off = _edges(sq, sk, causal, window_left, window_right)
+    is_causal = right is not None and off + right <= 0
+    # a 0/-inf mask is exact in any dtype: q's (half the bytes of fp32 for fp16/bf16); an ALiBi bias is computed
+    # and added in fp32 as the reference does (float64 for float64 inputs)
+    mdtype = dtype if slopes is None else (torch.float64 if dtype == torch.float64 else torch.float32)
+    mask = _mask(sq, sk, left, right, off, is_causal, slopes, mdtype, device)
+    return is_causal, mask, _empty_rows(sq, sk, left, right, off)
+
+
+def _expand_kv(t: torch.Tensor, hq: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, Hq, S, D) for kernels without native GQA (a copy)."""
+    b, hkv, s, d = t.shape
+    return t[:, :, None].expand(b, hkv, hq // hkv, s, d).reshape(b, hq, s, d)
+
+
+def _dense_fwd(q, k, v, slopes, scale, causal, window_left, window_right):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out (B, Sq, Hq, D) contiguous, lse fp32 (B, Hq, Sq))."""
+    sq, hq, sk = q.shape[1], q.shape[2], k.shape[1]
+    if sk == 0:
+        return q.new_zeros(q.shape), q.new_full((q.shape[0], hq, sq), NEG_INF, dtype=torch.float32)
+    is_causal, mask, (a, b) = _call_args(sq, sk, slopes, causal, window_left, window_right, q.dtype, q.device)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kt.shape[1] != hq and not _native_gqa():
+        kt, vt = _expand_kv(kt, hq), _expand_kv(vt, hq)
+    out, lse = _fwd(qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+    # the kernel's out is a (B, H, S, D) view of a contiguous (B, S, H, D) tensor; its lse a (B, H, S) view of
+    # (B, S, H) storage: made contiguous (the op's outputs are)
+    lse = lse.float().contiguous()
+    if a > 0:
+        lse[..., :a] = NEG_INF
+    if b < sq:
+        lse[..., b:] = NEG_INF
+    out = out.transpose(1, 2).contiguous()
+    # A NaN query row makes every score of the row NaN; the kernel's scalar max (std::max, for the keys past the
+    # last full vector) skips NaN, so such a row looks fully masked: out 0 and lse exactly 0, where the spec gives
+    # NaN. Only when some lse is exactly 0 (that, or a rare real row) is q scanned: no pass over q per call.
+    if (lse == 0).any():
+        nan_rows = q.isnan().any(-1)
+        out.masked_fill_(nan_rows[..., None], float("nan"))
+        lse.masked_fill_(nan_rows.transpose(1, 2), float("nan"))
+    return out, lse
+
+
+def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left,
+                  window_right, softcap):
+    if cu_seqlens_q is None:
+        return _dense_fwd(q, k, v, alibi_slopes, softmax_scale, causal, window_left, window_right)
+    out = q.new_zeros(q.shape)
+    lse = torch.full((q.shape[1], q.shape[0]), NEG_INF, dtype=torch.float32, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # CPU tensors: no device sync
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
+        o_b, lse_b = _dense_fwd(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], slopes, softmax_scale, causal,
+                                window_left, window_right)
+        out[q0:q1] = o_b[0]
+        lse[:, q0:q1] = lse_b[0]
+    return out, lse
+
+
+def _dense_bwd(dout, q, k, v, out, lse, slopes, scale, causal, window_left, window_right):
+    sq, hq, sk, hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    if sk == 0 or sq == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    is_causal, mask, _ = _call_args(sq, sk, slopes, causal, window_left, window_right, q.dtype, q.device)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    expand = hkv != hq and not _native_gqa()
+    if expand:
+        kt, vt = _expand_kv(kt, hq), _expand_kv(vt, hq)
+    # rows without keys: lse -inf in the spec, 0 as the kernel wrote it (exp(-inf - 0) = 0: no gradient)
+    lse = torch.where(lse == NEG_INF, 0.0, lse)
+    dq, dk, dv = _bwd(dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse, 0.0, is_causal, attn_mask=mask,
+                      scale=scale)
+    if expand:
+        g = hq // hkv
+        dk = dk.reshape(dk.shape[0], hkv, g, sk, dk.shape[-1]).sum(2)
+        dv = dv.reshape(dv.shape[0], hkv, g, sk, dv.shape[-1]).sum(2)
+    return (dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous(), dv.transpose(1, 2).contiguous())
+
+
+def attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal,
+                  window_left, window_right, softcap, deterministic):
+    """torch's CPU backward gives each (batch, head) pair to one thread and sums in a fixed order: bitwise
+    repeatable, so `deterministic` needs nothing more."""
+    if cu_seqlens_q is None:
+        return _dense_bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, causal, window_left, window_right)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
+        g = _dense_bwd(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
+                       lse[None, :, q0:q1], slopes, softmax_scale, causal, window_left, window_right)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+# ---- decode_attention ----------------------------------------------------------------------------------------
+def check_decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+                 window_right, softcap) -> Optional[str]:
+    # q's head dim is made contiguous here if needed (a few rows); the entry already requires it of the caches
+    return _common_reason(q[..., :1], k_cache, v_cache, softcap)
+
+
+def _slots(cache, block_table, b: int, lo: int, hi: int) -> torch.Tensor:
+    """(1, hi - lo, Hkv, D): cache positions lo..hi-1 of sequence b (a view; paged: its pages gathered)."""
+    if block_table is None:
+        return cache[b:b + 1, lo:hi]
+    ps = cache.shape[1]
+    first, last = lo // ps, (hi + ps - 1) // ps
+    pages = cache[block_table[b, first:last].long()].reshape(1, (last - first) * ps, *cache.shape[2:])
+    return pages[:, lo - first * ps:hi - first * ps]
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+                     window_right, softcap):
+    """New token t of sequence b attends the keys the spec allows among [lo_b, L_b), lo_b = L_b - T - window_left
+    (clamped at 0): attention_fwd's dense case with causal=True on that slice (its bottom-right alignment puts token
+    t at position L_b - T + t), window_right implied by causality."""
+    batch, T = q.shape[0], q.shape[1]
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        q = q.contiguous()
+    lens = cache_seqlens.tolist()  # CPU tensors: no device sync
+    spans = [(max(0, n - T - window_left) if window_left >= 0 else 0, n) for n in lens]
+    if block_table is None and all(s == spans[0] for s in spans):
+        lo, hi = spans[0]
+        out, _ = _dense_fwd(q, k_cache[:, lo:hi], v_cache[:, lo:hi], alibi_slopes, softmax_scale, True, window_left,
+                            -1)
+        return out
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for b, (lo, hi) in enumerate(spans):
+        slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
+        out[b:b + 1], _ = _dense_fwd(q[b:b + 1], _slots(k_cache, block_table, b, lo, hi),
+                                     _slots(v_cache, block_table, b, lo, hi), slopes, softmax_scale, True,
+                                     window_left, -1)
+    return out
