@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -105,6 +106,8 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, p
     if quick:
         prompt, decode, rounds = min(prompt, 32), min(decode, 8), min(rounds, 3)
     env = environment(dev)
+    # transformers 5 renames past_key_values (a FutureWarning per call); the old name works on the GPU image's too
+    warnings.filterwarnings("ignore", category=FutureWarning)
     name, _, model = _load_llama(dev)
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=dev)

@@ -42,6 +42,9 @@ timeout 60 $PY bench/attention.py --quick --out "$OUT" || status=1
 step "benchmark: decode attention"
 timeout 30 $PY bench/attention_decode.py --device cuda --quick --out "$OUT" || status=1
 
+step "benchmark: end to end (SmolLM2-135M prefill/decode, HF fp32 vs int4 vs int4 + attention)"
+timeout 60 $PY bench/e2e.py --device cuda --quick --out "$OUT" || status=1
+
 step "done: status $status; files in $OUT"
 ls -la "$OUT"
 exit $status
