@@ -9,7 +9,8 @@ import sys
 OPS = ("attention_bwd", "attention_fwd", "decode_attention", "int4_mm", "kv_cache_append", "sparse24_int4_mm",
        "sparse24_mm")
 BENCHMARKS = {"int4": "turbokernels.bench.int4", "sparse24": "turbokernels.bench.sparse24",
-              "attention": "turbokernels.bench.attention", "attention_decode": "turbokernels.bench.attention_decode"}
+              "attention": "turbokernels.bench.attention", "attention_decode": "turbokernels.bench.attention_decode",
+              "overhead": "turbokernels.bench.overhead"}
 
 
 def cmd_info(args) -> int:
