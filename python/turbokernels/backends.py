@@ -76,6 +76,14 @@ def backend(name: Optional[str]) -> Iterator[None]:
         _context_backend.reset(token)
 
 
+# os.environ's own mapping (CPython's os._Environ; updated by os.environ[...] = ..., monkeypatch.setenv, putenv via
+# os.environ), keyed by the encoded name; None elsewhere (then os.environ.get).
+_environ_data = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _environ_data is not None and hasattr(os.environ, "encodekey") else None
+if _ENV_KEY is None:
+    _environ_data = None
+
+
 def forced_backend() -> Optional[str]:
     """The backend forced for the current call, or None when the choice is automatic."""
     ctx = _context_backend.get()
@@ -83,6 +91,10 @@ def forced_backend() -> Optional[str]:
         return None if ctx == "auto" else ctx
     if _global_backend is not None:
         return _global_backend
+    # os.environ.get raises and catches a KeyError when the variable is unset (the usual case): ~1 us per op call
+    raw = _environ_data.get(_ENV_KEY) if _environ_data is not None else os.environ.get(ENV_VAR)
+    if raw is None:
+        return None
     return _validate(os.environ.get(ENV_VAR), f"environment variable {ENV_VAR}")
 
 
@@ -92,6 +104,7 @@ def register(op: str, backend_name: str, *, check: Callable[..., Optional[str]],
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY.setdefault(op, {})[backend_name] = Impl(fn=fn, check=check, auto=auto)
+        _CHOSEN.clear()  # a remembered choice may no longer be the one select would make
         return fn
 
     return deco
@@ -112,10 +125,27 @@ def _device_type(args) -> str:
     return "cpu"
 
 
-def select(op: str, *args) -> tuple[str, Impl]:
-    """The (name, impl) that `dispatch` would run for these arguments."""
-    table = _REGISTRY[op]
+# Choices remembered by select(..., key=...): (op, forced backend, key) -> (name, impl). A forced backend is part of
+# the key, so `with backend(...)`, set_backend and the environment variable are honored after the cache was filled
+# (they are resolved on every call, before the lookup); register() empties it. Bounded: emptied when full.
+_CHOSEN: dict[tuple, tuple[str, Impl]] = {}
+_CHOSEN_MAX = 4096
+
+
+def select(op: str, *args, key=None) -> tuple[str, Impl]:
+    """The (name, impl) that `dispatch` would run for these arguments.
+
+    key: a hashable value that determines every backend check's answer for these arguments (the caller's statement:
+    e.g. the linear ops' device, dtypes, shapes and strides, known to the entry that checked them). With a key the
+    checks run once per (op, forced backend, key) and the choice is reused; a call that no backend can run is never
+    remembered (it raises every time).
+    """
     forced = forced_backend()
+    if key is not None:
+        hit = _CHOSEN.get((op, forced, key))
+        if hit is not None:
+            return hit
+    table = _REGISTRY[op]
     if forced is not None:
         impl = table.get(forced)
         if impl is None:
@@ -124,22 +154,31 @@ def select(op: str, *args) -> tuple[str, Impl]:
         reason = impl.check(*args)
         if reason is not None:
             raise BackendUnavailable(f"turbokernels.{op}: the forced backend {forced!r} cannot run this call: {reason}")
-        return forced, impl
-    device = _device_type(args)
-    reasons = []
-    for name in AUTO_ORDER.get(device, ("reference",)):
-        impl = table.get(name)
-        if impl is None or not impl.auto:
-            continue
-        reason = impl.check(*args)
-        if reason is None:
-            return name, impl
-        reasons.append(f"{name}: {reason}")
-    raise BackendUnavailable(f"turbokernels.{op}: no backend can run this call on {device} ({'; '.join(reasons)})")
+        chosen = forced, impl
+    else:
+        device = _device_type(args)
+        reasons = []
+        for name in AUTO_ORDER.get(device, ("reference",)):
+            impl = table.get(name)
+            if impl is None or not impl.auto:
+                continue
+            reason = impl.check(*args)
+            if reason is None:
+                chosen = name, impl
+                break
+            reasons.append(f"{name}: {reason}")
+        else:
+            raise BackendUnavailable(f"turbokernels.{op}: no backend can run this call on {device} "
+                                     f"({'; '.join(reasons)})")
+    if key is not None:
+        if len(_CHOSEN) >= _CHOSEN_MAX:
+            _CHOSEN.clear()
+        _CHOSEN[(op, forced, key)] = chosen
+    return chosen
 
 
-def dispatch(op: str, *args):
-    return select(op, *args)[1].fn(*args)
+def dispatch(op: str, *args, key=None):
+    return select(op, *args, key=key)[1].fn(*args)
 
 
 # ---- reusable checks -------------------------------------------------------------------------------------------

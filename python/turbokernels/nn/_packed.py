@@ -12,6 +12,15 @@ or, in the layer's own load_state_dict with strict=True, a missing or unexpected
 RuntimeError and leaves the layer untouched. (Loaded as part of a larger model, torch's own rule applies to the
 model: it loads every valid module before reporting missing or unexpected keys.) A layer built on the "meta"
 device is materialized on the state dict's device, in its own dtypes.
+
+forward trusts the packed buffers: they are validated once, by the format's own checks, into a plan
+(ops/_linear.LinearPlan: the op's weight arguments and the signature its backend choice is remembered under), and
+the plan is reused while every packed buffer is the same tensor at the same version. A buffer replaced
+(`layer.qweight = t`, `.to()`, load_state_dict) or changed in place by a shape-changing op (`resize_`, `set_`:
+they bump the version) gets the plan rebuilt, so a bad replacement raises an error naming the argument, at the
+next call, instead of reaching a kernel. (A tensor's `.data = ...` assignment changes neither identity nor version:
+call `layer.replan()` after one. Inference tensors have no version: their identity alone is watched.) x and the bias
+are checked on every call, as the functionals check them.
 """
 from __future__ import annotations
 
@@ -19,6 +28,8 @@ import torch
 from torch import nn
 
 from ..formats.int4 import FLOAT_DTYPES
+
+is_compiling = torch.compiler.is_compiling
 
 
 def check_features(entry: str, in_features, out_features, multiple_of: int = 1) -> None:
@@ -40,8 +51,45 @@ def check_dtype(entry: str, dtype) -> torch.dtype:
     return dtype
 
 
+def _version(t):
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version counter
+        return None
+
+
 class PackedWeightModule(nn.Module):
     PACKED: tuple[str, ...] = ()  # names of the buffers that hold the packed weight
+    _plan = None  # the current plan (instance attribute once built); see the module docstring
+    _plan_watch: tuple = ()  # ((buffer name, tensor, version), ...) the plan was built from
+
+    def _make_plan(self):
+        """A LinearPlan of the current packed buffers, validated (TypeError/ValueError naming the argument)."""
+        raise NotImplementedError
+
+    def replan(self):
+        """Validate the packed buffers now and use them from the next call on (forward does this by itself when a
+        buffer is replaced; see the module docstring)."""
+        buffers = self._buffers
+        watch = tuple((n, buffers.get(n), _version(buffers.get(n))) for n in self.PACKED)
+        plan = self._make_plan()
+        self._plan, self._plan_watch = plan, watch
+        return plan
+
+    def _current_plan(self):
+        plan = self._plan
+        if plan is not None:
+            buffers = self._buffers
+            for name, t, version in self._plan_watch:
+                if buffers.get(name) is not t or (version is not None and t._version != version):
+                    break
+            else:
+                return plan
+        return self.replan()
+
+    def _apply(self, fn, recurse=True):
+        self._plan = None  # .to()/.half()/...: new buffers; do not keep the old ones alive through the plan
+        return super()._apply(fn, recurse)
 
     def _validate_packed(self, packed: dict[str, torch.Tensor]) -> None:
         """Raise TypeError/ValueError naming what is wrong with these packed tensors for this layer."""
@@ -97,6 +145,7 @@ class PackedWeightModule(nn.Module):
             return
         taken = set(cast)
         if cast:
+            self._plan = None
             first = getattr(self, self.PACKED[0])
             device = first.device if first.device.type != "meta" else cast[self.PACKED[0]].device
             for n, t in cast.items():

@@ -8,8 +8,9 @@ from torch import nn
 
 from .._checks import requested_device
 from ..formats.int4 import Int4Weight, check_group_size, exact_offsets, num_groups, quantize_int4
-from ..ops.int4_mm import int4_linear
-from ._packed import PackedWeightModule, check_dtype, check_features
+from ..ops import int4_mm
+from ..ops._linear import planned
+from ._packed import PackedWeightModule, check_dtype, check_features, is_compiling
 
 
 class Int4Linear(PackedWeightModule):
@@ -79,7 +80,23 @@ class Int4Linear(PackedWeightModule):
                                    self.perm if self.perm.numel() else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.weight, None if self.bias is None else self.bias.to(x.dtype))
+        bias = self._parameters.get("bias", self.__dict__.get("bias"))  # not nn.Module.__getattr__: ~2 us a call
+        if bias is not None:
+            xdt = getattr(x, "dtype", None)
+            if xdt is not None and bias.dtype != xdt:
+                bias = bias.to(xdt)
+        if is_compiling():  # traced: the buffers as they are, no plan bookkeeping in the graph
+            return int4_mm.int4_linear(x, self.weight, bias)
+        return planned(self._current_plan(), x, bias)
+
+    def _make_plan(self):
+        perm = self.perm
+        plan = int4_mm.plan("Int4Linear", self.qweight, self.scales, self.offsets, self.group_size,
+                            self.in_features, perm if isinstance(perm, torch.Tensor) and perm.numel() else None)
+        if plan.out_features != self.out_features:
+            raise ValueError(f"Int4Linear(qweight): qweight has {plan.out_features} columns, this layer has "
+                             f"out_features={self.out_features}")
+        return plan
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.dequantize(dtype)

@@ -11,8 +11,9 @@ from ..compress.prune import prune_24
 from ..formats.int4 import Int4Weight, exact_offsets, num_groups
 from ..formats.sparse24 import _meta_cols
 from ..formats.sparse24_int4 import Sparse24Int4Weight, check_dense_group_size
-from ..ops.sparse24_int4_mm import sparse24_int4_linear
-from ._packed import PackedWeightModule, check_dtype, check_features
+from ..ops import sparse24_int4_mm
+from ..ops._linear import planned
+from ._packed import PackedWeightModule, check_dtype, check_features, is_compiling
 
 _FORMAT = "turbokernels.sparse24_int4/1"
 
@@ -91,7 +92,22 @@ class Sparse24Int4Linear(PackedWeightModule):
         return Sparse24Int4Weight._trusted(int4, self.meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse24_int4_linear(x, self.weight, None if self.bias is None else self.bias.to(x.dtype))
+        bias = self._parameters.get("bias", self.__dict__.get("bias"))  # not nn.Module.__getattr__: ~2 us a call
+        if bias is not None:
+            xdt = getattr(x, "dtype", None)
+            if xdt is not None and bias.dtype != xdt:
+                bias = bias.to(xdt)
+        if is_compiling():  # traced: the buffers as they are, no plan bookkeeping in the graph
+            return sparse24_int4_mm.sparse24_int4_linear(x, self.weight, bias)
+        return planned(self._current_plan(), x, bias)
+
+    def _make_plan(self):
+        plan = sparse24_int4_mm.plan(self.qweight, self.scales, self.offsets, self.meta, self.group_size,
+                                     self.in_features)
+        if plan.out_features != self.out_features:
+            raise ValueError(f"Sparse24Int4Linear(qweight): qweight has {plan.out_features} columns, this layer has "
+                             f"out_features={self.out_features}")
+        return plan
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.dequantize(dtype)

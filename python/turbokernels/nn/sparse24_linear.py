@@ -9,8 +9,9 @@ from torch import nn
 from .._checks import requested_device
 from ..compress.prune import prune_24
 from ..formats.sparse24 import Sparse24Weight, _meta_cols
-from ..ops.sparse24_mm import sparse24_linear
-from ._packed import PackedWeightModule, check_dtype, check_features
+from ..ops import sparse24_mm
+from ..ops._linear import planned
+from ._packed import PackedWeightModule, check_dtype, check_features, is_compiling
 
 _FORMAT = "turbokernels.sparse24/1"
 
@@ -71,7 +72,17 @@ class Sparse24Linear(PackedWeightModule):
         return Sparse24Weight._trusted(self.values, self.meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse24_linear(x, self.weight, self.bias)
+        bias = self._parameters.get("bias", self.__dict__.get("bias"))  # not nn.Module.__getattr__: ~2 us a call
+        if is_compiling():  # traced: the buffers as they are, no plan bookkeeping in the graph
+            return sparse24_mm.sparse24_linear(x, self.weight, bias)
+        return planned(self._current_plan(), x, bias)
+
+    def _make_plan(self):
+        plan = sparse24_mm.plan("Sparse24Linear", self.values, self.meta, self.in_features)
+        if plan.out_features != self.out_features:
+            raise ValueError(f"Sparse24Linear(values): values has {plan.out_features} rows, this layer has "
+                             f"out_features={self.out_features}")
+        return plan
 
     def to_dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The pruned weight (out_features, in_features), exactly."""

@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..formats.int4 import FLOAT_DTYPES, Int4Weight
+from ..formats.int4 import Int4Weight, validate_int4_tensors
 from ..reference import int4_mm as reference
+from . import _linear
 from ._library import define
 
 OP = "int4_mm"
@@ -85,27 +86,19 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
     """y = x @ weight.dequantize().T + bias, for x of shape (..., in_features) in fp16, bf16 or fp32."""
     if not isinstance(weight, Int4Weight):
         raise TypeError(f"int4_linear(weight): expected a turbokernels.Int4Weight, got {type(weight).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"int4_linear(x): expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"int4_linear(x): dtype must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] != weight.in_features:
-        raise ValueError(f"int4_linear(x): last dimension must be in_features={weight.in_features}, "
-                         f"got shape {tuple(x.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"int4_linear(x): x is on {x.device} but the weight is on {weight.device}")
+    qweight = weight.qweight
+    K, N = weight.in_features, qweight.shape[1]
+    _linear.check_x("int4_linear", x, K, qweight.device)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"int4_linear(bias): expected a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (weight.out_features,):
-            raise ValueError(f"int4_linear(bias): expected shape ({weight.out_features},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"int4_linear(bias): dtype {bias.dtype} does not match x's {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"int4_linear(bias): bias is on {bias.device} but x is on {x.device}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, weight.in_features)
-    if weight.perm is not None:
-        x2 = x2.index_select(1, weight.perm)
-    out = int4_mm(x2, weight.qweight, weight.scales, weight.offsets, weight.effective_group_size, bias)
-    return out.reshape(*lead, weight.out_features)
+        _linear.check_bias("int4_linear", bias, N, x)
+    return _linear.run(OP, x, (qweight, weight.scales, weight.offsets, weight.effective_group_size), K, N,
+                       weight.perm, bias)
+
+
+def plan(entry: str, qweight, scales, offsets, group_size: int, in_features: int, perm) -> _linear.LinearPlan:
+    """A LinearPlan of these tensors, validated (Int4Weight's checks, errors naming `entry(argument)`)."""
+    perm = validate_int4_tensors(entry, qweight, scales, offsets, group_size, in_features, perm)
+    w = Int4Weight._trusted(qweight.contiguous(), scales.contiguous(), offsets.contiguous(), group_size, in_features,
+                            perm)
+    return _linear.LinearPlan(OP, "int4_linear", (w.qweight, w.scales, w.offsets, w.effective_group_size),
+                              in_features, w.out_features, w.device, perm)

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..formats.int4 import FLOAT_DTYPES
 from ..formats.sparse24_int4 import Sparse24Int4Weight
 from ..reference import sparse24_int4_mm as reference
+from . import _linear
 from ._library import define
 
 OP = "sparse24_int4_mm"
@@ -94,26 +94,18 @@ def sparse24_int4_linear(x: torch.Tensor, weight: Sparse24Int4Weight,
     if not isinstance(weight, Sparse24Int4Weight):
         raise TypeError(f"sparse24_int4_linear(weight): expected a turbokernels.Sparse24Int4Weight, got "
                         f"{type(weight).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"sparse24_int4_linear(x): expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"sparse24_int4_linear(x): dtype must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] != weight.in_features:
-        raise ValueError(f"sparse24_int4_linear(x): last dimension must be in_features={weight.in_features}, "
-                         f"got shape {tuple(x.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"sparse24_int4_linear(x): x is on {x.device} but the weight is on {weight.device}")
+    qweight = weight.qweight
+    K, N = weight.in_features, qweight.shape[1]
+    _linear.check_x("sparse24_int4_linear", x, K, qweight.device)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"sparse24_int4_linear(bias): expected a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (weight.out_features,):
-            raise ValueError(f"sparse24_int4_linear(bias): expected shape ({weight.out_features},), got "
-                             f"{tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"sparse24_int4_linear(bias): dtype {bias.dtype} does not match x's {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"sparse24_int4_linear(bias): bias is on {bias.device} but x is on {x.device}")
-    lead = x.shape[:-1]
-    out = sparse24_int4_mm(x.reshape(-1, weight.in_features), weight.qweight, weight.scales, weight.offsets,
-                           weight.meta, weight.kept_group_size, bias)
-    return out.reshape(*lead, weight.out_features)
+        _linear.check_bias("sparse24_int4_linear", bias, N, x)
+    return _linear.run(OP, x, (qweight, weight.scales, weight.offsets, weight.meta, weight.kept_group_size), K, N,
+                       None, bias)
+
+
+def plan(qweight, scales, offsets, meta, group_size: int, in_features: int) -> _linear.LinearPlan:
+    """A LinearPlan of these tensors, validated (Sparse24Int4Weight's checks; group_size in dense columns)."""
+    w = Sparse24Int4Weight(qweight, scales, offsets, meta, group_size, in_features)
+    return _linear.LinearPlan(OP, "sparse24_int4_linear",
+                              (w.qweight, w.scales, w.offsets, w.meta, w.kept_group_size), in_features,
+                              w.out_features, w.device)

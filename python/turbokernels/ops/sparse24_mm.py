@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..formats.int4 import FLOAT_DTYPES
 from ..formats.sparse24 import Sparse24Weight
 from ..reference import sparse24_mm as reference
+from . import _linear
 from ._library import define
 
 OP = "sparse24_mm"
@@ -115,27 +115,19 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torc
     if not isinstance(weight, Sparse24Weight):
         raise TypeError(f"sparse24_linear(weight): expected a turbokernels.Sparse24Weight, got "
                         f"{type(weight).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"sparse24_linear(x): expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"sparse24_linear(x): dtype must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"sparse24_linear(x): dtype {x.dtype} does not match the weight's values dtype "
-                        f"{weight.dtype} (cast the weight once: weight.to(dtype={x.dtype}))")
-    if x.dim() == 0 or x.shape[-1] != weight.in_features:
-        raise ValueError(f"sparse24_linear(x): last dimension must be in_features={weight.in_features}, "
-                         f"got shape {tuple(x.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"sparse24_linear(x): x is on {x.device} but the weight is on {weight.device}")
+    values = weight.values
+    N, K = values.shape[0], weight.in_features
+    _linear.check_x("sparse24_linear", x, K, values.device, values.dtype)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"sparse24_linear(bias): expected a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (weight.out_features,):
-            raise ValueError(f"sparse24_linear(bias): expected shape ({weight.out_features},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"sparse24_linear(bias): dtype {bias.dtype} does not match x's {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"sparse24_linear(bias): bias is on {bias.device} but x is on {x.device}")
-    lead = x.shape[:-1]
-    out = sparse24_mm(x.reshape(-1, weight.in_features), weight.values, weight.meta, bias)
-    return out.reshape(*lead, weight.out_features)
+        _linear.check_bias("sparse24_linear", bias, N, x)
+    return _linear.run(OP, x, (values, weight.meta), K, N, None, bias)
+
+
+def plan(entry: str, values, meta, in_features: int) -> _linear.LinearPlan:
+    """A LinearPlan of these tensors, validated (Sparse24Weight's checks)."""
+    w = Sparse24Weight(values, meta)
+    if w.in_features != in_features:
+        raise ValueError(f"{entry}(values): values/meta describe in_features={w.in_features}; this layer has "
+                         f"in_features={in_features}")
+    return _linear.LinearPlan(OP, "sparse24_linear", (w.values, w.meta), in_features, w.out_features, w.device,
+                              dtype=w.dtype)

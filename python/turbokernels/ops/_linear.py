@@ -1,0 +1,107 @@
+"""What the three linear entries (int4_linear, sparse24_linear, sparse24_int4_linear) share: the checks of x and
+the bias, `run` (the functionals: any weight object, checked per call, backend chosen per call) and `planned` (the
+modules, nn/: a weight validated once and kept in a `LinearPlan`, so a call checks x and the bias only, and the
+backend choice is remembered per key in backends.select).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..formats.int4 import FLOAT_DTYPES
+from .. import backends
+from . import _library
+
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
+# Interned weight signatures: a plan's choice key starts with a small int instead of a nested tuple hashed per call.
+_SIGNATURES: dict[tuple, int] = {}
+
+
+def signature_id(*tensors_and_values) -> int:
+    """A small int naming the (dtype, device, shape, stride) of each tensor and the other values: the weight's part
+    of the backend choice key (backends.select), computed once per plan, never per call."""
+    sig = tuple((t.dtype, t.device, tuple(t.shape), t.stride()) if isinstance(t, _Tensor) else t
+                for t in tensors_and_values)
+    return _SIGNATURES.setdefault(sig, len(_SIGNATURES))
+
+
+class LinearPlan:
+    """A weight as one op call needs it: the op's weight arguments, in_features, out_features, device, the act-order
+    permutation (int4) and the signature id; built once from validated tensors."""
+    __slots__ = ("op", "entry", "weights", "in_features", "out_features", "device", "perm", "dtype", "sig")
+
+    def __init__(self, op: str, entry: str, weights: tuple, in_features: int, out_features: int,
+                 device: torch.device, perm: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None):
+        self.op, self.entry, self.weights, self.perm, self.dtype = op, entry, weights, perm, dtype
+        self.in_features, self.out_features, self.device = in_features, out_features, device
+        self.sig = signature_id(op, *weights, perm)
+
+
+def check_x(entry: str, x, in_features: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
+    """x (..., in_features) on the weight's device, fp16/bf16/fp32 (`dtype`: the weight's, which x must match)."""
+    if type(x) is not _Tensor and not isinstance(x, _Tensor):
+        raise TypeError(f"{entry}(x): expected a torch.Tensor, got {type(x).__name__}")
+    xdt = x.dtype
+    if xdt not in FLOAT_DTYPES:
+        raise TypeError(f"{entry}(x): dtype must be float16, bfloat16 or float32, got {xdt}")
+    if dtype is not None and xdt != dtype:
+        raise TypeError(f"{entry}(x): dtype {xdt} does not match the weight's values dtype {dtype} (cast the weight "
+                        f"once: weight.to(dtype={xdt}))")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{entry}(x): last dimension must be in_features={in_features}, got shape "
+                         f"{tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{entry}(x): x is on {x.device} but the weight is on {device}")
+
+
+def check_bias(entry: str, bias, out_features: int, x: torch.Tensor) -> None:
+    if not isinstance(bias, _Tensor):
+        raise TypeError(f"{entry}(bias): expected a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != (out_features,):
+        raise ValueError(f"{entry}(bias): expected shape ({out_features},), got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{entry}(bias): dtype {bias.dtype} does not match x's {x.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"{entry}(bias): bias is on {bias.device} but x is on {x.device}")
+
+
+def run(op: str, x: torch.Tensor, weights: tuple, in_features: int, out_features: int,
+        perm: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The functionals' call on checked arguments: x (..., in_features) @ weight -> (..., out_features). Given any
+    weight object, they choose the backend per call (no key: a key would cost what the checks cost)."""
+    two_d = x.dim() == 2
+    x2 = x if two_d else x.reshape(-1, in_features)
+    if perm is not None:
+        x2 = x2.index_select(1, perm)
+    out = _library.call(op, (x2,) + weights + (bias,))
+    return out if two_d else out.reshape(*x.shape[:-1], out_features)
+
+
+def planned(p: LinearPlan, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The entry's call for a weight validated once (a module's plan): x and the bias are checked (errors name the
+    functional's arguments), the backend choice is remembered per key. One frame for what check_x, check_bias and
+    run do, since each Python call costs about a microsecond here."""
+    tx = type(x)
+    if tx is not _Tensor and tx is not _Parameter:
+        check_x(p.entry, x, p.in_features, p.device, p.dtype)  # raises, or x is a subclass: the checks passed
+    xs, xdt = x.shape, x.dtype
+    if (xdt not in FLOAT_DTYPES or (p.dtype is not None and xdt != p.dtype) or not xs or xs[-1] != p.in_features
+            or x.device != p.device):
+        check_x(p.entry, x, p.in_features, p.device, p.dtype)  # raises
+    if bias is not None and (type(bias) is not _Parameter and type(bias) is not _Tensor or bias.dtype != xdt
+                             or bias.shape != (p.out_features,) or bias.device != p.device):
+        check_bias(p.entry, bias, p.out_features, x)  # raises (or a subclass, checked)
+    two_d = len(xs) == 2
+    x2 = x if two_d else x.reshape(-1, p.in_features)
+    if p.perm is not None:
+        x2 = x2.index_select(1, p.perm)
+    args = (x2, *p.weights, bias)
+    if _library.direct(args):
+        if x2.shape[0] == 0:
+            out = x2.new_empty((0, p.out_features))
+        else:
+            out = backends.select(p.op, *args, key=(p.sig, xdt, x2.shape, x2.stride(), bias is None))[1].fn(*args)
+    else:
+        out = _library.OPS[p.op](*args)
+    return out if two_d else out.reshape(*xs[:-1], p.out_features)

@@ -1,0 +1,157 @@
+"""The short call path of the linear entries (ops/_library.call, ops/_linear, nn/_packed plans, backends.select's
+remembered choices): a forced backend is honored after a choice was remembered, a replaced module buffer is
+revalidated, bad input still raises naming the argument, and whatever must see the op still sees it."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import turbokernels as tk
+from turbokernels import backends
+
+K, N = 64, 16
+
+
+def _layers():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, N)
+    return {"int4_mm": tk.nn.Int4Linear.from_linear(lin, group_size=32),
+            "sparse24_mm": tk.nn.Sparse24Linear.from_linear(lin),
+            "sparse24_int4_mm": tk.nn.Sparse24Int4Linear.from_linear(lin, group_size=32)}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """spy(op) -> list of the backend names that ran `op` (each Impl's fn wrapped)."""
+    def install(op):
+        ran = []
+        for name, impl in backends.registered(op).items():
+            monkeypatch.setattr(impl, "fn", (lambda fn, name: lambda *a: ran.append(name) or fn(*a))(impl.fn, name))
+        return ran
+    return install
+
+
+@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm"])
+def test_forced_backend_is_honored_after_the_choice_was_remembered(op, spy, monkeypatch):
+    layer = _layers()[op]
+    ran = spy(op)
+    x = torch.randn(2, K)
+    auto = layer(x)
+    layer(x)  # the choice is remembered now
+    assert len(ran) == 2 and ran[0] == ran[1]
+    with tk.backend("reference"):
+        forced = layer(x)
+    assert ran[-1] == "reference"
+    try:
+        tk.set_backend("reference")
+        layer(x)
+        assert ran[-1] == "reference"
+    finally:
+        tk.set_backend(None)
+    monkeypatch.setenv("TURBOKERNELS_BACKEND", "reference")
+    layer(x)
+    assert ran[-1] == "reference"
+    monkeypatch.delenv("TURBOKERNELS_BACKEND")
+    layer(x)
+    assert ran[-1] == ran[0]
+    with tk.backend("cuda"):  # no CUDA tensors (or no cuda backend): an error, never the remembered choice
+        with pytest.raises(tk.BackendUnavailable):
+            layer(x)
+    torch.testing.assert_close(auto, forced, atol=1e-4, rtol=1e-4)
+
+
+def test_select_runs_the_checks_once_per_key_and_register_forgets():
+    calls = []
+    op = "_test_keyed_op"
+    backends.register(op, "reference", check=lambda x: calls.append("ref") or None)(lambda x: x)
+    backends.register(op, "cpu", check=lambda x: calls.append("cpu") or "not here")(lambda x: x)
+    x = torch.ones(1)
+    for _ in range(3):
+        assert backends.select(op, x, key=("k", 1))[0] == "reference"
+    assert calls == ["cpu", "ref"]
+    assert backends.select(op, x, key=("k", 2))[0] == "reference"  # another key: checked again
+    assert calls == ["cpu", "ref"] * 2
+    with tk.backend("cpu"):  # forced: its own entry, and a failing check is never remembered
+        for _ in range(2):
+            with pytest.raises(tk.BackendUnavailable, match="not here"):
+                backends.select(op, x, key=("k", 1))
+    backends.register(op, "cpu", check=lambda x: None)(lambda x: x)  # now cpu can run it, first in AUTO_ORDER
+    assert backends.select(op, x, key=("k", 1))[0] == "cpu"
+
+
+@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm"])
+def test_replaced_buffer_is_revalidated(op):
+    layer = _layers()[op]
+    x = torch.randn(3, K)
+    layer(x)
+    name = layer.PACKED[0]
+    good = getattr(layer, name)
+    named = rf"\(({'|'.join(layer.PACKED)})\): "  # an error naming the argument, not a kernel's
+    setattr(layer, name, good[:-1].clone())  # the wrong shape
+    with pytest.raises(ValueError, match=named):
+        layer(x)
+    setattr(layer, name, good)
+    layer(x)
+    getattr(layer, name).resize_(1, good.shape[1])  # in place, a new shape: the version changed
+    with pytest.raises(ValueError, match=named):
+        layer(x)
+
+
+def test_replaced_buffer_with_a_valid_weight_is_used():
+    torch.manual_seed(1)
+    layer = _layers()["int4_mm"]
+    x = torch.randn(2, K)
+    other = tk.nn.Int4Linear.from_linear(torch.nn.Linear(K, N), group_size=32)
+    layer(x)
+    for n in layer.PACKED:
+        setattr(layer, n, getattr(other, n))
+    layer.bias = other.bias
+    torch.testing.assert_close(layer(x), other(x), atol=0, rtol=0)
+    layer.load_state_dict(_layers()["int4_mm"].state_dict())
+    torch.testing.assert_close(layer(x), _layers()["int4_mm"](x), atol=0, rtol=0)
+
+
+def test_bad_input_still_raises_naming_the_argument():
+    layers = _layers()
+    for op, entry in (("int4_mm", "int4_linear"), ("sparse24_mm", "sparse24_linear"),
+                      ("sparse24_int4_mm", "sparse24_int4_linear")):
+        layer = layers[op]
+        layer(torch.randn(1, K))  # a plan and a remembered choice exist
+        with pytest.raises(ValueError, match=rf"{entry}\(x\): last dimension"):
+            layer(torch.randn(1, K + 4))
+        with pytest.raises(TypeError, match=rf"{entry}\(x\): dtype"):
+            layer(torch.randn(1, K).to(torch.float64))
+        with pytest.raises(TypeError, match=rf"{entry}\(x\)"):
+            layer([0.0] * K)
+        layer.bias.data = torch.zeros(N + 1)  # neither identity nor version changes: the bias is checked per call
+        with pytest.raises(ValueError, match=rf"{entry}\(bias\): expected shape"):
+            layer(torch.randn(1, K))
+    w = tk.quantize_int4(torch.randn(N, K), group_size=32)
+    tk.int4_linear(torch.randn(1, K), w)
+    with pytest.raises(ValueError, match=r"int4_linear\(bias\)"):
+        tk.int4_linear(torch.randn(1, K), w, torch.zeros(N + 1))
+    with pytest.raises(TypeError, match=r"int4_linear\(weight\)"):
+        tk.int4_linear(torch.randn(1, K), w.qweight)
+
+
+def test_what_must_see_the_op_still_sees_it():
+    layer = _layers()["int4_mm"]
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, K)
+    with Log():
+        layer(x)
+    assert any("turbokernels.int4_mm" in f for f in seen), seen
+    xg = x.clone().requires_grad_()
+    y = layer(xg)  # autograd: through the op, whose backward gives the gradient
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y.detach(), atol=0, rtol=0)  # the direct path: the same result
+    with torch.inference_mode():
+        inf = tk.nn.Int4Linear.from_linear(torch.nn.Linear(K, N), group_size=32)  # inference tensors: no version
+        assert inf(x).shape == (2, N) and inf(x).shape == (2, N)
