@@ -33,6 +33,11 @@ TK_ATTR __attribute__((always_inline)) inline void accumulate_words(const int32_
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < J; ++j) part[t][r][j] = Vec::zero();
   for (int64_t w = 0; w < nw; ++w) {
+    // The block's piece of each row is 64-256 bytes a row apart (N words: often a page): no hardware prefetcher
+    // follows that, so fetch kPrefetchRows rows ahead (the next chunk's or group's first rows at the end: the same
+    // block continues there). Lines already in L1 (the other row chunks of a panel) make this a cheap no-op.
+    constexpr int64_t kPrefetchRows = 8;
+    for (int j = 0; j < J * W; j += 16) __builtin_prefetch(q + (w + kPrefetchRows) * ldq + j);
     VI words[J];
 #pragma GCC unroll 16
     for (int j = 0; j < J; ++j) words[j] = Vec::prepare(Vec::loadq(q + w * ldq + j * W));
