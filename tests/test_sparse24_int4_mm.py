@@ -150,8 +150,8 @@ def test_triton_refuses_small_groups_with_a_reason():
 ISAS = ["best", "avx2", "scalar"]  # TURBOKERNELS_CPU_ISA caps the choice; a cap above the CPU's gives its best
 # (M, N, K, dense group size). N 1/17/97/113: ragged column vectors (the plain C++ tail), 300 several column units;
 # K 4 (one partial word row), 100 / 260 / 1000 (K/2 not a multiple of 8: a partial last word row); kept group sizes
-# 6 / 20 (word rows spanning two or more groups), 64, K/2; M 1 / 3 / 4 / 5 / 17: row tiles of 1-4 rows and ragged
-# ones; 9, 65 and 257: expand + BLAS past each path's fused limit (plain C++ 8, AVX2 64, AVX-512 256)
+# 6 / 20 (word rows spanning two or more groups), 64, K/2; M 1 / 3 / 4 / 5 / 17 / 65: row tiles of 1-4 rows and
+# ragged ones; 9 and 257: expand + BLAS past each path's fused limit (plain C++ 8, AVX2 and AVX-512 256)
 CPU_CASES = [(1, 1, 4, -1), (1, 17, 100, 12), (3, 97, 576, 128), (4, 113, 1000, 40), (5, 300, 260, -1),
              (17, 33, 64, 128), (9, 17, 100, 40), (65, 20, 96, 12), (257, 9, 36, -1)]
 

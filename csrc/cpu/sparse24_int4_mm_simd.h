@@ -146,13 +146,19 @@ TK_ATTR void expand_rows(const Problem& P, int64_t n0, int64_t nc, float* w) {
     float* dst = w + n * P.K;
     for (int64_t k = 0; k < P.K; ++k) dst[k] = 0.f;
     const int16_t* meta = P.meta + (n0 + n) * P.K16;
+    int64_t g = -1, g_end = 0;
+    float s = 0.f, o = 0.f;
     for (int64_t c = 0; c < KH; ++c) {
+      if (c >= g_end) {  // a new group: its scale and offset once, not per value
+        g = c / P.gs;
+        g_end = (g + 1) * P.gs;
+        s = scalar_to_f32(P.sdt, P.s, g * P.N + n0 + n);
+        o = scalar_to_f32(P.odt, P.o, g * P.N + n0 + n);
+      }
       const int64_t j = c >> 3;
       const int i = static_cast<int>(c & 7);
       const uint32_t word = static_cast<uint32_t>(P.q[j * P.N + n0 + n]);
       const unsigned pos = (static_cast<uint16_t>(meta[j]) >> (2 * i)) & 3u;
-      const int64_t g = c / P.gs;
-      const float s = scalar_to_f32(P.sdt, P.s, g * P.N + n0 + n), o = scalar_to_f32(P.odt, P.o, g * P.N + n0 + n);
       dst[16 * j + 4 * (i >> 1) + pos] = static_cast<float>((word >> (4 * i)) & 15u) * s + o;
     }
   }
