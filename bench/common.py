@@ -29,6 +29,25 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     return statistics.median(times) * 1e3
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 2, rounds: int = 15,
+                        min_time_s: float = 0.5) -> dict[str, float]:
+    """CPU: median wall time (ms) of each fn, called in turn, one call each per round: on a shared machine a burst
+    of someone else's load then hits every contender alike, where timing one after the other would put it all on
+    one of them."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    while len(times[next(iter(fns))]) < rounds or (time.perf_counter() - start < min_time_s and
+                                                   len(times[next(iter(fns))]) < 200):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def measured_roofline(device: torch.device, dtype: torch.dtype) -> dict:
     """Peak memory bandwidth (a large copy) and peak matmul throughput in `dtype`, measured now, here."""
     n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
