@@ -9,8 +9,12 @@ bandwidth from a large copy, compute from a large dense matmul, both measured at
 the multiply-adds a 2:4 kernel executes (half of dense), at 2x the dense rate on GPU (sparse tensor cores) and 1x on
 CPU. roofline_pct = the binding roof's share of the measured time.
 
-GPU only, also int4 + 2:4 (op sparse24_int4_mm, Sparse24Int4Weight g128) against the same dense F.linear and
+GPU: also int4 + 2:4 (op sparse24_int4_mm, Sparse24Int4Weight g128) against the same dense F.linear and
 against turbokernels' int4_linear (Int4Weight g128) on the same shapes and M (rows with op=sparse24_int4_mm).
+CPU: per shape and M, dense fp32 and bf16 F.linear, sparse24 and sparse24_int4 (g128) are timed in turn, one call
+each per round (common.interleaved_medians: a shared machine's bursts hit all four alike); speedup is against fp32
+F.linear, speedup_vs_best_dense against the faster of fp32 and bf16; bandwidth_pct is the op's bytes per second
+against the copy bandwidth measured at the start of the same run.
 
     python bench/sparse24.py [--device cpu|cuda] [--out DIR] [--quick]
     turbokernels bench sparse24 ...
@@ -30,13 +34,13 @@ if __package__ in (None, ""):  # run as a script: python bench/sparse24.py
     __package__ = "turbokernels.bench"
 
 import turbokernels as tk  # noqa: E402
-from turbokernels.bench.common import (copies_to_exceed_cache, environment, measured_roofline,  # noqa: E402
-                                       median_ms, plot_speedup, rotating, write_csv)
+from turbokernels.bench.common import (copies_to_exceed_cache, environment, interleaved_medians,  # noqa: E402
+                                       measured_roofline, median_ms, plot_speedup, rotating, write_csv)
 
 # (in_features K, out_features N) of Llama-3-8B: attention / MLP up / MLP down
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 GPU_M = [1, 16, 64, 256, 2048, 8192]
-CPU_M = [1, 4, 16, 64]
+CPU_M = [1, 4, 16, 64, 256]
 
 
 def _cases(device: torch.device, quick: bool):
@@ -114,6 +118,54 @@ def _int4_rows(dev, dtype, dense: torch.Tensor, m_values, env: dict) -> list[dic
     return rows
 
 
+def _cpu_rows(dev, dtype, dense: torch.Tensor, m_values, env: dict, roof: dict) -> list[dict]:
+    """CPU: sparse24_mm and sparse24_int4_mm (g128) against dense fp32 and bf16 F.linear, interleaved medians."""
+    K, N = dense.shape[1], dense.shape[0]
+    sp = tk.Sparse24Weight.from_dense(dense)
+    si = tk.Sparse24Int4Weight.from_dense(dense.float(), group_size=128)
+    dense_bf16 = dense.bfloat16()
+
+    def copies(first, n_bytes, clone):
+        return rotating([first] + [clone(first) for _ in range(copies_to_exceed_cache(n_bytes, dev) - 1)])
+
+    next_fp32 = copies(dense, dense.numel() * 4, torch.clone)
+    next_bf16 = copies(dense_bf16, dense.numel() * 2, torch.clone)
+    next_sp = copies(sp, sp.nbytes(), lambda w: tk.Sparse24Weight(w.values.clone(), w.meta.clone()))
+    next_si = copies(si, si.nbytes(), lambda w: tk.Sparse24Int4Weight(w.qweight.clone(), w.scales.clone(),
+                                                                      w.offsets.clone(), w.meta.clone(), 128, K))
+    rows = []
+    for M in m_values:
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        xb = x.bfloat16()
+        ms = interleaved_medians({"fp32": lambda: F.linear(x, next_fp32()), "bf16": lambda: F.linear(xb, next_bf16()),
+                                  "sparse24_mm": lambda: tk.sparse24_linear(x, next_sp()),
+                                  "sparse24_int4_mm": lambda: tk.sparse24_int4_linear(x, next_si())})
+        best_dense = min(ms["fp32"], ms["bf16"])
+        for op, weight in (("sparse24_mm", sp), ("sparse24_int4_mm", si)):
+            t = ms[op] * 1e-3
+            flops = 2.0 * M * N * K
+            n_bytes = weight.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
+            roof_time = max(flops / 2 / roof["peak_flops"], n_bytes / roof["peak_bytes_per_s"])
+            args = ((x, weight.values, weight.meta) if op == "sparse24_mm" else
+                    (x, weight.qweight, weight.scales, weight.offsets, weight.meta, weight.kept_group_size))
+            row = dict(env, op=op, dtype=str(dtype).replace("torch.", ""), K=K, N=N, M=M,
+                       backend=tk.backends.select(op, *args)[0], baseline="F.linear dense",
+                       baseline_ms=round(ms["fp32"], 5), ours_ms=round(ms[op], 5),
+                       speedup=round(ms["fp32"] / ms[op], 3), bf16_baseline_ms=round(ms["bf16"], 5),
+                       speedup_vs_best_dense=round(best_dense / ms[op], 3),
+                       tflops=round(flops / t / 1e12, 3), gbps=round(n_bytes / t / 1e9, 1),
+                       roofline_pct=round(100 * roof_time / t, 1),
+                       bandwidth_pct=round(100 * n_bytes / t / roof["peak_bytes_per_s"], 1),
+                       matmul_peak_pct=round(100 * flops / 2 / t / roof["peak_flops"], 1),
+                       peak_gbps=round(roof["peak_bytes_per_s"] / 1e9, 1),
+                       peak_tflops=round(roof["peak_flops"] / 1e12, 2), threads=torch.get_num_threads())
+            rows.append(row)
+            print(f"{row['dtype']:>8} {K:>6} {N:>6} {M:>5} {ms['fp32']:>9.4f} {ms['bf16']:>9.4f} {ms[op]:>9.4f} "
+                  f"{row['speedup']:>7.2f}x {row['speedup_vs_best_dense']:>7.2f}x {row['gbps']:>7.1f} "
+                  f"{row['bandwidth_pct']:>6.1f}  {op} {row['backend']}", flush=True)
+    return rows
+
+
 def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -> list[dict]:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -125,6 +177,13 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -
         print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}  "
               f"measured peak {roof['peak_bytes_per_s'] / 1e9:.0f} GB/s, {roof['peak_flops'] / 1e12:.2f} "
               f"TFLOP/s ({dtype})", flush=True)
+        if dev.type == "cpu":
+            print(f"{'dtype':>8} {'K':>6} {'N':>6} {'M':>5} {'fp32 ms':>9} {'bf16 ms':>9} {'ours ms':>9} "
+                  f"{'vs fp32':>8} {'vs best':>8} {'GB/s':>7} {'bw%':>6}  op backend", flush=True)
+            for K, N in shapes:
+                rows += _cpu_rows(dev, dtype, tk.prune_24(torch.randn(N, K, device=dev) * 0.02).to(dtype), m_values,
+                                  env, roof)
+            continue
         print(f"{'dtype':>8} {'K':>6} {'N':>6} {'M':>5} {'dense ms':>9} {'ours ms':>9} {'speedup':>8} "
               f"{'cutlass':>8} {'cuspLt':>8} {'TFLOP/s':>8} {'GB/s':>7} {'roof%':>6}  backend", flush=True)
         for K, N in shapes:
@@ -175,7 +234,8 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -
     # one line per (implementation, dtype, shape): ours and, on GPU, PyTorch's 2:4 backends
     plot_rows = []
     for r in rows:
-        impls = ((("ours int4+2:4", "speedup"), ("turbokernels int4", "int4_speedup"))
+        impls = ((("ours int4+2:4", "speedup"),) if r["op"] == "sparse24_int4_mm" and "int4_speedup" not in r else
+                 (("ours int4+2:4", "speedup"), ("turbokernels int4", "int4_speedup"))
                  if r["op"] == "sparse24_int4_mm" else
                  (("ours", "speedup"), ("torch cutlass", "torch_cutlass_speedup"),
                   ("torch cusparselt", "torch_cusparselt_speedup")))

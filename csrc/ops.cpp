@@ -16,6 +16,10 @@ TORCH_LIBRARY(turbokernels_C, m) {
   // x (M, K) fp16/bf16/fp32 @ W.T [+ bias], W (N, K) 2:4-sparse as values (N, K/2) in x's dtype + meta int16
   // (N, ceil(K/16))
   m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // x (M, K) fp16/bf16/fp32 @ W.T [+ bias], W (N, K) 2:4-sparse with int4 kept values: qweight int32 (ceil(K/16), N),
+  // scales/offsets (G, N) per group_size KEPT values, meta int16 (N, ceil(K/16))
+  m.def("sparse24_int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor meta, int group_size, "
+        "Tensor? bias=None) -> Tensor");
 }
 
 // Nothing is bound through pybind11: importing the module only runs the static registrations above (and the

@@ -7,8 +7,9 @@ copy. A mutation is CAUGHT when those tests fail, MISSED when they pass. `--cont
 the unmutated copy, which must pass (otherwise a catch proves nothing). Results go to stdout as a table; the counts
 are recorded in docs/reliability.md.
 
-C++ kernels are not mutated here (that would need a rebuild per mutation); their paths are covered by the same
-tolerance rule, and the Triton kernels exercise the arithmetic patterns the rule is meant to catch.
+A mutation of a C++ kernel (path csrc/cpu/<op>.cpp or a header it includes, with `build` naming that .cpp) rebuilds
+turbokernels._C in the copy from csrc/ops.cpp and that one kernel (torch.utils.cpp_extension, a few minutes): the
+other C++ kernels are absent from that _C, so its tests must be the kernel's own.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Mutation:
     old: str            # exact text, must occur exactly once
     new: str
     tests: tuple        # pytest selections (relative to the repository root) that must catch it
+    build: str = ""     # C++ mutations: the kernel's csrc/cpu/<op>.cpp, rebuilt into the copy's _C with ops.cpp
 
 
 MUTATIONS = [
@@ -62,6 +64,13 @@ MUTATIONS = [
              "tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty)",
              "tl.store(out_ptrs, (acc * 1.01).to(out_ptr.dtype.element_ty)",
              ("tests/test_sparse24_mm.py::test_sparse24_linear_matches_golden",)),
+    Mutation("sparse24-int4-cpu-second-kept-index", "sparse24_int4_mm C++ kernel: the second kept value of a group "
+             "of 4 reads the first one's position from meta (every ISA path)",
+             "csrc/cpu/sparse24_int4_mm_simd.h",
+             "const VI id = Vec::idx(mt, i);",
+             "const VI id = Vec::idx(mt, i & ~1);",
+             ("tests/test_sparse24_int4_mm.py::test_cpu_kernel_every_isa_path",),
+             build="csrc/cpu/sparse24_int4_mm.cpp"),
     Mutation("attention-fwd-causal-edge-hi", "forward: the last key block of a tile's causal/right window edge "
              "ends one key early (hidden unless that key starts a block)",
              "kernels/attention_fwd.py",
@@ -123,6 +132,7 @@ def _copy_tree(dst: str) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "out", "results"))
     shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(dst, "tests"), ignore=ignore)
     shutil.copy(os.path.join(ROOT, "pyproject.toml"), dst)
+    shutil.copytree(os.path.join(ROOT, "csrc"), os.path.join(dst, "csrc"), ignore=ignore)  # C++ mutations
 
 
 def _source_path(dst: str, path: str) -> str:
@@ -133,6 +143,25 @@ def _source_path(dst: str, path: str) -> str:
     if path.startswith("bench/"):
         return os.path.join(dst, "turbokernels", path)
     return os.path.join(dst, path)
+
+
+def _build_cpp(dst: str, kernel: str) -> None:
+    """Rebuild the copy's turbokernels._C from its csrc/ops.cpp and `kernel` (setup.py's flags), in place of the
+    built one."""
+    import glob
+    build = os.path.join(dst, "build-ext")
+    os.makedirs(build, exist_ok=True)
+    sources = [os.path.join(dst, "csrc", "ops.cpp"), os.path.join(dst, kernel)]
+    code = ("import sys; from torch.utils.cpp_extension import load; "
+            "load(name='_C', sources=sys.argv[1:3], extra_include_paths=[sys.argv[3]], build_directory=sys.argv[4], "
+            "extra_cflags=['-O3', '-fopenmp', '-g0'], extra_ldflags=['-fopenmp'])")
+    proc = subprocess.run([sys.executable, "-c", code, *sources, os.path.join(dst, "csrc"), build],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building {kernel} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    (built,) = glob.glob(os.path.join(build, "_C*.so"))
+    (installed,) = glob.glob(os.path.join(dst, "turbokernels", "_C*.so"))
+    shutil.copy(built, installed)
 
 
 def _run(dst: str, tests) -> tuple[int, str, float]:
@@ -173,10 +202,18 @@ def main(argv=None) -> int:
                 print(f"control {m.name}: {'pass' if rc == 0 else 'FAILS UNMUTATED'} ({secs:.0f} s) {tail}", flush=True)
                 bad += rc != 0
             open(target, "w").write(original.replace(m.old, m.new))
+            saved_c = None
             try:
+                if m.build:
+                    import glob
+                    (so,) = glob.glob(os.path.join(tmp, "turbokernels", "_C*.so"))
+                    saved_c = (so, open(so, "rb").read())
+                    _build_cpp(tmp, m.build)
                 rc, tail, secs = _run(tmp, m.tests)
             finally:
                 open(target, "w").write(original)
+                if saved_c is not None:
+                    open(saved_c[0], "wb").write(saved_c[1])
             verdict = {0: "MISSED", 1: "caught"}.get(rc, f"ERROR rc={rc}")
             bad += rc != 1
             print(f"{verdict} {m.name:<40} {secs:6.0f} s  {tail}", flush=True)

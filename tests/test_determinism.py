@@ -134,16 +134,21 @@ def test_sparse24_linear(backend, dtype):
                 assert_bitwise_repeatable(lambda: tk.sparse24_linear(x, weight), f"sparse24 {backend} isa={isa} M={M}")
 
 
-@pytest.mark.parametrize("backend", backends_of("sparse24_int4_mm"))
+@pytest.mark.parametrize("backend", backends_of("sparse24_int4_mm", cpu_kernel=True))
 def test_sparse24_int4_linear(backend):
-    K, N = (160, 40) if backend == "triton" else (512, 300)
+    # cpu: K = 520 a partial last word row, g = 24 kept values rows that span two groups, N = 300 several column
+    # units and a plain C++ tail (300 % 8 = 4) on each SIMD path
+    K, N, gs = (160, 40, 64) if backend == "triton" else (520, 300, 48)
     dev = device(backend)
-    weight = tk.Sparse24Int4Weight.from_dense(tk.prune_24(torch.randn(N, K)), group_size=64).to(dev)
+    weight = tk.Sparse24Int4Weight.from_dense(tk.prune_24(torch.randn(N, K)), group_size=gs).to(dev)
+    isas = ISAS if backend == "cpu" else ["best"]
     for M in linear_ms(backend):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             x = torch.randn(M, K, device=dev).to(dtype)
-            with tk.backend(backend):
-                assert_bitwise_repeatable(lambda: tk.sparse24_int4_linear(x, weight), f"sparse24_int4 {backend} M={M}")
+            for isa in isas if dtype == torch.float32 else ["best"]:  # the paths differ by M, not by dtype
+                with cpu_isa(isa), tk.backend(backend):
+                    assert_bitwise_repeatable(lambda: tk.sparse24_int4_linear(x, weight),
+                                              f"sparse24_int4 {backend} isa={isa} M={M}")
 
 
 # ---- attention --------------------------------------------------------------------------------------------------

@@ -296,10 +296,14 @@ def test_sparse24_linear(backend):
 def sparse24_int4_case(draw, backend):
     # group sizes in dense columns (even; the Triton kernel needs >= 16: 8 kept values)
     groups = [16, 32, 64, 128, -1, 24, 36, 40, 100] + ([2, 6, 10] if backend != "triton" else [])
-    return dict(lead=draw(lead_shape()), K=draw(K24_SIZES), N=draw(N_SIZES), group_size=draw(st.sampled_from(groups)),
+    case = dict(lead=draw(lead_shape()), K=draw(K24_SIZES), N=draw(N_SIZES), group_size=draw(st.sampled_from(groups)),
                 symmetric=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
                 wdtype=draw(st.sampled_from(DTYPES)), bias=draw(BIASES), layout=draw(MATMUL_LAYOUTS),
                 seed=draw(st.integers(0, 2 ** 31 - 1)))
+    if backend == "cpu":  # the C++ kernel's SIMD paths, and M around its row tiles and fused / expand limits
+        case["isa"] = draw(CPU_ISAS)
+        case["lead"] = draw(st.sampled_from([case["lead"], (draw(st.sampled_from([5, 9, 257])),)]))
+    return case
 
 
 def run_sparse24_int4(backend, c):
@@ -316,14 +320,15 @@ def run_sparse24_int4(backend, c):
     allowance = matmul_allowance(x, w64.t(), bias=bias, operand_dtype=operand_dtype(backend, dtype),
                                  dequant_magnitudes=int4_dequant_magnitudes(weight, backend))
     note(f"x strides {x.stride()}")
-    check_linear(backend, x, lambda: tk.sparse24_int4_linear(x, weight, bias), golden, baseline, allowance,
-                 f"sparse24_int4 {backend} {c}",
-                 unsupported="group_size" if backend == "triton" and weight.kept_group_size < 8 else None)
+    with cpu_isa(c.get("isa")):
+        check_linear(backend, x, lambda: tk.sparse24_int4_linear(x, weight, bias), golden, baseline, allowance,
+                     f"sparse24_int4 {backend} {c}",
+                     unsupported="group_size" if backend == "triton" and weight.kept_group_size < 8 else None)
 
 
-@pytest.mark.parametrize("backend", backends_of("sparse24_int4_mm"))
+@pytest.mark.parametrize("backend", backends_of("sparse24_int4_mm", cpu_kernel=True))
 def test_sparse24_int4_linear(backend):
-    fuzz(sparse24_int4_case(backend), {"reference": 1.0, "triton": 0.75}[backend])(
+    fuzz(sparse24_int4_case(backend), {"reference": 1.0, "cpu": 1.25, "triton": 0.75}[backend])(
         lambda c: run_sparse24_int4(backend, c))
 
 

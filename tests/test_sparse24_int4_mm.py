@@ -12,10 +12,16 @@ from conftest import interpreting
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
+def cpu_kernel_built():
+    return tk.backends.check_extension_op("sparse24_int4_mm", "cpu")(torch.empty(1)) is None
+
+
 def runnable_backends():
     names = ["reference"]
     if interpreting() or torch.cuda.is_available():
         names.append("triton")
+    if not torch.cuda.is_available() and cpu_kernel_built():
+        names.append("cpu")
     return names
 
 
@@ -138,6 +144,61 @@ def test_triton_refuses_small_groups_with_a_reason():
     assert reason is not None and "group_size=4" in reason
     out = tk.sparse24_int4_linear(x, weight)  # automatic selection falls back to a backend that can
     check(out, x, weight)
+
+
+# ---- the C++ CPU kernel (csrc/cpu/sparse24_int4_mm.cpp) ------------------------------------------------------------
+ISAS = ["best", "avx2", "scalar"]  # TURBOKERNELS_CPU_ISA caps the choice; a cap above the CPU's gives its best
+# (M, N, K, dense group size). N 1/17/97/113: ragged column vectors (the plain C++ tail), 300 several column units;
+# K 4 (one partial word row), 100 / 260 / 1000 (K/2 not a multiple of 8: a partial last word row); kept group sizes
+# 6 / 20 (word rows spanning two or more groups), 64, K/2; M 1 / 3 / 4 / 5 / 17 / 65: row tiles of 1-4 rows and
+# ragged ones; 9 and 257: expand + BLAS past each path's fused limit (plain C++ 8, AVX2 and AVX-512 256)
+CPU_CASES = [(1, 1, 4, -1), (1, 17, 100, 12), (3, 97, 576, 128), (4, 113, 1000, 40), (5, 300, 260, -1),
+             (17, 33, 64, 128), (9, 17, 100, 40), (65, 20, 96, 12), (257, 9, 36, -1)]
+
+
+@pytest.mark.skipif(not cpu_kernel_built(), reason="turbokernels._C has no CPU sparse24_int4_mm kernel")
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_kernel_every_isa_path(isa, monkeypatch):
+    """Each SIMD path (capped by TURBOKERNELS_CPU_ISA) x the shapes above, the dtypes in turn (each shape class
+    meets each dtype on some path), every other case with a bias, a NaN-poisoned fp32 output buffer
+    (TURBOKERNELS_CPU_POISON=1) so an element no path writes fails, fp32 scales for fp16/bf16 x in some (the kernel
+    reads any float dtype), and the magnitudes of the kernel's own dequantization. (The dtype-by-shape grid on the
+    best path is test_sparse24_int4_linear_matches_golden's.)"""
+    if isa == "best":
+        monkeypatch.delenv("TURBOKERNELS_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("TURBOKERNELS_CPU_ISA", isa)
+    monkeypatch.setenv("TURBOKERNELS_CPU_POISON", "1")
+    gen = torch.Generator().manual_seed(8)
+    for i, (M, N, K, gs) in enumerate(CPU_CASES):
+        dtype = DTYPES[(i + ISAS.index(isa)) % 3]
+        w = make_sparse(N, K, dtype)
+        weight = tk.Sparse24Int4Weight.from_dense(w, group_size=gs, symmetric=bool(i % 3 == 0))
+        if i % 4 == 1:
+            weight = tk.Sparse24Int4Weight(weight.qweight, weight.scales.float(), weight.offsets.float(), weight.meta,
+                                           gs, K)
+        x = torch.randn(M, K, generator=gen).to(dtype)
+        bias = torch.randn(N, generator=gen).to(dtype) if i % 2 else None
+        with tk.backend("cpu"):
+            out = tk.sparse24_int4_linear(x, weight, bias)
+        check(out, x, weight, bias, what=f"cpu isa={isa} {dtype} M={M} N={N} K={K} g={gs}", backend="cpu")
+
+
+@pytest.mark.skipif(not cpu_kernel_built(), reason="turbokernels._C has no CPU sparse24_int4_mm kernel")
+@pytest.mark.parametrize("M", [1, 70])
+def test_cpu_kernel_nonfinite_x_like_the_dense_spec(M):
+    """The spec is the dense product: a NaN/Inf in x times a pruned zero makes the output NaN. The kernel skips the
+    zeros and must still be non-finite exactly where the reference is (M = 70: the expand + BLAS path on AVX2)."""
+    weight = tk.Sparse24Int4Weight.from_dense(make_sparse(40, 96), group_size=32)
+    x = torch.randn(M, 96)
+    x[0, 9] = float("inf")
+    x[M - 1, 50] = float("nan")
+    with tk.backend("cpu"):
+        out = tk.sparse24_int4_linear(x, weight)
+    with tk.backend("reference"):
+        expected = tk.sparse24_int4_linear(x, weight)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(expected))
+    assert not torch.isfinite(out[0]).any() and not torch.isfinite(out[M - 1]).any()
 
 
 # ---- the format ------------------------------------------------------------------------------------------------

@@ -161,15 +161,20 @@ def int4_dequant_magnitudes(weight, backend: str = "reference") -> tuple[torch.T
     order, a Sparse24Int4Weight: expanded to the dense K, 0 at pruned positions) that `backend`'s fp32 arithmetic
     rounds on the way from the stored q, s, o to each weight's share of the dot (all backends dequantize in fp32):
       reference, triton, cuda   w = q * s + o: the product and the sum, (|q s|, |w|)
-      cpu (csrc/cpu/int4_mm_simd.h, the fused path)  s (q - 8) summed against x and scaled, plus (o + 8 s) times
-                                the sum of x: (|s (q - 8)|, |o + 8 s|) (its dequantize + BLAS path rounds q s + o
-                                once, relative to |w|, no more than their sum)."""
+      cpu, an Int4Weight (csrc/cpu/int4_mm_simd.h, the fused path)  s (q - 8) summed against x and scaled, plus
+                                (o + 8 s) times the sum of x: (|s (q - 8)|, |o + 8 s|) (its dequantize + BLAS path
+                                rounds q s + o once, relative to |w|, no more than their sum)
+      cpu, a Sparse24Int4Weight (csrc/cpu/sparse24_int4_mm_simd.h)  w = q s + o per kept value, fused into one
+                                rounding on the SIMD paths, two in plain C++ and its expand + BLAS path: the
+                                reference's (|q s|, |w|)."""
     from .formats.int4 import unpack_int4
     f64 = torch.float64
     if hasattr(weight, "meta"):  # Sparse24Int4Weight: the kept values are an Int4Weight over K/2
         from .reference.sparse24_mm import sparse24_to_dense
+        # its C++ kernel dequantizes each kept value as the reference does, not in the int4 kernel's centred form
+        kept_backend = "reference" if backend == "cpu" else backend
         return tuple(sparse24_to_dense(m.t(), weight.meta, f64).t()
-                     for m in int4_dequant_magnitudes(weight.int4, backend))
+                     for m in int4_dequant_magnitudes(weight.int4, kept_backend))
     q = unpack_int4(weight.qweight, weight.in_features).to(f64)
     group = torch.arange(weight.in_features, device=q.device) // weight.effective_group_size
     s, o = weight.scales.to(f64)[group], weight.offsets.to(f64)[group]

@@ -6,6 +6,7 @@
                  fp32 before the output's one rounding
     backends     reference  python/turbokernels/reference/sparse24_int4_mm.py
                  triton     kernels/sparse24_int4_mm.py
+                 cpu        csrc/cpu/sparse24_int4_mm.cpp  (torch.ops.turbokernels_C.sparse24_int4_mm)
 """
 from __future__ import annotations
 
@@ -61,6 +62,11 @@ def _check_triton(x, qweight, scales, offsets, meta, group_size, bias=None):
 def _triton(x, qweight, scales, offsets, meta, group_size, bias=None):
     from turbokernels.kernels.sparse24_int4_mm import sparse24_int4_mm as launch
     return launch(x, qweight, scales, offsets, meta, group_size, bias)
+
+
+@backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
+def _cpu(x, qweight, scales, offsets, meta, group_size, bias=None):
+    return torch.ops.turbokernels_C.sparse24_int4_mm(x, qweight, scales, offsets, meta, group_size, bias)
 
 
 # ---- autograd: gradients for the activations and the bias (the weight is frozen) -----------------------------------
