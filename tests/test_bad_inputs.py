@@ -190,11 +190,6 @@ def _act_order_weight():
     return tk.Int4Weight(w.qweight, w.scales, w.offsets, 32, K, perm=perm)
 
 
-# Known divergences of the C++ CPU kernels (csrc/, owned elsewhere), pinned until they are fixed there:
-CPU_SPARSE24_INF = ("csrc/cpu/sparse24_mm.cpp skips the pruned zeros: an Inf in x makes only the outputs whose kept "
-                    "weight at that k is nonzero non-finite, where the spec (the dense product, as F.linear on the "
-                    "pruned weight) multiplies Inf by the pruned 0 and makes every output NaN")
-
 INT4_LINEAR = [
     ok("fp32", "dtype", lambda: int4_call()),
     ok("fp16", "dtype", lambda: int4_call(torch.randn(3, K).half())),
@@ -312,8 +307,7 @@ SPARSE24_LINEAR = [
     ok("bias_strided", "view", lambda: sparse24_call(bias=torch.randn(N, 2)[:, 0])),
     ok("x_nan_row", "nonfinite", lambda: sparse24_call(_poison(torch.randn(3, K), 0))),
     ok("x_inf", "nonfinite", lambda: sparse24_call(torch.randn(3, K).index_put_((torch.tensor([1]), torch.tensor([9])),
-                                                                                 torch.tensor(float("-inf")))),
-       xfail={"cpu": CPU_SPARSE24_INF}),
+                                                                                 torch.tensor(float("-inf"))))),
     ok("weight_nan", "nonfinite", lambda: sparse24_call(w=_sparse_nan_weight())),
     ok("bias_inf", "nonfinite", lambda: sparse24_call(bias=_poison(torch.randn(N), 4, float("inf")))),
     ok("meta_rows_past_2^31", "int32", lambda: sparse24_call(torch.empty(BIG // K + 1, K, device="meta"),

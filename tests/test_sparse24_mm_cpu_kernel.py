@@ -198,3 +198,21 @@ def test_bad_arguments_name_the_argument():
         op(x, v, m, torch.randn(1, 16))
     with pytest.raises(RuntimeError, match=r"sparse24_mm\(bias\): dtype"):
         op(x, v, m, torch.randn(16, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("M", [1, 20, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nonfinite_x_like_the_dense_spec(isa, M, dtype):
+    """The spec is the dense product: a NaN/Inf in x times a pruned zero makes the output NaN. The kernel skips the
+    zeros and must still be non-finite exactly where the dense product is, on each path (M = 1 direct, 20 rows as
+    vectors with AVX-512, 300 expand + BLAS with AVX2 and plain C++). It once was finite there (a strict xfail)."""
+    w = make_sparse(40, 96, dtype)
+    x = torch.randn(M, 96).to(dtype)
+    x[0, 9] = float("inf")
+    x[M - 1, 50] = float("nan")
+    weight = tk.Sparse24Weight.from_dense(w)
+    out = op(x, weight.values, weight.meta)
+    # products summed elementwise, not by a BLAS (which may skip a zero and with it Inf * 0 = NaN)
+    expected = (x.double()[:, None, :] * w.double()[None]).sum(-1)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(expected)), (M, dtype)
+    assert not torch.isfinite(out[0]).any() and not torch.isfinite(out[M - 1]).any()

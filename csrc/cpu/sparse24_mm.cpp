@@ -51,10 +51,12 @@
 #include "cpu/cpu_isa.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -355,6 +357,29 @@ void run_expand_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32,
   }
 }
 
+// The spec is the dense product (F.linear on the 2:4 weight), where a non-finite x[m][k] times a pruned 0 makes
+// out[m][n] NaN; the kernels never see the pruned zeros. So the outputs of a row of x with a NaN/Inf are set to NaN
+// wherever that k is pruned (as sparse24_int4_mm.cpp does): one scan of x per call (M x K compares), work only where
+// x is not finite. A kept value multiplies the non-finite x in the kernels themselves (0 * Inf = NaN there too).
+void propagate_nonfinite_x(const at::Tensor& xc, Dt xdt, const Problem& P) {
+  const void* data = xc.data_ptr();
+  for (int64_t m = 0; m < P.M; ++m) {
+    for (int64_t k = 0; k < P.K; ++k) {
+      const int64_t i = m * P.K + k;
+      const float v = xdt == Dt::F32 ? static_cast<const float*>(data)[i]
+                      : xdt == Dt::F16 ? static_cast<float>(static_cast<const c10::Half*>(data)[i])
+                                       : static_cast<float>(static_cast<const c10::BFloat16*>(data)[i]);
+      if (std::isfinite(v)) continue;
+      const int64_t j = k / 16, shift = 4 * ((k / 4) % 4);
+      const unsigned pos = static_cast<unsigned>(k % 4);
+      for (int64_t n = 0; n < P.N; ++n) {
+        const unsigned nib = (static_cast<uint16_t>(P.meta[n * P.ldm + j]) >> shift) & 15u;
+        if (pos != (nib & 3u) && pos != (nib >> 2)) P.out[m * P.N + n] = std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+  }
+}
+
 at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                            const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "sparse24_mm(x): expected a 2-D (M, K) tensor, got shape ", x.sizes());
@@ -413,6 +438,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
     const at::Tensor x32 = x.scalar_type() == at::kFloat ? x.contiguous() : x.contiguous().to(at::kFloat);
     run_expand_mm(kern, P, x32, out32);
   }
+  propagate_nonfinite_x(x.contiguous(), xdt, P);
   return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
 }
 
