@@ -1868,7 +1868,7 @@ def counts_markdown() -> str:
         f"TRITON_INTERPRET=1; fewer where a case names its backends). {cuda} cases need a CUDA GPU (skipped without "
         f"one); {nocuda} check the error on a machine without CUDA (skipped with one). Refusals that also check, "
         f"after the call, that nothing was left half-changed: {unchanged}. Known divergences "
-        f"pinned as strict xfails: " + ", ".join(f"{n} {i} on {b}" for n, i, b in xfail) + ".")
+        f"pinned as strict xfails: " + (", ".join(f"{n} {i} on {b}" for n, i, b in xfail) or "none") + ".")
 
 
 if __name__ == "__main__":
