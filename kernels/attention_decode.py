@@ -158,6 +158,10 @@ def decode_attention_split_kernel(
     for n0 in range(lo, stop, BLOCK_N):
         offs_n = n0 + offs_nb        # key in the sequence
         n_ok = offs_n < stop
+        if WINDOW:
+            # slots before token 0's window are outside every row's window: never loaded (they may hold NaN, and
+            # a masked score's p = 0 times a NaN value would still be NaN)
+            n_ok = n_ok & (offs_n >= seqlen - T - window_left)
         if EVEN_D:
             kv_mask = n_ok[:, None]
         else:

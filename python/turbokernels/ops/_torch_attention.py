@@ -28,7 +28,9 @@ keys fall in the kernel's scalar tail (fewer than a vector's width), where std::
 """
 from __future__ import annotations
 
+import collections
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -129,15 +131,61 @@ def _empty_rows(sq: int, sk: int, left, right, off: int) -> tuple[int, int]:
     return a, b
 
 
-def _call_args(sq, sk, slopes, causal, window_left, window_right, dtype, device):
-    """(is_causal, mask, (a, b) rows with keys) for one dense block."""
+# Masks are the same for every call with the same (sq, sk, causal, window, ALiBi slopes, dtype): built once and kept
+# in a small LRU bounded in entries and bytes (a mask over the byte budget is built per call, not kept). The kernels
+# only read them. ALiBi masks are keyed by the slopes' VALUES (a few floats), so an in-place change of the slopes
+# tensor, or a new tensor at the same address, can never hit a stale entry.
+_MASK_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+MASK_CACHE_ENTRIES = 32
+MASK_CACHE_BYTES = 64 << 20
+_mask_lock = threading.Lock()
+_NO_MASK = (False, None, None)
+
+
+def _build_call_args(sq, sk, slopes, causal, window_left, window_right, dtype, device, group):
     left, right, off = _edges(sq, sk, causal, window_left, window_right)
-    is_causal = right is not None and off + right <= 0
+    # grouped rows (decode: row gi * sq + t is query head h * group + gi's token t) are not in causal order
+    is_causal = right is not None and off + right <= 0 and group == 1
     # a 0/-inf mask is exact in any dtype: q's (half the bytes of fp32 for fp16/bf16); an ALiBi bias is computed
     # and added in fp32 as the reference does (float64 for float64 inputs)
     mdtype = dtype if slopes is None else (torch.float64 if dtype == torch.float64 else torch.float32)
-    mask = _mask(sq, sk, left, right, off, is_causal, slopes, mdtype, device)
-    return is_causal, mask, _empty_rows(sq, sk, left, right, off)
+    with torch.inference_mode(False):  # a cached mask may serve later calls outside inference mode
+        mask = _mask(sq, sk, left, right, off, is_causal, slopes, mdtype, device)
+        if group > 1 and mask is not None:
+            if mask.dim() == 2:  # the same (sq, sk) plane for each of the group's query heads
+                mask = mask.repeat(group, 1)
+            else:  # (B or 1, Hq, sq, sk) -> (B or 1, Hkv, group * sq, sk): a view (heads h * group + gi)
+                mask = mask.reshape(mask.shape[0], mask.shape[1] // group, group * sq, sk)
+    a, b = _empty_rows(sq, sk, left, right, off)
+    return is_causal, mask, (None if (a == 0 and b == sq) else (a, b))
+
+
+def _call_args(sq, sk, slopes, causal, window_left, window_right, dtype, device, group=1):
+    """(is_causal, mask or None, None or (a, b): the rows with keys when some row has none) for one dense block;
+    group > 1: the mask of decode's grouped rows (_decode_grouped). The plain cases (no window, no ALiBi, and
+    causal with sq <= 1 or sq == sk) return at once; the others come from the mask cache."""
+    if slopes is None and window_left < 0 and (causal or window_right < 0):
+        if not causal or sq <= 1 <= sk:
+            return _NO_MASK
+        if sq == sk and group == 1:
+            return (True, None, None)
+    key = (sq, sk, causal, window_left, window_right, dtype, device, group,
+           None if slopes is None else (tuple(slopes.shape), tuple(slopes.reshape(-1).tolist())))
+    with _mask_lock:
+        hit = _MASK_CACHE.get(key)
+        if hit is not None:
+            _MASK_CACHE.move_to_end(key)
+            return hit
+    args = _build_call_args(sq, sk, slopes, causal, window_left, window_right, dtype, device, group)
+    nbytes = 0 if args[1] is None else args[1].numel() * args[1].element_size()
+    if nbytes <= MASK_CACHE_BYTES:
+        with _mask_lock:
+            _MASK_CACHE[key] = args
+            total = sum(0 if m is None else m.numel() * m.element_size() for _, m, _ in _MASK_CACHE.values())
+            while len(_MASK_CACHE) > MASK_CACHE_ENTRIES or total > MASK_CACHE_BYTES:
+                _, (_, m, _) = _MASK_CACHE.popitem(last=False)
+                total -= 0 if m is None else m.numel() * m.element_size()
+    return args
 
 
 def _expand_kv(t: torch.Tensor, hq: int) -> torch.Tensor:
@@ -146,31 +194,46 @@ def _expand_kv(t: torch.Tensor, hq: int) -> torch.Tensor:
     return t[:, :, None].expand(b, hkv, hq // hkv, s, d).reshape(b, hq, s, d)
 
 
-def _dense_fwd(q, k, v, slopes, scale, causal, window_left, window_right):
-    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out (B, Sq, Hq, D) contiguous, lse fp32 (B, Hq, Sq))."""
-    sq, hq, sk = q.shape[1], q.shape[2], k.shape[1]
-    if sk == 0:
-        return q.new_zeros(q.shape), q.new_full((q.shape[0], hq, sq), NEG_INF, dtype=torch.float32)
-    is_causal, mask, (a, b) = _call_args(sq, sk, slopes, causal, window_left, window_right, q.dtype, q.device)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if kt.shape[1] != hq and not _native_gqa():
-        kt, vt = _expand_kv(kt, hq), _expand_kv(vt, hq)
-    out, lse = _fwd(qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
-    # the kernel's out is a (B, H, S, D) view of a contiguous (B, S, H, D) tensor; its lse a (B, H, S) view of
-    # (B, S, H) storage: made contiguous (the op's outputs are)
-    lse = lse.float().contiguous()
+def _fix_rows(lse, rows, sq):
+    """lse of the rows outside [a, b) (no allowed key) set to -inf, as the spec has it (the kernel writes 0)."""
+    a, b = rows
     if a > 0:
         lse[..., :a] = NEG_INF
     if b < sq:
         lse[..., b:] = NEG_INF
-    out = out.transpose(1, 2).contiguous()
-    # A NaN query row makes every score of the row NaN; the kernel's scalar max (std::max, for the keys past the
-    # last full vector) skips NaN, so such a row looks fully masked: out 0 and lse exactly 0, where the spec gives
-    # NaN. Only when some lse is exactly 0 (that, or a rare real row) is q scanned: no pass over q per call.
-    if (lse == 0).any():
+
+
+def _nan_query_rows(q, out, lse):
+    """A NaN query row makes every score of the row NaN; the kernel's scalar max (std::max, for the keys past the
+    last full vector) skips NaN, so such a row can look fully masked: out 0 and lse exactly 0, where the spec gives
+    NaN. Only when some lse is exactly 0 (that, or a rare real row) is q scanned: one reduction over lse per call
+    (lse.all(): no temporary), no pass over q. q (B, S, H, D), out (B, S, H, D), lse (B, H, S) any strides."""
+    if not lse.all():
         nan_rows = q.isnan().any(-1)
         out.masked_fill_(nan_rows[..., None], float("nan"))
         lse.masked_fill_(nan_rows.transpose(1, 2), float("nan"))
+
+
+def _dense_fwd(q, k, v, slopes, scale, causal, window_left, window_right):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out (B, Sq, Hq, D) contiguous, lse fp32 (B, Hq, Sq))."""
+    sq, sk = q.shape[1], k.shape[1]
+    if sk == 0:
+        return q.new_zeros(q.shape), q.new_full((q.shape[0], q.shape[2], sq), NEG_INF, dtype=torch.float32)
+    is_causal, mask, rows = _call_args(sq, sk, slopes, causal, window_left, window_right, q.dtype, q.device)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    if k.shape[2] != q.shape[2] and not _native_gqa():
+        kt, vt = _expand_kv(kt, q.shape[2]), _expand_kv(vt, q.shape[2])
+    out, lse = _fwd(q.transpose(1, 2), kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+    # the kernel's out is a (B, H, S, D) view of a contiguous (B, S, H, D) tensor (transposed back: no copy); its
+    # lse a (B, H, S) view of (B, S, H) storage, fp32 (float64 for float64 inputs): made a contiguous fp32 tensor
+    # (the op's outputs are), one copy of B * H * S floats
+    out = out.transpose(1, 2)
+    if not out.is_contiguous():
+        out = out.contiguous()
+    lse = lse.contiguous() if lse.dtype == torch.float32 else lse.float().contiguous()
+    if rows is not None:
+        _fix_rows(lse, rows, sq)
+    _nan_query_rows(q, out, lse)
     return out, lse
 
 
@@ -197,13 +260,18 @@ def _dense_bwd(dout, q, k, v, out, lse, slopes, scale, causal, window_left, wind
     sq, hq, sk, hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     if sk == 0 or sq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    is_causal, mask, _ = _call_args(sq, sk, slopes, causal, window_left, window_right, q.dtype, q.device)
+    is_causal, mask, rows = _call_args(sq, sk, slopes, causal, window_left, window_right, q.dtype, q.device)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     expand = hkv != hq and not _native_gqa()
     if expand:
         kt, vt = _expand_kv(kt, hq), _expand_kv(vt, hq)
-    # rows without keys: lse -inf in the spec, 0 as the kernel wrote it (exp(-inf - 0) = 0: no gradient)
-    lse = torch.where(lse == NEG_INF, 0.0, lse)
+    # rows without keys (known from the arguments): lse -inf in the spec, 0 as the kernel wants it
+    # (exp(-inf - 0) = 0: no gradient); the op's lse is not modified
+    if rows is not None:
+        lse = lse.clone()
+        a, b = rows
+        lse[..., :a] = 0.0
+        lse[..., b:] = 0.0
     dq, dk, dv = _bwd(dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse, 0.0, is_causal, attn_mask=mask,
                       scale=scale)
     if expand:
@@ -235,8 +303,13 @@ def attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slo
 # ---- decode_attention ----------------------------------------------------------------------------------------
 def check_decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
                  window_right, softcap) -> Optional[str]:
-    # q's head dim is made contiguous here if needed (a few rows); the entry already requires it of the caches
-    return _common_reason(q[..., :1], k_cache, v_cache, softcap)
+    # q's head dim is made contiguous here if needed (a few rows): only the caches' layout is checked (no slicing
+    # of q: every tensor op costs a dispatch)
+    if q.device.type != "cpu":
+        return f"torch's fused attention kernel used here is the CPU one (got {q.device.type} tensors)"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype}"
+    return _common_reason(k_cache, k_cache, v_cache, softcap)
 
 
 def _slots(cache, block_table, b: int, lo: int, hi: int) -> torch.Tensor:
@@ -247,6 +320,37 @@ def _slots(cache, block_table, b: int, lo: int, hi: int) -> torch.Tensor:
     first, last = lo // ps, (hi + ps - 1) // ps
     pages = cache[block_table[b, first:last].long()].reshape(1, (last - first) * ps, *cache.shape[2:])
     return pages[:, lo - first * ps:hi - first * ps]
+
+
+def _decode_grouped(q, k, v, slopes, scale, window_left):
+    """Decode on the key slots [lo, L) of sequences of one length L: q (B, T, Hq, D), k/v (B, L - lo, Hkv, D) views
+    -> out (B, T, Hq, D) contiguous. Token t sits at the slice's position L - lo - T + t (causal=True, bottom-right).
+
+    The g = Hq / Hkv query heads that share a kv head go to the kernel as g * T query ROWS of that kv head
+    (row gi * T + t: head h * g + gi, token t): the kernel then reads each key and value once per kv head, where
+    with one kernel head per query head (what F.scaled_dot_product_attention(enable_gqa=True) does) it reads them
+    g times. Every row is the same softmax over the same keys as before; rows are independent, so the result is
+    the same attention (each score an fp32 dot product of D terms, as before)."""
+    B, T, hq, D = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    is_causal, mask, _ = _call_args(T, sk, slopes, True, window_left, -1, q.dtype, q.device, g)
+    qg = q.view(B, T, hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, g * T, D)  # a view for T == 1
+    out, lse = _fwd(qg, k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale)
+    # out: (B, Hkv, g * T, D) -> (B, T, Hq, D), one copy of the few output rows
+    out = out.reshape(B, hkv, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, hq, D)
+    if not lse.all():  # a NaN query row may come out as a masked one (_nan_query_rows); q is a few rows
+        out.masked_fill_(q.isnan().any(-1)[..., None], float("nan"))
+    return out
+
+
+def _decode_block(q, k, v, slopes, scale, window_left):
+    if k.shape[1] == 0:
+        return q.new_zeros(q.shape)
+    if k.shape[2] != q.shape[2] and (q.shape[1] == 1 or k.shape[1] != q.shape[1]):
+        return _decode_grouped(q, k, v, slopes, scale, window_left)
+    # MHA, or only the new tokens' own slots: attention_fwd's dense path
+    return _dense_fwd(q, k, v, slopes, scale, True, window_left, -1)[0]
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
@@ -261,13 +365,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slop
     spans = [(max(0, n - T - window_left) if window_left >= 0 else 0, n) for n in lens]
     if block_table is None and all(s == spans[0] for s in spans):
         lo, hi = spans[0]
-        out, _ = _dense_fwd(q, k_cache[:, lo:hi], v_cache[:, lo:hi], alibi_slopes, softmax_scale, True, window_left,
-                            -1)
-        return out
+        return _decode_block(q, k_cache[:, lo:hi], v_cache[:, lo:hi], alibi_slopes, softmax_scale, window_left)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for b, (lo, hi) in enumerate(spans):
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
-        out[b:b + 1], _ = _dense_fwd(q[b:b + 1], _slots(k_cache, block_table, b, lo, hi),
-                                     _slots(v_cache, block_table, b, lo, hi), slopes, softmax_scale, True,
-                                     window_left, -1)
+        out[b:b + 1] = _decode_block(q[b:b + 1], _slots(k_cache, block_table, b, lo, hi),
+                                     _slots(v_cache, block_table, b, lo, hi), slopes, softmax_scale, window_left)
     return out

@@ -57,6 +57,18 @@ def _check_values(fn: str, k_cache, cache_seqlens, block_table, new_tokens: int 
     def worst() -> int:
         return int(lens.max())
 
+    if (block_table is None and lens.device.type == "cpu" and lens.dim() == 1
+            and not torch.compiler.is_compiling()):
+        # CPU, eager, contiguous cache: the lengths read once into Python (one small op; four tensor ops and two
+        # reads otherwise, each a cold dispatch between two kernel calls)
+        values = lens.tolist()
+        if values and min(values) < 0:
+            raise ValueError(f"{fn}(cache_seqlens): negative length {min(values)}")
+        if values and max(values) > cap - new_tokens:
+            raise ValueError(f"{fn}(cache_seqlens): cache too small: length {max(values)}{plus} does not fit, the "
+                             f"cache holds {cap} positions per sequence{paged}")
+        return
+
     checks = [
         (lambda: (lens >= 0).all(), lambda: f"{fn}(cache_seqlens): negative length {int(lens.min())}"),
         (lambda: (lens <= min(cap - new_tokens, 2 ** 31 - 1)).all(),  # an int32 compare: clamp the bound
@@ -138,7 +150,7 @@ def _contiguous_index_tensors(cache_seqlens, block_table):
     that is not is copied (a no-op for the usual tensors)."""
     if block_table is not None and block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
-    return cache_seqlens.contiguous(), block_table
+    return (cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()), block_table
 
 
 def _tensor(fn: str, name: str, x) -> torch.Tensor:
