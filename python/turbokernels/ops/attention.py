@@ -32,7 +32,7 @@ from .. import backends
 from .._checks import check_values
 from ..reference import attention as reference
 from . import _torch_attention
-from ._library import define
+from ._library import call, define
 
 FWD = "attention_fwd"
 BWD = "attention_bwd"
@@ -312,6 +312,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             window_right, float(softcap))
     if deterministic and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out, lse = _Deterministic.apply(*args)
-    else:
-        out, lse = attention_fwd(*args)
+    else:  # no autograd, tracer or mode to serve: straight to the backend (_library.direct), else the op
+        out, lse = call("attention_fwd", args)
     return (out, lse) if return_lse else out

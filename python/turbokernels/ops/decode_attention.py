@@ -31,7 +31,7 @@ from .. import backends
 from .._checks import check_values
 from ..reference import decode_attention as reference
 from . import _torch_attention
-from ._library import define
+from ._library import call, define
 
 OP = "decode_attention"
 APPEND_OP = "kv_cache_append"
@@ -257,8 +257,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise TypeError(f"{fn}(softmax_scale): expected a float or None, got {type(softmax_scale).__name__}")
     _check_values(fn, k_cache, cache_seqlens, block_table)
     cache_seqlens, block_table = _contiguous_index_tensors(cache_seqlens, block_table)
-    return decode_attention_op(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, float(softmax_scale),
-                               int(window_size[0]), int(window_size[1]), float(softcap))
+    # no autograd, tracer or mode to serve: straight to the backend (_library.direct), else the op
+    return call("decode_attention", (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
+                                     float(softmax_scale), int(window_size[0]), int(window_size[1]), float(softcap)))
 
 
 def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
