@@ -63,9 +63,10 @@ SHAPES = [(8, 1), (17, 97), (113, 40), (576, 64), (256, 4097), (4096, 32)]
 @pytest.mark.parametrize("K,N", SHAPES)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quantized_grid(K, N, xdtype):
-    """The main grid on this CPU's best path: every M class, group size and scale dtype."""
+    """The main grid on this CPU's best path: every M class, group size kind (a few words, 128, per-channel, one
+    ending mid-word) and scale dtype. (64 and 256 ran the same paths as 32 and 128: cut for the suite's time.)"""
     w = torch.randn(N, K)
-    for gs, sdtype, symmetric in itertools.product([32, 64, 128, 256, K, 100], [torch.float16, torch.float32],
+    for gs, sdtype, symmetric in itertools.product([32, 128, K, 100], [torch.float16, torch.float32],
                                                    [False, True]):
         if symmetric and sdtype == torch.float32 and gs not in (128, K):
             continue  # keep it quick: symmetric mostly matters for the offset term, covered by the others
@@ -73,7 +74,8 @@ def test_quantized_grid(K, N, xdtype):
         offsets = qw.offsets.float()  # fp32 offsets, as real checkpoints with non-exact zero points
         # every M class on the small shapes; on the 4097-wide one (a float64 golden of 4097 x 256 per case) the
         # decode and GEMM paths only
-        for M in ([0, 1, 3, 16, 17, 64] if N < 4097 else [1, 17]):
+        # (M = 0; 1 and 3: the streaming decode path; 17: the block path's full 4-row tiles and a remainder; 64)
+        for M in ([0, 1, 3, 17, 64] if N < 4097 else [1, 17]):
             x = torch.randn(M, K).to(xdtype)
             bias = torch.randn(N).to(xdtype) if M % 2 else None
             check(x, qw.qweight, qw.scales, offsets, qw.effective_group_size,
