@@ -218,10 +218,11 @@ TK_ATTR void dequant_rows(const Problem& P, int64_t k_begin, int64_t k_end, int6
 // every packed row, N words apart: a new 4 KiB page every row at Llama sizes, which the hardware prefetchers do not
 // follow, so M = 1 waited on memory latency (2.5 GB/s at 4096 x 4096 on a 2-core EPYC whose copy runs at 12).
 // Here a thread owns a strip of columns and walks the packed rows in order: each row's strip is one contiguous
-// run (kStripBytes), the sums live in L1 scratch, and every byte of the weight is read once, in address order.
-// Per word vector: the 8 nibbles unpacked once, 8 FMAs per row of x in two chains, one load and store of the
-// row's partial sum. The arithmetic per column is the block path's (each chunk of <= kChunkWords words summed
-// from zero, the same centered epilogue), so which columns a thread gets changes no bit of the result.
+// run (up to 8 KiB at M = 1), the sums live in L1 scratch, and every byte of the weight is read once, in address
+// order. Per word vector: the 8 nibbles unpacked once, 8 FMAs per row of x in two chains, one load and store of
+// the row's partial sum. The arithmetic per column has the block path's form (chunks of <= 16 words summed from
+// zero, the same centered epilogue), not its exact order, and no step depends on which columns a thread gets: the
+// result is the same bits for any thread count.
 
 constexpr int64_t kStreamChunkWords = 16;  // as group_rows: long groups are summed in chunks of this many words
 
