@@ -44,7 +44,10 @@ def _variants(model, device):
     out["int4"] = q
     qa = copy.deepcopy(q)
     tkt.register()
-    qa.set_attn_implementation(tkt.NAME)
+    if hasattr(qa, "set_attn_implementation"):
+        qa.set_attn_implementation(tkt.NAME)
+    else:  # transformers before set_attn_implementation: the attribute it sets
+        qa.config._attn_implementation = tkt.NAME
     out["int4_attention"] = qa
     return out
 
