@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..formats.int4 import FLOAT_DTYPES
+from ..ops._linear import planned
 
 is_compiling = torch.compiler.is_compiling
 
@@ -86,6 +87,21 @@ class PackedWeightModule(nn.Module):
             else:
                 return plan
         return self.replan()
+
+    # forward's two class choices: the functional a traced call goes through (e.g. ops.int4_mm.int4_linear), and
+    # whether the bias follows x's dtype (the int4 layers: their bias is kept in the scales' dtype)
+    _functional = None
+    _bias_follows_x = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self._parameters.get("bias", self.__dict__.get("bias"))  # not nn.Module.__getattr__: ~2 us a call
+        if bias is not None and self._bias_follows_x:
+            xdt = getattr(x, "dtype", None)
+            if xdt is not None and bias.dtype != xdt:
+                bias = bias.to(xdt)
+        if is_compiling():  # traced: the buffers as they are, no plan bookkeeping in the graph
+            return type(self)._functional(x, self.weight, bias)
+        return planned(self._current_plan(), x, bias)
 
     def _apply(self, fn, recurse=True):
         self._plan = None  # .to()/.half()/...: new buffers; do not keep the old ones alive through the plan

@@ -9,8 +9,7 @@ from torch import nn
 from .._checks import requested_device
 from ..formats.int4 import Int4Weight, check_group_size, exact_offsets, num_groups, quantize_int4
 from ..ops import int4_mm
-from ..ops._linear import planned
-from ._packed import PackedWeightModule, check_dtype, check_features, is_compiling
+from ._packed import PackedWeightModule, check_dtype, check_features
 
 
 class Int4Linear(PackedWeightModule):
@@ -74,20 +73,14 @@ class Int4Linear(PackedWeightModule):
         return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
 
     # ---- use ---------------------------------------------------------------------------------------------------
+    # forward (PackedWeightModule.forward): the functional a traced call takes, and the bias's dtype rule
+    _functional = staticmethod(int4_mm.int4_linear)
+    _bias_follows_x = True
+
     @property
     def weight(self) -> Int4Weight:
         return Int4Weight._trusted(self.qweight, self.scales, self.offsets, self.group_size, self.in_features,
                                    self.perm if self.perm.numel() else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self._parameters.get("bias", self.__dict__.get("bias"))  # not nn.Module.__getattr__: ~2 us a call
-        if bias is not None:
-            xdt = getattr(x, "dtype", None)
-            if xdt is not None and bias.dtype != xdt:
-                bias = bias.to(xdt)
-        if is_compiling():  # traced: the buffers as they are, no plan bookkeeping in the graph
-            return int4_mm.int4_linear(x, self.weight, bias)
-        return planned(self._current_plan(), x, bias)
 
     def _make_plan(self):
         perm = self.perm

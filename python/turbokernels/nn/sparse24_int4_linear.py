@@ -12,8 +12,7 @@ from ..formats.int4 import Int4Weight, exact_offsets, num_groups
 from ..formats.sparse24 import _meta_cols
 from ..formats.sparse24_int4 import Sparse24Int4Weight, check_dense_group_size
 from ..ops import sparse24_int4_mm
-from ..ops._linear import planned
-from ._packed import PackedWeightModule, check_dtype, check_features, is_compiling
+from ._packed import PackedWeightModule, check_dtype, check_features
 
 _FORMAT = "turbokernels.sparse24_int4/1"
 
@@ -85,21 +84,15 @@ class Sparse24Int4Linear(PackedWeightModule):
         return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
 
     # ---- use ---------------------------------------------------------------------------------------------------
+    # forward (PackedWeightModule.forward): the functional a traced call takes, and the bias's dtype rule
+    _functional = staticmethod(sparse24_int4_mm.sparse24_int4_linear)
+    _bias_follows_x = True
+
     @property
     def weight(self) -> Sparse24Int4Weight:
         int4 = Int4Weight._trusted(self.qweight, self.scales, self.offsets, self._kept_group_size_arg,
                                    self.in_features // 2)
         return Sparse24Int4Weight._trusted(int4, self.meta)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self._parameters.get("bias", self.__dict__.get("bias"))  # not nn.Module.__getattr__: ~2 us a call
-        if bias is not None:
-            xdt = getattr(x, "dtype", None)
-            if xdt is not None and bias.dtype != xdt:
-                bias = bias.to(xdt)
-        if is_compiling():  # traced: the buffers as they are, no plan bookkeeping in the graph
-            return sparse24_int4_mm.sparse24_int4_linear(x, self.weight, bias)
-        return planned(self._current_plan(), x, bias)
 
     def _make_plan(self):
         plan = sparse24_int4_mm.plan(self.qweight, self.scales, self.offsets, self.meta, self.group_size,

@@ -10,8 +10,7 @@ from .._checks import requested_device
 from ..compress.prune import prune_24
 from ..formats.sparse24 import Sparse24Weight, _meta_cols
 from ..ops import sparse24_mm
-from ..ops._linear import planned
-from ._packed import PackedWeightModule, check_dtype, check_features, is_compiling
+from ._packed import PackedWeightModule, check_dtype, check_features
 
 _FORMAT = "turbokernels.sparse24/1"
 
@@ -67,15 +66,12 @@ class Sparse24Linear(PackedWeightModule):
         return cls.from_weight(Sparse24Weight.from_dense(pruned), None if linear.bias is None else linear.bias.detach())
 
     # ---- use ---------------------------------------------------------------------------------------------------
+    # forward (PackedWeightModule.forward): the functional a traced call takes, and the bias's dtype rule
+    _functional = staticmethod(sparse24_mm.sparse24_linear)
+
     @property
     def weight(self) -> Sparse24Weight:
         return Sparse24Weight._trusted(self.values, self.meta)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self._parameters.get("bias", self.__dict__.get("bias"))  # not nn.Module.__getattr__: ~2 us a call
-        if is_compiling():  # traced: the buffers as they are, no plan bookkeeping in the graph
-            return sparse24_mm.sparse24_linear(x, self.weight, bias)
-        return planned(self._current_plan(), x, bias)
 
     def _make_plan(self):
         plan = sparse24_mm.plan("Sparse24Linear", self.values, self.meta, self.in_features)
