@@ -1,14 +1,41 @@
 // Which SIMD variant a CPU kernel runs: the best the CPU supports, capped by TURBOKERNELS_CPU_ISA=scalar|avx2
 // (a test/debug knob, read per call: cheap). Kernels compile one copy per ISA with function-level target
-// attributes and pick one with this, so the build needs no -march.
+// attributes and pick one with this, so the build needs no -march. Also what every CPU kernel file shares:
+// TK_X86_SIMD (whether the x86 copies exist), the activation/scale dtypes (Dt) and one element's fp32 value.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define TK_X86_SIMD 1
+// GCC 12 reports its own _mm512_undefined_* placeholders inside the intrinsics as "maybe uninitialized".
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#else
+#define TK_X86_SIMD 0
+#endif
+
 namespace turbokernels {
 namespace cpu {
+
+enum class Dt : int { F32, F16, BF16 };
+
+// src[i] as fp32 (plain C++: called from every ISA's copy, it is the baseline code the linker may keep)
+inline float scalar_to_f32(Dt dt, const void* src, int64_t i) {
+  switch (dt) {
+    case Dt::F32: return static_cast<const float*>(src)[i];
+    case Dt::F16: return static_cast<float>(static_cast<const c10::Half*>(src)[i]);
+    default: return static_cast<float>(static_cast<const c10::BFloat16*>(src)[i]);
+  }
+}
 
 enum IsaLevel : int { kScalarIsa = 0, kAvx2Isa = 1, kAvx512Isa = 2 };
 

@@ -48,22 +48,13 @@
 #include <optional>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_X86_SIMD 1
-// GCC 12 reports its own _mm512_undefined_* placeholders inside the intrinsics as "maybe uninitialized".
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#else
-#define TK_X86_SIMD 0
-#endif
 
 namespace turbokernels {
 namespace int4_cpu {
 namespace {  // internal linkage: the per-ISA copies must never be merged with (or called through) anything else
 
-enum class Dt : int { F32, F16, BF16 };
+using cpu::Dt;
+using cpu::scalar_to_f32;
 
 // The k range of one group and how its packed word rows split: a masked head word (group starts mid-word), full
 // middle words, a masked tail word (group ends mid-word or at a K that is not a multiple of 8). -1: none.
@@ -85,13 +76,6 @@ struct Problem {
   const Span* spans;  // (G)
 };
 
-inline float scalar_to_f32(Dt dt, const void* src, int64_t i) {
-  switch (dt) {
-    case Dt::F32: return static_cast<const float*>(src)[i];
-    case Dt::F16: return static_cast<float>(static_cast<const c10::Half*>(src)[i]);
-    default: return static_cast<float>(static_cast<const c10::BFloat16*>(src)[i]);
-  }
-}
 
 // ---- plain C++ (any CPU) --------------------------------------------------------------------------------------
 namespace scalar {

@@ -59,29 +59,14 @@
 #include <limits>
 #include <optional>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_X86_SIMD 1
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#else
-#define TK_X86_SIMD 0
-#endif
 
 namespace turbokernels {
 namespace sparse24_cpu {
 namespace {  // internal linkage: the per-ISA copies must never be merged with (or called through) anything else
 
-enum class Dt : int { F32, F16, BF16 };
+using cpu::Dt;
+using cpu::scalar_to_f32;
 
-inline float scalar_to_f32(Dt dt, const void* src, int64_t i) {
-  switch (dt) {
-    case Dt::F32: return static_cast<const float*>(src)[i];
-    case Dt::F16: return static_cast<float>(static_cast<const c10::Half*>(src)[i]);
-    default: return static_cast<float>(static_cast<const c10::BFloat16*>(src)[i]);
-  }
-}
 
 struct Problem {
   const float* x;        // (M, ldx) fp32: x padded with zeros to whole blocks, in the ISA's block layout
