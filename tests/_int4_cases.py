@@ -27,7 +27,7 @@ def allowance(x, weight: tk.Int4Weight, backend: str = None, bias=None):
     xs = x if weight.perm is None else x.index_select(-1, weight.perm)
     args = (weight.qweight, weight.scales, weight.offsets, weight.effective_group_size, weight.in_features)
     return matmul_allowance(xs, dequantize_int4(*args, dtype=torch.float64), bias=bias,
-                            operand_dtype=operand_dtype(backend, x.dtype),
+                            operand_dtype=operand_dtype(backend, x.dtype, "int4_mm"),
                             dequant_magnitudes=int4_dequant_magnitudes(weight, backend))
 
 

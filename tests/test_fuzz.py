@@ -25,6 +25,7 @@ from turbokernels import backends
 from turbokernels.reference import attention as ref_attention
 from turbokernels.reference.decode_attention import decode_attention as ref_decode
 from turbokernels.testing import (assert_close, attention_allowance, attention_bwd_allowance, cancelling_bias,
+                                  cpu_isa_caps,
                                   decode_allowance, int4_dequant_magnitudes, matmul_allowance, operand_dtype)
 from _int4_cases import allowance as int4_allowance, golden_and_baseline as int4_golden_and_baseline
 from conftest import interpreting
@@ -137,7 +138,7 @@ def cpu_isa(isa):
 M_SIZES = sizes([1, 2, 3, 5, 7, 13, 16, 17, 31], [33, 64, 97, 130, 257])
 N_SIZES = sizes([1, 3, 8, 17, 31, 40], [64, 97, 128, 257])
 MATMUL_LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced", "stride2", "offset", "broadcast"])
-CPU_ISAS = st.sampled_from(["best", "avx2", "scalar"])
+CPU_ISAS = st.sampled_from(cpu_isa_caps())
 BIASES = st.sampled_from([False, True, "cancelling"])
 
 

@@ -15,13 +15,14 @@ import turbokernels as tk
 from turbokernels import _ext
 from turbokernels.formats.int4 import pack_int4
 from turbokernels.reference.int4_mm import dequantize_int4
-from turbokernels.testing import assert_close, cancelling_bias, int4_dequant_magnitudes, matmul_allowance
+from turbokernels.testing import (assert_close, cancelling_bias, cpu_isa_caps, int4_dequant_magnitudes,
+                                  matmul_allowance, operand_dtype)
 
 pytestmark = pytest.mark.skipif(
     not _ext.available() or _ext.missing_op_reason("int4_mm", "cpu") is not None,
     reason=f"turbokernels._C has no CPU int4_mm kernel ({_ext.load_error() or _ext.missing_op_reason('int4_mm', 'cpu')})")
 
-ISAS = ["best", "avx2", "scalar"]  # a cap above what the CPU has falls back to the best it has
+ISAS = cpu_isa_caps()  # a cap above what the CPU has falls back to the best it has
 
 
 def op(x, qweight, scales, offsets, group_size, bias=None):
@@ -53,7 +54,9 @@ def check(x, qweight, scales, offsets, group_size, what="", bias=None):
         golden, baseline = golden + bias.double(), baseline + bias
     assert torch.isfinite(out).all(), what
     magnitudes = int4_dequant_magnitudes(tk.Int4Weight._trusted(qweight, scales, offsets, group_size, K), "cpu")
-    assert_close(out, golden, baseline, allowance=matmul_allowance(x, w64, bias=bias, dequant_magnitudes=magnitudes),
+    allowance = matmul_allowance(x, w64, bias=bias, dequant_magnitudes=magnitudes,
+                                 operand_dtype=operand_dtype("cpu", x.dtype, "int4_mm"))  # AMX: bf16 x, M >= 40
+    assert_close(out, golden, baseline, allowance=allowance,
                  what=f"{what} bias={bias is not None}")
 
 

@@ -519,7 +519,7 @@ def test_int4_linear_against_gguf_dequantize(backend_name, dtype, kind, M, N, K)
     baseline = F.linear(x, w.to(x.device, dtype))
     assert out.dtype == dtype and out.shape == (M, N)
     assert_close(out, golden, baseline,
-                 allowance=matmul_allowance(x, w.t(), operand_dtype=operand_dtype(backend_name, dtype),
+                 allowance=matmul_allowance(x, w.t(), operand_dtype=operand_dtype(backend_name, dtype, "int4_mm"),
                                             dequant_magnitudes=int4_dequant_magnitudes(weight, backend_name)),
                  what=f"{backend_name} {dtype} {kind} M={M} N={N} K={K}")
 

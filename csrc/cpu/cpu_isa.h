@@ -1,4 +1,4 @@
-// Which SIMD variant a CPU kernel runs: the best the CPU supports, capped by TURBOKERNELS_CPU_ISA=scalar|avx2
+// Which SIMD variant a CPU kernel runs: the best the CPU supports, capped by TURBOKERNELS_CPU_ISA=scalar|avx2|avx512
 // (a test/debug knob, read per call: cheap). Kernels compile one copy per ISA with function-level target
 // attributes and pick one with this, so the build needs no -march. Also what every CPU kernel file shares:
 // TK_X86_SIMD (whether the x86 copies exist), the activation/scale dtypes (Dt) and one element's fp32 value.
@@ -18,6 +18,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define TK_X86_SIMD 0
@@ -37,13 +38,25 @@ inline float scalar_to_f32(Dt dt, const void* src, int64_t i) {
   }
 }
 
-enum IsaLevel : int { kScalarIsa = 0, kAvx2Isa = 1, kAvx512Isa = 2 };
+// Ordered: a kernel takes the best level it has a copy for (level >= ...). kAmxBf16Isa: AVX-512 and AMX-BF16
+// tiles (Sapphire Rapids and later), which torch's bf16 matmul (oneDNN) uses: there a bf16 GEMM outruns any
+// AVX-512 FMA loop (vdpbf16ps is no faster per product than fp32 FMA on Sapphire Rapids: measured 2 cycles each).
+enum IsaLevel : int { kScalarIsa = 0, kAvx2Isa = 1, kAvx512Isa = 2, kAmxBf16Isa = 3 };
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+inline bool cpu_has_amx_bf16() {  // CPUID.(EAX=7,ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return (d >> 22 & 1u) && (d >> 24 & 1u);
+}
+#endif
 
 inline int supported_isa_level() {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   static const int level = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return int(kAvx512Isa);
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+      return int(cpu_has_amx_bf16() ? kAmxBf16Isa : kAvx512Isa);
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return int(kAvx2Isa);  // AVX2 CPUs have F16C
     return int(kScalarIsa);
   }();
@@ -58,6 +71,7 @@ inline int isa_level() {
   if (const char* cap = std::getenv("TURBOKERNELS_CPU_ISA")) {
     if (std::strcmp(cap, "scalar") == 0) level = kScalarIsa;
     else if (std::strcmp(cap, "avx2") == 0) level = std::min(level, int(kAvx2Isa));
+    else if (std::strcmp(cap, "avx512") == 0) level = std::min(level, int(kAvx512Isa));
   }
   return level;
 }

@@ -26,6 +26,8 @@
 //  * Large M: the fused loop is FMA-bound at close to the machine's peak with AVX-512, which beats dequantize +
 //    BLAS (measured 2.2x at M = 256 on AMD, where MKL runs its AVX2 code). With AVX2 or plain C++ the BLAS catches
 //    up, so above Kernels::fused_max_m rows, column chunks are dequantized to fp32 and handed to at::mm_out.
+//  * bf16 x on a CPU with AMX tiles, M >= kAmxMinM: dequantized bf16 chunks through torch's bf16 matmul
+//    (run_dequant_mm_bf16), which beats any FMA loop there.
 //  Accumulation is fp32; fp16/bf16 x is converted to fp32 once per call and the result back once at the end. The
 //  bias joins the fp32 result first (the fused path adds it as it writes a block out, the BLAS path hands it to
 //  addmm), so that conversion is the output's only rounding, as in torch's F.linear.
@@ -192,24 +194,32 @@ struct Kernels {
   void (*fused_block)(const Problem&, int64_t, int64_t, int64_t, float*, int32_t*);
   void (*dequant_rows)(const Problem&, int64_t, int64_t, int64_t, int64_t, float*, float*, float*);
   void (*stream_columns)(const Problem&, int64_t, int64_t, int64_t, float*, int32_t*);
+  void (*row_to_f32)(Dt, const void*, int64_t, int64_t, float*, int64_t);
 };
 
 // fused_max_m: measured on a 2-core Zen machine (4096 x 4096, g128) against dequantize + MKL sgemm.
 const Kernels kScalar{scalar::NB, 8, scalar::W, scalar::RMAX, scalar::fused_block, scalar::dequant_rows,
-                      scalar::stream_columns};
+                      scalar::stream_columns, scalar::row_to_f32};
 #if TK_X86_SIMD
-const Kernels kAvx2{avx2::NB, 128, avx2::W, avx2::RMAX, avx2::fused_block, avx2::dequant_rows, avx2::stream_columns};
+const Kernels kAvx2{avx2::NB, 128, avx2::W, avx2::RMAX, avx2::fused_block, avx2::dequant_rows, avx2::stream_columns,
+                    avx2::row_to_f32};
 // AVX-512: fused at every M (2.2x faster than dequantize + MKL at M = 256 and 1024 on AMD, where MKL runs AVX2
-// code; an Intel CPU with MKL's AVX-512 sgemm may want a finite limit: measure first). dequant_rows is unused.
+// code).
 const Kernels kAvx512{avx512::NB, INT64_MAX, avx512::W, avx512::RMAX, avx512::fused_block, avx512::dequant_rows,
-                      avx512::stream_columns};
+                      avx512::stream_columns, avx512::row_to_f32};
+// The same on an Intel CPU with AMX (the level that tells one apart), where MKL runs its AVX-512 sgemm: measured on
+// a 2-core Sapphire Rapids (4096 x 4096 g128, fp32 x), sgemm on the dequantized weight takes 0.80x / 0.69x / 0.76x
+// the fused path's time at M = 128 / 256 / 512, and 1.24x at M = 64.
+const Kernels kAvx512Amx{avx512::NB, 96, avx512::W, avx512::RMAX, avx512::fused_block, avx512::dequant_rows,
+                         avx512::stream_columns, avx512::row_to_f32};
 #endif
 
 const Kernels& select_kernels() {
   const int level = cpu::isa_level();
 #if TK_X86_SIMD
-  if (level == cpu::kAvx512Isa) return kAvx512;
-  if (level == cpu::kAvx2Isa) return kAvx2;
+  if (level >= cpu::kAmxBf16Isa) return kAvx512Amx;
+  if (level >= cpu::kAvx512Isa) return kAvx512;
+  if (level >= cpu::kAvx2Isa) return kAvx2;
 #endif
   (void)level;
   return kScalar;
@@ -301,6 +311,84 @@ void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32
   }
 }
 
+// bf16 x where torch's bf16 matmul runs on AMX tiles (cpu::kAmxBf16Isa), from kAmxMinM rows: column chunks of the
+// weight dequantized (fp32, as dequant_rows) and rounded to bf16, and handed to at::mm, which multiplies them with
+// fp32 sums and rounds each output once: torch's own bf16 F.linear on the dequantized weight. The bias joins inside
+// the GEMM, as a weight row that x's appended column of ones meets, so that rounding is the only one with a bias too.
+// Measured on a 2-core Sapphire Rapids (4096 x 4096 g128): the fused AVX-512 path is FMA-bound at ~0.11 TFLOP/s
+// (M = 64: 17 ms, this path 11.6 ms, M = 1024: 270 vs 70 ms); below ~40 rows oneDNN's per-call cost (reordering each
+// chunk for its tiles) outweighs its speed.
+constexpr int64_t kAmxMinM = 40;
+
+#if TK_X86_SIMD
+// Word rows [w0, w1) of columns [n0, n0 + nc) dequantized to bf16: wout[k][n - n0] = bf16(q s + o), k < K, rows
+// ldw apart; s32, o32: the scales and offsets as fp32 (G, N). Each packed vector is loaded once for its 8 k's (the
+// fp32 dequant_rows reloads it per k). AMX CPUs have AVX512_BF16, whose conversion rounds to nearest even.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequant_bf16_words(
+    const Problem& P, const float* s32, const float* o32, int64_t w0, int64_t w1, int64_t n0, int64_t nc,
+    uint16_t* wout, int64_t ldw) {
+  const __m512 table = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f,
+                                      14.f, 15.f);
+  for (int64_t w = w0; w < w1; ++w) {
+    const int32_t* qrow = P.q + w * P.N + n0;
+    const int kn = static_cast<int>(std::min<int64_t>(8, P.K - 8 * w));
+    for (int64_t n = 0; n < nc; n += 16) {
+      const __mmask16 m = nc - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nc - n)) - 1u);
+      __m512i word = _mm512_maskz_loadu_epi32(m, qrow + n);
+      for (int i = 0; i < kn; ++i) {
+        const int64_t k = 8 * w + i, g = k / P.gs;
+        const __m512 sv = _mm512_maskz_loadu_ps(m, s32 + g * P.N + n0 + n);
+        const __m512 ov = _mm512_maskz_loadu_ps(m, o32 + g * P.N + n0 + n);
+        const __m512 v = _mm512_fmadd_ps(_mm512_permutexvar_ps(word, table), sv, ov);
+        word = _mm512_srli_epi32(word, 4);
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(wout + k * ldw + n, m, h);
+      }
+    }
+  }
+}
+#endif
+
+#if TK_X86_SIMD
+at::Tensor run_dequant_mm_bf16(const Kernels& kern, const Problem& P, const at::Tensor& x,
+                               const std::optional<at::Tensor>& bias) {
+  const bool has_bias = P.bias != nullptr;
+  const int64_t Ka = has_bias ? P.K + 16 : P.K;  // + the bias row, padded so the GEMM keeps a friendly K
+  const auto bf16 = x.options().dtype(at::kBFloat16);
+  at::Tensor xa = x.contiguous();
+  if (has_bias) {
+    xa = at::zeros({P.M, Ka}, bf16);
+    xa.narrow(1, 0, P.K).copy_(x);
+    xa.select(1, P.K).fill_(1.0);
+  }
+  const at::Tensor s32 = at::empty({P.G, P.N}, x.options().dtype(at::kFloat));
+  const at::Tensor o32 = at::empty({P.G, P.N}, x.options().dtype(at::kFloat));
+  at::parallel_for(0, P.G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      kern.row_to_f32(P.sdt, P.s, g * P.N, P.N, s32.data_ptr<float>() + g * P.N, P.N);
+      kern.row_to_f32(P.odt, P.o, g * P.N, P.N, o32.data_ptr<float>() + g * P.N, P.N);
+    }
+  });
+  // ~2 MiB of bf16 weight per chunk: it stays in L2 between the dequantization and the GEMM
+  int64_t nb = std::max<int64_t>(64, ((int64_t(1) << 20) / P.K) / 64 * 64);
+  nb = std::min(nb, P.N);
+  at::Tensor wb = at::zeros({Ka, nb}, bf16);
+  at::Tensor out = at::empty({P.M, P.N}, bf16);
+  for (int64_t n0 = 0; n0 < P.N; n0 += nb) {
+    const int64_t nc = std::min(nb, P.N - n0);
+    at::Tensor wc = wb.narrow(1, 0, nc);
+    uint16_t* w = reinterpret_cast<uint16_t*>(wb.data_ptr<at::BFloat16>());
+    at::parallel_for(0, (P.K + 7) / 8, std::max<int64_t>(1, 2048 / nc), [&](int64_t w0, int64_t w1) {
+      dequant_bf16_words(P, s32.data_ptr<float>(), o32.data_ptr<float>(), w0, w1, n0, nc, w, nb);
+    });
+    if (has_bias) wc.select(0, P.K).copy_(bias->narrow(0, n0, nc));
+    at::Tensor out_chunk = out.narrow(1, n0, nc);
+    at::mm_out(out_chunk, xa, wc);
+  }
+  return out;
+}
+#endif
+
 // The bias as the epilogue reads it: (N) fp32, contiguous; undefined when there is none.
 at::Tensor bias_f32(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
@@ -338,26 +426,29 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
   if (M == 0 || N == 0) return at::empty({M, N}, x.options());
   if (K == 0)  // a fresh tensor either way: never a view of the caller's bias
     return bias32.defined() ? bias->expand({M, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({M, N}, x.options());
-
-  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x.contiguous() : x.contiguous().to(at::kFloat);
-  const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), o = offsets.contiguous();
-  at::Tensor out32 = at::empty({M, N}, x32.options());
   const Kernels& kern = select_kernels();
-
+  const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), o = offsets.contiguous();
   Problem P{};
-  P.x = x32.data_ptr<float>();
   P.q = q.data_ptr<int32_t>();
   P.s = s.data_ptr();
   P.o = o.data_ptr();
   P.sdt = sdt;
   P.odt = odt;
   P.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
-  P.out = out32.data_ptr<float>();
   P.M = M;
   P.K = K;
   P.N = N;
   P.G = G;
   P.gs = group_size;
+#if TK_X86_SIMD
+  if (x.scalar_type() == at::kBFloat16 && M >= kAmxMinM && cpu::isa_level() >= cpu::kAmxBf16Isa)
+    return run_dequant_mm_bf16(kern, P, x, bias);
+#endif
+
+  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x.contiguous() : x.contiguous().to(at::kFloat);
+  at::Tensor out32 = at::empty({M, N}, x32.options());
+  P.x = x32.data_ptr<float>();
+  P.out = out32.data_ptr<float>();
 
   if (M <= kern.fused_max_m) {
     const std::vector<Span> spans = make_spans(K, group_size, G);

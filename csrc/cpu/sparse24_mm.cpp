@@ -41,7 +41,7 @@
 //
 // ISAs: sparse24_mm_simd.h is compiled three times (AVX-512F+BW, AVX2+FMA+F16C, plain C++) with function-level
 // target attributes, and the best one the CPU supports is picked at run time, so the build stays portable (no
-// -march). TURBOKERNELS_CPU_ISA=scalar|avx2 caps the choice (the tests use it to cover every path).
+// -march). TURBOKERNELS_CPU_ISA=scalar|avx2|avx512 caps the choice (the tests use it to cover every path).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -237,8 +237,8 @@ const Kernels kAvx512{avx512::KB, XLayout::Natural, 16, 256, avx512::run, avx512
 const Kernels& select_kernels() {
   const int level = cpu::isa_level();
 #if TK_X86_SIMD
-  if (level == cpu::kAvx512Isa) return kAvx512;
-  if (level == cpu::kAvx2Isa) return kAvx2;
+  if (level >= cpu::kAvx512Isa) return kAvx512;
+  if (level >= cpu::kAvx2Isa) return kAvx2;
 #endif
   (void)level;
   return kScalar;

@@ -82,7 +82,7 @@ def _int4_mm(gen, dev, dtype, shape):
 
     def run(name):
         out = tk.int4_linear(x, w, bias)
-        allowance = matmul_allowance(x, w64, bias=bias, operand_dtype=operand_dtype(name, dtype),
+        allowance = matmul_allowance(x, w64, bias=bias, operand_dtype=operand_dtype(name, dtype, "int4_mm"),
                                      dequant_magnitudes=int4_dequant_magnitudes(w, name))
         return _Result([("out", out, golden, baseline, allowance)])
     return run, f"M={M} K={K} N={N} g={g}" + (" bias" if with_bias else "")

@@ -43,6 +43,7 @@ between an AMD EPYC and an Intel Xeon: a bound built on it moves with the machin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -64,6 +65,24 @@ U32 = _UNIT_ROUNDOFF[torch.float32]
 # smallest normal number (where the relative bound u32 |y| no longer holds); the fp32 counterpart of the operand
 # dtypes' eta (_operand_rounding)
 ETA32 = U32 * 2.0 ** _MIN_EXPONENT[torch.float32]
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_amx_bf16() -> bool:
+    """AVX-512 and AMX-BF16 (csrc/cpu/cpu_isa.h's kAmxBf16Isa), from /proc/cpuinfo (False where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags and "avx512bw" in flags
+
+
+def cpu_isa_caps() -> list[str]:
+    """The TURBOKERNELS_CPU_ISA values whose C++ kernel paths differ on this CPU ("best" = none set): a cap above what
+    the CPU has gives its best, so "avx512" is listed only where the best is more (AVX-512 + AMX-BF16, which sends
+    int4_mm's bf16 x at M >= 40 through torch's bf16 matmul and fp32 x at M > 96 through sgemm)."""
+    return ["best", "avx2", "scalar"] + (["avx512"] if _cpu_has_amx_bf16() else [])
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -196,14 +215,19 @@ def cancelling_bias(product_row: torch.Tensor, dtype: torch.dtype, remainder: fl
     return (noise - row.to(dtype).to(torch.float64)).to(dtype)
 
 
-def operand_dtype(backend: str, dtype: torch.dtype) -> Optional[torch.dtype]:
+def operand_dtype(backend: str, dtype: torch.dtype, op: Optional[str] = None) -> Optional[torch.dtype]:
     """The dtype `backend` rounds the operands of its dots to, for inputs of `dtype`: the Triton and CUDA kernels
     feed fp16/bf16 operands to tensor cores (an int4 weight dequantized in fp32 is rounded to x's dtype, softmax
     probabilities to q's), except where the Triton UPCAST switch runs the dot in fp32 (fp32 inputs; bf16 under
     the interpreter). torch's CPU flash attention (the `torch` backend; aten/src/ATen/native/cpu/
     FlashAttentionKernel.cpp) stores the probabilities exp(s - running max) in q's dtype before its P @ V gemm,
     and in the backward P and dS before theirs: fp16/bf16 too. The reference and the CPU C++ kernels compute in
-    fp32: None."""
+    fp32: None, except int4_mm's (op="int4_mm") with bf16 x on a CPU with AMX-BF16 and no TURBOKERNELS_CPU_ISA cap
+    below it: from 40 rows it multiplies the weight dequantized and rounded to bf16 (torch's bf16 matmul, csrc/cpu/
+    int4_mm.cpp run_dequant_mm_bf16): bf16, for every M there (a looser bound than fewer rows need)."""
+    if backend == "cpu" and op == "int4_mm" and dtype == torch.bfloat16 and _cpu_has_amx_bf16() \
+            and os.environ.get("TURBOKERNELS_CPU_ISA", "") not in ("scalar", "avx2", "avx512"):
+        return dtype
     if backend not in ("triton", "cuda", "torch") or dtype not in (torch.float16, torch.bfloat16):
         return None
     if backend == "triton":
