@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +63,12 @@ def torch_int4_cpu(weight):
     return packed, sz, gs
 
 
-def run_cpu(out_dir: str, quick: bool, full: bool) -> list[dict]:
+def run_cpu(out_dir: str, quick: bool, full: bool, m_values: Optional[list[int]] = None) -> list[dict]:
     dev = torch.device("cpu")
     env = environment(dev)
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     shapes = SHAPES[:1] if quick else (SHAPES if full else SHAPES[:3])
-    m_values = [1, 4, 16] if quick else (M_VALUES if full else [1, 2, 4, 16, 64])
+    m_values = m_values or ([1, 4, 16] if quick else (M_VALUES if full else [1, 2, 4, 16, 64]))
     roof = measured_roofline(dev, torch.float32)
     print(f"# {env['device']}  torch {env['torch']}  {env['date']}  copy {roof['peak_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"fp32 matmul {roof['peak_flops'] / 1e12:.2f} TFLOP/s", flush=True)
@@ -130,11 +131,12 @@ def run_cpu(out_dir: str, quick: bool, full: bool) -> list[dict]:
     return rows
 
 
-def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, full: bool = False) -> list[dict]:
+def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, full: bool = False,
+        m_values: Optional[list[int]] = None) -> list[dict]:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dev.type == "cpu":
-        return run_cpu(out_dir, quick, full)
+        return run_cpu(out_dir, quick, full, m_values)
     env = environment(dev)
     rows = []
     for dtype, shapes, m_values in _cases(quick):
@@ -192,8 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/out")
     p.add_argument("--quick", action="store_true", help="one shape, a few M values")
     p.add_argument("--full", action="store_true", help="on CPU: all shapes and M values (slow)")
+    p.add_argument("--m", default=None, help="on CPU: these M values instead, comma-separated (e.g. 1,64,256)")
     a = p.parse_args(argv)
-    run(a.device, a.out, a.quick, a.full)
+    run(a.device, a.out, a.quick, a.full, [int(m) for m in a.m.split(",")] if a.m else None)
     return 0
 
 
