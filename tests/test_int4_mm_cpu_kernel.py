@@ -55,7 +55,7 @@ def check(x, qweight, scales, offsets, group_size, what="", bias=None):
     assert torch.isfinite(out).all(), what
     magnitudes = int4_dequant_magnitudes(tk.Int4Weight._trusted(qweight, scales, offsets, group_size, K), "cpu")
     allowance = matmul_allowance(x, w64, bias=bias, dequant_magnitudes=magnitudes,
-                                 operand_dtype=operand_dtype("cpu", x.dtype, "int4_mm"))  # AMX: bf16 x, M >= 40
+                                 operand_dtype=operand_dtype("cpu", x.dtype, "int4_mm"))  # AMX: bf16 x, M >= 16
     assert_close(out, golden, baseline, allowance=allowance,
                  what=f"{what} bias={bias is not None}")
 
@@ -118,7 +118,7 @@ def test_every_simd_path(isa, K, N):
 
 
 def test_large_m_panels(isa):
-    """More rows than one work panel (256), fused or dequantize + BLAS depending on the path."""
+    """More rows than one work panel (256), fused or dequantize + BLAS (or AMX tiles) depending on the path."""
     K, N, gs = 200, 70, 64
     qweight, scales, offsets = random_weight(K, N, -(-K // gs), torch.float16, torch.float32)
     x = torch.randn(300, K)
@@ -126,6 +126,10 @@ def test_large_m_panels(isa):
     check(x, qweight, scales, offsets, gs, f"isa={isa}", torch.randn(N))
     xb = x.to(torch.bfloat16)
     check(xb, qweight, scales, offsets, gs, f"isa={isa} bf16", torch.randn(N).to(torch.bfloat16))
+    # bf16 x above 512 rows: on an AMX CPU, dequantized chunks through torch's bf16 matmul, the bias inside it
+    xb = torch.randn(600, K).to(torch.bfloat16)
+    check(xb, qweight, scales, offsets, gs, f"isa={isa} bf16 M=600", torch.randn(N).to(torch.bfloat16))
+    check(xb, qweight, scales, offsets, gs, f"isa={isa} bf16 M=600")
 
 
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)

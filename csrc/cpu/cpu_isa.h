@@ -39,8 +39,9 @@ inline float scalar_to_f32(Dt dt, const void* src, int64_t i) {
 }
 
 // Ordered: a kernel takes the best level it has a copy for (level >= ...). kAmxBf16Isa: AVX-512 and AMX-BF16
-// tiles (Sapphire Rapids and later), which torch's bf16 matmul (oneDNN) uses: there a bf16 GEMM outruns any
-// AVX-512 FMA loop (vdpbf16ps is no faster per product than fp32 FMA on Sapphire Rapids: measured 2 cycles each).
+// tiles (Sapphire Rapids and later; an Intel CPU, whose MKL runs AVX-512 code): there a bf16 tile multiply outruns
+// any AVX-512 FMA loop (vdpbf16ps is no faster per product than fp32 FMA on Sapphire Rapids: measured 2 cycles each,
+// 4 per cycle for 16-lane FMA).
 enum IsaLevel : int { kScalarIsa = 0, kAvx2Isa = 1, kAvx512Isa = 2, kAmxBf16Isa = 3 };
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))

@@ -26,8 +26,12 @@
 //  * Large M: the fused loop is FMA-bound at close to the machine's peak with AVX-512, which beats dequantize +
 //    BLAS (measured 2.2x at M = 256 on AMD, where MKL runs its AVX2 code). With AVX2 or plain C++ the BLAS catches
 //    up, so above Kernels::fused_max_m rows, column chunks are dequantized to fp32 and handed to at::mm_out.
-//  * bf16 x on a CPU with AMX tiles, M >= kAmxMinM: dequantized bf16 chunks through torch's bf16 matmul
-//    (run_dequant_mm_bf16), which beats any FMA loop there.
+//  * bf16 x on a CPU with AMX tiles (Sapphire Rapids and later), 16 <= M <= 512: AMX tiles (run_amx_bf16): the
+//    weight dequantized to bf16 a 32-column panel at a time in L2, in the tiles' layout, and multiplied there;
+//    above 512 rows dequantized chunks through torch's bf16 matmul (run_dequant_mm_bf16). Either beats any FMA loop
+//    there (vdpbf16ps is no faster per product than fp32 FMA on that CPU). The weight is rounded to bf16 on these
+//    paths, as torch's bf16 F.linear on the dequantized weight rounds it.
+//  * fp32 x on such a CPU above 96 rows: dequantize + MKL's AVX-512 sgemm (kAvx512Amx.fused_max_m).
 //  Accumulation is fp32; fp16/bf16 x is converted to fp32 once per call and the result back once at the end. The
 //  bias joins the fp32 result first (the fused path adds it as it writes a block out, the BLAS path hands it to
 //  addmm), so that conversion is the output's only rounding, as in torch's F.linear.
@@ -49,6 +53,11 @@
 #include <cstring>
 #include <optional>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 
 namespace turbokernels {
@@ -311,19 +320,33 @@ void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32
   }
 }
 
-// bf16 x where torch's bf16 matmul runs on AMX tiles (cpu::kAmxBf16Isa), from kAmxMinM rows: column chunks of the
+// bf16 x where torch's bf16 matmul runs on AMX tiles (cpu::kAmxBf16Isa), above kAmxTileMaxM rows: column chunks of the
 // weight dequantized (fp32, as dequant_rows) and rounded to bf16, and handed to at::mm, which multiplies them with
 // fp32 sums and rounds each output once: torch's own bf16 F.linear on the dequantized weight. The bias joins inside
 // the GEMM, as a weight row that x's appended column of ones meets, so that rounding is the only one with a bias too.
 // Measured on a 2-core Sapphire Rapids (4096 x 4096 g128): the fused AVX-512 path is FMA-bound at ~0.11 TFLOP/s
-// (M = 64: 17 ms, this path 11.6 ms, M = 1024: 270 vs 70 ms); below ~40 rows oneDNN's per-call cost (reordering each
-// chunk for its tiles) outweighs its speed.
-constexpr int64_t kAmxMinM = 40;
+// (M = 1024: 270 ms, this path 30 ms, our own tile loop below 53 ms: it reads x again for every 32 columns); from 16
+// to 512 rows the tile loop wins (M = 256: 8.2 ms, this path 10.6; M = 16: 2.5 ms, this path 3.2, fused 4.0), below
+// 16 the fused path (M = 8: 1.8 ms, the tile loop 2.7: it dequantizes the whole weight, a GEMM's worth of work).
+constexpr int64_t kAmxTileMinM = 16, kAmxTileMaxM = 512;
 
 #if TK_X86_SIMD
 // Word rows [w0, w1) of columns [n0, n0 + nc) dequantized to bf16: wout[k][n - n0] = bf16(q s + o), k < K, rows
-// ldw apart; s32, o32: the scales and offsets as fp32 (G, N). Each packed vector is loaded once for its 8 k's (the
+// ldw apart; s32, o32: the scales and offsets as fp32 (G, N). word_groups: each k's group without a division per k. Each packed vector is loaded once for its 8 k's (the
 // fp32 dequant_rows reloads it per k). AMX CPUs have AVX512_BF16, whose conversion rounds to nearest even.
+// The groups of k = 8w .. 8w + 7 (one 64-bit division per word row, not per k: a division per k took more time
+// than the rest of the dequantization, ~1 cycle per weight on a Sapphire Rapids).
+inline void word_groups(int64_t w, int64_t gs, int64_t (&g)[8]) {
+  int64_t gi = 8 * w / gs, next = (gi + 1) * gs;
+  for (int i = 0; i < 8; ++i) {
+    if (8 * w + i >= next) {
+      ++gi;
+      next += gs;
+    }
+    g[i] = gi;
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequant_bf16_words(
     const Problem& P, const float* s32, const float* o32, int64_t w0, int64_t w1, int64_t n0, int64_t nc,
     uint16_t* wout, int64_t ldw) {
@@ -332,11 +355,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequant_bf1
   for (int64_t w = w0; w < w1; ++w) {
     const int32_t* qrow = P.q + w * P.N + n0;
     const int kn = static_cast<int>(std::min<int64_t>(8, P.K - 8 * w));
+    int64_t gk[8];
+    word_groups(w, P.gs, gk);
     for (int64_t n = 0; n < nc; n += 16) {
       const __mmask16 m = nc - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nc - n)) - 1u);
       __m512i word = _mm512_maskz_loadu_epi32(m, qrow + n);
       for (int i = 0; i < kn; ++i) {
-        const int64_t k = 8 * w + i, g = k / P.gs;
+        const int64_t k = 8 * w + i, g = gk[i];
         const __m512 sv = _mm512_maskz_loadu_ps(m, s32 + g * P.N + n0 + n);
         const __m512 ov = _mm512_maskz_loadu_ps(m, o32 + g * P.N + n0 + n);
         const __m512 v = _mm512_fmadd_ps(_mm512_permutexvar_ps(word, table), sv, ov);
@@ -385,6 +410,166 @@ at::Tensor run_dequant_mm_bf16(const Kernels& kern, const Problem& P, const at::
     at::Tensor out_chunk = out.narrow(1, n0, nc);
     at::mm_out(out_chunk, xa, wc);
   }
+  return out;
+}
+
+// ---- AMX tiles, bf16 x (csrc/cpu/cpu_isa.h kAmxBf16Isa) ----------------------------------------------------------
+// The weight is dequantized as run_dequant_mm_bf16 does (w = bf16(fp32 q s + o)), but straight into the tile layout
+// the multiply reads, a panel of 32 columns at a time in L2, and multiplied there: no GEMM call, no reorder by a
+// library, no dequantized weight in memory. Per panel: B tiles for all of K (VNNI pairs: row r of a 32-k block holds
+// k = 2r and 2r + 1 for 16 columns), then every 32-row block of x (two A tiles, zero-padded rows) against them into
+// four 16 x 16 fp32 accumulator tiles; the bias joins the fp32 sums before the one rounding to bf16. Products of bf16
+// values are exact in fp32 and TDPBF16PS sums them in fp32 (denormal inputs and results count as zero), so the
+// arithmetic is torch's bf16 F.linear on the dequantized weight, which the tests' allowance for this path describes.
+#define TK_AMX_ATTR __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Linux gives a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA); once.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Panel [n0, n0 + nc), nc <= 32, as bf16 B tiles: bp[((kb * 2 + j) * 16 + r) * 32 + 2 c + (k & 1)] = w(k, n0 + 16 j + c)
+// for k = 32 kb + 2 r + (k & 1); zero past K and past nc.
+TK_AMX_ATTR void amx_pack_panel(const Problem& P, const float* s32, const float* o32, int64_t n0, int64_t nc,
+                                int np, int64_t kblocks, uint16_t* bp) {
+  const int64_t panel_elems = kblocks * 2 * 16 * 32;
+  const __m512 table = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f,
+                                      14.f, 15.f);
+  // element 2c (k even) of a VNNI row from lane c of the first 16, element 2c + 1 from lane c of the second 16
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i inter = _mm512_load_si512(kInterleave);
+  const int64_t K8 = (P.K + 7) / 8;
+  for (int64_t w = 0; w < kblocks * 4; ++w) {
+    // the panel's piece of a packed row is 128 bytes, a row (often a page) apart: no hardware prefetcher follows
+    // that, so fetch kAhead rows ahead (4096 x 4096, 2 threads: the whole pack 6.2 -> 3.3 ms)
+    constexpr int64_t kAhead = 16;
+    if (w + kAhead < K8)
+      for (int jj = 0; jj < 2 * np; ++jj) __builtin_prefetch(P.q + (w + kAhead) * P.N + n0 + 16 * jj);
+    int64_t gk[8];
+    word_groups(w, P.gs, gk);
+    for (int jj = 0; jj < 2 * np; ++jj) {
+      const int j = jj % 2;
+      const int64_t c0 = 16 * jj, cn = std::max<int64_t>(0, std::min<int64_t>(16, nc - c0));
+      const __mmask16 m = cn >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cn) - 1u);
+      // 4 VNNI rows of tile j of panel jj / 2: k = 8w .. 8w + 7
+      uint16_t* rowp = bp + jj / 2 * panel_elems + ((w / 4 * 2 + j) * 16 + (w % 4) * 4) * 32;
+      if (w >= K8 || cn == 0) {
+        for (int p = 0; p < 4; ++p) _mm512_store_si512(rowp + 32 * p, _mm512_setzero_si512());
+        continue;
+      }
+      __m512i word = _mm512_maskz_loadu_epi32(m, P.q + w * P.N + n0 + c0);
+      __m512 v[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t k = 8 * w + i;
+        if (k < P.K) {
+          const int64_t g = gk[i];
+          v[i] = _mm512_maskz_fmadd_ps(m, _mm512_permutexvar_ps(word, table),
+                                       _mm512_maskz_loadu_ps(m, s32 + g * P.N + n0 + c0),
+                                       _mm512_maskz_loadu_ps(m, o32 + g * P.N + n0 + c0));
+        } else {
+          v[i] = _mm512_setzero_ps();
+        }
+        word = _mm512_srli_epi32(word, 4);
+      }
+      for (int p = 0; p < 4; ++p) {
+        const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(v[2 * p + 1], v[2 * p]);
+        _mm512_store_si512(rowp + 32 * p, _mm512_permutexvar_epi16(inter, pair));
+      }
+    }
+  }
+}
+
+// out (M, N) bf16 = x (M, K) bf16 @ W [+ bias]: xp is x zero-padded to (M32, 32 kblocks) bf16.
+TK_AMX_ATTR void amx_panels(const Problem& P, const float* s32, const float* o32, const uint16_t* xp, int64_t M32,
+                            int64_t kblocks, const float* bias, at::BFloat16* out, int64_t p0, int64_t p1) {
+  const int64_t panel_elems = kblocks * 2 * 16 * 32;
+  // Panels packed per walk down the rows: one. Packing 4-8 at once (512 B-1 KiB of each row) was measured slower
+  // (the M loop then reads its B tiles from beyond L2): 4096 x 4096, M = 256: 8.2 ms at 1, 15-18 ms at 4-8.
+  const int np = 1;
+  std::vector<uint16_t> bp_raw(np * panel_elems + 32);  // 64-byte aligned below: the tile rows are stored whole
+  uint16_t* bp = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(bp_raw.data()) + 63) & ~uintptr_t(63));
+  alignas(64) float cbuf[32][32];
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t ldx = kblocks * 32 * 2;  // bytes per row of xp
+  for (int64_t group0 = p0; group0 < p1; group0 += np) {
+    const int cnt = static_cast<int>(std::min<int64_t>(np, p1 - group0));
+    amx_pack_panel(P, s32, o32, group0 * 32, std::min<int64_t>(32 * cnt, P.N - group0 * 32), cnt, kblocks, bp);
+    asm volatile("" ::: "memory");  // the tile loads below are asm that does not say it reads bp
+  for (int64_t panel = group0; panel < group0 + cnt; ++panel) {
+    const int64_t n0 = panel * 32, nc = std::min<int64_t>(32, P.N - n0);
+    const uint16_t* bpp = bp + (panel - group0) * panel_elems;
+    for (int64_t m0 = 0; m0 < M32; m0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        const uint16_t* a = xp + m0 * kblocks * 32 + kb * 32;
+        const uint16_t* b = bpp + kb * 2 * 16 * 32;
+        _tile_loadd(4, a, ldx);
+        _tile_loadd(5, a + 16 * kblocks * 32, ldx);
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + 16 * 32, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, &cbuf[0][0], 128);
+      _tile_stored(1, &cbuf[0][16], 128);
+      _tile_stored(2, &cbuf[16][0], 128);
+      _tile_stored(3, &cbuf[16][16], 128);
+      const __mmask16 lo = nc >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nc) - 1u);
+      const __mmask16 hi = nc >= 32 ? __mmask16(0xFFFF) : nc > 16 ? __mmask16((1u << (nc - 16)) - 1u) : __mmask16(0);
+      const __m512 b0 = bias ? _mm512_maskz_loadu_ps(lo, bias + n0) : _mm512_setzero_ps();
+      const __m512 b1 = bias ? _mm512_maskz_loadu_ps(hi, bias + n0 + 16) : _mm512_setzero_ps();
+      for (int64_t r = 0; r < 32 && m0 + r < P.M; ++r) {
+        uint16_t* o = reinterpret_cast<uint16_t*>(out + (m0 + r) * P.N + n0);
+        _mm256_mask_storeu_epi16(o, lo, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(&cbuf[r][0]), b0)));
+        if (hi) _mm256_mask_storeu_epi16(o + 16, hi, (__m256i)_mm512_cvtneps_pbh(
+                                                        _mm512_add_ps(_mm512_load_ps(&cbuf[r][16]), b1)));
+      }
+    }
+  }
+  }
+  _tile_release();
+}
+
+at::Tensor run_amx_bf16(const Kernels& kern, const Problem& P, const at::Tensor& x) {
+  const int64_t kblocks = (P.K + 31) / 32, M32 = (P.M + 31) / 32 * 32;
+  const auto f32 = x.options().dtype(at::kFloat);
+  const at::Tensor s32 = at::empty({P.G, P.N}, f32), o32 = at::empty({P.G, P.N}, f32);
+  at::parallel_for(0, P.G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      kern.row_to_f32(P.sdt, P.s, g * P.N, P.N, s32.data_ptr<float>() + g * P.N, P.N);
+      kern.row_to_f32(P.odt, P.o, g * P.N, P.N, o32.data_ptr<float>() + g * P.N, P.N);
+    }
+  });
+  at::Tensor xp = at::zeros({M32, kblocks * 32}, x.options());
+  xp.narrow(0, 0, P.M).narrow(1, 0, P.K).copy_(x);
+  at::Tensor out = at::empty({P.M, P.N}, x.options());
+  const int64_t panels = (P.N + 31) / 32;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    amx_panels(P, s32.data_ptr<float>(), o32.data_ptr<float>(),
+               reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()), M32, kblocks, P.bias,
+               out.data_ptr<at::BFloat16>(), p0, p1);
+  });
   return out;
 }
 #endif
@@ -441,8 +626,10 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
   P.G = G;
   P.gs = group_size;
 #if TK_X86_SIMD
-  if (x.scalar_type() == at::kBFloat16 && M >= kAmxMinM && cpu::isa_level() >= cpu::kAmxBf16Isa)
-    return run_dequant_mm_bf16(kern, P, x, bias);
+  if (x.scalar_type() == at::kBFloat16 && cpu::isa_level() >= cpu::kAmxBf16Isa) {
+    if (M >= kAmxTileMinM && M <= kAmxTileMaxM && amx_permitted()) return run_amx_bf16(kern, P, x);
+    if (M > kAmxTileMaxM) return run_dequant_mm_bf16(kern, P, x, bias);
+  }
 #endif
 
   const at::Tensor x32 = x.scalar_type() == at::kFloat ? x.contiguous() : x.contiguous().to(at::kFloat);
