@@ -324,7 +324,8 @@ void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32
 // weight dequantized (fp32, as dequant_rows) and rounded to bf16, and handed to at::mm, which multiplies them with
 // fp32 sums and rounds each output once: torch's own bf16 F.linear on the dequantized weight. The bias joins inside
 // the GEMM, as a weight row that x's appended column of ones meets, so that rounding is the only one with a bias too.
-// Measured on a 2-core Sapphire Rapids (4096 x 4096 g128): the fused AVX-512 path is FMA-bound at ~0.11 TFLOP/s
+// Measured on a 2-core Sapphire Rapids (4096 x 4096 g128, the weight in cache; bench/results/cpu-xeon-2026-12-02/
+// for weights from DRAM): the fused AVX-512 path is FMA-bound at ~0.11 TFLOP/s
 // (M = 1024: 270 ms, this path 30 ms, our own tile loop below 53 ms: it reads x again for every 32 columns); from 16
 // to 512 rows the tile loop wins (M = 256: 8.2 ms, this path 10.6; M = 16: 2.5 ms, this path 3.2, fused 4.0), below
 // 16 the fused path (M = 8: 1.8 ms, the tile loop 2.7: it dequantizes the whole weight, a GEMM's worth of work).
@@ -494,9 +495,13 @@ TK_AMX_ATTR void amx_pack_panel(const Problem& P, const float* s32, const float*
 TK_AMX_ATTR void amx_panels(const Problem& P, const float* s32, const float* o32, const uint16_t* xp, int64_t M32,
                             int64_t kblocks, const float* bias, at::BFloat16* out, int64_t p0, int64_t p1) {
   const int64_t panel_elems = kblocks * 2 * 16 * 32;
-  // Panels packed per walk down the rows: one. Packing 4-8 at once (512 B-1 KiB of each row) was measured slower
-  // (the M loop then reads its B tiles from beyond L2): 4096 x 4096, M = 256: 8.2 ms at 1, 15-18 ms at 4-8.
-  const int np = 1;
+  // Panels packed per walk down the rows: as many as fit ~1 MiB of B tiles, at most 4. A walk reads 128 bytes of
+  // each packed row per panel, a row (a page or more) apart: with a model's weights coming from DRAM, reading 512
+  // bytes per page is what pays (2-core Sapphire Rapids, weights rotated past the 105 MiB L3, bf16 x, M = 16 / 64:
+  // 4096 x 4096 4.6 / 6.6 ms with one panel, 3.8 / 5.6 with four, 4.7 / 6.4 with eight; 4096 x 14336 16.9 / 25.9,
+  // 11.9 / 17.0, 13.1 / 20.6), while tiles beyond L2 slow the M loop down (14336 x 4096, 0.9 MiB a panel:
+  // 9.7 / 15.5 ms with one, 15.7 / 24.0 with two).
+  const int np = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, (int64_t(1) << 20) / (panel_elems * 2))));
   std::vector<uint16_t> bp_raw(np * panel_elems + 32);  // 64-byte aligned below: the tile rows are stored whole
   uint16_t* bp = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(bp_raw.data()) + 63) & ~uintptr_t(63));
   alignas(64) float cbuf[32][32];
