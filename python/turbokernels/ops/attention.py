@@ -182,6 +182,8 @@ def _fail(arg: str, msg: str, exc=ValueError):
 
 
 def _check_int(arg: str, value, minimum: int) -> int:
+    if type(value) is int and value >= minimum:  # the usual case, without the ABC checks (~1 us each)
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _fail(arg, f"expected an int, got {type(value).__name__}", TypeError)
     if value < minimum:
@@ -283,6 +285,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         _fail("k", f"heads_q={heads_q} must be a multiple of heads_kv={heads_kv}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif type(softmax_scale) is float and math.isfinite(softmax_scale):
+        pass
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) \
             or not math.isfinite(softmax_scale):
         _fail("softmax_scale", f"expected a finite float or None, got {softmax_scale!r}", TypeError)
@@ -290,8 +294,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         _fail("window_size", f"expected (left, right), got {window_size!r}", TypeError)
     window_left = _check_int("window_size", window_size[0], -1)
     window_right = _check_int("window_size", window_size[1], -1)
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0 \
-            or not math.isfinite(softcap):
+    if not (type(softcap) is float and 0.0 <= softcap < math.inf) and (
+            isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0
+            or not math.isfinite(softcap)):
         _fail("softcap", f"must be a finite float >= 0, got {softcap!r}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
@@ -313,5 +318,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if deterministic and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out, lse = _Deterministic.apply(*args)
     else:  # no autograd, tracer or mode to serve: straight to the backend (_library.direct), else the op
-        out, lse = call("attention_fwd", args)
+        # every backend's check reads only these (q/k/v's head dims are contiguous by now): the choice is remembered
+        out, lse = call("attention_fwd", args, key=(q.device.type, q.dtype, head_dim, softcap > 0))
     return (out, lse) if return_lse else out
