@@ -257,9 +257,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise TypeError(f"{fn}(softmax_scale): expected a float or None, got {type(softmax_scale).__name__}")
     _check_values(fn, k_cache, cache_seqlens, block_table)
     cache_seqlens, block_table = _contiguous_index_tensors(cache_seqlens, block_table)
-    # no autograd, tracer or mode to serve: straight to the backend (_library.direct), else the op
+    # no autograd, tracer or mode to serve: straight to the backend (_library.direct), else the op; every backend's
+    # check reads only what the key holds (the caches' dtype and device are q's, checked above): remembered per key
     return call("decode_attention", (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
-                                     float(softmax_scale), int(window_size[0]), int(window_size[1]), float(softcap)))
+                                     float(softmax_scale), int(window_size[0]), int(window_size[1]), float(softcap)),
+                key=(q.device.type, q.dtype, k_cache.stride(-1) == 1, v_cache.stride(-1) == 1, softcap > 0))
 
 
 def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
