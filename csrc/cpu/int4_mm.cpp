@@ -471,7 +471,14 @@ TK_AMX_ATTR void amx_pack_panel(const Problem& P, const float* s32, const float*
       }
       __m512i word = _mm512_maskz_loadu_epi32(m, P.q + w * P.N + n0 + c0);
       __m512 v[8];
-      for (int i = 0; i < 8; ++i) {
+      if (gk[0] == gk[7] && 8 * w + 8 <= P.K) {  // the usual word: one group, all 8 k's (2 loads, not 16)
+        const __m512 sv = _mm512_maskz_loadu_ps(m, s32 + gk[0] * P.N + n0 + c0);
+        const __m512 ov = _mm512_maskz_loadu_ps(m, o32 + gk[0] * P.N + n0 + c0);
+        for (int i = 0; i < 8; ++i) {
+          v[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(word, table), sv, ov);  // masked-off lanes: 0 * 0 + 0
+          word = _mm512_srli_epi32(word, 4);
+        }
+      } else for (int i = 0; i < 8; ++i) {
         const int64_t k = 8 * w + i;
         if (k < P.K) {
           const int64_t g = gk[i];
@@ -524,7 +531,16 @@ TK_AMX_ATTR void amx_panels(const Problem& P, const float* s32, const float* o32
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t kb = 0; kb < kblocks; ++kb) {
+      if (P.M - m0 <= 16) {  // rows m0 + 16.. are padding: half the tile work (M = 16 is a common decode batch)
+        for (int64_t kb = 0; kb < kblocks; ++kb) {
+          const uint16_t* b = bpp + kb * 2 * 16 * 32;
+          _tile_loadd(4, xp + m0 * kblocks * 32 + kb * 32, ldx);
+          _tile_loadd(6, b, 64);
+          _tile_loadd(7, b + 16 * 32, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+      } else for (int64_t kb = 0; kb < kblocks; ++kb) {
         const uint16_t* a = xp + m0 * kblocks * 32 + kb * 32;
         const uint16_t* b = bpp + kb * 2 * 16 * 32;
         _tile_loadd(4, a, ldx);
