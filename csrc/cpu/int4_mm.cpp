@@ -204,6 +204,7 @@ struct Kernels {
   void (*dequant_rows)(const Problem&, int64_t, int64_t, int64_t, int64_t, float*, float*, float*);
   void (*stream_columns)(const Problem&, int64_t, int64_t, int64_t, float*, int32_t*);
   void (*row_to_f32)(Dt, const void*, int64_t, int64_t, float*, int64_t);
+  int64_t dequant_chunk = int64_t(1) << 20;  // weights per chunk of run_dequant_mm
 };
 
 // fused_max_m: measured on a 2-core Zen machine (4096 x 4096, g128) against dequantize + MKL sgemm.
@@ -219,8 +220,9 @@ const Kernels kAvx512{avx512::NB, INT64_MAX, avx512::W, avx512::RMAX, avx512::fu
 // The same on an Intel CPU with AMX (the level that tells one apart), where MKL runs its AVX-512 sgemm: measured on
 // a 2-core Sapphire Rapids (4096 x 4096 g128, fp32 x), sgemm on the dequantized weight takes 0.80x / 0.69x / 0.76x
 // the fused path's time at M = 128 / 256 / 512, and 1.24x at M = 64.
+// Chunks of 4M weights there: MKL's sgemm on 64-column chunks (K = 14336) lost ~25% (M = 256: 345 -> 256 ms).
 const Kernels kAvx512Amx{avx512::NB, 96, avx512::W, avx512::RMAX, avx512::fused_block, avx512::dequant_rows,
-                         avx512::stream_columns, avx512::row_to_f32};
+                         avx512::stream_columns, avx512::row_to_f32, int64_t(1) << 22};
 #endif
 
 const Kernels& select_kernels() {
@@ -298,9 +300,9 @@ void run_stream(const Kernels& kern, const Problem& P) {
 
 void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32, const at::Tensor& bias32,
                     at::Tensor& out32) {
-  // ~4 MiB of fp32 weight per chunk: big enough for an efficient GEMM, small enough to stay in cache-ish sizes
-  // and to bound the memory of huge layers (a 128k-vocab head is never dequantized whole).
-  int64_t nb = std::max<int64_t>(64, ((int64_t(1) << 20) / P.K) / 64 * 64);
+  // ~4 MiB of fp32 weight per chunk (kern.dequant_chunk): big enough for an efficient GEMM, small enough to stay
+  // in cache-ish sizes and to bound the memory of huge layers (a 128k-vocab head is never dequantized whole).
+  int64_t nb = std::max<int64_t>(64, (kern.dequant_chunk / P.K) / 64 * 64);
   nb = std::min(nb, P.N);
   at::Tensor wbuf = at::empty({P.K * nb}, x32.options());
   for (int64_t n0 = 0; n0 < P.N; n0 += nb) {
