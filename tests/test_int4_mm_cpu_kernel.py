@@ -55,7 +55,7 @@ def check(x, qweight, scales, offsets, group_size, what="", bias=None):
     assert torch.isfinite(out).all(), what
     magnitudes = int4_dequant_magnitudes(tk.Int4Weight._trusted(qweight, scales, offsets, group_size, K), "cpu")
     allowance = matmul_allowance(x, w64, bias=bias, dequant_magnitudes=magnitudes,
-                                 operand_dtype=operand_dtype("cpu", x.dtype, "int4_mm"))  # AMX: bf16 x, M >= 16
+                                 operand_dtype=operand_dtype("cpu", x.dtype, "int4_mm"))  # AMX: bf16 x, M >= 12
     assert_close(out, golden, baseline, allowance=allowance,
                  what=f"{what} bias={bias is not None}")
 

@@ -26,7 +26,7 @@
 //  * Large M: the fused loop is FMA-bound at close to the machine's peak with AVX-512, which beats dequantize +
 //    BLAS (measured 2.2x at M = 256 on AMD, where MKL runs its AVX2 code). With AVX2 or plain C++ the BLAS catches
 //    up, so above Kernels::fused_max_m rows, column chunks are dequantized to fp32 and handed to at::mm_out.
-//  * bf16 x on a CPU with AMX tiles (Sapphire Rapids and later), 16 <= M <= 512: AMX tiles (run_amx_bf16): the
+//  * bf16 x on a CPU with AMX tiles (Sapphire Rapids and later), 12 <= M <= 512: AMX tiles (run_amx_bf16): the
 //    weight dequantized to bf16 a 32-column panel at a time in L2, in the tiles' layout, and multiplied there;
 //    above 512 rows dequantized chunks through torch's bf16 matmul (run_dequant_mm_bf16). Either beats any FMA loop
 //    there (vdpbf16ps is no faster per product than fp32 FMA on that CPU). The weight is rounded to bf16 on these
@@ -329,9 +329,11 @@ void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32
 // Measured on a 2-core Sapphire Rapids (4096 x 4096 g128, the weight in cache; bench/results/cpu-xeon-2026-12-02/
 // for weights from DRAM): the fused AVX-512 path is FMA-bound at ~0.11 TFLOP/s
 // (M = 1024: 270 ms, this path 30 ms, our own tile loop below 53 ms: it reads x again for every 32 columns); from 16
-// to 512 rows the tile loop wins (M = 256: 8.2 ms, this path 10.6; M = 16: 2.5 ms, this path 3.2, fused 4.0), below
-// 16 the fused path (M = 8: 1.8 ms, the tile loop 2.7: it dequantizes the whole weight, a GEMM's worth of work).
-constexpr int64_t kAmxTileMinM = 16, kAmxTileMaxM = 512;
+// to 512 rows the tile loop wins (M = 256: 8.2 ms, this path 10.6; M = 16: 2.5 ms, this path 3.2, fused 4.0). Below
+// 12 rows the fused path, weights from DRAM (the tile loop dequantizes the whole weight whatever M): M = 12, tiles
+// vs fused: 4096 x 4096 2.4 vs 4.8 ms, 4096 x 14336 8.6 vs 12.0, 14336 x 4096 12.1 vs 10.7; M = 8: 2.6 vs 3.3,
+// 8.4 vs 9.3, 11.9 vs 7.4.
+constexpr int64_t kAmxTileMinM = 12, kAmxTileMaxM = 512;
 
 #if TK_X86_SIMD
 // Word rows [w0, w1) of columns [n0, n0 + nc) dequantized to bf16: wout[k][n - n0] = bf16(q s + o), k < K, rows

@@ -81,7 +81,7 @@ def _cpu_has_amx_bf16() -> bool:
 def cpu_isa_caps() -> list[str]:
     """The TURBOKERNELS_CPU_ISA values whose C++ kernel paths differ on this CPU ("best" = none set): a cap above what
     the CPU has gives its best, so "avx512" is listed only where the best is more (AVX-512 + AMX-BF16, which sends
-    int4_mm's bf16 x at M >= 16 through AMX tiles and fp32 x at M > 96 through sgemm)."""
+    int4_mm's bf16 x at M >= 12 through AMX tiles and fp32 x at M > 96 through sgemm)."""
     return ["best", "avx2", "scalar"] + (["avx512"] if _cpu_has_amx_bf16() else [])
 
 
@@ -223,7 +223,7 @@ def operand_dtype(backend: str, dtype: torch.dtype, op: Optional[str] = None) ->
     FlashAttentionKernel.cpp) stores the probabilities exp(s - running max) in q's dtype before its P @ V gemm,
     and in the backward P and dS before theirs: fp16/bf16 too. The reference and the CPU C++ kernels compute in
     fp32: None, except int4_mm's (op="int4_mm") with bf16 x on a CPU with AMX-BF16 and no TURBOKERNELS_CPU_ISA cap
-    below it: from 16 rows it multiplies the weight dequantized and rounded to bf16 (AMX tiles or torch's bf16
+    below it: from 12 rows it multiplies the weight dequantized and rounded to bf16 (AMX tiles or torch's bf16
     matmul, csrc/cpu/int4_mm.cpp run_amx_bf16, run_dequant_mm_bf16): bf16, for every M there (a looser bound than
     fewer rows need)."""
     if backend == "cpu" and op == "int4_mm" and dtype == torch.bfloat16 and _cpu_has_amx_bf16() \
