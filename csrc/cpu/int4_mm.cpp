@@ -14,7 +14,8 @@
 //    the hot loop is 1 FMA per weight and row plus the unpack. (Centering on 8 keeps the two terms from
 //    cancelling; see group_rows.) The result is the
 //    spec's sum without rounding each dequantized weight to fp32 first: against the exact quantized weights it
-//    is more accurate than the fp32 reference (dequantize, then sgemm), not less. Each unpacked vector feeds RMAX rows of x at once, so for M > 1 the unpack is amortized
+//    is more accurate than the fp32 reference (dequantize, then sgemm), not less. Each unpacked vector feeds RMAX
+//    rows of x at once, so for M > 1 the unpack is amortized
 //    and the loop runs at the FMA throughput of the core.
 //  * Groups that start or end inside a word (group_size % 8 != 0, K % 8 != 0) feed that word with x masked to the
 //    group; a ragged last column block runs on a zero-padded copy. x past K is never read.
@@ -322,23 +323,21 @@ void run_dequant_mm(const Kernels& kern, const Problem& P, const at::Tensor& x32
   }
 }
 
-// bf16 x where torch's bf16 matmul runs on AMX tiles (cpu::kAmxBf16Isa), above kAmxTileMaxM rows: column chunks of the
-// weight dequantized (fp32, as dequant_rows) and rounded to bf16, and handed to at::mm, which multiplies them with
-// fp32 sums and rounds each output once: torch's own bf16 F.linear on the dequantized weight. The bias joins inside
-// the GEMM, as a weight row that x's appended column of ones meets, so that rounding is the only one with a bias too.
-// Measured on a 2-core Sapphire Rapids (4096 x 4096 g128, the weight in cache; bench/results/cpu-xeon-2026-12-02/
-// for weights from DRAM): the fused AVX-512 path is FMA-bound at ~0.11 TFLOP/s
-// (M = 1024: 270 ms, this path 30 ms, our own tile loop below 53 ms: it reads x again for every 32 columns); from 16
-// to 512 rows the tile loop wins (M = 256: 8.2 ms, this path 10.6; M = 16: 2.5 ms, this path 3.2, fused 4.0). Below
-// 12 rows the fused path, weights from DRAM (the tile loop dequantizes the whole weight whatever M): M = 12, tiles
-// vs fused: 4096 x 4096 2.4 vs 4.8 ms, 4096 x 14336 8.6 vs 12.0, 14336 x 4096 12.1 vs 10.7; M = 8: 2.6 vs 3.3,
-// 8.4 vs 9.3, 11.9 vs 7.4.
+// ---- bf16 x on a CPU with AMX tiles (cpu::kAmxBf16Isa) ---------------------------------------------------------
+// Two paths, both multiplying the weight dequantized in fp32 (q s + o) and rounded to bf16, with fp32 sums and one
+// rounding of each output (the bias added before it): torch's own bf16 F.linear on the dequantized weight.
+//   kAmxTileMinM..kAmxTileMaxM rows: run_amx_bf16, our tile loop (below);
+//   more rows: run_dequant_mm_bf16, column chunks dequantized to bf16 and handed to at::mm (oneDNN's AMX GEMM); the
+//   bias joins inside the GEMM, as a weight row that x's appended column of ones meets.
+// Measured on a 2-core Sapphire Rapids, 4096 x 4096 g128 (weight in cache unless said; bench/results/
+// cpu-xeon-2026-12-02/ has the figures with weights from DRAM). The fused AVX-512 path is FMA-bound at ~0.11
+// TFLOP/s. M = 1024: fused 270 ms, at::mm path 30 ms, tile loop 53 ms (it reads x again for every 32 columns).
+// M = 256: tile loop 8.2 ms, at::mm path 10.6. M = 16: tile loop 2.5 ms, at::mm path 3.2, fused 4.0. Weights from
+// DRAM, tile loop vs fused (the tile loop dequantizes the whole weight whatever M): M = 12: 4096 x 4096 2.4 vs
+// 4.8 ms, 4096 x 14336 8.6 vs 12.0, 14336 x 4096 12.1 vs 10.7; M = 8: 2.6 vs 3.3, 8.4 vs 9.3, 11.9 vs 7.4.
 constexpr int64_t kAmxTileMinM = 12, kAmxTileMaxM = 512;
 
 #if TK_X86_SIMD
-// Word rows [w0, w1) of columns [n0, n0 + nc) dequantized to bf16: wout[k][n - n0] = bf16(q s + o), k < K, rows
-// ldw apart; s32, o32: the scales and offsets as fp32 (G, N). word_groups: each k's group without a division per k. Each packed vector is loaded once for its 8 k's (the
-// fp32 dequant_rows reloads it per k). AMX CPUs have AVX512_BF16, whose conversion rounds to nearest even.
 // The groups of k = 8w .. 8w + 7 (one 64-bit division per word row, not per k: a division per k took more time
 // than the rest of the dequantization, ~1 cycle per weight on a Sapphire Rapids).
 inline void word_groups(int64_t w, int64_t gs, int64_t (&g)[8]) {
@@ -352,6 +351,9 @@ inline void word_groups(int64_t w, int64_t gs, int64_t (&g)[8]) {
   }
 }
 
+// Word rows [w0, w1) of columns [n0, n0 + nc) dequantized to bf16: wout[k][n - n0] = bf16(q s + o), k < K, rows
+// ldw apart; s32, o32: the scales and offsets as fp32 (G, N). Each packed vector is loaded once for its 8 k's (the
+// fp32 dequant_rows reloads it per k). AMX CPUs have AVX512_BF16, whose conversion rounds to nearest even.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dequant_bf16_words(
     const Problem& P, const float* s32, const float* o32, int64_t w0, int64_t w1, int64_t n0, int64_t nc,
     uint16_t* wout, int64_t ldw) {
@@ -418,23 +420,28 @@ at::Tensor run_dequant_mm_bf16(const Kernels& kern, const Problem& P, const at::
   return out;
 }
 
-// ---- AMX tiles, bf16 x (csrc/cpu/cpu_isa.h kAmxBf16Isa) ----------------------------------------------------------
-// The weight is dequantized as run_dequant_mm_bf16 does (w = bf16(fp32 q s + o)), but straight into the tile layout
-// the multiply reads, a panel of 32 columns at a time in L2, and multiplied there: no GEMM call, no reorder by a
-// library, no dequantized weight in memory. Per panel: B tiles for all of K (VNNI pairs: row r of a 32-k block holds
-// k = 2r and 2r + 1 for 16 columns), then every 32-row block of x (two A tiles, zero-padded rows) against them into
-// four 16 x 16 fp32 accumulator tiles; the bias joins the fp32 sums before the one rounding to bf16. Products of bf16
-// values are exact in fp32 and TDPBF16PS sums them in fp32 (denormal inputs and results count as zero), so the
-// arithmetic is torch's bf16 F.linear on the dequantized weight, which the tests' allowance for this path describes.
+// The tile loop: the weight is dequantized as run_dequant_mm_bf16 does (w = bf16(fp32 q s + o)), but straight into
+// the tile layout the multiply reads, a panel of 32 columns at a time in L2, and multiplied there: no GEMM call, no
+// reorder by a library, no dequantized weight in memory. Per panel: B tiles for all of K (VNNI pairs: row r of a
+// 32-k block holds k = 2r and 2r + 1 for 16 columns), then every 32-row block of x (two A tiles, zero-padded rows)
+// against them into four 16 x 16 fp32 accumulator tiles (two when the block has <= 16 real rows); the bias joins the
+// fp32 sums before the one rounding to bf16. Products of bf16 values are exact in fp32 and TDPBF16PS sums them in
+// fp32 (denormal inputs and results count as zero), so the arithmetic is torch's bf16 F.linear on the dequantized
+// weight, which the tests' allowance for this path describes.
 #define TK_AMX_ATTR __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // Linux gives a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA); once.
+// Elsewhere the tile loop is not used (the fused or at::mm paths run instead).
 bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
   static const bool ok = [] {
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return ok;
+#else
+  return false;
+#endif
 }
 
 struct alignas(64) TileConfig {
@@ -443,8 +450,9 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Panel [n0, n0 + nc), nc <= 32, as bf16 B tiles: bp[((kb * 2 + j) * 16 + r) * 32 + 2 c + (k & 1)] = w(k, n0 + 16 j + c)
-// for k = 32 kb + 2 r + (k & 1); zero past K and past nc.
+// np panels of 32 columns [n0, n0 + nc), nc <= 32 np, as bf16 B tiles, panel p at bp + p panel_elems:
+// bp[p panel_elems + ((kb * 2 + j) * 16 + r) * 32 + 2 c + (k & 1)] = w(k, n0 + 32 p + 16 j + c) for
+// k = 32 kb + 2 r + (k & 1); zero past K and past nc.
 TK_AMX_ATTR void amx_pack_panel(const Problem& P, const float* s32, const float* o32, int64_t n0, int64_t nc,
                                 int np, int64_t kblocks, uint16_t* bp) {
   const int64_t panel_elems = kblocks * 2 * 16 * 32;
@@ -502,7 +510,61 @@ TK_AMX_ATTR void amx_pack_panel(const Problem& P, const float* s32, const float*
   }
 }
 
-// out (M, N) bf16 = x (M, K) bf16 @ W [+ bias]: xp is x zero-padded to (M32, 32 kblocks) bf16.
+// Columns [n0, n0 + 32) of out (fewer at N) for every 32-row block of x, from the panel's B tiles bpp; the tile
+// config is loaded. cbuf: 32 x 32 floats of scratch.
+TK_AMX_ATTR void amx_panel_rows(const Problem& P, const uint16_t* xp, int64_t M32, int64_t kblocks,
+                                const uint16_t* bpp, int64_t n0, const float* bias, at::BFloat16* out,
+                                float (*cbuf)[32]) {
+  const int64_t nc = std::min<int64_t>(32, P.N - n0);
+  const int64_t ldx = kblocks * 32 * 2;  // bytes per row of xp
+  for (int64_t m0 = 0; m0 < M32; m0 += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    if (P.M - m0 <= 16) {  // rows m0 + 16.. are padding: half the tile work (M = 16 is a common decode batch)
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        const uint16_t* b = bpp + kb * 2 * 16 * 32;
+        _tile_loadd(4, xp + m0 * kblocks * 32 + kb * 32, ldx);
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + 16 * 32, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+    } else {
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        const uint16_t* a = xp + m0 * kblocks * 32 + kb * 32;
+        const uint16_t* b = bpp + kb * 2 * 16 * 32;
+        _tile_loadd(4, a, ldx);
+        _tile_loadd(5, a + 16 * kblocks * 32, ldx);
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + 16 * 32, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, &cbuf[0][0], 128);
+    _tile_stored(1, &cbuf[0][16], 128);
+    _tile_stored(2, &cbuf[16][0], 128);
+    _tile_stored(3, &cbuf[16][16], 128);
+    const __mmask16 lo = nc >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nc) - 1u);
+    const __mmask16 hi = nc >= 32 ? __mmask16(0xFFFF) : nc > 16 ? __mmask16((1u << (nc - 16)) - 1u) : __mmask16(0);
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(lo, bias + n0) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_maskz_loadu_ps(hi, bias + n0 + 16) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < 32 && m0 + r < P.M; ++r) {
+      uint16_t* o = reinterpret_cast<uint16_t*>(out + (m0 + r) * P.N + n0);
+      _mm256_mask_storeu_epi16(o, lo, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(&cbuf[r][0]), b0)));
+      if (hi)
+        _mm256_mask_storeu_epi16(o + 16, hi,
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(&cbuf[r][16]), b1)));
+    }
+  }
+}
+
+// out (M, N) bf16 = x (M, K) bf16 @ W [+ bias] for panels [p0, p1) of 32 columns: xp is x zero-padded to
+// (M32, 32 kblocks) bf16.
 TK_AMX_ATTR void amx_panels(const Problem& P, const float* s32, const float* o32, const uint16_t* xp, int64_t M32,
                             int64_t kblocks, const float* bias, at::BFloat16* out, int64_t p0, int64_t p1) {
   const int64_t panel_elems = kblocks * 2 * 16 * 32;
@@ -517,61 +579,17 @@ TK_AMX_ATTR void amx_panels(const Problem& P, const float* s32, const float* o32
   uint16_t* bp = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(bp_raw.data()) + 63) & ~uintptr_t(63));
   alignas(64) float cbuf[32][32];
   TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
+  for (int t = 0; t < 8; ++t) {  // tmm0-3: C (16 x 16 fp32), tmm4-5: A (16 x 32 bf16), tmm6-7: B (16 x 16 pairs)
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
-  const int64_t ldx = kblocks * 32 * 2;  // bytes per row of xp
   for (int64_t group0 = p0; group0 < p1; group0 += np) {
     const int cnt = static_cast<int>(std::min<int64_t>(np, p1 - group0));
     amx_pack_panel(P, s32, o32, group0 * 32, std::min<int64_t>(32 * cnt, P.N - group0 * 32), cnt, kblocks, bp);
-    asm volatile("" ::: "memory");  // the tile loads below are asm that does not say it reads bp
-  for (int64_t panel = group0; panel < group0 + cnt; ++panel) {
-    const int64_t n0 = panel * 32, nc = std::min<int64_t>(32, P.N - n0);
-    const uint16_t* bpp = bp + (panel - group0) * panel_elems;
-    for (int64_t m0 = 0; m0 < M32; m0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      if (P.M - m0 <= 16) {  // rows m0 + 16.. are padding: half the tile work (M = 16 is a common decode batch)
-        for (int64_t kb = 0; kb < kblocks; ++kb) {
-          const uint16_t* b = bpp + kb * 2 * 16 * 32;
-          _tile_loadd(4, xp + m0 * kblocks * 32 + kb * 32, ldx);
-          _tile_loadd(6, b, 64);
-          _tile_loadd(7, b + 16 * 32, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-      } else for (int64_t kb = 0; kb < kblocks; ++kb) {
-        const uint16_t* a = xp + m0 * kblocks * 32 + kb * 32;
-        const uint16_t* b = bpp + kb * 2 * 16 * 32;
-        _tile_loadd(4, a, ldx);
-        _tile_loadd(5, a + 16 * kblocks * 32, ldx);
-        _tile_loadd(6, b, 64);
-        _tile_loadd(7, b + 16 * 32, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, &cbuf[0][0], 128);
-      _tile_stored(1, &cbuf[0][16], 128);
-      _tile_stored(2, &cbuf[16][0], 128);
-      _tile_stored(3, &cbuf[16][16], 128);
-      const __mmask16 lo = nc >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nc) - 1u);
-      const __mmask16 hi = nc >= 32 ? __mmask16(0xFFFF) : nc > 16 ? __mmask16((1u << (nc - 16)) - 1u) : __mmask16(0);
-      const __m512 b0 = bias ? _mm512_maskz_loadu_ps(lo, bias + n0) : _mm512_setzero_ps();
-      const __m512 b1 = bias ? _mm512_maskz_loadu_ps(hi, bias + n0 + 16) : _mm512_setzero_ps();
-      for (int64_t r = 0; r < 32 && m0 + r < P.M; ++r) {
-        uint16_t* o = reinterpret_cast<uint16_t*>(out + (m0 + r) * P.N + n0);
-        _mm256_mask_storeu_epi16(o, lo, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(&cbuf[r][0]), b0)));
-        if (hi) _mm256_mask_storeu_epi16(o + 16, hi, (__m256i)_mm512_cvtneps_pbh(
-                                                        _mm512_add_ps(_mm512_load_ps(&cbuf[r][16]), b1)));
-      }
-    }
-  }
+    asm volatile("" ::: "memory");  // the tile loads are asm that does not say it reads bp
+    for (int64_t panel = group0; panel < group0 + cnt; ++panel)
+      amx_panel_rows(P, xp, M32, kblocks, bp + (panel - group0) * panel_elems, panel * 32, bias, out, cbuf);
   }
   _tile_release();
 }
