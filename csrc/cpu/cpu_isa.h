@@ -45,10 +45,12 @@ inline float scalar_to_f32(Dt dt, const void* src, int64_t i) {
 enum IsaLevel : int { kScalarIsa = 0, kAvx2Isa = 1, kAvx512Isa = 2, kAmxBf16Isa = 3 };
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-inline bool cpu_has_amx_bf16() {  // CPUID.(EAX=7,ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE
+// CPUID.(EAX=7,ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE; and AVX512_BF16 (every such CPU has it; the AMX paths'
+// dequantization uses its conversions, so a VM that hides it does not get them)
+inline bool cpu_has_amx_bf16() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  return (d >> 22 & 1u) && (d >> 24 & 1u);
+  return (d >> 22 & 1u) && (d >> 24 & 1u) && __builtin_cpu_supports("avx512bf16");
 }
 #endif
 

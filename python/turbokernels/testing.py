@@ -75,7 +75,7 @@ def _cpu_has_amx_bf16() -> bool:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False
-    return "amx_bf16" in flags and "amx_tile" in flags and "avx512bw" in flags
+    return all(f in flags for f in ("amx_bf16", "amx_tile", "avx512bw", "avx512_bf16"))
 
 
 def cpu_isa_caps() -> list[str]:
