@@ -6,6 +6,7 @@
 // asks the dispatcher whether a kernel exists for the device before choosing the "cpu"/"cuda" backend.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 TORCH_LIBRARY(turbokernels_C, m) {
   // The optional bias (N) is in x's dtype and is added to the fp32 sum before its one rounding to x's dtype.
@@ -22,8 +23,59 @@ TORCH_LIBRARY(turbokernels_C, m) {
         "Tensor? bias=None) -> Tensor");
 }
 
-// Nothing is bound through pybind11: importing the module only runs the static registrations above (and the
-// TORCH_LIBRARY_IMPL blocks in the other translation units).
+// The same ops as plain Python functions, turbokernels._C.<op>: a typed call into the dispatcher (the kernel
+// registered for the tensors' device, as torch.ops.turbokernels_C.<op> runs it) without torch.ops' boxed Python
+// path, which costs ~3 us a call (bench/overhead.py: the int4 kernel at one token was 9.5 us through torch.ops, most
+// of it that path). The GIL is released around the kernel, as torch.ops does, so other Python threads run meanwhile.
+// The kernels have no autograd formula (the public ops in python/turbokernels/ops/ register theirs): the call goes
+// below the autograd keys, as the public op's own kernel does, instead of through torch's boxed
+// "autograd not implemented" fallback (~1 us). The Python callers reach these only with no input requiring grad.
+namespace {
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
+                   int64_t group_size, const std::optional<at::Tensor>& bias) {
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, int64_t, const std::optional<at::Tensor>&)>(
+      "turbokernels_C::int4_mm");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, qweight, scales, offsets, group_size, bias);
+}
+
+at::Tensor sparse24_mm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                       const std::optional<at::Tensor>& bias) {
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const std::optional<at::Tensor>&)>("turbokernels_C::sparse24_mm");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, values, meta, bias);
+}
+
+at::Tensor sparse24_int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& offsets, const at::Tensor& meta, int64_t group_size,
+                            const std::optional<at::Tensor>& bias) {
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const at::Tensor&, int64_t,
+                                             const std::optional<at::Tensor>&)>("turbokernels_C::sparse24_int4_mm");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, qweight, scales, offsets, meta, group_size, bias);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "turbokernels C++/CUDA kernels, registered as torch.ops.turbokernels_C.*";
+  namespace py = pybind11;
+  m.doc() = "turbokernels C++/CUDA kernels, registered as torch.ops.turbokernels_C.*, and the same ops as functions";
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("int4_mm", &int4_mm, "torch.ops.turbokernels_C.int4_mm without the boxed path", py::arg("x"),
+        py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("group_size"), py::arg("bias") = py::none(),
+        no_gil);
+  m.def("sparse24_mm", &sparse24_mm, "torch.ops.turbokernels_C.sparse24_mm without the boxed path", py::arg("x"),
+        py::arg("values"), py::arg("meta"), py::arg("bias") = py::none(), no_gil);
+  m.def("sparse24_int4_mm", &sparse24_int4_mm, "torch.ops.turbokernels_C.sparse24_int4_mm without the boxed path",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("meta"),
+        py::arg("group_size"), py::arg("bias") = py::none(), no_gil);
 }

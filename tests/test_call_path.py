@@ -155,3 +155,46 @@ def test_what_must_see_the_op_still_sees_it():
     with torch.inference_mode():
         inf = tk.nn.Int4Linear.from_linear(torch.nn.Linear(K, N), group_size=32)  # inference tensors: no version
         assert inf(x).shape == (2, N) and inf(x).shape == (2, N)
+
+
+def test_bias_requiring_grad_goes_through_autograd():
+    """The plan's short path looks only at x and the bias: a bias that requires grad (x does not) must still get
+    its gradient, through the op's autograd."""
+    for op, layer in _layers().items():
+        layer.bias.requires_grad_(True)  # the converted layers' bias is frozen by default
+        y = layer(torch.randn(3, K))
+        assert y.grad_fn is not None, op
+        y.sum().backward()
+        torch.testing.assert_close(layer.bias.grad, torch.full((N,), 3.0), atol=0, rtol=0)
+
+
+def _kernel_args(op, layer, x, with_bias):
+    w = layer.weight
+    b = layer.bias.detach().to(x.dtype) if with_bias else None
+    if op == "int4_mm":
+        return (x, w.qweight, w.scales, w.offsets, w.effective_group_size, b)
+    if op == "sparse24_mm":
+        return (x, w.values, w.meta, b)
+    return (x, w.qweight, w.scales, w.offsets, w.meta, w.kept_group_size, b)
+
+
+@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm"])
+def test_extension_functions_are_the_dispatcher_ops(op):
+    """turbokernels._C.<op> (the backends' entry, csrc/ops.cpp) runs the kernel torch.ops.turbokernels_C.<op> runs:
+    the same bits, the same refusals."""
+    from turbokernels import _ext
+    if not _ext.available():
+        pytest.skip(f"turbokernels._C is not available: {_ext.load_error()}")
+    layer = _layers()[op]
+    for rows in (1, 5, 37):
+        for with_bias in (False, True):
+            args = _kernel_args(op, layer, torch.randn(rows, K), with_bias)
+            ours = getattr(_ext.C, op)(*args)
+            theirs = getattr(torch.ops.turbokernels_C, op)(*args)
+            assert ours.shape == (rows, N) and torch.equal(ours, theirs), (op, rows, with_bias)
+    bad = _kernel_args(op, layer, torch.randn(2, K + 8), False)
+    with pytest.raises(RuntimeError, match=rf"{op}\("):
+        getattr(_ext.C, op)(*bad)
+    # below autograd, as the public op's own kernel runs it: an input that requires grad gives no graph here
+    args = _kernel_args(op, layer, torch.randn(2, K).requires_grad_(), False)
+    assert getattr(_ext.C, op)(*args).grad_fn is None

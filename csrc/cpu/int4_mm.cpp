@@ -52,6 +52,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -293,9 +294,12 @@ void run_stream(const Kernels& kern, const Problem& P) {
   // don't wake a second thread for less than ~32k multiply-adds
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, P.K * P.M * kern.w));
   at::parallel_for(0, nvec, grain, [&](int64_t v0, int64_t v1) {
-    std::vector<float> scratch((3 * P.M + 2) * sw + kern.w);
-    std::vector<int32_t> qt(kern.w);
-    kern.stream_columns(P, v0 * kern.w, std::min(P.N, v1 * kern.w), sw, scratch.data(), qt.data());
+    // no wider than this thread's columns, and not zeroed (stream_strip writes before it reads): at one token a
+    // 2048-wide zeroed scratch was a 40 KiB memset per call, more than a small layer's product
+    const int64_t width = std::min(sw, (v1 - v0) * kern.w);
+    std::unique_ptr<float[]> scratch(new float[(3 * P.M + 2) * width + kern.w]);
+    int32_t qt[64];  // kern.w words (<= 16)
+    kern.stream_columns(P, v0 * kern.w, std::min(P.N, v1 * kern.w), width, scratch.get(), qt);
   });
 }
 

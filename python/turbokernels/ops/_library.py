@@ -60,15 +60,21 @@ _C = torch._C
 _is_compiling = torch.compiler.is_compiling
 
 
+def watched() -> bool:
+    """True when something that is not a tensor argument must see every op call: torch.compile/export tracing, a
+    function or dispatch mode, a functorch transform, torch.jit tracing, the profiler, forward AD."""
+    if _is_compiling():  # first: dynamo reads it as True and traces the op, never the checks below
+        return True
+    return bool(_C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack()
+                or _C._are_functorch_transforms_active() or _C._get_tracing_state() is not None
+                or _C._autograd._profiler_enabled() or _forward_ad._current_level >= 0)
+
+
 def direct(args) -> bool:
     """True when running the backend here gives what torch.ops.turbokernels.<op>(*args) gives (args: the op's
     arguments, the first a tensor), and nothing above the kernel (autograd, a tracer, a mode, a transform, the
     profiler, a tensor subclass, the fake impl of meta tensors) needs to see the op."""
-    if _is_compiling():  # first: dynamo reads it as True and traces the op, never the checks below
-        return False
-    if (_C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()
-            or _C._get_tracing_state() is not None or _C._autograd._profiler_enabled()
-            or _forward_ad._current_level >= 0):
+    if watched():
         return False
     first = args[0]  # the activations; the entries checked that every tensor is on its device
     if not (first.is_cpu or first.is_cuda):  # meta (the fake impl), or a device the op has no kernel for

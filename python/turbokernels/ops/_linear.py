@@ -14,6 +14,7 @@ from .. import backends
 from . import _library
 
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
+_is_grad_enabled = torch._C.is_grad_enabled
 # Interned weight signatures: a plan's choice key starts with a small int instead of a nested tuple hashed per call.
 _SIGNATURES: dict[tuple, int] = {}
 
@@ -29,13 +30,18 @@ def signature_id(*tensors_and_values) -> int:
 class LinearPlan:
     """A weight as one op call needs it: the op's weight arguments, in_features, out_features, device, the act-order
     permutation (int4) and the signature id; built once from validated tensors."""
-    __slots__ = ("op", "entry", "weights", "in_features", "out_features", "device", "perm", "dtype", "sig")
+    __slots__ = ("op", "entry", "weights", "in_features", "out_features", "device", "perm", "dtype", "sig", "plain")
 
     def __init__(self, op: str, entry: str, weights: tuple, in_features: int, out_features: int,
                  device: torch.device, perm: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None):
         self.op, self.entry, self.weights, self.perm, self.dtype = op, entry, weights, perm, dtype
         self.in_features, self.out_features, self.device = in_features, out_features, device
         self.sig = signature_id(op, *weights, perm)
+        # Plain tensors on a device with kernels: then only x and the bias decide whether a call may skip the
+        # dispatcher (_library.direct). A packed weight never takes a gradient (the ops' autograd gives None for
+        # it), so its requires_grad does not matter; a subclass (DTensor, FakeTensor...) must dispatch itself.
+        self.plain = device.type in ("cpu", "cuda") and all(
+            type(t) is _Tensor or type(t) is _Parameter for t in weights if isinstance(t, _Tensor))
 
 
 def check_x(entry: str, x, in_features: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
@@ -80,24 +86,31 @@ def run(op: str, x: torch.Tensor, weights: tuple, in_features: int, out_features
 
 def planned(p: LinearPlan, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The entry's call for a weight validated once (a module's plan): x and the bias are checked (errors name the
-    functional's arguments), the backend choice is remembered per key. One frame for what check_x, check_bias and
-    run do, since each Python call costs about a microsecond here."""
+    functional's arguments), the backend choice is remembered per key. One frame for what check_x, check_bias,
+    run and _library.direct do, since each Python call costs about a microsecond here."""
     tx = type(x)
-    if tx is not _Tensor and tx is not _Parameter:
+    plain = tx is _Tensor or tx is _Parameter
+    if not plain:
         check_x(p.entry, x, p.in_features, p.device, p.dtype)  # raises, or x is a subclass: the checks passed
     xs, xdt = x.shape, x.dtype
     if (xdt not in FLOAT_DTYPES or (p.dtype is not None and xdt != p.dtype) or not xs or xs[-1] != p.in_features
             or x.device != p.device):
         check_x(p.entry, x, p.in_features, p.device, p.dtype)  # raises
-    if bias is not None and (type(bias) is not _Parameter and type(bias) is not _Tensor or bias.dtype != xdt
-                             or bias.shape != (p.out_features,) or bias.device != p.device):
-        check_bias(p.entry, bias, p.out_features, x)  # raises (or a subclass, checked)
+    if bias is not None:
+        tb = type(bias)
+        if tb is not _Parameter and tb is not _Tensor:
+            plain = False
+            check_bias(p.entry, bias, p.out_features, x)  # raises, or a subclass: checked
+        elif bias.dtype != xdt or bias.shape != (p.out_features,) or bias.device != p.device:
+            check_bias(p.entry, bias, p.out_features, x)  # raises
     two_d = len(xs) == 2
     x2 = x if two_d else x.reshape(-1, p.in_features)
     if p.perm is not None:
         x2 = x2.index_select(1, p.perm)
     args = (x2, *p.weights, bias)
-    if _library.direct(args):
+    # _library.direct(args), for a plan's plain weights: only x and the bias are looked at
+    if (plain and p.plain and not _library.watched()
+            and not (_is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
         if x2.shape[0] == 0:
             out = x2.new_empty((0, p.out_features))
         else:

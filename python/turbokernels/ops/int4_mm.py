@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import _ext, backends
 from ..formats.int4 import Int4Weight, validate_int4_tensors
 from ..reference import int4_mm as reference
 from . import _linear
@@ -55,7 +55,7 @@ def _triton(x, qweight, scales, offsets, group_size, bias=None):
 
 @backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
 def _cpu(x, qweight, scales, offsets, group_size, bias=None):
-    return torch.ops.turbokernels_C.int4_mm(x, qweight, scales, offsets, group_size, bias)
+    return _ext.C.int4_mm(x, qweight, scales, offsets, group_size, bias)
 
 
 # ---- autograd: gradients for the activations and the bias (the int4 weight is frozen, as in QLoRA) -------------

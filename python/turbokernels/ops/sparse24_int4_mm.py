@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import _ext, backends
 from ..formats.sparse24_int4 import Sparse24Int4Weight
 from ..reference import sparse24_int4_mm as reference
 from . import _linear
@@ -66,7 +66,7 @@ def _triton(x, qweight, scales, offsets, meta, group_size, bias=None):
 
 @backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
 def _cpu(x, qweight, scales, offsets, meta, group_size, bias=None):
-    return torch.ops.turbokernels_C.sparse24_int4_mm(x, qweight, scales, offsets, meta, group_size, bias)
+    return _ext.C.sparse24_int4_mm(x, qweight, scales, offsets, meta, group_size, bias)
 
 
 # ---- autograd: gradients for the activations and the bias (the weight is frozen) -----------------------------------

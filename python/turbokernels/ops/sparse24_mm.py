@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import _ext, backends
 from ..formats.sparse24 import Sparse24Weight
 from ..reference import sparse24_mm as reference
 from . import _linear
@@ -58,7 +58,7 @@ def _triton(x, values, meta, bias=None):
 
 @backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
 def _cpu(x, values, meta, bias=None):
-    return torch.ops.turbokernels_C.sparse24_mm(x, values, meta, bias)
+    return _ext.C.sparse24_mm(x, values, meta, bias)
 
 
 _cuda_ext = backends.check_extension_op(OP, "cuda")
