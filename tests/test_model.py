@@ -36,6 +36,31 @@ def test_quantize_and_restore_tiny_llama():
     torch.testing.assert_close(model(ids).logits, quantized, rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_tied_lm_head_quantized_keeps_the_embedding_float():
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, 128, (2, 9))
+    before = model(ids).logits
+    swapped = tk_model.quantize_int4_(model, group_size=32, exclude=())
+    assert len(swapped) == 2 * 7 + 1 and "lm_head" in swapped
+    assert isinstance(model.lm_head, tk.nn.Int4Linear)
+    # untied: the embedding is still the float Parameter it was (one row read per token), the head an int4 copy
+    assert type(model.model.embed_tokens.weight) is nn.Parameter
+    torch.testing.assert_close(model.model.embed_tokens.weight, embedding, rtol=0, atol=0)
+    torch.testing.assert_close(model.lm_head.weight.dequantize(torch.float32), embedding, rtol=0.1, atol=0.02)
+    after = model(ids).logits
+    cos = nn.functional.cosine_similarity(before.flatten(1), after.flatten(1)).min()
+    assert cos > 0.95, cos
+    out = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 13)
+    assert sorted(tk_model.restore_(model)) == sorted(swapped)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is not model.model.embed_tokens.weight
+
+
 def test_failed_swap_leaves_the_model_untouched():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     with torch.no_grad():

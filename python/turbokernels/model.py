@@ -15,7 +15,11 @@ from torch import nn
 from .formats.int4 import Int4Weight, check_group_size
 from .nn import Int4Linear
 
-DEFAULT_EXCLUDE = ("lm_head", "*.lm_head")  # the output projection is usually the most quantization-sensitive
+# The output projection's error lands directly on the logits. Measured (bench/e2e.py, SmolLM2-135M, int4 g32, 2026-12):
+# with its head quantized too, perplexity on the benchmark's passage +6.6%, mean KL divergence from fp32 0.055, top-1
+# token agreement 82%, greedy decode identical for 10 of 32 tokens (body alone: no measurable change). llama.cpp keeps
+# `output.weight` at Q6_K/Q8_0 whatever the body's type for the same reason.
+DEFAULT_EXCLUDE = ("lm_head", "*.lm_head")
 
 
 def _swap(fn: str, model: nn.Module, want: Callable[[str, nn.Module], bool],
@@ -46,7 +50,12 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
                    include: Optional[Callable[[str, nn.Linear], bool]] = None) -> list[str]:
     """Replace every nn.Linear of `model` (in place) by an Int4Linear; returns the names replaced.
 
-    exclude: fnmatch patterns of layer names to keep in float (default: the LM head).
+    exclude: fnmatch patterns of layer names to keep in float (default: the LM head; `exclude=()` quantizes it too:
+        faster decode where the head is a large share of the weights (small models, large vocabularies), at a
+        measurable quality cost: see DEFAULT_EXCLUDE). A head tied
+        to the input embedding is untied by the swap: the embedding keeps its float weight (it reads one row a
+        token), the head gets its own int4 copy. transformers' `tie_weights()` (e.g. from resize_token_embeddings)
+        cannot re-tie an Int4Linear head: resize first, then quantize.
     include: optional predicate (name, layer) -> bool for finer control.
     Every replacement is built before any is installed: a layer that cannot be quantized (e.g. a NaN weight) raises
     an error naming it and leaves the whole model unchanged.
