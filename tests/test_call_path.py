@@ -198,3 +198,31 @@ def test_extension_functions_are_the_dispatcher_ops(op):
     # below autograd, as the public op's own kernel runs it: an input that requires grad gives no graph here
     args = _kernel_args(op, layer, torch.randn(2, K).requires_grad_(), False)
     assert getattr(_ext.C, op)(*args).grad_fn is None
+
+
+def test_functional_weight_plan_follows_the_weight():
+    """The functionals keep a plan per weight object (ops/_linear.weight_plan): a replaced tensor, or one changed in
+    place, is what the next call uses; x is still checked per call; the plan does not keep the weight alive."""
+    import gc
+    from turbokernels.ops import _linear
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(K, N)
+    x = torch.randn(3, K)
+    w = tk.Int4Weight.from_float(lin.weight.detach(), group_size=32)
+
+    def fresh():  # a new object: a new plan, built from the tensors as they are now
+        return tk.int4_linear(x, tk.Int4Weight(w.qweight, w.scales, w.offsets, w.group_size, w.in_features))
+
+    first = tk.int4_linear(x, w)
+    assert torch.equal(first, fresh())
+    w.scales = w.scales * 2  # replaced
+    assert torch.equal(tk.int4_linear(x, w), fresh()) and not torch.equal(tk.int4_linear(x, w), first)
+    before = tk.int4_linear(x, w)
+    w.offsets.add_(0.5)  # in place
+    assert torch.equal(tk.int4_linear(x, w), fresh()) and not torch.equal(tk.int4_linear(x, w), before)
+    with pytest.raises(ValueError, match=r"int4_linear\(x\)"):
+        tk.int4_linear(torch.randn(3, K + 1), w)
+    n = len(_linear._WEIGHT_PLANS)
+    del w
+    gc.collect()
+    assert len(_linear._WEIGHT_PLANS) == n - 1

@@ -4,6 +4,8 @@
 // TK_X86_SIMD (whether the x86 copies exist), the activation/scale dtypes (Dt) and one element's fp32 value.
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -36,6 +38,29 @@ inline float scalar_to_f32(Dt dt, const void* src, int64_t i) {
     case Dt::F16: return static_cast<float>(static_cast<const c10::Half*>(src)[i]);
     default: return static_cast<float>(static_cast<const c10::BFloat16*>(src)[i]);
   }
+}
+
+// x (M, K) of any strides in fp32/fp16/bf16 -> a new fp32 (M, ld) tensor, ld >= K, columns K.. zero: the padded
+// copy the kernels read. One pass, no dispatcher calls: at::zeros + narrow + copy_ cost ~2 us a call at one token
+// (three ops and a TensorIterator), as much as a small layer's product.
+inline at::Tensor x_f32_padded(const at::Tensor& x, int64_t ld) {
+  const int64_t M = x.size(0), K = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  at::Tensor out = at::empty({M, ld}, x.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  const Dt dt = x.scalar_type() == at::kFloat ? Dt::F32 : x.scalar_type() == at::kHalf ? Dt::F16 : Dt::BF16;
+  const char* src = static_cast<const char*>(x.data_ptr());
+  const int64_t esize = x.element_size();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, ld)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      float* d = dst + m * ld;
+      const char* row = src + m * s0 * esize;
+      if (dt == Dt::F32 && s1 == 1) std::memcpy(d, row, K * sizeof(float));
+      else
+        for (int64_t k = 0; k < K; ++k) d[k] = scalar_to_f32(dt, row, k * s1);
+      std::fill(d + K, d + ld, 0.f);
+    }
+  });
+  return out;
 }
 
 // Ordered: a kernel takes the best level it has a copy for (level >= ...). kAmxBf16Isa: AVX-512 and AMX-BF16

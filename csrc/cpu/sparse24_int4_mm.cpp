@@ -409,8 +409,7 @@ at::Tensor sparse24_int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, 
   P.gs = group_size;
   if (M <= kern.max_m) {
     // x in fp32, zero-padded to whole word rows (the last row's x quads may reach past K)
-    at::Tensor xp = at::zeros({M, 16 * K16}, x.options().dtype(at::kFloat));
-    xp.narrow(1, 0, K).copy_(x);
+    const at::Tensor xp = cpu::x_f32_padded(x, 16 * K16);
     P.x = xp.data_ptr<float>();
     P.ldx = 16 * K16;
     run_fused(kern, P);

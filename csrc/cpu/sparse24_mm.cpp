@@ -257,9 +257,8 @@ Dt dt_of(const at::Tensor& t, const char* name) {
 
 // x (M, K) -> fp32 (M, nblocks * kb), zero-padded, in the kernels' block layout
 at::Tensor pack_x(const at::Tensor& x, int64_t kb, int64_t nblocks, XLayout layout) {
-  const int64_t M = x.size(0), K = x.size(1), Kp = nblocks * kb;
-  at::Tensor xp = at::zeros({M, Kp}, x.options().dtype(at::kFloat));
-  xp.narrow(1, 0, K).copy_(x);
+  const int64_t M = x.size(0), Kp = nblocks * kb;
+  at::Tensor xp = cpu::x_f32_padded(x, Kp);
   if (layout == XLayout::Avx2Halves)  // per 16 k: [half h][quad s][i] -> [s][h][i]
     xp = xp.view({M, nblocks, 2, 2, 4}).permute({0, 1, 3, 2, 4}).contiguous().view({M, Kp});
   return xp;
@@ -400,8 +399,16 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const Kernels& kern = select_kernels();
   const at::Tensor v = values.contiguous(), mt = meta.contiguous();
   // The fp32 accumulator of every path starts from the bias (or 0); a copy (clone), never the caller's bias itself.
-  at::Tensor out32 = has_bias ? bias->to(at::kFloat).expand({M, N}).clone(at::MemoryFormat::Contiguous)
-                              : at::zeros({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor out32 = at::empty({M, N}, x.options().dtype(at::kFloat));
+  {  // rows of the bias (or 0), without expand + clone's dispatcher calls
+    float* o = out32.data_ptr<float>();
+    const Dt bdt = has_bias ? dt_of(*bias, "bias") : Dt::F32;
+    const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+    for (int64_t n = 0; n < N; ++n) o[n] = has_bias ? cpu::scalar_to_f32(bdt, b.data_ptr(), n) : 0.f;
+    at::parallel_for(1, M, std::max<int64_t>(1, 65536 / N), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) std::memcpy(o + m * N, o, N * sizeof(float));
+    });
+  }
   Problem P{};
   P.values = v.data_ptr();
   P.vdt = vdt;

@@ -128,6 +128,7 @@ def _device_type(args) -> str:
 # Choices remembered by select(..., key=...): (op, forced backend, key) -> (name, impl). A forced backend is part of
 # the key, so `with backend(...)`, set_backend and the environment variable are honored after the cache was filled
 # (they are resolved on every call, before the lookup); register() empties it. Bounded: emptied when full.
+# ops/_linear.planned reads it inline (a module's call): emptied in place, never rebound.
 _CHOSEN: dict[tuple, tuple[str, Impl]] = {}
 _CHOSEN_MAX = 4096
 

@@ -5,6 +5,7 @@ backend choice is remembered per key in backends.select).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -15,6 +16,7 @@ from . import _library
 
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 _is_grad_enabled = torch._C.is_grad_enabled
+_forced_backend, _CHOSEN = backends.forced_backend, backends._CHOSEN
 # Interned weight signatures: a plan's choice key starts with a small int instead of a nested tuple hashed per call.
 _SIGNATURES: dict[tuple, int] = {}
 
@@ -42,6 +44,41 @@ class LinearPlan:
         # it), so its requires_grad does not matter; a subclass (DTensor, FakeTensor...) must dispatch itself.
         self.plain = device.type in ("cpu", "cuda") and all(
             type(t) is _Tensor or type(t) is _Parameter for t in weights if isinstance(t, _Tensor))
+
+
+# The functionals' plans, per weight object (Int4Weight, Sparse24Weight, Sparse24Int4Weight): weak keys, so a plan
+# neither keeps a weight alive nor travels with it (copy, pickle: its signature id is this process's).
+_WEIGHT_PLANS: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _version(t):
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version counter
+        return None
+
+
+def weight_plan(weight, parts: tuple, build) -> LinearPlan:
+    """The plan of a weight object for its functional, reused while `parts` (the weight's tensors and sizes, as read
+    now) are the same objects and values and its tensors are at the same versions, as a module's plan is: the
+    functional then checks x and the bias per call, not the weight. build() makes a new plan (no validation beyond
+    the weight object's own, as the functionals never revalidated it)."""
+    hit = _WEIGHT_PLANS.get(weight)
+    if hit is not None:
+        plan, seen, versions = hit
+        if len(seen) == len(parts):
+            for a, b in zip(seen, parts):
+                if a is not b and (type(a) is not int or a != b):
+                    break
+            else:
+                for t, v in versions:
+                    if v is not None and t._version != v:
+                        break
+                else:
+                    return plan
+    plan = build()
+    _WEIGHT_PLANS[weight] = (plan, parts, tuple((t, _version(t)) for t in parts if isinstance(t, _Tensor)))
+    return plan
 
 
 def check_x(entry: str, x, in_features: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
@@ -113,8 +150,10 @@ def planned(p: LinearPlan, x: torch.Tensor, bias: Optional[torch.Tensor]) -> tor
             and not (_is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
         if x2.shape[0] == 0:
             out = x2.new_empty((0, p.out_features))
-        else:
-            out = backends.select(p.op, *args, key=(p.sig, xdt, x2.shape, x2.stride(), bias is None))[1].fn(*args)
+        else:  # backends.select(p.op, *args, key=...), its remembered-choice lookup inline
+            key = (p.op, _forced_backend(), (p.sig, xdt, x2.shape, x2.stride(), bias is None))
+            hit = _CHOSEN.get(key)
+            out = (hit or backends.select(p.op, *args, key=key[2]))[1].fn(*args)
     else:
         out = _library.OPS[p.op](*args)
     return out if two_d else out.reshape(*xs[:-1], p.out_features)

@@ -20,6 +20,7 @@ from . import _linear
 from ._library import define
 
 OP = "int4_mm"
+_is_compiling = torch.compiler.is_compiling
 
 
 def _fake(x, qweight, scales, offsets, group_size, bias=None):
@@ -87,7 +88,13 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
     if not isinstance(weight, Int4Weight):
         raise TypeError(f"int4_linear(weight): expected a turbokernels.Int4Weight, got {type(weight).__name__}")
     qweight = weight.qweight
-    K, N = weight.in_features, qweight.shape[1]
+    K = weight.in_features
+    if not _is_compiling():  # the weight's plan (kept per weight object); traced: the checks below, in the graph
+        parts = (qweight, weight.scales, weight.offsets, weight.group_size, K, weight.perm)
+        return _linear.planned(_linear.weight_plan(weight, parts, lambda: _linear.LinearPlan(
+            OP, "int4_linear", (qweight, weight.scales, weight.offsets, weight.effective_group_size), K,
+            qweight.shape[1], qweight.device, weight.perm)), x, bias)
+    N = qweight.shape[1]
     _linear.check_x("int4_linear", x, K, qweight.device)
     if bias is not None:
         _linear.check_bias("int4_linear", bias, N, x)

@@ -21,6 +21,7 @@ from . import _linear
 from ._library import define
 
 OP = "sparse24_int4_mm"
+_is_compiling = torch.compiler.is_compiling
 
 
 def _fake(x, qweight, scales, offsets, meta, group_size, bias=None):
@@ -102,6 +103,10 @@ def sparse24_int4_linear(x: torch.Tensor, weight: Sparse24Int4Weight,
                         f"{type(weight).__name__}")
     qweight = weight.qweight
     K, N = weight.in_features, qweight.shape[1]
+    if not _is_compiling():  # the weight's plan (kept per weight object); traced: the checks below, in the graph
+        parts = (qweight, weight.scales, weight.offsets, weight.meta, weight.kept_group_size, K)
+        return _linear.planned(_linear.weight_plan(weight, parts, lambda: _linear.LinearPlan(
+            OP, "sparse24_int4_linear", parts[:5], K, N, qweight.device)), x, bias)
     _linear.check_x("sparse24_int4_linear", x, K, qweight.device)
     if bias is not None:
         _linear.check_bias("sparse24_int4_linear", bias, N, x)

@@ -21,6 +21,7 @@ from . import _linear
 from ._library import define
 
 OP = "sparse24_mm"
+_is_compiling = torch.compiler.is_compiling
 
 
 def _fake(x, values, meta, bias=None):
@@ -117,6 +118,10 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torc
                         f"{type(weight).__name__}")
     values = weight.values
     N, K = values.shape[0], weight.in_features
+    if not _is_compiling():  # the weight's plan (kept per weight object); traced: the checks below, in the graph
+        meta = weight.meta
+        return _linear.planned(_linear.weight_plan(weight, (values, meta), lambda: _linear.LinearPlan(
+            OP, "sparse24_linear", (values, meta), K, N, values.device, dtype=values.dtype)), x, bias)
     _linear.check_x("sparse24_linear", x, K, values.device, values.dtype)
     if bias is not None:
         _linear.check_bias("sparse24_linear", bias, N, x)
