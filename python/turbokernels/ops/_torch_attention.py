@@ -37,6 +37,10 @@ import torch
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+# The same aten op through torch's generated Python binding (its C++ argument parser): ~8 us less per call than the
+# OpOverload's generic one on the CI-class Xeon, as much as the kernel itself costs at decode sizes. The forward
+# paths call this; the OpOverload stays for the probe and the backward.
+_kernel = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", _fwd)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NEG_INF = float("-inf")
 
@@ -203,38 +207,75 @@ def _fix_rows(lse, rows, sq):
         lse[..., b:] = NEG_INF
 
 
-def _nan_query_rows(q, out, lse):
-    """A NaN query row makes every score of the row NaN; the kernel's scalar max (std::max, for the keys past the
+SMALL_LSE = 64  # up to this many rows, reading lse into Python beats a reduction (a dispatch: ~3-8 us)
+
+
+def _some_zero(lse) -> bool:
+    """not lse.all() for a 3-D lse (any strides): a reduction for a large lse, a Python scan of a small one."""
+    if lse.numel() > SMALL_LSE:
+        return not lse.all()
+    for plane in lse.tolist():  # plain loops: a generator costs ~1 us more
+        for row in plane:
+            if 0.0 in row:
+                return True
+    return False
+
+
+def _bhsd(qt, kt, vt, slopes, scale, causal, window_left, window_right, want_lse: bool):
+    """The dense forward in the kernel's layout: qt (B, Hq, Sq, D), kt/vt (B, Hkv, Sk, D), any strides, head dims
+    contiguous -> (out (B, Hq, Sq, D): a view of a contiguous (B, Sq, Hq, D) tensor; lse fp32 (B, Hq, Sq)
+    contiguous, or None when not want_lse: then the kernel's lse is only read, not copied, unless a row lacks keys).
+
+    A NaN query row makes every score of the row NaN; the kernel's scalar max (std::max, for the keys past the
     last full vector) skips NaN, so such a row can look fully masked: out 0 and lse exactly 0, where the spec gives
-    NaN. Only when some lse is exactly 0 (that, or a rare real row) is q scanned: one reduction over lse per call
-    (lse.all(): no temporary), no pass over q. q (B, S, H, D), out (B, S, H, D), lse (B, H, S) any strides."""
-    if not lse.all():
-        nan_rows = q.isnan().any(-1)
-        out.masked_fill_(nan_rows[..., None], float("nan"))
-        lse.masked_fill_(nan_rows.transpose(1, 2), float("nan"))
-
-
-def _dense_fwd(q, k, v, slopes, scale, causal, window_left, window_right):
-    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out (B, Sq, Hq, D) contiguous, lse fp32 (B, Hq, Sq))."""
-    sq, sk = q.shape[1], k.shape[1]
+    NaN. Only when some lse is exactly 0 (that, or a rare real row) is q scanned: no pass over q otherwise. Rows
+    without keys get their lse -inf first (_fix_rows), so they never ask for the scan."""
+    sq, sk = qt.shape[2], kt.shape[2]
     if sk == 0:
-        return q.new_zeros(q.shape), q.new_full((q.shape[0], q.shape[2], sq), NEG_INF, dtype=torch.float32)
-    is_causal, mask, rows = _call_args(sq, sk, slopes, causal, window_left, window_right, q.dtype, q.device)
-    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    if k.shape[2] != q.shape[2] and not _native_gqa():
-        kt, vt = _expand_kv(kt, q.shape[2]), _expand_kv(vt, q.shape[2])
-    out, lse = _fwd(q.transpose(1, 2), kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
-    # the kernel's out is a (B, H, S, D) view of a contiguous (B, S, H, D) tensor (transposed back: no copy); its
-    # lse a (B, H, S) view of (B, S, H) storage, fp32 (float64 for float64 inputs): made a contiguous fp32 tensor
-    # (the op's outputs are), one copy of B * H * S floats
+        b, h = qt.shape[0], qt.shape[1]
+        out = qt.new_zeros((b, sq, h, qt.shape[3])).transpose(1, 2)
+        return out, (qt.new_full((b, h, sq), NEG_INF, dtype=torch.float32) if want_lse else None)
+    is_causal, mask, rows = _call_args(sq, sk, slopes, causal, window_left, window_right, qt.dtype, qt.device)
+    if kt.shape[1] != qt.shape[1] and not _native_gqa():
+        kt, vt = _expand_kv(kt, qt.shape[1]), _expand_kv(vt, qt.shape[1])
+    if mask is None:  # one keyword less to parse
+        out, lse = _kernel(qt, kt, vt, 0.0, is_causal, scale=scale)
+    else:
+        out, lse = _kernel(qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+    # lse: a (B, H, S) view of (B, S, H) storage, fp32 (float64 for float64 inputs); made a contiguous fp32 tensor
+    # (the op's outputs are) only when it is returned or rows must be fixed: one copy of B * H * S floats
+    if want_lse or rows is not None:
+        lse = lse.contiguous() if lse.dtype == torch.float32 else lse.float().contiguous()
+        if rows is not None:
+            _fix_rows(lse, rows, sq)
+    if _some_zero(lse):
+        nan_rows = qt.isnan().any(-1)
+        out.masked_fill_(nan_rows[..., None], float("nan"))
+        lse.masked_fill_(nan_rows, float("nan"))
+    return out, (lse if want_lse else None)
+
+
+def _dense_fwd(q, k, v, slopes, scale, causal, window_left, window_right, want_lse=True):
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out (B, Sq, Hq, D) contiguous, lse fp32 (B, Hq, Sq) or None)."""
+    out, lse = _bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), slopes, scale, causal, window_left,
+                     window_right, want_lse)
+    # the kernel's out is a (B, H, S, D) view of a contiguous (B, S, H, D) tensor: transposed back, no copy
     out = out.transpose(1, 2)
     if not out.is_contiguous():
         out = out.contiguous()
-    lse = lse.contiguous() if lse.dtype == torch.float32 else lse.float().contiguous()
-    if rows is not None:
-        _fix_rows(lse, rows, sq)
-    _nan_query_rows(q, out, lse)
     return out, lse
+
+
+def dense_out(q, k, v, scale, causal, window_left, window_right):
+    """attention_fwd's out alone, for a dense call without ALiBi from an entry that does not return lse (the lse is
+    not copied): q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D)."""
+    return _dense_fwd(q, k, v, None, scale, causal, window_left, window_right, False)[0]
+
+
+def dense_out_bhsd(qt, kt, vt, scale, causal):
+    """The same in the kernel's (and SDPA's) (B, H, S, D) layout, without a window: out (B, Hq, Sq, D), a view of a
+    contiguous (B, Sq, Hq, D) tensor (what attention_fwd's out transposed is)."""
+    return _bhsd(qt, kt, vt, None, scale, causal, -1, -1, False)[0]
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left,
@@ -313,17 +354,25 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, 
 
 
 def _slots(cache, block_table, b: int, lo: int, hi: int) -> torch.Tensor:
-    """(1, hi - lo, Hkv, D): cache positions lo..hi-1 of sequence b (a view; paged: its pages gathered)."""
+    """(1, Hkv, hi - lo, D): cache positions lo..hi-1 of sequence b in the kernel's layout (a view; paged: its pages
+    gathered)."""
     if block_table is None:
-        return cache[b:b + 1, lo:hi]
+        return _span(cache[b:b + 1], lo, hi)
     ps = cache.shape[1]
     first, last = lo // ps, (hi + ps - 1) // ps
     pages = cache[block_table[b, first:last].long()].reshape(1, (last - first) * ps, *cache.shape[2:])
-    return pages[:, lo - first * ps:hi - first * ps]
+    return pages[:, lo - first * ps:hi - first * ps].transpose(1, 2)
 
 
-def _decode_grouped(q, k, v, slopes, scale, window_left):
-    """Decode on the key slots [lo, L) of sequences of one length L: q (B, T, Hq, D), k/v (B, L - lo, Hkv, D) views
+def _span(cache, lo: int, hi: int) -> torch.Tensor:
+    """cache[:, lo:hi].transpose(1, 2) in one view op (every tensor op is a dispatch: ~1.5-3 us at decode sizes)."""
+    b, _, h, d = cache.shape
+    s0, s1, s2, s3 = cache.stride()
+    return cache.as_strided((b, h, hi - lo, d), (s0, s2, s1, s3), cache.storage_offset() + lo * s1)
+
+
+def _decode_grouped(q, kt, vt, slopes, scale, window_left):
+    """Decode on the key slots [lo, L) of sequences of one length L: q (B, T, Hq, D), kt/vt (B, Hkv, L - lo, D) views
     -> out (B, T, Hq, D) contiguous. Token t sits at the slice's position L - lo - T + t (causal=True, bottom-right).
 
     The g = Hq / Hkv query heads that share a kv head go to the kernel as g * T query ROWS of that kv head
@@ -332,40 +381,57 @@ def _decode_grouped(q, k, v, slopes, scale, window_left):
     g times. Every row is the same softmax over the same keys as before; rows are independent, so the result is
     the same attention (each score an fp32 dot product of D terms, as before)."""
     B, T, hq, D = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    hkv, sk = kt.shape[1], kt.shape[2]
     g = hq // hkv
     is_causal, mask, _ = _call_args(T, sk, slopes, True, window_left, -1, q.dtype, q.device, g)
-    qg = q.view(B, T, hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, g * T, D)  # a view for T == 1
-    out, lse = _fwd(qg, k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale)
-    # out: (B, Hkv, g * T, D) -> (B, T, Hq, D), one copy of the few output rows
-    out = out.reshape(B, hkv, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, hq, D)
-    if not lse.all():  # a NaN query row may come out as a masked one (_nan_query_rows); q is a few rows
+    if T == 1:  # (B, 1, Hq, D) -> (B, Hkv, g, D): row gi of kv head h is query head h * g + gi; one view op
+        out, lse = _kernel(q.reshape(B, hkv, g, D), kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+        out = out.reshape(B, 1, hq, D)  # the few output rows in head order: one copy
+    else:
+        qg = q.view(B, T, hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, g * T, D)
+        out, lse = _kernel(qg, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+        # out: (B, Hkv, g * T, D) -> (B, T, Hq, D), one copy of the few output rows
+        out = out.reshape(B, hkv, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, hq, D)
+    if _some_zero(lse):  # a NaN query row may come out as a masked one (_bhsd); q is a few rows
         out.masked_fill_(q.isnan().any(-1)[..., None], float("nan"))
     return out
 
 
-def _decode_block(q, k, v, slopes, scale, window_left):
-    if k.shape[1] == 0:
+def _decode_block(q, kt, vt, slopes, scale, window_left):
+    """q (B, T, Hq, D), kt/vt (B, Hkv, n, D): the slots' keys and values in the kernel's layout."""
+    if kt.shape[2] == 0:
         return q.new_zeros(q.shape)
-    if k.shape[2] != q.shape[2] and (q.shape[1] == 1 or k.shape[1] != q.shape[1]):
-        return _decode_grouped(q, k, v, slopes, scale, window_left)
-    # MHA, or only the new tokens' own slots: attention_fwd's dense path
-    return _dense_fwd(q, k, v, slopes, scale, True, window_left, -1)[0]
+    if kt.shape[1] != q.shape[2] and (q.shape[1] == 1 or kt.shape[2] != q.shape[1]):
+        return _decode_grouped(q, kt, vt, slopes, scale, window_left)
+    # MHA, or only the new tokens' own slots: attention_fwd's dense path, without its lse
+    out, _ = _bhsd(q.transpose(1, 2), kt, vt, slopes, scale, True, window_left, -1, False)
+    out = out.transpose(1, 2)
+    return out if out.is_contiguous() else out.contiguous()
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
                      window_right, softcap):
-    """New token t of sequence b attends the keys the spec allows among [lo_b, L_b), lo_b = L_b - T - window_left
+    return decode_lens(q, k_cache, v_cache, cache_seqlens.tolist(), block_table, alibi_slopes, softmax_scale,
+                       window_left)  # CPU tensors: no device sync
+
+
+def decode_lens(q, k_cache, v_cache, lens, block_table, alibi_slopes, softmax_scale, window_left):
+    """decode_attention with cache_seqlens given as a list (the entry read it for its checks already).
+
+    New token t of sequence b attends the keys the spec allows among [lo_b, L_b), lo_b = L_b - T - window_left
     (clamped at 0): attention_fwd's dense case with causal=True on that slice (its bottom-right alignment puts token
     t at position L_b - T + t), window_right implied by causality."""
-    batch, T = q.shape[0], q.shape[1]
-    if q.shape[-1] > 1 and q.stride(-1) != 1:
+    T = q.shape[1]
+    if q.stride()[-1] != 1 and q.shape[-1] > 1:
         q = q.contiguous()
-    lens = cache_seqlens.tolist()  # CPU tensors: no device sync
-    spans = [(max(0, n - T - window_left) if window_left >= 0 else 0, n) for n in lens]
-    if block_table is None and all(s == spans[0] for s in spans):
+    if window_left >= 0:
+        spans = [(max(0, n - T - window_left), n) for n in lens]
+    else:
+        spans = [(0, n) for n in lens]
+    if block_table is None and (len(spans) == 1 or all(s == spans[0] for s in spans)):
         lo, hi = spans[0]
-        return _decode_block(q, k_cache[:, lo:hi], v_cache[:, lo:hi], alibi_slopes, softmax_scale, window_left)
+        return _decode_block(q, _span(k_cache, lo, hi), _span(v_cache, lo, hi), alibi_slopes, softmax_scale,
+                             window_left)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     for b, (lo, hi) in enumerate(spans):
         slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
