@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops.attention import MAX_HEAD_DIM, _dense_bhsd, _run_bhsd, attention
+
 _noted: set[str] = set()
 
 
@@ -65,10 +67,12 @@ def _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> None:
             raise TypeError(f"{FN}(attn_mask): expected a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.device != query.device:
             raise ValueError(f"{FN}(attn_mask): is on {attn_mask.device} but query is on {query.device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+    # the usual float first, without the numbers ABCs (~1 us each)
+    if not (type(dropout_p) is float and 0.0 <= dropout_p <= 1.0) and (
+            isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0):
         raise ValueError(f"{FN}(dropout_p): must be in [0, 1], got {dropout_p!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale)):
+    if scale is not None and not (type(scale) is float and math.isfinite(scale)) and (
+            isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)):
         raise ValueError(f"{FN}(scale): expected a finite float or None, got {scale!r}")
 
 
@@ -88,17 +92,55 @@ def fallback_reason(query, key, attn_mask, dropout_p, is_causal, value=None) -> 
     return None
 
 
+_FUSED_DTYPES = DTYPES
+_Tensor = torch.Tensor
+_INF = math.inf
+
+
+def _usual(query, key, value, is_causal, scale, enable_gqa) -> Optional[torch.Tensor]:
+    """The usual call (CPU tensors, no mask, no dropout: the caller tested the last two), run on torch's kernel when
+    cheap tests that imply every check of _check, no fallback_reason and every check of turbokernels.attention pass
+    and the torch backend is chosen (ops/attention._run_bhsd); else None: the checked path, which raises the error a
+    bad call deserves."""
+    if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
+        return None
+    dtype = query.dtype
+    if (dtype not in _FUSED_DTYPES or key.dtype is not dtype or value.dtype is not dtype or query.dim() != 4
+            or key.dim() != 4 or value.dim() != 4 or not (query.is_cpu and key.is_cpu and value.is_cpu)):
+        return None
+    qs, ks = query.shape, key.shape
+    head_dim, heads = qs[3], ks[1]
+    if (value.shape != ks or ks[0] != qs[0] or ks[3] != head_dim or not 1 <= head_dim <= MAX_HEAD_DIM
+            or heads == 0 or (qs[1] != heads and (not enable_gqa or qs[1] % heads)) or (is_causal and qs[2] != ks[2])
+            or 0 in qs):
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif not (type(scale) is float and -_INF < scale < _INF):
+        return None
+    if head_dim > 1 and not (query.stride()[3] == 1 and key.stride()[3] == 1 and value.stride()[3] == 1):
+        return None
+    return _run_bhsd(query, key, value, is_causal, scale, head_dim)
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
-    from ..ops.attention import attention
+    if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
+        out = _usual(query, key, value, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     _check(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     reason = fallback_reason(query, key, attn_mask, dropout_p, is_causal, value)
     if reason is not None:
         _note_once(reason)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    # SDPA's layout is the kernel's: the torch backend runs on these tensors as they are (no transposes)
+    out = _dense_bhsd(query, key, value, is_causal, scale)
+    if out is not None:
+        return out
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
                     softmax_scale=scale)
     return out.transpose(1, 2)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import requested_device
+from ..ops.attention import _dense_bhsd, attention
 
 _noted: set[str] = set()
 
@@ -71,10 +72,23 @@ class MultiheadAttention(nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
-        from ..ops.attention import attention
+        E, H = self.embed_dim, self.num_heads
+        if query is key and key is value and self._qkv_same_embed_dim:
+            # self-attention: one projection for q, k and v (as torch's own layer does), its (B, L, 3, H, D) result
+            # seen as three (B, H, L, D) views, the kernel's layout: no per-head transposes
+            x = query if self.batch_first else query.transpose(0, 1)  # (L, B, E) -> (B, L, E)
+            B, L = x.shape[0], x.shape[1]
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, H, E // H)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            out = _dense_bhsd(q, k, v, is_causal, None)
+            if out is None:  # not the torch backend, autograd, a tracer...: the functional's path
+                out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal)
+            else:  # (B, H, L, D), a view of a contiguous (B, L, H, D) tensor
+                out = out.transpose(1, 2)
+            out = F.linear(out.reshape(B, L, E), self.out_proj.weight, self.out_proj.bias)
+            return (out if self.batch_first else out.transpose(0, 1)), None
         if not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        E, H = self.embed_dim, self.num_heads
         if self._qkv_same_embed_dim:
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         else:

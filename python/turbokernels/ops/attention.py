@@ -32,7 +32,7 @@ from .. import backends
 from .._checks import check_values
 from ..reference import attention as reference
 from . import _torch_attention
-from ._library import call, define
+from ._library import define, direct
 
 FWD = "attention_fwd"
 BWD = "attention_bwd"
@@ -95,6 +95,7 @@ def _triton_fwd(*args):
 
 
 backends.register(FWD, "torch", check=_torch_attention.check_fwd)(_torch_attention.attention_fwd)
+_torch_fwd = _torch_attention.attention_fwd
 
 
 # ---- attention_bwd ------------------------------------------------------------------------------------------
@@ -223,20 +224,9 @@ def _check_cu_seqlens(arg: str, cu: torch.Tensor, device: torch.device, total: i
        f"(checked on the device)")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              softmax_scale: Optional[float] = None, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-              alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-              cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q=None, max_seqlen_k=None,
-              deterministic: bool = False, return_lse: bool = False):
-    """Fused attention in FlashAttention's layout.
-
-    q (batch, seqlen_q, heads_q, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim); or packed
-    (total_tokens, heads, head_dim) with int32 cu_seqlens_q/cu_seqlens_k (batch + 1,): starting at 0,
-    non-decreasing, ending at q.shape[0] / k.shape[0] (checked on every call, without a host sync on CUDA).
-    Returns out (q's shape and dtype), and with return_lse=True also lse: fp32 (batch, heads_q, seqlen_q), or
-    (heads_q, total_q) for varlen. See python/turbokernels/reference/attention.py for the exact semantics.
-    max_seqlen_q/max_seqlen_k are accepted for FlashAttention compatibility and not needed (never read).
-    """
+def _checked(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+             max_seqlen_q, max_seqlen_k) -> tuple:
+    """Every argument check of attention(), in order; returns the op's arguments."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             _fail(name, f"expected a torch.Tensor, got {type(t).__name__}", TypeError)
@@ -313,11 +303,120 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     q, k, v = _contiguous_head_dim(q), _contiguous_head_dim(k), _contiguous_head_dim(v)
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, float(softmax_scale), bool(causal), window_left,
+    return (q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, float(softmax_scale), bool(causal), window_left,
             window_right, float(softcap))
-    if deterministic and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+
+
+_FLOATS = DTYPES + (torch.float64,)
+_Tensor = torch.Tensor
+_INF = math.inf
+
+
+def _usual(q, k, v, causal, softmax_scale, window_size, softcap) -> Optional[tuple]:
+    """The op's arguments of a dense call without ALiBi (cu_seqlens, alibi_slopes, max_seqlen_* None: the caller
+    tested that) whose every check in _checked passes, found by cheaper tests that imply each of them (~1 us instead
+    of ~7); None sends the call through _checked, which raises the error the call deserves."""
+    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+        return None
+    dtype = q.dtype
+    if dtype not in _FLOATS or k.dtype is not dtype or v.dtype is not dtype or q.dim() != 4 or k.dim() != 4:
+        return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu) and not (k.device == q.device and v.device == q.device):
+        return None
+    qs, ks = q.shape, k.shape
+    head_dim, heads_kv = qs[3], ks[2]
+    if (v.shape != ks or ks[0] != qs[0] or not 1 <= head_dim <= MAX_HEAD_DIM or ks[3] != head_dim or heads_kv == 0
+            or qs[2] % heads_kv):
+        return None
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif not (type(softmax_scale) is float and -_INF < softmax_scale < _INF):
+        return None
+    if type(window_size) is not tuple or len(window_size) != 2:
+        return None
+    window_left, window_right = window_size
+    if not (type(window_left) is int and window_left >= -1 and type(window_right) is int and window_right >= -1):
+        return None
+    if not (type(softcap) is float and 0.0 <= softcap < _INF):
+        return None
+    # head dims contiguous (else _checked makes them so): is_contiguous() is the cheap sufficient test
+    if head_dim > 1 and not ((q.is_contiguous() or q.stride()[3] == 1) and (k.is_contiguous() or k.stride()[3] == 1)
+                             and (v.is_contiguous() or v.stride()[3] == 1)):
+        return None
+    return q, k, v, None, None, None, softmax_scale, bool(causal), window_left, window_right, softcap
+
+
+def _key(q, head_dim: int, softcap: float) -> tuple:
+    """What every backend's check reads (q/k/v's head dims are contiguous by now): the choice is remembered per key
+    (backends.select). q.device.type costs ~1 us; is_cpu 0.1."""
+    return ("cpu" if q.is_cpu else q.device.type), q.dtype, head_dim, softcap > 0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              softmax_scale: Optional[float] = None, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+              cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q=None, max_seqlen_k=None,
+              deterministic: bool = False, return_lse: bool = False):
+    """Fused attention in FlashAttention's layout.
+
+    q (batch, seqlen_q, heads_q, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim); or packed
+    (total_tokens, heads, head_dim) with int32 cu_seqlens_q/cu_seqlens_k (batch + 1,): starting at 0,
+    non-decreasing, ending at q.shape[0] / k.shape[0] (checked on every call, without a host sync on CUDA).
+    Returns out (q's shape and dtype), and with return_lse=True also lse: fp32 (batch, heads_q, seqlen_q), or
+    (heads_q, total_q) for varlen. See python/turbokernels/reference/attention.py for the exact semantics.
+    max_seqlen_q/max_seqlen_k are accepted for FlashAttention compatibility and not needed (never read).
+    """
+    args = None
+    if (cu_seqlens_q is None and cu_seqlens_k is None and alibi_slopes is None and max_seqlen_q is None
+            and max_seqlen_k is None):
+        args = _usual(q, k, v, causal, softmax_scale, window_size, softcap)
+    if args is None:
+        args = _checked(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, cu_seqlens_q,
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    q, k, v = args[0], args[1], args[2]
+    if deterministic and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _Deterministic.apply(*args)
-    else:  # no autograd, tracer or mode to serve: straight to the backend (_library.direct), else the op
-        # every backend's check reads only these (q/k/v's head dims are contiguous by now): the choice is remembered
-        out, lse = call("attention_fwd", args, key=(q.device.type, q.dtype, head_dim, softcap > 0))
+    elif direct(args if args[3] is not None or args[5] is not None else (q, k, v)):
+        # no autograd, tracer or mode to serve: the op's own steps (its `before`, backends.dispatch) without the
+        # dispatcher round trip, as _library.call does; the torch backend's out without its lse when none is asked
+        if q.numel() == 0:
+            out, lse = _empty_fwd(*args)
+        else:
+            name, impl = backends.select(FWD, *args, key=_key(q, q.shape[-1], args[10]))
+            if impl.fn is _torch_fwd and not return_lse and args[3] is None and args[5] is None:
+                return _torch_attention.dense_out(q, k, v, args[6], args[7], args[8], args[9])
+            out, lse = impl.fn(*args)
+    else:
+        out, lse = attention_fwd(*args)
     return (out, lse) if return_lse else out
+
+
+def _dense_bhsd(qt, kt, vt, causal, softmax_scale) -> Optional[torch.Tensor]:
+    """For the entries in SDPA's layout (scaled_dot_product_attention, nn.MultiheadAttention): attention's out,
+    transposed to (B, Hq, Sq, D), computed by the torch backend on qt/kt/vt (B, H, S, D) as they are (no transposes
+    either way), when attention(qt.transpose(1, 2), ..., causal=causal, softmax_scale=softmax_scale) would pass its
+    checks, run outside autograd and any tracer or mode, and choose the torch backend; else None (the caller then
+    calls attention). The caller checked: tensors of one device, k and v of q's dtype, 4-D, the same batch, key's
+    head_dim query's, softmax_scale None or a finite real."""
+    qs, ks = qt.shape, kt.shape
+    head_dim = qs[3]
+    if (not qt.is_cpu or qt.dtype not in _FLOATS or vt.shape != ks or not 1 <= head_dim <= MAX_HEAD_DIM
+            or ks[1] == 0 or qs[1] % ks[1] or 0 in qs):
+        return None
+    if head_dim > 1 and not (qt.stride()[3] == 1 and kt.stride()[3] == 1 and vt.stride()[3] == 1):
+        return None
+    return _run_bhsd(qt, kt, vt, causal, 1.0 / math.sqrt(head_dim) if softmax_scale is None
+                     else float(softmax_scale), head_dim)
+
+
+def _run_bhsd(qt, kt, vt, causal, scale: float, head_dim: int) -> Optional[torch.Tensor]:
+    """_dense_bhsd after its checks (the caller made them)."""
+    if not direct((qt, kt, vt)):
+        return None
+    # the op's arguments for the checks (a miss of the remembered choice runs them): in FlashAttention's layout
+    # they read what these views have too (device, dtype, head dim and its stride)
+    impl = backends.select(FWD, qt, kt, vt, None, None, None, scale, bool(causal), -1, -1, 0.0,
+                           key=("cpu", qt.dtype, head_dim, False))[1]
+    if impl.fn is not _torch_fwd:
+        return None
+    return _torch_attention.dense_out_bhsd(qt, kt, vt, scale, bool(causal))
