@@ -31,11 +31,12 @@ from .. import backends
 from .._checks import check_values
 from ..reference import decode_attention as reference
 from . import _torch_attention
-from ._library import call, define
+from ._library import call, define, direct
 
 OP = "decode_attention"
 APPEND_OP = "kv_cache_append"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_Tensor, _INT32 = torch.Tensor, torch.int32
 MAX_HEAD_DIM = 256
 
 
@@ -128,6 +129,7 @@ def _triton(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softm
 
 
 backends.register(OP, "torch", check=_torch_attention.check_decode)(_torch_attention.decode_attention)
+_torch_decode = _torch_attention.decode_attention
 
 
 # ---- kv_cache_append ---------------------------------------------------------------------------------------------
@@ -206,6 +208,40 @@ def _check_cache_layout(fn: str, q_like: torch.Tensor, q_name: str, k_cache, v_c
     return batch, k_cache.shape[2], k_cache.shape[3]
 
 
+def _usual(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size, softcap) -> Optional[tuple]:
+    """(softmax_scale, window_left, window_right) of a call on a contiguous (not paged) cache without ALiBi (the caller
+    tested that) whose every layout and argument check in decode_attention passes, found by cheaper tests that imply
+    each of them; None sends the call through those checks, which raise the error the call deserves. The values of
+    cache_seqlens are checked after, either way."""
+    if not (isinstance(q, _Tensor) and isinstance(k_cache, _Tensor) and isinstance(v_cache, _Tensor)
+            and isinstance(cache_seqlens, _Tensor)):
+        return None
+    dtype = q.dtype
+    if (q.dim() != 4 or dtype not in FLOAT_DTYPES or k_cache.dim() != 4 or k_cache.dtype is not dtype
+            or v_cache.dtype is not dtype or cache_seqlens.dtype is not _INT32):
+        return None
+    if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and cache_seqlens.is_cpu):
+        return None
+    qs, cs = q.shape, k_cache.shape
+    batch, head_dim, heads_kv = qs[0], cs[3], cs[2]
+    if (v_cache.shape != cs or k_cache.stride()[3] != 1 or v_cache.stride()[3] != 1 or cache_seqlens.shape != (batch,)
+            or cs[0] != batch or qs[3] != head_dim or not 1 <= head_dim <= MAX_HEAD_DIM or heads_kv == 0
+            or qs[2] % heads_kv):
+        return None
+    if type(window_size) is not tuple or len(window_size) != 2:
+        return None
+    window_left, window_right = window_size
+    if not (type(window_left) is int and window_left >= -1 and type(window_right) is int and window_right >= -1):
+        return None
+    if not (type(softcap) is float and softcap >= 0.0):
+        return None
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif type(softmax_scale) is not float:
+        return None
+    return softmax_scale, window_left, window_right
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      *, block_table: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
@@ -223,6 +259,26 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     attend (p < 0) gets zeros. Returns (batch, new_tokens, heads_q, head_dim) in q's dtype.
     """
     fn = "decode_attention"
+    usual = None
+    if block_table is None and alibi_slopes is None:
+        usual = _usual(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size, softcap)
+    if usual is not None and direct((q, k_cache, v_cache, cache_seqlens)):
+        # the op's own steps (its `before`, backends.select) without the dispatcher round trip, as _library.call
+        # does, with cache_seqlens read into Python once for the value checks and the torch backend
+        softmax_scale, window_left, window_right = usual
+        lens = cache_seqlens.tolist()
+        if lens and (min(lens) < 0 or max(lens) > k_cache.shape[1]):
+            _check_values(fn, k_cache, cache_seqlens, None)  # raises, with the message
+        if q.numel() == 0:
+            return q.new_empty(q.shape)
+        if not cache_seqlens.is_contiguous():
+            cache_seqlens = cache_seqlens.contiguous()
+        args = (q, k_cache, v_cache, cache_seqlens, None, None, softmax_scale, window_left, window_right, softcap)
+        impl = backends.select(OP, *args, key=(q.device.type if not q.is_cpu else "cpu", q.dtype, True, True,
+                                               softcap > 0))[1]
+        if impl.fn is _torch_decode:
+            return _torch_attention.decode_lens(q, k_cache, v_cache, lens, None, None, softmax_scale, window_left)
+        return impl.fn(*args)
     _tensor(fn, "q", q)
     if q.dim() != 4:
         raise ValueError(f"{fn}(q): expected 4 dims (batch, new_tokens, heads_q, head_dim), got shape "
