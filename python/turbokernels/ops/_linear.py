@@ -63,7 +63,10 @@ def weight_plan(weight, parts: tuple, build) -> LinearPlan:
     now) are the same objects and values and its tensors are at the same versions, as a module's plan is: the
     functional then checks x and the bias per call, not the weight. build() makes a new plan (no validation beyond
     the weight object's own, as the functionals never revalidated it)."""
-    hit = _WEIGHT_PLANS.get(weight)
+    try:
+        hit = _WEIGHT_PLANS.get(weight)
+    except TypeError:  # a weight type without weak references (a subclass with __slots__): a plan per call
+        return build()
     if hit is not None:
         plan, seen, versions = hit
         if len(seen) == len(parts):
