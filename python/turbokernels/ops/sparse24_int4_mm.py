@@ -101,12 +101,14 @@ def sparse24_int4_linear(x: torch.Tensor, weight: Sparse24Int4Weight,
     if not isinstance(weight, Sparse24Int4Weight):
         raise TypeError(f"sparse24_int4_linear(weight): expected a turbokernels.Sparse24Int4Weight, got "
                         f"{type(weight).__name__}")
+    if not _is_compiling():  # the weight's plan (kept per weight object); traced: the checks below, in the graph
+        i4 = weight.int4  # its kept values (attributes read directly: the properties cost ~1 us a call)
+        parts = (i4, i4.qweight, i4.scales, i4.offsets, i4.group_size, i4.in_features, weight.meta)
+        return _linear.planned(_linear.weight_plan(weight, parts, lambda: _linear.LinearPlan(
+            OP, "sparse24_int4_linear", (i4.qweight, i4.scales, i4.offsets, weight.meta, weight.kept_group_size),
+            weight.in_features, i4.qweight.shape[1], i4.qweight.device)), x, bias)
     qweight = weight.qweight
     K, N = weight.in_features, qweight.shape[1]
-    if not _is_compiling():  # the weight's plan (kept per weight object); traced: the checks below, in the graph
-        parts = (qweight, weight.scales, weight.offsets, weight.meta, weight.kept_group_size, K)
-        return _linear.planned(_linear.weight_plan(weight, parts, lambda: _linear.LinearPlan(
-            OP, "sparse24_int4_linear", parts[:5], K, N, qweight.device)), x, bias)
     _linear.check_x("sparse24_int4_linear", x, K, qweight.device)
     if bias is not None:
         _linear.check_bias("sparse24_int4_linear", bias, N, x)

@@ -117,11 +117,12 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torc
         raise TypeError(f"sparse24_linear(weight): expected a turbokernels.Sparse24Weight, got "
                         f"{type(weight).__name__}")
     values = weight.values
-    N, K = values.shape[0], weight.in_features
     if not _is_compiling():  # the weight's plan (kept per weight object); traced: the checks below, in the graph
         meta = weight.meta
         return _linear.planned(_linear.weight_plan(weight, (values, meta), lambda: _linear.LinearPlan(
-            OP, "sparse24_linear", (values, meta), K, N, values.device, dtype=values.dtype)), x, bias)
+            OP, "sparse24_linear", (values, meta), weight.in_features, values.shape[0], values.device,
+            dtype=values.dtype)), x, bias)
+    N, K = values.shape[0], weight.in_features
     _linear.check_x("sparse24_linear", x, K, values.device, values.dtype)
     if bias is not None:
         _linear.check_bias("sparse24_linear", bias, N, x)
