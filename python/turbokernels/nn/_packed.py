@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..formats.int4 import FLOAT_DTYPES
-from ..ops._linear import planned
+from ..ops._linear import planned, tensor_version
 
 is_compiling = torch.compiler.is_compiling
 
@@ -52,13 +52,6 @@ def check_dtype(entry: str, dtype) -> torch.dtype:
     return dtype
 
 
-def _version(t):
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor: no version counter
-        return None
-
-
 class PackedWeightModule(nn.Module):
     PACKED: tuple[str, ...] = ()  # names of the buffers that hold the packed weight
     _plan = None  # the current plan (instance attribute once built); see the module docstring
@@ -72,21 +65,10 @@ class PackedWeightModule(nn.Module):
         """Validate the packed buffers now and use them from the next call on (forward does this by itself when a
         buffer is replaced; see the module docstring)."""
         buffers = self._buffers
-        watch = tuple((n, buffers.get(n), _version(buffers.get(n))) for n in self.PACKED)
+        watch = tuple((n, buffers.get(n), tensor_version(buffers.get(n))) for n in self.PACKED)
         plan = self._make_plan()
         self._plan, self._plan_watch = plan, watch
         return plan
-
-    def _current_plan(self):
-        plan = self._plan
-        if plan is not None:
-            buffers = self._buffers
-            for name, t, version in self._plan_watch:
-                if buffers.get(name) is not t or (version is not None and t._version != version):
-                    break
-            else:
-                return plan
-        return self.replan()
 
     # forward's two class choices: the functional a traced call goes through (e.g. ops.int4_mm.int4_linear), and
     # whether the bias follows x's dtype (the int4 layers: their bias is kept in the scales' dtype)
@@ -101,7 +83,7 @@ class PackedWeightModule(nn.Module):
                 bias = bias.to(xdt)
         if is_compiling():  # traced: the buffers as they are, no plan bookkeeping in the graph
             return type(self)._functional(x, self.weight, bias)
-        plan = self._plan  # _current_plan(), inline: a Python call costs about a microsecond
+        plan = self._plan  # still current? (checked here, not in a method: a Python call costs ~1 us)
         if plan is not None:
             buffers = self._buffers
             for name, t, version in self._plan_watch:

@@ -51,7 +51,7 @@ class LinearPlan:
 _WEIGHT_PLANS: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _version(t):
+def tensor_version(t):
     try:
         return t._version
     except RuntimeError:  # an inference tensor: no version counter
@@ -80,7 +80,7 @@ def weight_plan(weight, parts: tuple, build) -> LinearPlan:
                 else:
                     return plan
     plan = build()
-    _WEIGHT_PLANS[weight] = (plan, parts, tuple((t, _version(t)) for t in parts if isinstance(t, _Tensor)))
+    _WEIGHT_PLANS[weight] = (plan, parts, tuple((t, tensor_version(t)) for t in parts if isinstance(t, _Tensor)))
     return plan
 
 

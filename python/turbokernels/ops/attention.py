@@ -312,6 +312,17 @@ _Tensor = torch.Tensor
 _INF = math.inf
 
 
+def usual_window(window_size) -> Optional[tuple]:
+    """window_size when it is the usual kind (a tuple of two ints >= -1), else None: then the entry's full checks
+    decide (they also take lists, and name what is wrong). Shared by attention's and decode_attention's usual call."""
+    if type(window_size) is not tuple or len(window_size) != 2:
+        return None
+    left, right = window_size
+    if type(left) is int and left >= -1 and type(right) is int and right >= -1:
+        return window_size
+    return None
+
+
 def _usual(q, k, v, causal, softmax_scale, window_size, softcap) -> Optional[tuple]:
     """The op's arguments of a dense call without ALiBi (cu_seqlens, alibi_slopes, max_seqlen_* None: the caller
     tested that) whose every check in _checked passes, found by cheaper tests that imply each of them (~1 us instead
@@ -332,11 +343,9 @@ def _usual(q, k, v, causal, softmax_scale, window_size, softcap) -> Optional[tup
         softmax_scale = 1.0 / math.sqrt(head_dim)
     elif not (type(softmax_scale) is float and -_INF < softmax_scale < _INF):
         return None
-    if type(window_size) is not tuple or len(window_size) != 2:
+    if usual_window(window_size) is None:
         return None
     window_left, window_right = window_size
-    if not (type(window_left) is int and window_left >= -1 and type(window_right) is int and window_right >= -1):
-        return None
     if not (type(softcap) is float and 0.0 <= softcap < _INF):
         return None
     # head dims contiguous (else _checked makes them so): is_contiguous() is the cheap sufficient test

@@ -31,6 +31,7 @@ from .. import backends
 from .._checks import check_values
 from ..reference import decode_attention as reference
 from . import _torch_attention
+from .attention import usual_window
 from ._library import call, define, direct
 
 OP = "decode_attention"
@@ -228,11 +229,9 @@ def _usual(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size, softc
             or cs[0] != batch or qs[3] != head_dim or not 1 <= head_dim <= MAX_HEAD_DIM or heads_kv == 0
             or qs[2] % heads_kv):
         return None
-    if type(window_size) is not tuple or len(window_size) != 2:
+    if usual_window(window_size) is None:
         return None
     window_left, window_right = window_size
-    if not (type(window_left) is int and window_left >= -1 and type(window_right) is int and window_right >= -1):
-        return None
     if not (type(softcap) is float and softcap >= 0.0):
         return None
     if softmax_scale is None:
@@ -274,8 +273,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if not cache_seqlens.is_contiguous():
             cache_seqlens = cache_seqlens.contiguous()
         args = (q, k_cache, v_cache, cache_seqlens, None, None, softmax_scale, window_left, window_right, softcap)
-        impl = backends.select(OP, *args, key=(q.device.type if not q.is_cpu else "cpu", q.dtype, True, True,
-                                               softcap > 0))[1]
+        impl = backends.select(OP, *args, key=("cpu", q.dtype, True, True, softcap > 0))[1]  # _usual: CPU only
         if impl.fn is _torch_decode:
             return _torch_attention.decode_lens(q, k_cache, v_cache, lens, None, None, softmax_scale, window_left)
         return impl.fn(*args)
