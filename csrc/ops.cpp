@@ -8,6 +8,8 @@
 #include <torch/library.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "cpu/torch_attention.h"
+
 TORCH_LIBRARY(turbokernels_C, m) {
   // The optional bias (N) is in x's dtype and is added to the fp32 sum before its one rounding to x's dtype.
   // x (M, K) fp16/bf16/fp32 @ dequant(qweight int32 (ceil(K/8), N), scales/offsets (G, N)) [+ bias] -> (M, N) in x's
@@ -78,4 +80,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse24_int4_mm", &sparse24_int4_mm, "torch.ops.turbokernels_C.sparse24_int4_mm without the boxed path",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("meta"),
         py::arg("group_size"), py::arg("bias") = py::none(), no_gil);
+  m.def("torch_attention_fwd", &turbokernels::torch_attention_fwd,
+        "the torch attention backend's forward in one call (csrc/cpu/torch_attention.cpp)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("attn_mask"), py::arg("scale"), py::arg("is_causal"), py::arg("bshd"),
+        py::arg("row_begin"), py::arg("row_end"), py::arg("want_lse"), no_gil);
+  m.def("torch_attention_decode", &turbokernels::torch_attention_decode,
+        "decode_attention's torch backend on one span of a contiguous cache (csrc/cpu/torch_attention.cpp)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("lo"), py::arg("hi"), py::arg("attn_mask"),
+        py::arg("scale"), py::arg("is_causal"), py::arg("grouped"), py::arg("row_begin"), py::arg("row_end"), no_gil);
 }

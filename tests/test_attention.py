@@ -310,6 +310,51 @@ def test_mask_edges():
             assert_lse_close(lse, golden_lse, None, a_lse, what)
 
 
+TORCH_STEP_CASES = [  # (sq, sk, hq, hkv, dtype, kw): rows without keys, windows, GQA, ALiBi, float64, a NaN row
+    (5, 9, 4, 2, torch.float32, dict(causal=True)),
+    (9, 5, 2, 2, torch.bfloat16, dict(causal=True)),  # the first rows have no key
+    (17, 17, 2, 1, torch.float16, dict(window_size=(3, 2))),
+    (7, 23, 2, 2, torch.float64, dict(causal=True, window_size=(4, -1))),
+    (6, 6, 2, 2, torch.float32, dict(alibi_slopes=True, causal=True)),
+]
+
+
+@pytest.mark.parametrize("nan_row", [False, True])
+@pytest.mark.parametrize("case", TORCH_STEP_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}/{c[3]}-{c[4]}-{c[5]}")
+def test_torch_backend_cxx_steps_equal_python_steps(monkeypatch, case, nan_row):
+    """The torch backend's C++ call (turbokernels._C.torch_attention_fwd: views, kernel, rows without keys, the
+    NaN-row repair, the lse copy) gives the bits of its Python steps (_bhsd, the path without the extension), for
+    out and lse, in both layouts it takes."""
+    ta = importlib.import_module("turbokernels.ops._torch_attention")
+    from turbokernels import _ext
+    if device() != "cpu" or not _ext.available() or getattr(_ext.C, "torch_attention_fwd", None) is None:
+        pytest.skip("needs the CPU extension with torch_attention_fwd")
+    sq, sk, hq, hkv, dtype, kw = case
+    q, k, v = qkv(2, sq, sk, hq, hkv, 16, dtype, "cpu")
+    if nan_row:
+        q[1, sq - 1, 0] = float("nan")  # the last row, which has keys in every case
+    slopes = torch.rand(hq) * 0.5 if kw.get("alibi_slopes") else None
+    causal, (wl, wr) = kw.get("causal", False), kw.get("window_size", (-1, -1))
+    args = (slopes, 0.3, causal, wl, wr)
+    with_cxx = [ta._dense_fwd(q, k, v, *args, want_lse=want) for want in (True, False)]
+    bhsd_cxx = ta._run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), False, *args, True)
+    monkeypatch.setattr(ta, "_cxx_fwd", None)
+    monkeypatch.setattr(ta, "_cxx_resolved", True)
+    with_py = [ta._dense_fwd(q, k, v, *args, want_lse=want) for want in (True, False)]
+    bhsd_py = ta._run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), False, *args, True)
+    for (o1, l1), (o2, l2) in zip(with_cxx + [bhsd_cxx], with_py + [bhsd_py]):
+        assert o1.shape == o2.shape and o1.stride() == o2.stride()
+        torch.testing.assert_close(o1, o2, rtol=0, atol=0, equal_nan=True)
+        assert (l1 is None) == (l2 is None)
+        if l1 is not None:
+            assert l1.dtype == torch.float32 and l1.is_contiguous()
+            torch.testing.assert_close(l1, l2, rtol=0, atol=0, equal_nan=True)
+    if nan_row:
+        assert with_cxx[0][0][1, sq - 1, 0].isnan().all() and with_cxx[0][1][1, 0, sq - 1].isnan()
+    if sq > sk and causal:  # rows [0, sq - sk) have no key: out 0, lse -inf
+        assert (with_cxx[0][0][:, :sq - sk] == 0).all() and (with_cxx[0][1][..., :sq - sk] == -math.inf).all()
+
+
 # ---- backward (reference: the spec the Triton backward must match) ----------------------------------------------
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(softcap=1.5, alibi_slopes="per_head", window_size=(5, 2))],
                          ids=["causal", "softcap-alibi-window"])

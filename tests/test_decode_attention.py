@@ -321,6 +321,57 @@ def test_slots_no_query_attends_may_hold_nan(backend_name, paged):
         assert_close(out, golden, baseline, allowance=allowance, what=f"{backend_name} {lengths} {window}")
 
 
+DECODE_STEP_CASES = [  # (T, heads_q, heads_kv, lens, window_left, alibi): grouped (T = 1, or keys != T), MHA, only the
+    # new tokens' own slots, windows, a token without keys (lens < T), ALiBi
+    (1, 4, 2, (37, 37), -1, False),
+    (3, 4, 1, (20, 20), 5, False),
+    (2, 2, 2, (33, 33), -1, True),
+    (3, 4, 2, (3, 3), -1, False),
+    (4, 2, 2, (2, 2), -1, False),
+    (1, 3, 3, (0, 0), -1, False),
+]
+
+
+@pytest.mark.parametrize("nan_row", [False, True])
+@pytest.mark.parametrize("case", DECODE_STEP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_torch_backend_cxx_decode_equals_python_steps(monkeypatch, case, nan_row):
+    """decode on a contiguous cache through turbokernels._C.torch_attention_decode (cache views, grouping, kernel,
+    NaN-row repair in one call) gives the bits of the Python steps (_decode_block), the path without the
+    extension; both through the public function, on the torch backend."""
+    import importlib
+    ta = importlib.import_module("turbokernels.ops._torch_attention")
+    from turbokernels import _ext
+    if device() != "cpu" or not _ext.available() or getattr(_ext.C, "torch_attention_decode", None) is None:
+        pytest.skip("needs the CPU extension with torch_attention_decode")
+    T, hq, hkv, lens, wl, alibi = case
+    torch.manual_seed(0)
+    q = torch.randn(2, T, hq, 16)
+    if nan_row:
+        q[0, T - 1, hq - 1, 3] = float("nan")
+    k_cache, v_cache = torch.randn(2, 40, hkv, 16), torch.randn(2, 40, hkv, 16)
+    k_cache[:, max(lens):] = float("nan")  # slots past every length: never read
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(window_size=(wl, -1), alibi_slopes=torch.rand(hq) * 0.5 if alibi else None)
+    calls = []
+    real = ta._decode_block
+    monkeypatch.setattr(ta, "_decode_block", lambda *a: calls.append(1) or real(*a))
+    with tk.backend("torch"):
+        out_cxx = tk.decode_attention(q, k_cache, v_cache, seqlens, **kw)
+        assert not calls, "the C++ call did not serve this case"
+        monkeypatch.setattr(ta, "_cxx_decode", None)
+        out_py = tk.decode_attention(q, k_cache, v_cache, seqlens, **kw)
+        assert calls, "the Python steps did not run"
+    assert out_cxx.shape == out_py.shape and out_cxx.is_contiguous() and out_py.is_contiguous()
+    torch.testing.assert_close(out_cxx, out_py, rtol=0, atol=0, equal_nan=True)
+    if nan_row and lens[0] >= T:
+        assert out_cxx[0, T - 1, hq - 1].isnan().all()
+    golden = reference(q.double(), k_cache.double(), v_cache.double(), seqlens, None, kw["alibi_slopes"], 16 ** -0.5,
+                       wl, -1, 0.0)
+    finite = ~golden.isnan()
+    assert (out_cxx.isnan() == golden.isnan()).all()
+    torch.testing.assert_close(out_cxx[finite].double(), golden[finite], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend_name", runnable_backends())
 def test_deterministic(backend_name):
     k_cache, v_cache, bt, _, _ = make_cache(2, 200, 2, 64, torch.float16, 16)

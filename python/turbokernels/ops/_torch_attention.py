@@ -21,6 +21,11 @@ How the spec maps onto the kernel (B, H, S, D views of our (B, S, H, D) tensors,
   * decode: one call on the cache slots some new token may attend, [L - T - window_left, L), a view (paged caches:
     the pages holding them, gathered); slots outside are never read, as the spec requires (unwritten slots may hold
     NaN: a mask cannot hide a NaN key, NaN + -inf is NaN). Sequences of different lengths: one call each.
+One C++ call when the extension is loaded (csrc/cpu/torch_attention.cpp, turbokernels._C.torch_attention_fwd /
+torch_attention_decode): the views, the kernel, the rows without keys, the NaN-row repair and the lse copy below,
+the same steps on the same kernel (same bits: tests/test_attention.py, tests/test_decode_attention.py), without a
+Python tensor op per step (~3 us each: as much as the kernel at decode sizes). Without the extension (or for torch
+versions without native GQA) the Python steps (_bhsd, _decode_block) run.
 Softcap (tanh of the scores) is not an additive mask: declined, the reference runs it.
 Non-finite inputs: a NaN query row gives a NaN output row, as in the spec (restored after the kernel, which would
 write 0); one known divergence remains: a row whose every allowed KEY is NaN comes out 0 instead of NaN when those
@@ -221,6 +226,38 @@ def _some_zero(lse) -> bool:
     return False
 
 
+# turbokernels._C.torch_attention_fwd (csrc/cpu/torch_attention.cpp): _bhsd's steps in one C++ call, the views
+# included; resolved on first use (None: no extension, or one built before it existed: the Python steps run)
+_cxx_fwd = None
+_cxx_decode = None  # turbokernels._C.torch_attention_decode: _decode_block's steps on one span of a cache
+_cxx_resolved = False
+
+
+def _resolve_cxx():
+    global _cxx_fwd, _cxx_decode, _cxx_resolved
+    from .. import _ext
+    if _ext.available():
+        _cxx_fwd = getattr(_ext.C, "torch_attention_fwd", None)
+        _cxx_decode = getattr(_ext.C, "torch_attention_decode", None)
+    _cxx_resolved = True
+    return _cxx_fwd
+
+
+def _run(q, k, v, bshd: bool, slopes, scale, causal, window_left, window_right, want_lse: bool):
+    """_bhsd on q/k/v in either layout: (B, S, H, D) when bshd, else (B, H, S, D); out in q's layout."""
+    fn = _cxx_fwd if _cxx_resolved else _resolve_cxx()
+    sq, sk = (q.shape[1], k.shape[1]) if bshd else (q.shape[2], k.shape[2])
+    if fn is None or sk == 0 or (k.shape[2 if bshd else 1] != q.shape[2 if bshd else 1] and not _native_gqa()):
+        if not bshd:
+            return _bhsd(q, k, v, slopes, scale, causal, window_left, window_right, want_lse)
+        out, lse = _bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), slopes, scale, causal,
+                         window_left, window_right, want_lse)
+        return out.transpose(1, 2), lse
+    is_causal, mask, rows = _call_args(sq, sk, slopes, causal, window_left, window_right, q.dtype, q.device)
+    a, b = (0, sq) if rows is None else rows
+    return fn(q, k, v, mask, scale, is_causal, bshd, a, b, want_lse)
+
+
 def _bhsd(qt, kt, vt, slopes, scale, causal, window_left, window_right, want_lse: bool):
     """The dense forward in the kernel's layout: qt (B, Hq, Sq, D), kt/vt (B, Hkv, Sk, D), any strides, head dims
     contiguous -> (out (B, Hq, Sq, D): a view of a contiguous (B, Sq, Hq, D) tensor; lse fp32 (B, Hq, Sq)
@@ -257,10 +294,8 @@ def _bhsd(qt, kt, vt, slopes, scale, causal, window_left, window_right, want_lse
 
 def _dense_fwd(q, k, v, slopes, scale, causal, window_left, window_right, want_lse=True):
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (out (B, Sq, Hq, D) contiguous, lse fp32 (B, Hq, Sq) or None)."""
-    out, lse = _bhsd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), slopes, scale, causal, window_left,
-                     window_right, want_lse)
-    # the kernel's out is a (B, H, S, D) view of a contiguous (B, S, H, D) tensor: transposed back, no copy
-    out = out.transpose(1, 2)
+    out, lse = _run(q, k, v, True, slopes, scale, causal, window_left, window_right, want_lse)
+    # the kernel's out is a (B, H, S, D) view of a contiguous (B, S, H, D) tensor, transposed back: no copy
     if not out.is_contiguous():
         out = out.contiguous()
     return out, lse
@@ -275,7 +310,7 @@ def dense_out(q, k, v, scale, causal, window_left, window_right):
 def dense_out_bhsd(qt, kt, vt, scale, causal):
     """The same in the kernel's (and SDPA's) (B, H, S, D) layout, without a window: out (B, Hq, Sq, D), a view of a
     contiguous (B, Sq, Hq, D) tensor (what attention_fwd's out transposed is)."""
-    return _bhsd(qt, kt, vt, None, scale, causal, -1, -1, False)[0]
+    return _run(qt, kt, vt, False, None, scale, causal, -1, -1, False)[0]
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left,
@@ -384,17 +419,22 @@ def _decode_grouped(q, kt, vt, slopes, scale, window_left):
     hkv, sk = kt.shape[1], kt.shape[2]
     g = hq // hkv
     is_causal, mask, _ = _call_args(T, sk, slopes, True, window_left, -1, q.dtype, q.device, g)
+    fn = _cxx_fwd if _cxx_resolved else _resolve_cxx()
     if T == 1:  # (B, 1, Hq, D) -> (B, Hkv, g, D): row gi of kv head h is query head h * g + gi; one view op
-        out, lse = _kernel(q.reshape(B, hkv, g, D), kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
-        out = out.reshape(B, 1, hq, D)  # the few output rows in head order: one copy
+        qg = q.reshape(B, hkv, g, D)
     else:
         qg = q.view(B, T, hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, g * T, D)
+    if fn is not None:  # the kernel and the NaN-row repair (on qg's rows: the same rows) in one call
+        out = fn(qg, kt, vt, mask, scale, is_causal, False, 0, g * T, False)[0]
+    else:
         out, lse = _kernel(qg, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
-        # out: (B, Hkv, g * T, D) -> (B, T, Hq, D), one copy of the few output rows
-        out = out.reshape(B, hkv, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, hq, D)
-    if _some_zero(lse):  # a NaN query row may come out as a masked one (_bhsd); q is a few rows
-        out.masked_fill_(q.isnan().any(-1)[..., None], float("nan"))
-    return out
+        if _some_zero(lse):  # a NaN query row may come out as a masked one (_bhsd); q is a few rows
+            out.masked_fill_(qg.isnan().any(-1)[..., None], float("nan"))
+    if T == 1:
+        return out.reshape(B, 1, hq, D)  # the few output rows in head order: one copy
+    # out: (B, Hkv, g * T, D) -> (B, T, Hq, D), one copy of the few output rows (reshape may return a strided view:
+    # with one kv head it can)
+    return out.reshape(B, hkv, g, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, hq, D).contiguous()
 
 
 def _decode_block(q, kt, vt, slopes, scale, window_left):
@@ -404,7 +444,7 @@ def _decode_block(q, kt, vt, slopes, scale, window_left):
     if kt.shape[1] != q.shape[2] and (q.shape[1] == 1 or kt.shape[2] != q.shape[1]):
         return _decode_grouped(q, kt, vt, slopes, scale, window_left)
     # MHA, or only the new tokens' own slots: attention_fwd's dense path, without its lse
-    out, _ = _bhsd(q.transpose(1, 2), kt, vt, slopes, scale, True, window_left, -1, False)
+    out, _ = _run(q.transpose(1, 2), kt, vt, False, slopes, scale, True, window_left, -1, False)
     out = out.transpose(1, 2)
     return out if out.is_contiguous() else out.contiguous()
 
@@ -430,6 +470,17 @@ def decode_lens(q, k_cache, v_cache, lens, block_table, alibi_slopes, softmax_sc
         spans = [(0, n) for n in lens]
     if block_table is None and (len(spans) == 1 or all(s == spans[0] for s in spans)):
         lo, hi = spans[0]
+        fn = _cxx_decode if _cxx_resolved else (_resolve_cxx() and _cxx_decode)
+        if fn is not None:  # _decode_block's steps, the cache views included, in one C++ call
+            if hi == lo:
+                return q.new_zeros(q.shape)
+            hq, hkv, n = q.shape[2], k_cache.shape[2], hi - lo
+            grouped = hkv != hq and (T == 1 or n != T)
+            if grouped or hkv == hq or _native_gqa():
+                is_causal, mask, rows = _call_args(T, n, alibi_slopes, True, window_left, -1, q.dtype, q.device,
+                                                   hq // hkv if grouped else 1)
+                a, b = (0, T * hq // hkv) if grouped else ((0, T) if rows is None else rows)
+                return fn(q, k_cache, v_cache, lo, hi, mask, softmax_scale, is_causal, grouped, a, b)
         return _decode_block(q, _span(k_cache, lo, hi), _span(v_cache, lo, hi), alibi_slopes, softmax_scale,
                              window_left)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

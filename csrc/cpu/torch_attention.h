@@ -1,0 +1,27 @@
+// turbokernels._C.torch_attention_fwd: the `torch` attention backend's forward in one call (torch_attention.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace turbokernels {
+
+// q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) when bshd, else (B, H, S, D); head dims contiguous, Sk > 0, CPU, no input
+// requiring grad. attn_mask, scale, is_causal: the aten kernel's. Rows [row_begin, row_end) of every (batch, head)
+// have keys; the others get lse -inf. Returns out in q's layout (a view of a contiguous (B, Sq, Hq, D) tensor) and,
+// when want_lse, lse fp32 (B, Hq, Sq) contiguous. A NaN query row gives a NaN out row (and lse).
+std::tuple<at::Tensor, std::optional<at::Tensor>> torch_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+    double scale, bool is_causal, bool bshd, int64_t row_begin, int64_t row_end, bool want_lse);
+
+// decode_attention's torch-backend call on one span of a contiguous cache (_torch_attention._decode_block): q
+// (B, T, Hq, D), k_cache/v_cache (B, L, Hkv, D); slots [lo, hi) of every sequence; grouped: the g = Hq / Hkv query
+// heads of a kv head go to the kernel as g * T rows of it (then rows are [0, g * T)). Returns (B, T, Hq, D)
+// contiguous.
+at::Tensor torch_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  int64_t lo, int64_t hi, const std::optional<at::Tensor>& attn_mask, double scale,
+                                  bool is_causal, bool grouped, int64_t row_begin, int64_t row_end);
+
+}  // namespace turbokernels
