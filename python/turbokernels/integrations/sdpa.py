@@ -102,7 +102,8 @@ def _usual(query, key, value, is_causal, scale, enable_gqa) -> Optional[torch.Te
     cheap tests that imply every check of _check, no fallback_reason and every check of turbokernels.attention pass
     and the torch backend is chosen (ops/attention._run_bhsd); else None: the checked path, which raises the error a
     bad call deserves."""
-    if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
+    # exactly torch.Tensor (a subclass dispatches itself: the checked path serves it)
+    if not (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor):
         return None
     dtype = query.dtype
     if (dtype not in _FUSED_DTYPES or key.dtype is not dtype or value.dtype is not dtype or query.dim() != 4
@@ -120,7 +121,7 @@ def _usual(query, key, value, is_causal, scale, enable_gqa) -> Optional[torch.Te
         return None
     if head_dim > 1 and not (query.stride()[3] == 1 and key.stride()[3] == 1 and value.stride()[3] == 1):
         return None
-    return _run_bhsd(query, key, value, is_causal, scale, head_dim)
+    return _run_bhsd(query, key, value, is_causal, scale, head_dim, plain=True)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -32,7 +32,9 @@ from .. import backends
 from .._checks import check_values
 from ..reference import attention as reference
 from . import _torch_attention
-from ._library import define, direct
+from ._library import define, direct, watched
+
+_C = torch._C
 
 FWD = "attention_fwd"
 BWD = "attention_bwd"
@@ -327,7 +329,8 @@ def _usual(q, k, v, causal, softmax_scale, window_size, softcap) -> Optional[tup
     """The op's arguments of a dense call without ALiBi (cu_seqlens, alibi_slopes, max_seqlen_* None: the caller
     tested that) whose every check in _checked passes, found by cheaper tests that imply each of them (~1 us instead
     of ~7); None sends the call through _checked, which raises the error the call deserves."""
-    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+    # exactly torch.Tensor (a subclass dispatches itself: the checked path serves it; attention() relies on this)
+    if not (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor):
         return None
     dtype = q.dtype
     if dtype not in _FLOATS or k.dtype is not dtype or v.dtype is not dtype or q.dim() != 4 or k.dim() != 4:
@@ -382,10 +385,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if args is None:
         args = _checked(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, cu_seqlens_q,
                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        plain = direct(args if args[3] is not None or args[5] is not None else (args[0], args[1], args[2]))
+    else:  # _usual: q/k/v are torch.Tensor exactly, on one device; direct()'s other tests, inline
+        plain = ((q.is_cpu or q.is_cuda) and not watched()
+                 and not (_C.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
     q, k, v = args[0], args[1], args[2]
     if deterministic and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _Deterministic.apply(*args)
-    elif direct(args if args[3] is not None or args[5] is not None else (q, k, v)):
+    elif plain:
         # no autograd, tracer or mode to serve: the op's own steps (its `before`, backends.dispatch) without the
         # dispatcher round trip, as _library.call does; the torch backend's out without its lse when none is asked
         if q.numel() == 0:
@@ -418,9 +425,14 @@ def _dense_bhsd(qt, kt, vt, causal, softmax_scale) -> Optional[torch.Tensor]:
                      else float(softmax_scale), head_dim)
 
 
-def _run_bhsd(qt, kt, vt, causal, scale: float, head_dim: int) -> Optional[torch.Tensor]:
-    """_dense_bhsd after its checks (the caller made them)."""
-    if not direct((qt, kt, vt)):
+def _run_bhsd(qt, kt, vt, causal, scale: float, head_dim: int, plain: bool = False) -> Optional[torch.Tensor]:
+    """_dense_bhsd after its checks (the caller made them). plain: the caller also checked that qt/kt/vt are
+    torch.Tensor exactly (no subclass) on the CPU, so of direct()'s tests only the global ones and requires_grad
+    remain (~1 us less)."""
+    if plain:
+        if watched() or (_C.is_grad_enabled() and (qt.requires_grad or kt.requires_grad or vt.requires_grad)):
+            return None
+    elif not direct((qt, kt, vt)):
         return None
     # the op's arguments for the checks (a miss of the remembered choice runs them): in FlashAttention's layout
     # they read what these views have too (device, dtype, head dim and its stride)
