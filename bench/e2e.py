@@ -8,6 +8,10 @@ Variants, each its own copy of the same fp32 model (the GGUF Q4_1 checkpoint of 
   int4_lm_head            int4 with the LM head quantized too (quantize_int4_(..., exclude=())); SmolLM2's head is
                           tied to the input embedding, which keeps its float weight (an embedding reads one row a token)
   int4_lm_head_attention  int4_lm_head + turbokernels attention
+  int4_f16_scales_attention          int4_attention with fp16 scales/offsets (quantize_int4_(..., scale_dtype=
+                          torch.float16)): half the scale bytes a token streams at g32 (a third of an fp32 model's
+                          int4 bytes); for this checkpoint the same weights (its Q4_1 scales and minima are fp16)
+  int4_lm_head_f16_scales_attention  the same with the LM head quantized too
   llama_cpp               the same GGUF through llama-cpp-python, when it is importable (its own Q4_1 kernels)
 Prefill: one forward of a PROMPT-token prompt (median ms -> tokens/s). Decode: DECODE greedy steps after that
 prefill, each a forward of one token with the KV cache (median per-token ms -> tokens/s). Rounds interleave the
@@ -97,6 +101,11 @@ def _variants(model, device):
     assert "lm_head" in swapped and isinstance(qh.get_input_embeddings(), torch.nn.Embedding)
     out["int4_lm_head"] = qh
     out["int4_lm_head_attention"] = _with_attention(qh)
+    for name, exclude in (("int4_f16_scales_attention", tk_model.DEFAULT_EXCLUDE),
+                          ("int4_lm_head_f16_scales_attention", ())):
+        m = copy.deepcopy(model)
+        tk_model.quantize_int4_(m, group_size=GROUP_SIZE, exclude=exclude, scale_dtype=torch.float16)
+        out[name] = _with_attention(m)
     return out
 
 
@@ -217,6 +226,7 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, p
         q = quality.get(k)
         row = dict(env, model=name, variant=k, group_size=GROUP_SIZE if k.startswith("int4") else "",
                    lm_head="int4" if "lm_head" in k else ("" if k == "llama_cpp" else "fp32"),
+                   scales="fp16" if "f16_scales" in k else ("fp32" if k.startswith("int4") else ""),
                    prompt_tokens=prompt, decode_tokens=decode, rounds=rounds,
                    prefill_tok_s=round(prompt / p, 1), prefill_x_hf=round(base_p / p, 3),
                    decode_tok_s=round(1 / d, 1), decode_x_hf=round(base_d / d, 3),

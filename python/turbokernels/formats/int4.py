@@ -234,6 +234,12 @@ def _constant_group_scale(offsets: torch.Tensor, scale_dtype: torch.dtype) -> to
     return (lowest_bit / 8).clamp(min=tiny).to(scale_dtype).to(torch.float32)
 
 
+def check_scale_dtype(scale_dtype, where: str) -> None:
+    """None (the default rule) or a float dtype the kernels read scales in; else a TypeError naming `where`."""
+    if scale_dtype is not None and scale_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: must be None, torch.float16, torch.bfloat16 or torch.float32, got {scale_dtype!r}")
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False,
                   scale_dtype: Optional[torch.dtype] = None) -> Int4Weight:
     """Round-to-nearest, min-max int4 quantization of an nn.Linear weight (out_features, in_features).

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .._checks import requested_device
-from ..formats.int4 import Int4Weight, check_group_size, exact_offsets, num_groups, quantize_int4
+from ..formats.int4 import (Int4Weight, check_group_size, check_scale_dtype, exact_offsets, num_groups,
+                            quantize_int4)
 from ..ops import int4_mm
 from ._packed import PackedWeightModule, check_dtype, check_features
 
@@ -64,12 +65,16 @@ class Int4Linear(PackedWeightModule):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False) -> "Int4Linear":
-        """Quantize an nn.Linear (round-to-nearest, min-max; see turbokernels.quantize_int4)."""
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False,
+                    scale_dtype: Optional[torch.dtype] = None) -> "Int4Linear":
+        """Quantize an nn.Linear (round-to-nearest, min-max; see turbokernels.quantize_int4). scale_dtype: the
+        scales' (and, where exact, offsets') dtype; default the weight's for fp16/bf16 weights, fp32 otherwise."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Int4Linear.from_linear(linear): expected an nn.Linear, got {type(linear).__name__}")
         check_group_size(group_size, "Int4Linear.from_linear(group_size)")
-        weight = quantize_int4(linear.weight.detach(), group_size=group_size, symmetric=symmetric)
+        check_scale_dtype(scale_dtype, "Int4Linear.from_linear(scale_dtype)")
+        weight = quantize_int4(linear.weight.detach(), group_size=group_size, symmetric=symmetric,
+                               scale_dtype=scale_dtype)
         return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach())
 
     # ---- use ---------------------------------------------------------------------------------------------------
