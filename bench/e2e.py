@@ -217,7 +217,7 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, p
     print(f"# quality on the built-in passage ({text_ids.shape[1]} tokens): perplexity, mean KL divergence and top-1 "
           f"agreement vs hf_fp32 per position, greedy tokens identical to hf_fp32's (of {GREEDY}) after its first "
           f"{PROMPT_QUALITY}" + ("" if tok is not None else "  [random model and tokens: no quality meaning]"))
-    print(f"{'variant':>22} {'prefill tok/s':>14} {'x hf':>6} {'decode tok/s':>13} {'x hf':>6} {'ppl':>8} "
+    print(f"{'variant':>33} {'prefill tok/s':>14} {'x hf':>6} {'decode tok/s':>13} {'x hf':>6} {'ppl':>8} "
           f"{'KLD':>8} {'top-1':>7} {'greedy':>7}")
     base_p, base_d = statistics.median(prefill["hf_fp32"]), statistics.median(step["hf_fp32"])
     rows = []
@@ -237,7 +237,7 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, p
         rows.append(row)
         qual = (f"{q['ppl']:>8.3f} {q['kld_vs_hf']:>8.5f} {100 * q['top1_vs_hf']:>6.1f}% {row['greedy_same']:>7}"
                 if q else "")
-        print(f"{k:>22} {row['prefill_tok_s']:>14.1f} {row['prefill_x_hf']:>5.2f}x {row['decode_tok_s']:>13.1f} "
+        print(f"{k:>33} {row['prefill_tok_s']:>14.1f} {row['prefill_x_hf']:>5.2f}x {row['decode_tok_s']:>13.1f} "
               f"{row['decode_x_hf']:>5.2f}x {qual}", flush=True)
     csv_path = os.path.join(out_dir, f"e2e_{dev.type}.csv")
     write_csv(rows, csv_path)
