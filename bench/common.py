@@ -73,7 +73,11 @@ def cpu_description() -> str:
     extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "bf16")) if flag in flags]
     if isa == "AMX":
         isa = "AVX-512, AMX"
-    return f"{model}, {isa}{' + ' + '/'.join(extras) if extras else ''}, {torch.get_num_threads()} threads"
+    # a cap on our kernels' SIMD level (csrc/cpu/cpu_isa.h) is part of what a figure was measured with
+    cap = os.environ.get("TURBOKERNELS_CPU_ISA", "")
+    capped = f", our kernels capped to {cap} (TURBOKERNELS_CPU_ISA)" if cap else ""
+    return (f"{model}, {isa}{' + ' + '/'.join(extras) if extras else ''}{capped}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def measured_roofline(device: torch.device, dtype: torch.dtype) -> dict:
