@@ -85,7 +85,8 @@ at::Tensor torch_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   at::Tensor qg;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    qg = T == 1 ? q.reshape({B, hkv, g, D}) : q.view({B, T, hkv, g, D}).permute({0, 2, 3, 1, 4}).reshape({B, hkv, g * T, D});
+    qg = T == 1 ? q.reshape({B, hkv, g, D})
+                : q.view({B, T, hkv, g, D}).permute({0, 2, 3, 1, 4}).reshape({B, hkv, g * T, D});
   }
   at::Tensor out = std::get<0>(torch_attention_fwd(qg, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask, scale,
                                                    is_causal, false, row_begin, row_end, false));

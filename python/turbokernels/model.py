@@ -61,7 +61,7 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     include: optional predicate (name, layer) -> bool for finer control.
     scale_dtype: the dtype of each group's scale and offset (default: the layer's for fp16/bf16 layers, fp32 for fp32
         ones). torch.float16 halves what an fp32 model's scales cost (at group size 32 they are a third of the bytes
-        a decode step streams: bench/e2e.py's int4_f16_scales variant) for a relative scale error of at most 2^-11,
+        a decode step streams: bench/e2e.py's *_f16_scales_* variants) for a relative scale error of at most 2^-11,
         small against int4's own rounding; exact for weights that came from llama.cpp's Q4_0/Q4_1, whose scales
         and minima are fp16.
     Every replacement is built before any is installed: a layer that cannot be quantized (e.g. a NaN weight) raises
