@@ -1,4 +1,5 @@
 """Drop-in uses of the fused attention: scaled_dot_product_attention, nn.MultiheadAttention, HF transformers."""
+import importlib
 import warnings
 
 import pytest
@@ -10,7 +11,8 @@ import turbokernels as tk
 from turbokernels.testing import assert_close, attention_allowance, operand_dtype
 from conftest import interpreting
 
-BACKENDS = ["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+BACKENDS = (["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+            + (["torch"] if not torch.cuda.is_available() else []))  # torch's fused kernels: CPU tensors
 
 
 def sdpa64(q, k, v, **kw):
@@ -19,7 +21,8 @@ def sdpa64(q, k, v, **kw):
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("causal,hq,hkv,sq,sk", [(False, 4, 4, 17, 33), (True, 4, 2, 40, 40), (False, 4, 1, 1, 97)])
+@pytest.mark.parametrize("causal,hq,hkv,sq,sk", [(False, 4, 4, 17, 33), (True, 4, 2, 40, 40), (False, 4, 1, 1, 97),
+                                                (False, 9, 3, 1, 161)])
 def test_sdpa_drop_in_matches_torch(backend_name, dtype, causal, hq, hkv, sq, sk):
     q = torch.randn(2, hq, sq, 64).to(dtype)
     k = torch.randn(2, hkv, sk, 64).to(dtype)
@@ -32,6 +35,43 @@ def test_sdpa_drop_in_matches_torch(backend_name, dtype, causal, hq, hkv, sq, sk
                                    operand_dtype=operand_dtype(backend_name, dtype))
     assert_close(out, sdpa64(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw),
                  allowance=a_out.map(lambda t: t.transpose(1, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_one_query_gqa_runs_grouped_rows(monkeypatch, dtype):
+    """One query row under GQA (a decode step over the whole cache) on the torch backend: the query heads of a kv
+    head go to the kernel as rows of that head (one C++ call, not the per-head path), through the SDPA drop-in and
+    transformers' attention interface; within the allowance of the float64 answer, a NaN query row NaN in its own
+    head only."""
+    ta = importlib.import_module("turbokernels.ops._torch_attention")
+    from turbokernels import _ext
+    from turbokernels.integrations import transformers as tkt
+    if torch.cuda.is_available() or not _ext.available() or getattr(_ext.C, "torch_attention_fwd", None) is None:
+        pytest.skip("needs the CPU extension")
+    q = torch.randn(2, 9, 1, 64).to(dtype)
+    q[1, 4, 0, 7] = float("nan")
+    k, v = (torch.randn(2, 3, 161, 64).to(dtype) for _ in range(2))
+    golden = sdpa64(q, k, v, scale=0.125, enable_gqa=True)
+    a_out, _ = attention_allowance(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=0.125,
+                                   operand_dtype=operand_dtype("torch", dtype))
+    real_run = ta._run
+    monkeypatch.setattr(ta, "_run", lambda *a: pytest.fail("the per-head path ran"))
+
+    class Module(nn.Module):
+        is_causal = True
+
+    with torch.no_grad(), tk.backend("torch"):
+        # (SDPA's is_causal with one query is torch's top-left rule: key 0 only, a documented fallback, not here)
+        outs = [tk.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True),
+                tkt.attention_forward(Module(), q, k, v, None, scaling=0.125)[0].transpose(1, 2)]
+    monkeypatch.setattr(ta, "_run", real_run)
+    nan = golden.isnan()
+    assert nan.any() and nan[1, 4].all() and nan.sum() == 64
+    for out in outs:
+        assert out.shape == q.shape and out.dtype == dtype and (out.isnan() == nan).all()
+        assert_close(out.masked_fill(nan, 0), golden.masked_fill(nan, 0),
+                     F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True).masked_fill(nan, 0),
+                     allowance=a_out.map(lambda t: t.transpose(1, 2).masked_fill(nan, 0)))
 
 
 def test_sdpa_unfusable_calls_are_torchs_answer_with_one_note(monkeypatch):

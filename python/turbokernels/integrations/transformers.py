@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from ..ops.attention import attention
+from ..ops.attention import _dense_bhsd, attention
 
 NAME = "turbokernels"
 _noted: set[str] = set()
@@ -55,9 +55,24 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # Prefill into an empty static cache: the keys past q_len are unwritten slots (sdpa slices them too).
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     softcap = kwargs.get("softcap") or 0.0
+    if not softcap and (scaling is None or type(scaling) is float) and _consistent(query, key, value):
+        # transformers' layout is SDPA's, the kernel's: no transposes in, one view out (ops/attention._dense_bhsd;
+        # None when another backend than torch's kernel serves the call, or autograd/a tracer must see it)
+        out = _dense_bhsd(query, key, value, causal, scaling, plain=True)
+        if out is not None:
+            return out.transpose(1, 2), None
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                     softmax_scale=scaling, softcap=softcap)
     return out, None
+
+
+def _consistent(query, key, value) -> bool:
+    """What _dense_bhsd leaves to its caller: plain tensors on one device (CPU: the only one it serves), one dtype,
+    4-D, the same batch, one head_dim; anything else takes attention()'s checks."""
+    t = torch.Tensor
+    return (type(query) is t and type(key) is t and type(value) is t and query.is_cpu and key.is_cpu
+            and value.is_cpu and key.dtype is query.dtype and value.dtype is query.dtype and query.dim() == 4
+            and key.dim() == 4 and key.shape[0] == query.shape[0] and key.shape[3] == query.shape[3])
 
 
 def register() -> str:

@@ -309,7 +309,21 @@ def dense_out(q, k, v, scale, causal, window_left, window_right):
 
 def dense_out_bhsd(qt, kt, vt, scale, causal):
     """The same in the kernel's (and SDPA's) (B, H, S, D) layout, without a window: out (B, Hq, Sq, D), a view of a
-    contiguous (B, Sq, Hq, D) tensor (what attention_fwd's out transposed is)."""
+    contiguous (B, Sq, Hq, D) tensor (what attention_fwd's out transposed is).
+
+    One query row under GQA (a decode step given the whole cache: transformers' attention interface, SDPA with
+    enable_gqa): the g query heads of a kv head go to the kernel as g rows of that head, as decode_attention's
+    grouping does, so each key and value is read once per kv head instead of once per query head (SmolLM2's decode
+    shape, 9 query / 3 kv heads over 160 keys: 40 us a call against 55 us); causal or not is the same there (the
+    one row is the last: it sees every key)."""
+    if qt.shape[2] == 1 and kt.shape[1] != qt.shape[1] and kt.shape[2] > 0:
+        fn = _cxx_fwd if _cxx_resolved else _resolve_cxx()
+        if fn is not None:
+            b, hq, _, d = qt.shape
+            hkv = kt.shape[1]
+            out = fn(qt.reshape(b, hkv, hq // hkv, d), kt, vt, None, scale, False, False, 0, hq // hkv, False)[0]
+            # (B, Hkv, g, D), a view of a contiguous (B, g, Hkv, D): rows in query-head order, one copy of Hq rows
+            return out.reshape(b, hq, 1, d)
     return _run(qt, kt, vt, False, None, scale, causal, -1, -1, False)[0]
 
 

@@ -407,13 +407,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return (out, lse) if return_lse else out
 
 
-def _dense_bhsd(qt, kt, vt, causal, softmax_scale) -> Optional[torch.Tensor]:
+def _dense_bhsd(qt, kt, vt, causal, softmax_scale, plain: bool = False) -> Optional[torch.Tensor]:
     """For the entries in SDPA's layout (scaled_dot_product_attention, nn.MultiheadAttention): attention's out,
     transposed to (B, Hq, Sq, D), computed by the torch backend on qt/kt/vt (B, H, S, D) as they are (no transposes
     either way), when attention(qt.transpose(1, 2), ..., causal=causal, softmax_scale=softmax_scale) would pass its
     checks, run outside autograd and any tracer or mode, and choose the torch backend; else None (the caller then
     calls attention). The caller checked: tensors of one device, k and v of q's dtype, 4-D, the same batch, key's
-    head_dim query's, softmax_scale None or a finite real."""
+    head_dim query's, softmax_scale None or a finite real; plain: also that they are torch.Tensor exactly, on the
+    CPU (see _run_bhsd)."""
     qs, ks = qt.shape, kt.shape
     head_dim = qs[3]
     if (not qt.is_cpu or qt.dtype not in _FLOATS or vt.shape != ks or not 1 <= head_dim <= MAX_HEAD_DIM
@@ -422,7 +423,7 @@ def _dense_bhsd(qt, kt, vt, causal, softmax_scale) -> Optional[torch.Tensor]:
     if head_dim > 1 and not (qt.stride()[3] == 1 and kt.stride()[3] == 1 and vt.stride()[3] == 1):
         return None
     return _run_bhsd(qt, kt, vt, causal, 1.0 / math.sqrt(head_dim) if softmax_scale is None
-                     else float(softmax_scale), head_dim)
+                     else float(softmax_scale), head_dim, plain)
 
 
 def _run_bhsd(qt, kt, vt, causal, scale: float, head_dim: int, plain: bool = False) -> Optional[torch.Tensor]:
