@@ -90,6 +90,12 @@ def direct(args) -> bool:
     return True
 
 
+def direct_exact(a, b, c) -> bool:
+    """direct((a, b, c)) for three tensors the caller knows to be torch.Tensor exactly (no subclass) on the CPU or
+    a CUDA device: only the global tests and requires_grad remain (~1 us less on a hot entry)."""
+    return not (watched() or (_C.is_grad_enabled() and (a.requires_grad or b.requires_grad or c.requires_grad)))
+
+
 def call(name: str, args: tuple, key=None):
     """torch.ops.turbokernels.<name>(*args), or the same backend's result without the dispatcher round trip when
     `direct(args)`. key: see backends.select (the choice is remembered per key)."""

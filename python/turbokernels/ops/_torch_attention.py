@@ -317,13 +317,11 @@ def dense_out_bhsd(qt, kt, vt, scale, causal):
     shape, 9 query / 3 kv heads over 160 keys: 40 us a call against 55 us); causal or not is the same there (the
     one row is the last: it sees every key)."""
     if qt.shape[2] == 1 and kt.shape[1] != qt.shape[1] and kt.shape[2] > 0:
-        fn = _cxx_fwd if _cxx_resolved else _resolve_cxx()
-        if fn is not None:
-            b, hq, _, d = qt.shape
-            hkv = kt.shape[1]
-            out = fn(qt.reshape(b, hkv, hq // hkv, d), kt, vt, None, scale, False, False, 0, hq // hkv, False)[0]
-            # (B, Hkv, g, D), a view of a contiguous (B, g, Hkv, D): rows in query-head order, one copy of Hq rows
-            return out.reshape(b, hq, 1, d)
+        b, hq, _, d = qt.shape
+        hkv = kt.shape[1]
+        out = _grouped_rows(qt.reshape(b, hkv, hq // hkv, d), kt, vt, None, scale, False)
+        # (B, Hkv, g, D), a view of a contiguous (B, g, Hkv, D): rows in query-head order, one copy of Hq rows
+        return out.reshape(b, hq, 1, d)
     return _run(qt, kt, vt, False, None, scale, causal, -1, -1, False)[0]
 
 
@@ -420,6 +418,18 @@ def _span(cache, lo: int, hi: int) -> torch.Tensor:
     return cache.as_strided((b, h, hi - lo, d), (s0, s2, s1, s3), cache.storage_offset() + lo * s1)
 
 
+def _grouped_rows(qg, kt, vt, mask, scale, is_causal):
+    """The kernel on query rows grouped by kv head, qg (B, Hkv, rows, D), every row with at least one key -> out
+    (B, Hkv, rows, D), a NaN query row NaN (the C++ call, or the kernel and the repair of _bhsd here)."""
+    fn = _cxx_fwd if _cxx_resolved else _resolve_cxx()
+    if fn is not None:
+        return fn(qg, kt, vt, mask, scale, is_causal, False, 0, qg.shape[2], False)[0]
+    out, lse = _kernel(qg, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if _some_zero(lse):  # a NaN query row may come out as a masked one (_bhsd); qg is a few rows
+        out.masked_fill_(qg.isnan().any(-1)[..., None], float("nan"))
+    return out
+
+
 def _decode_grouped(q, kt, vt, slopes, scale, window_left):
     """Decode on the key slots [lo, L) of sequences of one length L: q (B, T, Hq, D), kt/vt (B, Hkv, L - lo, D) views
     -> out (B, T, Hq, D) contiguous. Token t sits at the slice's position L - lo - T + t (causal=True, bottom-right).
@@ -433,17 +443,11 @@ def _decode_grouped(q, kt, vt, slopes, scale, window_left):
     hkv, sk = kt.shape[1], kt.shape[2]
     g = hq // hkv
     is_causal, mask, _ = _call_args(T, sk, slopes, True, window_left, -1, q.dtype, q.device, g)
-    fn = _cxx_fwd if _cxx_resolved else _resolve_cxx()
     if T == 1:  # (B, 1, Hq, D) -> (B, Hkv, g, D): row gi of kv head h is query head h * g + gi; one view op
         qg = q.reshape(B, hkv, g, D)
     else:
         qg = q.view(B, T, hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, g * T, D)
-    if fn is not None:  # the kernel and the NaN-row repair (on qg's rows: the same rows) in one call
-        out = fn(qg, kt, vt, mask, scale, is_causal, False, 0, g * T, False)[0]
-    else:
-        out, lse = _kernel(qg, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
-        if _some_zero(lse):  # a NaN query row may come out as a masked one (_bhsd); q is a few rows
-            out.masked_fill_(qg.isnan().any(-1)[..., None], float("nan"))
+    out = _grouped_rows(qg, kt, vt, mask, scale, is_causal)
     if T == 1:
         return out.reshape(B, 1, hq, D)  # the few output rows in head order: one copy
     # out: (B, Hkv, g * T, D) -> (B, T, Hq, D), one copy of the few output rows (reshape may return a strided view:

@@ -32,9 +32,7 @@ from .. import backends
 from .._checks import check_values
 from ..reference import attention as reference
 from . import _torch_attention
-from ._library import define, direct, watched
-
-_C = torch._C
+from ._library import define, direct, direct_exact
 
 FWD = "attention_fwd"
 BWD = "attention_bwd"
@@ -387,8 +385,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         plain = direct(args if args[3] is not None or args[5] is not None else (args[0], args[1], args[2]))
     else:  # _usual: q/k/v are torch.Tensor exactly, on one device; direct()'s other tests, inline
-        plain = ((q.is_cpu or q.is_cuda) and not watched()
-                 and not (_C.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+        plain = (q.is_cpu or q.is_cuda) and direct_exact(q, k, v)
     q, k, v = args[0], args[1], args[2]
     if deterministic and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _Deterministic.apply(*args)
@@ -430,10 +427,7 @@ def _run_bhsd(qt, kt, vt, causal, scale: float, head_dim: int, plain: bool = Fal
     """_dense_bhsd after its checks (the caller made them). plain: the caller also checked that qt/kt/vt are
     torch.Tensor exactly (no subclass) on the CPU, so of direct()'s tests only the global ones and requires_grad
     remain (~1 us less)."""
-    if plain:
-        if watched() or (_C.is_grad_enabled() and (qt.requires_grad or kt.requires_grad or vt.requires_grad)):
-            return None
-    elif not direct((qt, kt, vt)):
+    if not (direct_exact(qt, kt, vt) if plain else direct((qt, kt, vt))):
         return None
     # the op's arguments for the checks (a miss of the remembered choice runs them): in FlashAttention's layout
     # they read what these views have too (device, dtype, head dim and its stride)
