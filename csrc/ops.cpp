@@ -23,6 +23,11 @@ TORCH_LIBRARY(turbokernels_C, m) {
   // scales/offsets (G, N) per group_size KEPT values, meta int16 (N, ceil(K/16))
   m.def("sparse24_int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor meta, int group_size, "
         "Tensor? bias=None) -> Tensor");
+  // torch.ops.turbokernels.decode_attention's arguments (python/turbokernels/ops/decode_attention.py): q (B, T, Hq, D),
+  // caches (B, S, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table int32 (B, pages), cache_seqlens
+  // int32 (B,) -> (B, T, Hq, D) contiguous in q's dtype
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
+        "Tensor? alibi_slopes, float softmax_scale, int window_left, int window_right, float softcap) -> Tensor");
 }
 
 // The same ops as plain Python functions, turbokernels._C.<op>: a typed call into the dispatcher (the kernel
@@ -66,6 +71,19 @@ at::Tensor sparse24_int4_mm(const at::Tensor& x, const at::Tensor& qweight, cons
   return op.call(x, qweight, scales, offsets, meta, group_size, bias);
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                            const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, int64_t window_left,
+                            int64_t window_right, double softcap) {
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const std::optional<at::Tensor>&,
+                                             const std::optional<at::Tensor>&, double, int64_t, int64_t, double)>(
+      "turbokernels_C::decode_attention");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+                 window_right, softcap);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -88,4 +106,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "decode_attention's torch backend on one span of a contiguous cache (csrc/cpu/torch_attention.cpp)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("lo"), py::arg("hi"), py::arg("attn_mask"),
         py::arg("scale"), py::arg("is_causal"), py::arg("grouped"), py::arg("row_begin"), py::arg("row_end"), no_gil);
+  m.def("decode_attention", &decode_attention, "torch.ops.turbokernels_C.decode_attention without the boxed path",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("block_table"),
+        py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("softcap"), no_gil);
 }

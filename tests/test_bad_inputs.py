@@ -1730,7 +1730,7 @@ ENTRIES = [
     Entry("sparse24_int4_linear", SPARSE24_INT4_LINEAR, ("reference", "cpu", "triton")),
     Entry("attention", ATTENTION, ("reference", "triton", "torch")),
     Entry("scaled_dot_product_attention", SDPA, ("reference", "triton", "torch")),
-    Entry("decode_attention", DECODE, ("reference", "triton", "torch")),
+    Entry("decode_attention", DECODE, ("reference", "triton", "torch", "cpu")),
     Entry("kv_cache_append", KV_CACHE_APPEND, ("reference",), unchanged="both caches, bitwise"),
     Entry("prune_24", PRUNE_24, unchanged="the input weight"),
     Entry("quantize_int4", QUANTIZE_INT4),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import turbokernels as tk
+from turbokernels import _ext
 from turbokernels.reference.decode_attention import decode_attention as reference
 from turbokernels.testing import (CodegenJob, assert_close, compile_triton, decode_allowance, exp_error,
                                   operand_dtype, skip_reason_no_ptxas)
@@ -20,9 +21,12 @@ def device():
 
 
 def runnable_backends():
-    """torch's fused kernels (the `torch` backend) are its CPU ones: held to the same tests on CPU tensors."""
+    """torch's fused kernels (the `torch` backend) are its CPU ones, as is our C++ kernel (`cpu`, when the extension
+    is built): held to the same tests on CPU tensors."""
     return (["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
-            + (["torch"] if device() == "cpu" else []))
+            + (["torch"] if device() == "cpu" else [])
+            + (["cpu"] if device() == "cpu" and _ext.available()
+               and _ext.missing_op_reason("decode_attention", "cpu") is None else []))
 
 
 def make_cache(B, S, Hkv, D, dtype, page_size=None, dev=None):
@@ -321,6 +325,92 @@ def test_slots_no_query_attends_may_hold_nan(backend_name, paged):
         assert_close(out, golden, baseline, allowance=allowance, what=f"{backend_name} {lengths} {window}")
 
 
+CPU_SPLIT_CASES = [  # (B, T, Hq, Hkv, D, S, page_size, dtype, lens, window_left, softcap, alibi): spans the cpu kernel
+    # cuts into chunks at any thread count (split-KV: one sequence, or past 65536 / rows keys), sequences of one chunk
+    # and of several in one call, windows that start inside a chunk
+    (1, 1, 4, 1, 64, 1500, None, torch.float32, (1500,), -1, 0.0, False),
+    (2, 4, 8, 2, 40, 2300, 32, torch.bfloat16, (2300, 700), -1, 0.0, True),
+    (1, 3, 2, 1, 128, 2600, None, torch.float16, (2600,), -1, 5.0, False),
+    (2, 2, 3, 3, 17, 2100, 16, torch.float64, (1, 2100), -1, 0.0, True),
+    (1, 2, 4, 2, 64, 2600, None, torch.float32, (2500,), 2100, 0.0, False),
+]
+
+
+@pytest.mark.skipif(device() != "cpu" or "cpu" not in runnable_backends(), reason="the CPU C++ kernel")
+@pytest.mark.parametrize("isa", [None, "avx2", "scalar"], ids=["best", "avx2", "scalar"])
+@pytest.mark.parametrize("case", CPU_SPLIT_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-S{c[5]}-{str(c[7])[6:]}")
+def test_cpu_kernel_split_kv_and_isas(monkeypatch, case, isa):
+    """The cpu kernel's split-KV path (a long span cut into chunks, merged by their max and sum), on each ISA copy
+    (TURBOKERNELS_CPU_ISA caps it per call), against the float64 golden; a NaN query row gives a NaN output row and
+    nothing else, as the spec."""
+    if isa:
+        monkeypatch.setenv("TURBOKERNELS_CPU_ISA", isa)
+    B, T, Hq, Hkv, D, S, ps, dtype, lengths, wl, softcap, alibi = case
+    k_cache, v_cache, bt, _, _ = make_cache(B, S, Hkv, D, dtype, ps)
+    q = torch.randn(B, T, Hq, D, device=device()).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    slopes = torch.rand(B, Hq) * 0.05 if alibi else None
+    kw = dict(block_table=bt, window_size=(wl, -1), softcap=softcap, alibi_slopes=slopes)
+    out = run("cpu", q, k_cache, v_cache, seqlens, **kw)
+    golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, bt, slopes, None, (wl, -1),
+                                                      softcap, backend="cpu")
+    assert_close(out, golden, baseline, allowance=allowance, what=f"cpu {case} isa={isa}")
+    q[-1, -1, 0, 1] = float("nan")
+    out_nan = run("cpu", q, k_cache, v_cache, seqlens, **kw)
+    assert out_nan[-1, -1, 0].isnan().all()
+    assert torch.equal(out_nan[:-1], out[:-1]) and torch.equal(out_nan[-1, :-1], out[-1, :-1])
+    assert torch.equal(out_nan[-1, -1, 1:], out[-1, -1, 1:])
+
+
+@pytest.mark.skipif(device() != "cpu" or "cpu" not in runnable_backends(), reason="the CPU C++ kernel")
+def test_cpu_usual_call_goes_straight_to_the_kernel(monkeypatch):
+    """The usual CPU call (contiguous cache, no ALiBi, automatic or `cpu` backend, nothing watching) reaches the C++
+    kernel directly, which checks the tensors itself: the same bits as the op; a call it rejects gets the checked
+    path's error naming the argument; a forced backend, a dispatch mode or a tracer still see what they should."""
+    import importlib
+    from torch.utils._python_dispatch import TorchDispatchMode
+    mod = importlib.import_module("turbokernels.ops.decode_attention")
+    real = mod._resolve_cpu_kernel()
+    calls = []
+    monkeypatch.setattr(mod, "_cpu_kernel", lambda *a: calls.append(1) or real(*a))
+    B, T, Hq, Hkv, D, S = 2, 1, 6, 2, 40, 50
+    k_cache, v_cache, _, _, _ = make_cache(B, S, Hkv, D, torch.float32)
+    q = torch.randn(B, T, Hq, D)
+    seqlens = torch.tensor([50, 17], dtype=torch.int32)
+    out = tk.decode_attention(q, k_cache, v_cache, seqlens, window_size=(9, -1))
+    assert calls == [1]
+    op = torch.ops.turbokernels.decode_attention(q, k_cache, v_cache, seqlens, None, None, D ** -0.5, 9, -1, 0.0)
+    assert torch.equal(out, op)
+    calls.clear()
+    with pytest.raises(ValueError, match=r"decode_attention\(cache_seqlens\): cache too small"):
+        tk.decode_attention(q, k_cache, v_cache, torch.tensor([51, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"decode_attention\(q\): head_dim 39 does not match"):
+        tk.decode_attention(q[..., :39], k_cache, v_cache, seqlens)
+    with pytest.raises(TypeError, match=r"decode_attention\(k_cache\): dtype torch.float64"):
+        tk.decode_attention(q, k_cache.double(), v_cache, seqlens)
+    assert calls == [1, 1, 1]  # each tried the kernel first
+    calls.clear()
+    with tk.backend("torch"):
+        torch_out = tk.decode_attention(q, k_cache, v_cache, seqlens, window_size=(9, -1))
+    assert calls == []
+    golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, window=(9, -1), backend="torch")
+    assert_close(torch_out, golden, baseline, allowance=allowance, what="torch backend")
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        moded = tk.decode_attention(q, k_cache, v_cache, seqlens, window_size=(9, -1))
+    assert calls == [] and any("turbokernels.decode_attention" in o for o in seen.ops)
+    assert torch.equal(moded, out)
+
+
 DECODE_STEP_CASES = [  # (T, heads_q, heads_kv, lens, window_left, alibi): grouped (T = 1, or keys != T), MHA, only the
     # new tokens' own slots, windows, a token without keys (lens < T), ALiBi
     (1, 4, 2, (37, 37), -1, False),
@@ -340,7 +430,6 @@ def test_torch_backend_cxx_decode_equals_python_steps(monkeypatch, case, nan_row
     extension; both through the public function, on the torch backend."""
     import importlib
     ta = importlib.import_module("turbokernels.ops._torch_attention")
-    from turbokernels import _ext
     if device() != "cpu" or not _ext.available() or getattr(_ext.C, "torch_attention_decode", None) is None:
         pytest.skip("needs the CPU extension with torch_attention_decode")
     T, hq, hkv, lens, wl, alibi = case

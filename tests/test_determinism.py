@@ -260,7 +260,7 @@ def test_attention_backward_varlen_deterministic(backend):
 
 
 # ---- decode -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", backends_of("decode_attention"))
+@pytest.mark.parametrize("backend", backends_of("decode_attention", cpu_kernel=True))
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_decode_attention(backend, paged):
     """The Triton launcher's own choice of KV splits (several here: a split-KV combine) and one split."""

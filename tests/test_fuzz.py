@@ -593,9 +593,9 @@ def run_decode(backend, c):
     assert_close(out, golden, baseline, allowance=allowance, what=what)
 
 
-@pytest.mark.parametrize("backend", backends_of("decode_attention"))
+@pytest.mark.parametrize("backend", backends_of("decode_attention", cpu_kernel=True))
 def test_decode_attention(backend):
-    fuzz(decode_case(), {"reference": 1.0, "triton": 0.75}[backend])(lambda c: run_decode(backend, c))
+    fuzz(decode_case(), {"reference": 1.0, "triton": 0.75, "cpu": 1.0}[backend])(lambda c: run_decode(backend, c))
 
 
 @pytest.mark.parametrize("junk", [float("nan"), float("inf"), -float("inf")])

@@ -429,7 +429,13 @@ def decode_id(c):
             f"{str(dtype)[6:]}-" + "-".join(f"{k}={v}" for k, v in kw.items()).replace(" ", ""))
 
 
-@pytest.mark.parametrize("backend_name", attention_backends())
+def decode_backends():
+    """attention's, and decode's own CPU kernel (csrc/cpu/decode_attention.cpp) when the extension has it."""
+    return attention_backends() + (["cpu"] if backends.check_extension_op("decode_attention", "cpu")(
+        torch.empty(1)) is None else [])
+
+
+@pytest.mark.parametrize("backend_name", decode_backends())
 @pytest.mark.parametrize("case", DECODE_CASES, ids=decode_id)
 def test_decode_attention_against_oracles(backend_name, case):
     B, T, hq, hkv, d, S, ps, lens, dtype, kw = case

@@ -154,6 +154,8 @@ def test_cpu_kernels_from_threads():
         "sparse24 M=3 fp16": sparse24_job("cpu", 3, 520, 1024, f16),
         "sparse24 M=17 bf16": sparse24_job("cpu", 17, 256, 300, bf16),
         "sparse24 M=100 fp32 (BLAS)": sparse24_job("cpu", 100, 128, 200, f32),
+        "decode bf16": decode_job("cpu", False, bf16),
+        "decode paged fp16": decode_job("cpu", True, f16),
     }
     assert run_concurrently(jobs, repeats=20) == []
 

@@ -9,6 +9,7 @@
                                                         block_table)              mutates the caches in place
     backends     reference  python/turbokernels/reference/decode_attention.py   (both ops)
                  triton     kernels/attention_decode.py                         (decode_attention)
+                 cpu        csrc/cpu/decode_attention.cpp                       (decode_attention)
                  torch      ops/_torch_attention.py: torch's fused CPU kernel       (decode_attention)
 
 The convention (FlashAttention's flash_attn_with_kvcache, after its append): the new tokens are ALREADY in the
@@ -27,12 +28,12 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import _ext, backends
 from .._checks import check_values
 from ..reference import decode_attention as reference
 from . import _torch_attention
 from .attention import usual_window
-from ._library import call, define, direct
+from ._library import call, define, direct, direct_exact
 
 OP = "decode_attention"
 APPEND_OP = "kv_cache_append"
@@ -127,6 +128,32 @@ def _triton(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softm
     from turbokernels.kernels.attention_decode import decode_attention as launch
     # window_right is implied by causality (a new token never sees later keys), so the kernel does not need it.
     return launch(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, softcap)
+
+
+_check_cpu_kernel = backends.check_extension_op(OP, "cpu")
+_cpu_kernel = None  # turbokernels._C.decode_attention once resolved (False: the extension lacks it)
+_forced_backend, _is_compiling = backends.forced_backend, torch.compiler.is_compiling
+
+
+def _resolve_cpu_kernel():
+    global _cpu_kernel
+    _cpu_kernel = (_ext.available() and _ext.missing_op_reason(OP, "cpu") is None
+                   and getattr(_ext.C, "decode_attention", None)) or False
+    return _cpu_kernel
+
+
+def _check_cpu(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+               window_right, softcap):
+    if q.dtype not in FLOAT_DTYPES:
+        return f"dtype {q.dtype}"
+    return _check_cpu_kernel(q, k_cache, v_cache)
+
+
+@backends.register(OP, "cpu", check=_check_cpu)
+def _cpu(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, window_right,
+         softcap):
+    return _ext.C.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale,
+                                   window_left, window_right, softcap)
 
 
 backends.register(OP, "torch", check=_torch_attention.check_decode)(_torch_attention.decode_attention)
@@ -258,6 +285,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     attend (p < 0) gets zeros. Returns (batch, new_tokens, heads_q, head_dim) in q's dtype.
     """
     fn = "decode_attention"
+    if (block_table is None and alibi_slopes is None and not _is_compiling() and type(q) is _Tensor and q.is_cpu
+            and q.dim() == 4 and q.shape[3] > 0):
+        # the usual CPU call, straight to the C++ kernel, which checks the tensors itself (the layout checks below,
+        # the lengths' values): nothing but the Python arguments' kinds is read here. When it rejects the call the
+        # checks below raise the error that names the argument.
+        kernel = _cpu_kernel if _cpu_kernel is not None else _resolve_cpu_kernel()
+        if (kernel and type(k_cache) is _Tensor and type(v_cache) is _Tensor and type(cache_seqlens) is _Tensor
+                and usual_window(window_size) is not None and type(softcap) is float and softcap >= 0.0
+                and (softmax_scale is None or type(softmax_scale) is float)
+                and _forced_backend() in (None, "cpu") and direct_exact(q, k_cache, v_cache)):
+            scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else softmax_scale
+            try:
+                return kernel(q, k_cache, v_cache, cache_seqlens, None, None, scale, window_size[0], window_size[1],
+                              softcap)
+            except RuntimeError:
+                pass
     usual = None
     if block_table is None and alibi_slopes is None:
         usual = _usual(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size, softcap)
