@@ -8,6 +8,7 @@
 #include <torch/library.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "cpu/decode_attention.h"
 #include "cpu/torch_attention.h"
 
 TORCH_LIBRARY(turbokernels_C, m) {
@@ -110,4 +111,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("block_table"),
         py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), no_gil);
+  m.def("attention_rows", &turbokernels::decode_cpu::attention_rows,
+        "attention_fwd's cpu backend: a few query rows per sequence, decode_attention's kernel (decode_attention.cpp)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("causal"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("softcap"), py::arg("bhsd"), py::arg("want_lse"),
+        no_gil);
 }

@@ -116,6 +116,85 @@ def test_forward_matches_golden(backend_name, dtype, case):
     check_forward(backend_name, *qkv(batch, sq, sk, hq, hkv, d, dtype), **kw)
 
 
+def cpu_kernel_built() -> bool:
+    return device() == "cpu" and backends.check_extension_op("decode_attention", "cpu")(torch.empty(1)) is None
+
+
+# A few query rows per sequence: attention_fwd's `cpu` backend (decode_attention's C++ kernel over all keys), the
+# CPU default for these calls: no keys, one, a split span (4097, 2100 keys), GQA/MQA, rows without keys (Sq > Sk,
+# causal), windows on both sides with and without causality, softcap, ALiBi on both sides of a row.
+FEW_ROW_CASES = [
+    (2, 1, 1, 2, 2, 64, {}),
+    (3, 1, 97, 8, 2, 128, dict(causal=True)),
+    (1, 1, 4097, 4, 1, 64, {}),
+    (2, 1, 300, 6, 3, 80, dict(window_size=(40, -1))),
+    (2, 1, 113, 4, 2, 40, dict(window_size=(-1, 5), softmax_scale=0.3)),
+    (1, 1, 203, 2, 1, 32, dict(softcap=2.0)),
+    (2, 1, 170, 4, 2, 64, dict(alibi_slopes="per_head", causal=True)),
+    (2, 1, 61, 2, 2, 16, dict(alibi_slopes="per_batch", softcap=3.0, window_size=(20, 3))),
+    (1, 1, 33, 2, 1, 1, dict(causal=True)),
+    (2, 1, 0, 2, 1, 64, {}),
+    (2, 4, 97, 4, 2, 64, {}),
+    (1, 16, 113, 4, 1, 96, dict(causal=True)),
+    (2, 5, 3, 2, 2, 32, dict(causal=True)),
+    (1, 7, 61, 4, 2, 40, dict(window_size=(9, 4))),
+    (2, 3, 50, 2, 2, 16, dict(alibi_slopes="per_batch", window_size=(-1, 2))),
+    (1, 16, 2100, 2, 1, 64, dict(causal=True, softcap=4.0)),
+]
+
+
+@pytest.mark.skipif(not cpu_kernel_built(), reason="the CPU C++ kernel")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("case", FEW_ROW_CASES, ids=lambda c: f"b{c[0]}-q{c[1]}-k{c[2]}-h{c[3]}:{c[4]}-d{c[5]}-" +
+                         "-".join(f"{k}={v}" for k, v in c[6].items()))
+def test_cpu_backend_few_query_rows(dtype, case):
+    """attention with a few query rows per sequence on the cpu backend (chosen automatically up to
+    CPU_MAX_ROWS rows: the call without a forced backend gives the same bits; past it the kernel, turbokernels._C.
+    attention_rows, is called directly) against the float64 golden, out and lse; SDPA's layout (the transformers and
+    scaled_dot_product_attention paths) gives the same bits again."""
+    batch, sq, sk, hq, hkv, d, kw = case
+    kw = dict(kw)
+    if kw.get("alibi_slopes") == "per_head":
+        kw["alibi_slopes"] = alibi(hq)
+    elif kw.get("alibi_slopes") == "per_batch":
+        kw["alibi_slopes"] = alibi(batch, hq)
+    q, k, v = qkv(batch, sq, sk, hq, hkv, d, dtype)
+    if sq > ops_attention.CPU_MAX_ROWS:
+        from turbokernels import _ext
+        scale = kw.get("softmax_scale", d ** -0.5)
+        wl, wr = kw.get("window_size", (-1, -1))
+        out, lse = _ext.C.attention_rows(q, k, v, kw.get("alibi_slopes"), scale, kw.get("causal", False), wl, wr,
+                                         kw.get("softcap", 0.0), False, True)
+        f64 = torch.float64
+        golden, golden_lse = ref.attention(q.to(f64), k.to(f64), v.to(f64), **kw)
+        baseline, baseline_lse = ref.attention(q, k, v, compute_dtype=q.dtype, **kw)
+        a_out, a_lse = allowances("cpu", q, k, v, **kw)
+        assert_close(out, golden, baseline, allowance=a_out, what=f"attention_rows {case}")
+        assert_lse_close(lse, golden_lse, baseline_lse, a_lse, f"attention_rows {case}")
+        return
+    out, lse = check_forward("cpu", q, k, v, **kw)
+    auto_out, auto_lse = tk.attention(q, k, v, return_lse=True, **kw)
+    assert torch.equal(auto_out, out) and torch.equal(auto_lse, lse)
+    assert torch.equal(tk.attention(q, k, v, **kw), out)  # the path without the lse
+    # SDPA's is_causal is top-left aligned: the same call only where that is the spec's (Sq == Sk)
+    causal = kw.get("causal", False)
+    if set(kw) <= {"causal", "softmax_scale"} and sk > 0 and dtype != torch.float64 and (not causal or sq == sk):
+        o = tk.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            is_causal=causal, scale=kw.get("softmax_scale"), enable_gqa=hq != hkv)
+        assert torch.equal(o.transpose(1, 2), out)
+
+
+@pytest.mark.skipif(not cpu_kernel_built(), reason="the CPU C++ kernel")
+def test_cpu_backend_declines_more_rows_and_varlen():
+    q, k, v = qkv(1, 2, 9, 2, 2, 32, torch.float32)
+    with tk.backend("cpu"), pytest.raises(tk.BackendUnavailable, match="2 query rows per sequence"):
+        tk.attention(q, k, v)
+    assert backends.select("attention_fwd", q, k, v, None, None, None, 0.2, False, -1, -1, 0.0)[0] == "torch"
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    with tk.backend("cpu"), pytest.raises(tk.BackendUnavailable, match="varlen"):
+        tk.attention(q[0, :1], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32))
+
+
 def _varlen_inputs(seqlens_q, seqlens_k, hq, hkv, d, dtype):
     cu_q = torch.tensor([0] + seqlens_q, device=device()).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + seqlens_k, device=device()).cumsum(0).to(torch.int32)

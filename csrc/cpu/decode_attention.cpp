@@ -1,7 +1,9 @@
 // decode_attention on CPU: a few new tokens' queries over a KV cache (contiguous or paged), the spec of
 // python/turbokernels/reference/decode_attention.py: new token t of sequence b sits at qpos = L_b - T + t and attends
 // the keys j <= qpos (and j >= qpos - window_left), scores scale * q.k, softcap * tanh(s / softcap), minus
-// slope * (qpos - j) with ALiBi; a token with no key gets zeros.
+// slope * |qpos - j| with ALiBi; a token with no key gets zeros. The same kernel is attention_fwd's `cpu` backend
+// for a few query rows (attention_rows: row i of Sq over Sk keys is token i at L = Sk, T = Sq, and when not causal
+// attends up to window_right past its position).
 //
 // Why our own kernel and not torch's flash attention (the `torch` backend): a decode step is bound by reading the
 // cache once, and torch's kernel reads each key and value once per QUERY head (GQA: g times), allocates and zeroes
@@ -24,6 +26,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/decode_attention.h"
 
 // 64-byte vector arguments of inlined helpers: no ABI is crossed
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -52,7 +55,9 @@ struct Problem {
   const float* slopes;  // ALiBi slopes (Hq,) or (B, Hq), or null
   int64_t sls0, sls1;
   void* out;  // (B, T, Hq, D) contiguous
+  float* lse;  // (B, Hq, T) contiguous, or null: log(sum_j exp(s_j)) of each row, -inf for a row without keys
   int64_t B, T, Hq, Hkv, D, g, window_left;
+  int64_t right;  // keys a row attends past its own position: 0 causal, else window_right (-1: all the rest)
   int64_t hb;  // kv heads per task: all of them when a key's heads are adjacent in memory (a (B, S, H, D) cache: a
                // task then reads its keys in address order), else one (a (B, H, S, D) view: one head's keys are)
   double scale, softcap;
@@ -330,7 +335,8 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
     for (int64_t t = 0; t < T; ++t) {
       const int64_t qpos = L - T + t;
       const int64_t rlo = P.window_left >= 0 ? std::max<int64_t>(0, qpos - P.window_left) : 0;
-      const int64_t a = std::max(c0, rlo), e = std::max(a, std::min(c1, qpos + 1));
+      const int64_t rhi = P.right < 0 ? L : std::min(L, qpos + 1 + P.right);  // qpos + 1 + right may be < 0
+      const int64_t a = std::max(c0, rlo), e = std::max(a, std::min(c1, rhi));
       for (int64_t gi = 0; gi < g; ++gi) {
         const int64_t r = (hh * T + t) * g + gi;
         W.a[r] = a, W.e[r] = e, W.qpos[r] = qpos;
@@ -378,7 +384,7 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
     for (; j < e; ++j) {
       A x = s[j] * scale;
       if (cap > 0) x = cap * std::tanh(x / cap);
-      if (P.slopes) x -= slope * static_cast<A>(W.qpos[r] - j);
+      if (P.slopes) x -= slope * static_cast<A>(std::abs(W.qpos[r] - j));
       s[j] = x;
       m = x > m ? x : m;
     }
@@ -435,6 +441,9 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
         const A inv = A(1) / W.l[r];
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<E>(acc[d] * inv);
       }
+      if (P.lse)
+        P.lse[(b * P.Hq + hq) * T + t] =
+            W.a[r] >= W.e[r] ? -std::numeric_limits<float>::infinity() : static_cast<float>(W.m[r] + std::log(W.l[r]));
     }
     return;
   }
@@ -470,6 +479,7 @@ inline void merge_block(const Problem& P, int64_t b, int64_t blk, A* acc) {
     }
     if (!any) {
       for (int64_t d = 0; d < D; ++d) o[d] = E(0);
+      if (P.lse) P.lse[(b * P.Hq + hq) * T + t] = -std::numeric_limits<float>::infinity();
       continue;
     }
     A l = 0;
@@ -484,6 +494,7 @@ inline void merge_block(const Problem& P, int64_t b, int64_t blk, A* acc) {
     }
     const A inv = A(1) / l;
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<E>(acc[d] * inv);
+    if (P.lse) P.lse[(b * P.Hq + hq) * T + t] = static_cast<float>(M + std::log(l));
   }
 }
 
@@ -533,79 +544,12 @@ void run(const Problem& P, int64_t ntasks, int64_t work_per_task) {
     at::parallel_for(0, P.B * (P.Hkv / P.hb), 1, [&](int64_t p0, int64_t p1) { merge_generic<E, A>(P, p0, p1); });
 }
 
-}  // namespace
-
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-                            const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, int64_t window_left,
-                            int64_t window_right, double softcap) {
-  (void)window_right;  // implied by causality: a new token never sees a later key
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
-              "decode_attention: q and the caches must be 4-D");
-  TORCH_CHECK(q.is_cpu() && k_cache.is_cpu() && v_cache.is_cpu() && cache_seqlens.is_cpu(),
-              "decode_attention (cpu): CPU tensors only");
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-              "decode_attention (cpu): q must be float16, bfloat16, float32 or float64, got ", dt);
-  TORCH_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "decode_attention: cache dtypes must be q's");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "decode_attention: k_cache and v_cache shapes differ");
-  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && 1 <= D && D <= 256 && Hkv > 0 && Hq % Hkv == 0,
-              "decode_attention: head dims / head counts");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
-              "decode_attention: the caches' head dim must be contiguous");
-  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
-              "decode_attention: cache_seqlens must be int32 (B,)");
-  const at::Tensor qc = (D <= 1 || q.stride(3) == 1) ? q : q.contiguous();
-  at::Tensor out = at::empty({B, T, Hq, D}, q.options());
-  if (out.numel() == 0) return out;
-
-  Problem P{};
-  P.q = qc.data_ptr(), P.qs0 = qc.stride(0), P.qs1 = qc.stride(1), P.qs2 = qc.stride(2);
-  P.k = k_cache.data_ptr(), P.v = v_cache.data_ptr();
-  P.ks0 = k_cache.stride(0), P.ks1 = k_cache.stride(1), P.ks2 = k_cache.stride(2);
-  P.vs0 = v_cache.stride(0), P.vs1 = v_cache.stride(1), P.vs2 = v_cache.stride(2);
-  int64_t capacity = k_cache.size(1);
-  if (block_table.has_value()) {
-    const at::Tensor& bt = *block_table;
-    TORCH_CHECK(bt.is_cpu() && bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == B,
-                "decode_attention: block_table must be int32 (B, pages per sequence) on the CPU");
-    P.block_table = bt.data_ptr<int32_t>(), P.bts0 = bt.stride(0), P.bts1 = bt.stride(1);
-    P.page_size = k_cache.size(1);
-    capacity = bt.size(1) * P.page_size;
-  } else {
-    TORCH_CHECK(k_cache.size(0) == B, "decode_attention: the cache's batch must be q's");
-  }
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& sl = *alibi_slopes;
-    TORCH_CHECK(sl.is_cpu() && sl.scalar_type() == at::kFloat &&
-                    (sl.sizes() == at::IntArrayRef{Hq} || sl.sizes() == at::IntArrayRef{B, Hq}),
-                "decode_attention: alibi_slopes must be float32 (Hq,) or (B, Hq) on the CPU");
-    P.slopes = sl.data_ptr<float>();
-    P.sls0 = sl.dim() == 2 ? sl.stride(0) : 0, P.sls1 = sl.stride(sl.dim() - 1);
-  }
-  P.out = out.data_ptr();
-  P.B = B, P.T = T, P.Hq = Hq, P.Hkv = Hkv, P.D = D, P.g = Hq / Hkv, P.window_left = window_left;
-  P.scale = softmax_scale, P.softcap = softcap;
-
-  std::vector<int64_t> lens(B), first(B + 1), nchunk(B);
-  const int32_t* lp = cache_seqlens.data_ptr<int32_t>();
+// Head blocks, chunks (split-KV) and the run, for a Problem whose tensors, sizes and lengths are set.
+void plan_and_run(Problem& P, at::ScalarType dt, std::vector<int64_t>& lens) {
+  const int64_t B = P.B, T = P.T, Hkv = P.Hkv, D = P.D;
+  std::vector<int64_t> first(B + 1), nchunk(B);
   int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = lp[b * cache_seqlens.stride(0)];
-    TORCH_CHECK(0 <= L && L <= capacity, "decode_attention: cache_seqlens[", b, "] = ", L, " outside [0, ", capacity,
-                "]");
-    lens[b] = L;
-    longest = std::max(longest, L - span_lo(P, L));
-  }
-  if (P.block_table != nullptr) {  // every page a sequence's span reads must be a page of the cache
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = span_lo(P, lens[b]) / P.page_size; j * P.page_size < lens[b]; ++j) {
-        const int64_t page = P.block_table[b * P.bts0 + j * P.bts1];
-        TORCH_CHECK(0 <= page && page < k_cache.size(0), "decode_attention: block_table[", b, ", ", j, "] = ", page,
-                    " outside [0, ", k_cache.size(0), ")");
-      }
-  }
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b] - span_lo(P, lens[b]));
   // kv heads per task: all when a key's heads are adjacent in memory (each task then streams its keys in address
   // order; a per-head walk would jump a whole key row per key, past what the prefetchers follow), else one
   P.hb = (Hkv == 1 || std::abs(P.ks2) < std::abs(P.ks1)) ? Hkv : 1;
@@ -628,8 +572,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
   P.lens = lens.data(), P.first = first.data(), P.nchunk = nchunk.data(), P.chunk = chunk;
   const int64_t ntasks = first[B];
-  const bool f64 = dt == at::kDouble;
-  const int64_t asize = f64 ? 8 : 4;
+  const int64_t asize = dt == at::kDouble ? 8 : 4;
   std::vector<uint8_t> part, has;
   if (split) {
     part.resize(ntasks * R * (D + 2) * asize);
@@ -644,7 +587,112 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     case at::kBFloat16: run<c10::BFloat16, float>(P, ntasks, work); break;
     default: run<double, double>(P, ntasks, work); break;
   }
+}
+
+// The checks both entries share: q (B, T, Hq, D), k/v (B or pages, S, Hkv, D) CPU tensors of one float dtype, head
+// dims contiguous in k/v; fills P's tensor fields (q made contiguous in its head dim when it is not: `qc` keeps it).
+void set_tensors(Problem& P, const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 at::Tensor& qc, const std::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, fn, ": q, k and v must be 4-D");
+  TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), fn, " (cpu): CPU tensors only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              fn, " (cpu): q must be float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, fn, ": k/v dtypes must be q's");
+  TORCH_CHECK(k.sizes() == v.sizes(), fn, ": k and v shapes differ");
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k.size(2);
+  TORCH_CHECK(k.size(3) == D && 1 <= D && D <= 256 && Hkv > 0 && Hq % Hkv == 0, fn, ": head dims / head counts");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, fn, ": k/v's head dim must be contiguous");
+  qc = (D <= 1 || q.stride(3) == 1) ? q : q.contiguous();
+  P.q = qc.data_ptr(), P.qs0 = qc.stride(0), P.qs1 = qc.stride(1), P.qs2 = qc.stride(2);
+  P.k = k.data_ptr(), P.v = v.data_ptr();
+  P.ks0 = k.stride(0), P.ks1 = k.stride(1), P.ks2 = k.stride(2);
+  P.vs0 = v.stride(0), P.vs1 = v.stride(1), P.vs2 = v.stride(2);
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& sl = *alibi_slopes;
+    TORCH_CHECK(sl.is_cpu() && sl.scalar_type() == at::kFloat &&
+                    (sl.sizes() == at::IntArrayRef{Hq} || sl.sizes() == at::IntArrayRef{B, Hq}),
+                fn, ": alibi_slopes must be float32 (Hq,) or (B, Hq) on the CPU");
+    P.slopes = sl.data_ptr<float>();
+    P.sls0 = sl.dim() == 2 ? sl.stride(0) : 0, P.sls1 = sl.stride(sl.dim() - 1);
+  }
+  P.B = B, P.T = T, P.Hq = Hq, P.Hkv = Hkv, P.D = D, P.g = Hq / Hkv;
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                            const std::optional<at::Tensor>& alibi_slopes, double softmax_scale, int64_t window_left,
+                            int64_t window_right, double softcap) {
+  (void)window_right;  // implied by causality: a new token never sees a later key
+  Problem P{};
+  at::Tensor qc;
+  set_tensors(P, "decode_attention", q, k_cache, v_cache, qc, alibi_slopes);
+  const int64_t B = P.B;
+  TORCH_CHECK(cache_seqlens.is_cpu() && cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
+                  cache_seqlens.size(0) == B,
+              "decode_attention: cache_seqlens must be int32 (B,) on the CPU");
+  int64_t capacity = k_cache.size(1);
+  if (block_table.has_value()) {
+    const at::Tensor& bt = *block_table;
+    TORCH_CHECK(bt.is_cpu() && bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == B,
+                "decode_attention: block_table must be int32 (B, pages per sequence) on the CPU");
+    P.block_table = bt.data_ptr<int32_t>(), P.bts0 = bt.stride(0), P.bts1 = bt.stride(1);
+    P.page_size = k_cache.size(1);
+    capacity = bt.size(1) * P.page_size;
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B, "decode_attention: the cache's batch must be q's");
+  }
+  at::Tensor out = at::empty({B, P.T, P.Hq, P.D}, q.options());
+  if (out.numel() == 0) return out;
+  P.out = out.data_ptr();
+  P.window_left = window_left, P.right = 0, P.scale = softmax_scale, P.softcap = softcap;
+  std::vector<int64_t> lens(B);
+  const int32_t* lp = cache_seqlens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = lp[b * cache_seqlens.stride(0)];
+    TORCH_CHECK(0 <= L && L <= capacity, "decode_attention: cache_seqlens[", b, "] = ", L, " outside [0, ", capacity,
+                "]");
+    lens[b] = L;
+  }
+  if (P.block_table != nullptr) {  // every page a sequence's span reads must be a page of the cache
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = span_lo(P, lens[b]) / P.page_size; j * P.page_size < lens[b]; ++j) {
+        const int64_t page = P.block_table[b * P.bts0 + j * P.bts1];
+        TORCH_CHECK(0 <= page && page < k_cache.size(0), "decode_attention: block_table[", b, ", ", j, "] = ", page,
+                    " outside [0, ", k_cache.size(0), ")");
+      }
+  }
+  plan_and_run(P, q.scalar_type(), lens);
   return out;
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> attention_rows(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& alibi_slopes,
+    double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap, bool bhsd,
+    bool want_lse) {
+  // attention_fwd's rows are decode's new tokens over all Sk keys: row i sits at Sk - Sq + i (bottom-right
+  // alignment) and attends up to its own position when causal, up to window_right past it otherwise
+  const at::Tensor qv = bhsd ? q.transpose(1, 2) : q;
+  const at::Tensor kv = bhsd ? k.transpose(1, 2) : k;
+  const at::Tensor vv = bhsd ? v.transpose(1, 2) : v;
+  Problem P{};
+  at::Tensor qc;
+  set_tensors(P, "attention (cpu)", qv, kv, vv, qc, alibi_slopes);
+  TORCH_CHECK(kv.size(0) == P.B, "attention (cpu): k/v's batch must be q's");
+  at::Tensor out = at::empty({P.B, P.T, P.Hq, P.D}, q.options());
+  std::optional<at::Tensor> lse;
+  if (want_lse) lse = at::empty({P.B, P.Hq, P.T}, q.options().dtype(at::kFloat));
+  if (out.numel() > 0) {
+    P.out = out.data_ptr();
+    P.lse = want_lse ? lse->data_ptr<float>() : nullptr;
+    P.window_left = window_left, P.right = causal ? 0 : window_right;
+    P.scale = softmax_scale, P.softcap = softcap;
+    std::vector<int64_t> lens(P.B, kv.size(1));
+    plan_and_run(P, q.scalar_type(), lens);
+  }
+  return {bhsd ? out.transpose(1, 2) : out, lse};
 }
 
 }  // namespace decode_cpu

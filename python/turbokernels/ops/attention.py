@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import _ext, backends
 from .._checks import check_values
 from ..reference import attention as reference
 from . import _torch_attention
@@ -96,6 +96,40 @@ def _triton_fwd(*args):
 
 backends.register(FWD, "torch", check=_torch_attention.check_fwd)(_torch_attention.attention_fwd)
 _torch_fwd = _torch_attention.attention_fwd
+
+_check_decode_kernel = backends.check_extension_op("decode_attention", "cpu")
+# Query rows per sequence up to which the cpu backend runs a call: measured on the Xeon (2 threads, causal, vs the
+# torch backend): one row 1.2-3.4x faster (fp32), 0.94-1.95x (bf16); four rows 1.4-2.4x at 1024-2048 keys but
+# 0.92-0.95x at SmolLM2's 9/3 heads over 300 keys; sixteen 0.5-0.8x in bf16. Its loops are dot products, not
+# torch's blocked GEMMs: one row per sequence, the decode step, is where reading K/V once wins.
+CPU_MAX_ROWS = 1
+_CHOSEN, _forced_backend = backends._CHOSEN, backends.forced_backend
+
+
+def _check_cpu_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left,
+                   window_right, softcap) -> Optional[str]:
+    if cu_seqlens_q is not None:
+        return "varlen (cu_seqlens): the cpu kernel takes dense calls"
+    if q.shape[1] > CPU_MAX_ROWS:
+        return (f"{q.shape[1]} query rows per sequence (the cpu kernel, decode_attention's, takes up to "
+                f"{CPU_MAX_ROWS}: torch's flash kernel is the faster one past that)")
+    if q.dtype not in _FLOATS:
+        return f"dtype {q.dtype}"
+    reason = _check_decode_kernel(q)
+    if reason is None and getattr(_ext.C, "attention_rows", None) is None:
+        return "turbokernels._C was built without attention_rows"
+    return reason
+
+
+@backends.register(FWD, "cpu", check=_check_cpu_fwd)
+def _cpu_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, softmax_scale, causal, window_left, window_right,
+             softcap):
+    """A few query rows per sequence (a decode step given the whole cache, a few drafted tokens) are decode_attention's
+    new tokens over all Sk keys: row i sits at Sk - Sq + i (the spec's bottom-right alignment); decode's C++ kernel
+    runs them (csrc/cpu/decode_attention.cpp: K/V read once per kv head, softcap and ALiBi native), with
+    window_right past each row's position when not causal."""
+    return _ext.C.attention_rows(q, k, v, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
+                                 False, True)
 
 
 # ---- attention_bwd ------------------------------------------------------------------------------------------
@@ -356,10 +390,11 @@ def _usual(q, k, v, causal, softmax_scale, window_size, softcap) -> Optional[tup
     return q, k, v, None, None, None, softmax_scale, bool(causal), window_left, window_right, softcap
 
 
-def _key(q, head_dim: int, softcap: float) -> tuple:
-    """What every backend's check reads (q/k/v's head dims are contiguous by now): the choice is remembered per key
+def _key(q, head_dim: int, softcap: float, few_rows: bool) -> tuple:
+    """What every backend's check reads (q/k/v's head dims are contiguous by now; few_rows: dense with at most
+    CPU_MAX_ROWS query rows per sequence, the cpu backend's calls): the choice is remembered per key
     (backends.select). q.device.type costs ~1 us; is_cpu 0.1."""
-    return ("cpu" if q.is_cpu else q.device.type), q.dtype, head_dim, softcap > 0
+    return ("cpu" if q.is_cpu else q.device.type), q.dtype, head_dim, softcap > 0, few_rows
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -395,9 +430,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if q.numel() == 0:
             out, lse = _empty_fwd(*args)
         else:
-            name, impl = backends.select(FWD, *args, key=_key(q, q.shape[-1], args[10]))
-            if impl.fn is _torch_fwd and not return_lse and args[3] is None and args[5] is None:
-                return _torch_attention.dense_out(q, k, v, args[6], args[7], args[8], args[9])
+            dense = args[3] is None
+            name, impl = backends.select(FWD, *args, key=_key(q, q.shape[-1], args[10],
+                                                              dense and q.shape[1] <= CPU_MAX_ROWS))
+            if not return_lse:  # the out alone: the lse is never computed (cpu) or copied (torch)
+                if impl.fn is _cpu_fwd:
+                    return _ext.C.attention_rows(q, k, v, args[5], args[6], args[7], args[8], args[9], args[10],
+                                                 False, False)[0]
+                if impl.fn is _torch_fwd and dense and args[5] is None:
+                    return _torch_attention.dense_out(q, k, v, args[6], args[7], args[8], args[9])
             out, lse = impl.fn(*args)
     else:
         out, lse = attention_fwd(*args)
@@ -429,10 +470,14 @@ def _run_bhsd(qt, kt, vt, causal, scale: float, head_dim: int, plain: bool = Fal
     remain (~1 us less)."""
     if not (direct_exact(qt, kt, vt) if plain else direct((qt, kt, vt))):
         return None
-    # the op's arguments for the checks (a miss of the remembered choice runs them): in FlashAttention's layout
-    # they read what these views have too (device, dtype, head dim and its stride)
-    impl = backends.select(FWD, qt, kt, vt, None, None, None, scale, bool(causal), -1, -1, 0.0,
-                           key=("cpu", qt.dtype, head_dim, False))[1]
+    # backends.select with its remembered-choice lookup inline: on a miss the checks read the op's arguments, in
+    # FlashAttention's layout (views, made only then)
+    key = ("cpu", qt.dtype, head_dim, False, qt.shape[2] <= CPU_MAX_ROWS)
+    hit = _CHOSEN.get((FWD, _forced_backend(), key))
+    impl = (hit or backends.select(FWD, qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), None, None, None,
+                                   scale, bool(causal), -1, -1, 0.0, key=key))[1]
+    if impl.fn is _cpu_fwd:  # a few query rows (a decode step given the whole cache): decode's kernel, this layout
+        return _ext.C.attention_rows(qt, kt, vt, None, scale, bool(causal), -1, -1, 0.0, True, False)[0]
     if impl.fn is not _torch_fwd:
         return None
     return _torch_attention.dense_out_bhsd(qt, kt, vt, scale, bool(causal))
