@@ -183,20 +183,18 @@ TK_INLINE void dots(const A* q, int64_t D, const A* const* kp, A* s, int64_t lds
       for (int n = 0; n < NK; ++n) acc[b][n] += qv * kv[n];
     }
   }
-  A x[NB][NK];
-  if constexpr (NB * NK == 4 && std::is_same<A, float>::value) {
-    float four[4];
-    hsum4(acc[0][0], acc[NB == 4 ? 1 : 0][NB == 4 ? 0 : 1], acc[NB == 4 ? 2 : 0][NB == 4 ? 0 : 2],
-          acc[NB == 4 ? 3 : 0][NB == 4 ? 0 : 3], four);
-    for (int i = 0; i < 4; ++i) x[NB == 4 ? i : 0][NB == 4 ? 0 : i] = four[i];
-  } else {
-    for (int b = 0; b < NB; ++b)
-      for (int n = 0; n < NK; ++n) x[b][n] = hsum(acc[b][n]);
-  }
+  // the lane sums, four vectors at a time where there are four (a transpose: ~3 shuffles per sum instead of ~7)
+  A x[NB * NK];
+  const V* flat = &acc[0][0];
+  int i = 0;
+  if constexpr (std::is_same<A, float>::value)
+    for (; i + 4 <= NB * NK; i += 4) hsum4(flat[i], flat[i + 1], flat[i + 2], flat[i + 3], x + i);
+  for (; i < NB * NK; ++i) x[i] = hsum(flat[i]);
   for (int b = 0; b < NB; ++b)
     for (int n = 0; n < NK; ++n) {
-      for (int64_t dd = d; dd < D; ++dd) x[b][n] += q[b * D + dd] * kp[n][dd];
-      s[b * lds + n] = x[b][n];
+      A y = x[b * NK + n];
+      for (int64_t dd = d; dd < D; ++dd) y += q[b * D + dd] * kp[n][dd];
+      s[b * lds + n] = y;
     }
 }
 
@@ -252,8 +250,19 @@ struct Scratch {
 // up to four keys, so at least three independent sums run in every case.
 template <typename A>
 TK_INLINE void score_keys(const A* q, int64_t G, int64_t D, const A* const* kp, int64_t nk, A* s, int64_t lds) {
-  if (G >= 4 || nk == 1) {
-    for (int64_t n = 0; n < nk; ++n) {
+  if (G >= 4 || nk == 1) {  // four rows with two keys: each q vector serves two keys, each key vector four rows
+    int64_t n = 0;
+    for (; n + 2 <= nk; n += 2) {
+      int64_t r = 0;
+      for (; r + 4 <= G; r += 4) dots<A, 4, 2>(q + r * D, D, kp + n, s + r * lds + n, lds);
+      switch (G - r) {
+        case 3: dots<A, 3, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        case 2: dots<A, 2, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        case 1: dots<A, 1, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        default: break;
+      }
+    }
+    for (; n < nk; ++n) {
       int64_t r = 0;
       for (; r + 4 <= G; r += 4) dots<A, 4, 1>(q + r * D, D, kp + n, s + r * lds + n, lds);
       switch (G - r) {
