@@ -111,6 +111,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("block_table"),
         py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), no_gil);
+  m.def("attention_usual", &turbokernels::attention_usual,
+        "turbokernels.attention's usual CPU call in one C++ call, or None (csrc/cpu/torch_attention.cpp)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("causal"), py::arg("softmax_scale"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("softcap"), py::arg("native_gqa"), py::arg("cpu_rows"), no_gil);
   m.def("attention_rows", &turbokernels::decode_cpu::attention_rows,
         "attention_fwd's cpu backend: a few query rows per sequence, decode_attention's kernel (decode_attention.cpp)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("causal"),

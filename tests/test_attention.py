@@ -195,6 +195,77 @@ def test_cpu_backend_declines_more_rows_and_varlen():
         tk.attention(q[0, :1], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32))
 
 
+def fast_entry_built() -> bool:
+    from turbokernels import _ext
+    return device() == "cpu" and _ext.available() and hasattr(_ext.C, "attention_usual")
+
+
+@pytest.mark.skipif(not fast_entry_built(), reason="the extension's one-call entry")
+def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
+    """attention's usual CPU call goes through turbokernels._C.attention_usual (the checks, the backend choice and the
+    kernel in C++): the same bits as the op on the backend it would choose; the calls it does not serve (a window or
+    edge that needs a mask, softcap, requires_grad, a dispatch mode, the profiler, a forced backend, bad input) get
+    None there and the Python path's result or error."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    real = ops_attention._resolve_fast()
+    calls, served = [], []
+
+    def spy(*a):
+        calls.append(1)
+        out = real(*a)
+        served.append(out is not None)
+        return out
+    monkeypatch.setattr(ops_attention, "_fast", spy)
+    f32 = torch.float32
+    for (b, sq, sk, hq, hkv, d, kw) in [(2, 5, 5, 4, 2, 32, dict(causal=True)), (1, 7, 9, 2, 2, 16, {}),
+                                        (2, 1, 40, 6, 3, 64, dict(causal=True)), (1, 3, 3, 2, 1, 8,
+                                                                                dict(softmax_scale=0.5))]:
+        q, k, v = qkv(b, sq, sk, hq, hkv, d, f32)
+        calls.clear(), served.clear()
+        out = tk.attention(q, k, v, **kw)
+        assert calls == [1] and served == [True]
+        op_out = ops_attention.attention_fwd(q, k, v, None, None, None, kw.get("softmax_scale", d ** -0.5),
+                                             kw.get("causal", False), -1, -1, 0.0)[0]
+        assert torch.equal(out, op_out), (sq, sk, kw)
+    q, k, v = qkv(1, 4, 6, 2, 2, 16, f32)
+    for kw in (dict(causal=True), dict(window_size=(2, -1)), dict(softcap=2.0)):  # a mask / the reference
+        calls.clear(), served.clear()
+        out = tk.attention(q, k, v, **kw)
+        assert served == [False], kw
+        with tk.backend("reference"):
+            ref_out = tk.attention(q, k, v, **kw)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    served.clear()
+    qg = q.clone().requires_grad_()
+    tk.attention(qg, k, v, causal=False).sum().backward()
+    assert served == [False] and qg.grad is not None
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+    served.clear()
+    with Seen() as seen:
+        tk.attention(q, k, v)
+    assert served == [False] and any("turbokernels.attention_fwd" in o for o in seen.ops)
+    served.clear()
+    with torch.profiler.profile() as prof:
+        tk.attention(q, k, v)
+    assert served == [False] and any("turbokernels::attention_fwd" in e.name for e in prof.events())
+    calls.clear()
+    with tk.backend("torch"):
+        tk.attention(q, k, v)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"attention\(v\): shape"):
+        tk.attention(q, k[..., :8], v)
+    with pytest.raises(TypeError, match=r"attention\(k\)"):
+        tk.attention(q, k.double(), v)
+
+
 def _varlen_inputs(seqlens_q, seqlens_k, hq, hkv, d, dtype):
     cu_q = torch.tensor([0] + seqlens_q, device=device()).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + seqlens_k, device=device()).cumsum(0).to(torch.int32)

@@ -24,4 +24,14 @@ at::Tensor torch_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
                                   int64_t lo, int64_t hi, const std::optional<at::Tensor>& attn_mask, double scale,
                                   bool is_causal, bool grouped, int64_t row_begin, int64_t row_end);
 
+// turbokernels.attention's usual CPU call (no ALiBi, varlen or lse; nothing watching, no forced backend: the caller
+// tests torch.compile, forward AD, the backend and the Python arguments' kinds) in one C++ call: every check of the
+// Python path that the call can fail returns nullopt instead of raising (the Python path then runs and raises what
+// the call deserves), as do the calls it does not serve (softcap, windows and edges that need a mask, GQA on a
+// torch without native GQA). One query row with cpu_rows: the cpu backend (decode_attention.cpp); else the torch
+// backend's torch_attention_fwd. Returns out (B, Sq, Hq, D) contiguous.
+std::optional<at::Tensor> attention_usual(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                          std::optional<double> softmax_scale, int64_t window_left,
+                                          int64_t window_right, double softcap, bool native_gqa, bool cpu_rows);
+
 }  // namespace turbokernels

@@ -27,6 +27,7 @@ import numbers
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import _ext, backends
 from .._checks import check_values
@@ -411,6 +412,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     (heads_q, total_q) for varlen. See python/turbokernels/reference/attention.py for the exact semantics.
     max_seqlen_q/max_seqlen_k are accepted for FlashAttention compatibility and not needed (never read).
     """
+    if (not return_lse and alibi_slopes is None and cu_seqlens_q is None and cu_seqlens_k is None
+            and max_seqlen_q is None and max_seqlen_k is None and not _is_compiling() and type(q) is _Tensor
+            and type(k) is _Tensor and type(v) is _Tensor and q.is_cpu and type(softcap) is float
+            and (softmax_scale is None or type(softmax_scale) is float) and usual_window(window_size) is not None
+            and _forward_ad._current_level < 0 and _forced_backend() is None):
+        # the usual CPU call in one C++ call (torch_attention.cpp, attention_usual): this path's checks, the backend
+        # choice and the kernel there; None when it is not that call (then the path below decides and raises)
+        fast = _fast if _fast is not None else _resolve_fast()
+        if fast:
+            out = fast(q, k, v, bool(causal), softmax_scale, window_size[0], window_size[1], softcap, _fast_flags[0],
+                       _fast_flags[1])
+            if out is not None:
+                return out
     args = None
     if (cu_seqlens_q is None and cu_seqlens_k is None and alibi_slopes is None and max_seqlen_q is None
             and max_seqlen_k is None):
@@ -443,6 +457,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     else:
         out, lse = attention_fwd(*args)
     return (out, lse) if return_lse else out
+
+
+_fast = None  # turbokernels._C.attention_usual once resolved (False: no extension, or one built without it)
+_fast_flags = (False, False)  # (torch's CPU kernel reads GQA natively, attention_fwd's cpu backend is built)
+_is_compiling = torch.compiler.is_compiling
+
+
+def _resolve_fast():
+    global _fast, _fast_flags
+    _fast = (_ext.available() and getattr(_ext.C, "attention_usual", None)) or False
+    if _fast:
+        q1 = torch.empty(1, 1, 1, 1)
+        _fast_flags = (_torch_attention._native_gqa(), _check_cpu_fwd(q1, q1, q1, None, None, None, 1.0, False, -1,
+                                                                       -1, 0.0) is None)
+    return _fast
 
 
 def _dense_bhsd(qt, kt, vt, causal, softmax_scale, plain: bool = False) -> Optional[torch.Tensor]:
