@@ -10,6 +10,7 @@
 
 #include "cpu/decode_attention.h"
 #include "cpu/torch_attention.h"
+#include "watched.h"
 
 TORCH_LIBRARY(turbokernels_C, m) {
   // The optional bias (N) is in x's dtype and is added to the fp32 sum before its one rounding to x's dtype.
@@ -85,6 +86,40 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                  window_right, softcap);
 }
 
+// The linear entries' usual CPU call (python/turbokernels/ops/_linear.planned, for a plan whose weights are plain
+// CPU tensors without an act-order permutation; the caller tests torch.compile, forward AD, the forced backend and
+// that x and the bias are torch.Tensor exactly): planned's checks of x and the bias, the reshape to 2-D and the CPU
+// kernel in one call. nullopt for every call it does not serve (then the Python path runs and raises what a bad
+// call deserves). op: 0 int4_mm (a qweight, b scales, c offsets), 1 sparse24_mm (a values, b meta: x's dtype must
+// be the values'), 2 sparse24_int4_mm (a qweight, b scales, c offsets, d meta).
+std::optional<at::Tensor> linear_usual(int64_t op, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                       const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c,
+                                       const std::optional<at::Tensor>& d, int64_t group_size, int64_t in_features,
+                                       int64_t out_features) {
+  if (turbokernels::watched_cxx()) return std::nullopt;
+  const bool grad = at::GradMode::is_enabled();
+  if (grad && (x.requires_grad() || (bias.has_value() && bias->requires_grad()))) return std::nullopt;
+  const auto dt = x.scalar_type();
+  if (!x.is_cpu() || (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16) || x.dim() == 0 ||
+      x.size(-1) != in_features || x.numel() == 0 || (op == 1 && a.scalar_type() != dt))
+    return std::nullopt;
+  if (bias.has_value() && (bias->scalar_type() != dt || bias->dim() != 1 || bias->size(0) != out_features ||
+                           !bias->is_cpu()))
+    return std::nullopt;
+  const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in_features});
+  at::Tensor out;
+  switch (op) {
+    case 0: out = int4_mm(x2, a, b, *c, group_size, bias); break;
+    case 1: out = sparse24_mm(x2, a, b, bias); break;
+    default: out = sparse24_int4_mm(x2, a, b, *c, *d, group_size, bias); break;
+  }
+  if (x.dim() == 2) return out;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(out_features);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return out.view(shape);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -111,10 +146,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("block_table"),
         py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), no_gil);
+  m.def("linear_usual", &linear_usual,
+        "the linear entries' usual CPU call in one C++ call, or None (csrc/ops.cpp)", py::arg("op"), py::arg("x"),
+        py::arg("bias"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("group_size"),
+        py::arg("in_features"), py::arg("out_features"), no_gil);
   m.def("attention_usual", &turbokernels::attention_usual,
         "turbokernels.attention's usual CPU call in one C++ call, or None (csrc/cpu/torch_attention.cpp)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("causal"), py::arg("softmax_scale"), py::arg("window_left"),
-        py::arg("window_right"), py::arg("softcap"), py::arg("native_gqa"), py::arg("cpu_rows"), no_gil);
+        py::arg("window_right"), py::arg("softcap"), py::arg("native_gqa"), py::arg("cpu_rows"), py::arg("sdpa"),
+        py::arg("enable_gqa"), no_gil);
   m.def("attention_rows", &turbokernels::decode_cpu::attention_rows,
         "attention_fwd's cpu backend: a few query rows per sequence, decode_attention's kernel (decode_attention.cpp)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("causal"),

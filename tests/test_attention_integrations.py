@@ -37,6 +37,43 @@ def test_sdpa_drop_in_matches_torch(backend_name, dtype, causal, hq, hkv, sq, sk
                  allowance=a_out.map(lambda t: t.transpose(1, 2)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU one-call entry")
+def test_sdpa_usual_cpu_call_in_one_cxx_call(monkeypatch):
+    """scaled_dot_product_attention's usual CPU call runs in one C++ call (turbokernels._C.attention_usual in SDPA's
+    layout): the bits of the Python steps it replaces, out in SDPA's layout; is_causal with Sq != Sk (top-left in
+    SDPA), float64 and a forced backend are not served there (the Python path: torch's SDPA, the checks)."""
+    ops_attention = importlib.import_module("turbokernels.ops.attention")
+    real = ops_attention._resolve_fast()
+    if not real:
+        pytest.skip("the extension's one-call entry")
+    served = []
+    monkeypatch.setattr(ops_attention, "_fast", lambda *a: (lambda out: served.append(out is not None) or out)(
+        real(*a)))
+    torch.manual_seed(0)
+    for causal, hq, hkv, sq, sk, dtype in [(True, 4, 2, 9, 9, torch.float32), (False, 2, 2, 5, 17, torch.bfloat16),
+                                           (False, 9, 3, 1, 161, torch.float32), (True, 6, 2, 1, 1, torch.float16)]:
+        q, k, v = torch.randn(2, hq, sq, 32).to(dtype), *(torch.randn(2, hkv, sk, 32).to(dtype) for _ in range(2))
+        kw = dict(is_causal=causal, enable_gqa=hq != hkv)
+        served.clear()
+        out = tk.scaled_dot_product_attention(q, k, v, **kw)
+        assert served == [True] and out.shape == q.shape
+        with monkeypatch.context() as m:  # the Python steps: the same kernel, the same bits
+            m.setattr(ops_attention, "_fast", False)
+            assert torch.equal(tk.scaled_dot_product_attention(q, k, v, **kw), out)
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 7, 16)
+    for args, kw in (((q, k, k), dict(is_causal=True)), ((q.double(), k.double(), k.double()), {})):
+        served.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = tk.scaled_dot_product_attention(*args, **kw)
+        assert served == [False]
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(*args, **kw))
+    served.clear()
+    with tk.backend("torch"):
+        tk.scaled_dot_product_attention(q, k, k)
+    assert served == []
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_one_query_gqa_runs_grouped_rows(monkeypatch, dtype):
     """One query row under GQA (a decode step over the whole cache) on the torch backend: the query heads of a kv

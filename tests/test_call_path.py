@@ -19,13 +19,27 @@ def _layers():
             "sparse24_int4_mm": tk.nn.Sparse24Int4Linear.from_linear(lin, group_size=32)}
 
 
+LINEAR_USUAL_OPS = ("int4_mm", "sparse24_mm", "sparse24_int4_mm")  # turbokernels._C.linear_usual's op ids
+
+
 @pytest.fixture
 def spy(monkeypatch):
-    """spy(op) -> list of the backend names that ran `op` (each Impl's fn wrapped)."""
+    """spy(op) -> list of the backend names that ran `op` (each Impl's fn wrapped; the one-call C++ entry of the
+    usual CPU call, turbokernels._C.linear_usual, counts as the cpu backend it runs)."""
+    import turbokernels.ops._linear as linear
+
     def install(op):
         ran = []
         for name, impl in backends.registered(op).items():
             monkeypatch.setattr(impl, "fn", (lambda fn, name: lambda *a: ran.append(name) or fn(*a))(impl.fn, name))
+        real = linear._linear_usual()
+        if real:
+            def fast(*a):
+                out = real(*a)
+                if out is not None and LINEAR_USUAL_OPS[a[0]] == op:
+                    ran.append("cpu")
+                return out
+            monkeypatch.setattr(linear, "_LINEAR_USUAL", fast)
         return ran
     return install
 
@@ -226,3 +240,51 @@ def test_functional_weight_plan_follows_the_weight():
     del w
     gc.collect()
     assert len(_linear._WEIGHT_PLANS) == n - 1
+
+
+@pytest.mark.parametrize("op", LINEAR_USUAL_OPS)
+def test_usual_cpu_call_in_one_cxx_call(op, monkeypatch):
+    """The modules' and functionals' usual CPU call runs in one C++ call (turbokernels._C.linear_usual: the checks of
+    x and the bias, the reshape, the kernel): the bits of the op on the same arguments, for 1-, 2- and 3-D x in each
+    dtype, with and without a bias; a call it does not serve (x requiring grad, a forced backend) runs the Python
+    steps."""
+    import turbokernels.ops._linear as linear
+    real = linear._linear_usual()
+    if not real:
+        pytest.skip("the extension's one-call entry")
+    served = []
+    monkeypatch.setattr(linear, "_LINEAR_USUAL", lambda *a: (lambda out: served.append(out is not None) or out)(
+        real(*a)))
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        lin = torch.nn.Linear(K, N).to(dtype)
+        layer = {"int4_mm": lambda: tk.nn.Int4Linear.from_linear(lin, group_size=32),
+                 "sparse24_mm": lambda: tk.nn.Sparse24Linear.from_linear(lin),
+                 "sparse24_int4_mm": lambda: tk.nn.Sparse24Int4Linear.from_linear(lin, group_size=32)}[op]()
+        w, b = layer.weight, layer.bias.to(dtype)
+        functional = {"int4_mm": tk.int4_linear, "sparse24_mm": tk.sparse24_linear,
+                      "sparse24_int4_mm": tk.sparse24_int4_linear}[op]
+        weights = {"int4_mm": lambda: (w.qweight, w.scales, w.offsets, w.effective_group_size),
+                   "sparse24_mm": lambda: (w.values, w.meta),
+                   "sparse24_int4_mm": lambda: (w.qweight, w.scales, w.offsets, w.meta, w.kept_group_size)}[op]()
+        for shape in ((K,), (3, K), (2, 5, K)):
+            x = torch.randn(shape).to(dtype)
+            for bias in (None, b):
+                served.clear()
+                with torch.no_grad():
+                    out_f = functional(x, w, bias)
+                    out_m = layer(x) if bias is b else None
+                x2 = x.reshape(-1, K)
+                want = getattr(torch.ops.turbokernels, op)(x2, *weights, bias).reshape(*shape[:-1], N)
+                assert served and all(served), (op, dtype, shape)
+                assert out_f.shape == want.shape and torch.equal(out_f, want), (op, dtype, shape, bias is None)
+                if out_m is not None:
+                    assert torch.equal(out_m, want)
+    served.clear()
+    xg = torch.randn(3, K, dtype=dtype, requires_grad=True)
+    functional(xg, w, None).float().sum().backward()
+    assert not any(served) and xg.grad is not None  # x requires grad: the C++ entry declines it (autograd's path)
+    served.clear()
+    with tk.backend("cpu"):
+        functional(x, w, None)
+    assert served == []  # a forced backend: the Python steps (which honour it)

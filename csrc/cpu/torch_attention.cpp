@@ -9,14 +9,10 @@
 #include "cpu/torch_attention.h"
 
 #include "cpu/decode_attention.h"
+#include "watched.h"
 
 #include <ATen/ATen.h>
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
-#include <torch/csrc/jit/frontend/tracer.h>
-#include <torch/csrc/profiler/orchestration/observer.h>
 
 #include <cmath>
 #include <limits>
@@ -106,31 +102,29 @@ at::Tensor torch_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
 
 std::optional<at::Tensor> attention_usual(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           std::optional<double> softmax_scale, int64_t window_left,
-                                          int64_t window_right, double softcap, bool native_gqa, bool cpu_rows) {
-  // what _library.watched() tests, but torch.compile's and forward AD's flags (Python's: the caller tests them)
-  const auto included = c10::impl::tls_local_dispatch_key_set().included_;
-  if (at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
-      included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) || torch::jit::tracer::isTracing() ||
-      torch::profiler::impl::profilerEnabled())
-    return std::nullopt;
+                                          int64_t window_right, double softcap, bool native_gqa, bool cpu_rows,
+                                          bool sdpa, bool enable_gqa) {
+  if (watched_cxx()) return std::nullopt;
   if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) return std::nullopt;
-  // attention._usual's checks, the torch backend's (_torch_attention.check_fwd) and _call_args' plain cases
+  // attention._usual's checks, the torch backend's (_torch_attention.check_fwd) and _call_args' plain cases; sizes
+  // read in either layout (s, h: the sequence and head dims), no views made for the checks
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || !q.is_cpu() || !k.is_cpu() || !v.is_cpu()) return std::nullopt;
   const auto dt = q.scalar_type();
-  if ((dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble) || k.scalar_type() != dt ||
-      v.scalar_type() != dt)
+  if ((dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && (dt != at::kDouble || sdpa)) ||
+      k.scalar_type() != dt || v.scalar_type() != dt)
     return std::nullopt;
-  const int64_t B = q.size(0), sq = q.size(1), hq = q.size(2), D = q.size(3), sk = k.size(1), hkv = k.size(2);
+  const int s = sdpa ? 2 : 1, h = sdpa ? 1 : 2;
+  const int64_t B = q.size(0), sq = q.size(s), hq = q.size(h), D = q.size(3), sk = k.size(s), hkv = k.size(h);
   if (v.sizes() != k.sizes() || k.size(0) != B || D < 1 || D > 256 || k.size(3) != D || hkv == 0 || hq % hkv != 0 ||
-      sk == 0 || q.numel() == 0)
+      sk == 0 || q.numel() == 0 || (hq != hkv && !enable_gqa))
     return std::nullopt;
+  if (sdpa && causal && sq != sk) return std::nullopt;  // SDPA's is_causal is top-left aligned: not the spec's edge
   if (D > 1 && (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1)) return std::nullopt;
   const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(D));
   if (!std::isfinite(scale) || softcap != 0.0 || window_left < -1 || window_right < -1) return std::nullopt;
-  if (sq == 1 && cpu_rows)  // attention_fwd's cpu backend (decode_attention's kernel)
+  if (sq == 1 && cpu_rows)  // attention_fwd's cpu backend (decode_attention's kernel), out in q's layout
     return std::get<0>(decode_cpu::attention_rows(q, k, v, std::nullopt, scale, causal, window_left, window_right,
-                                                  0.0, false, false));
+                                                  0.0, sdpa, false));
   if (!(window_left < 0 && (causal || window_right < 0))) return std::nullopt;  // a window: a mask (Python)
   bool is_causal = false;
   if (causal && sq > 1) {
@@ -138,9 +132,14 @@ std::optional<at::Tensor> attention_usual(const at::Tensor& q, const at::Tensor&
     is_causal = true;
   }
   if (hq != hkv && !native_gqa) return std::nullopt;
-  at::Tensor out = std::get<0>(torch_attention_fwd(q, k, v, std::nullopt, scale, is_causal, true, 0, sq, false));
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return out.is_contiguous() ? out : out.contiguous();
+  // out in q's layout, a view of a contiguous (B, Sq, Hq, D) tensor (contiguous as is in FlashAttention's; the
+  // guard, for a torch whose kernel would allocate otherwise)
+  at::Tensor out = std::get<0>(torch_attention_fwd(q, k, v, std::nullopt, scale, is_causal, !sdpa, 0, sq, false));
+  if (!sdpa && !out.is_contiguous()) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = out.contiguous();
+  }
+  return out;
 }
 
 }  // namespace turbokernels

@@ -29,9 +29,12 @@ at::Tensor torch_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
 // Python path that the call can fail returns nullopt instead of raising (the Python path then runs and raises what
 // the call deserves), as do the calls it does not serve (softcap, windows and edges that need a mask, GQA on a
 // torch without native GQA). One query row with cpu_rows: the cpu backend (decode_attention.cpp); else the torch
-// backend's torch_attention_fwd. Returns out (B, Sq, Hq, D) contiguous.
+// backend's torch_attention_fwd. Returns out (B, Sq, Hq, D) contiguous. sdpa: scaled_dot_product_attention's call
+// instead: (B, H, S, D) tensors, out (B, Hq, Sq, D) (a view of a contiguous (B, Sq, Hq, D) tensor), is_causal only
+// with Sq == Sk (SDPA aligns it top-left), no float64, Hq != Hkv only with enable_gqa.
 std::optional<at::Tensor> attention_usual(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           std::optional<double> softmax_scale, int64_t window_left,
-                                          int64_t window_right, double softcap, bool native_gqa, bool cpu_rows);
+                                          int64_t window_right, double softcap, bool native_gqa, bool cpu_rows,
+                                          bool sdpa, bool enable_gqa);
 
 }  // namespace turbokernels

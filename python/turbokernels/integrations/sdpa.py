@@ -15,10 +15,17 @@ import numbers
 import warnings
 from typing import Optional
 
+import importlib
+
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
+from ..backends import forced_backend as _forced_backend
 from ..ops.attention import MAX_HEAD_DIM, _dense_bhsd, _run_bhsd, attention
+
+ops_attention = importlib.import_module("turbokernels.ops.attention")  # the module (its name is the function's too)
+_is_compiling = torch.compiler.is_compiling
 
 _noted: set[str] = set()
 
@@ -129,6 +136,16 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
     if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
+        if (not _is_compiling() and type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
+                and query.is_cpu and (scale is None or type(scale) is float) and type(is_causal) is bool
+                and type(enable_gqa) is bool and _forward_ad._current_level < 0 and _forced_backend() is None):
+            # the usual CPU call in one C++ call (attention's, in this layout: ops/attention.py); None: not that call
+            fast = ops_attention._fast if ops_attention._fast is not None else ops_attention._resolve_fast()
+            if fast:
+                flags = ops_attention._fast_flags
+                out = fast(query, key, value, is_causal, scale, -1, -1, 0.0, flags[0], flags[1], True, enable_gqa)
+                if out is not None:
+                    return out
         out = _usual(query, key, value, is_causal, scale, enable_gqa)
         if out is not None:
             return out

@@ -9,6 +9,7 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from ..formats.int4 import FLOAT_DTYPES
 from .. import backends
@@ -16,6 +17,7 @@ from . import _library
 
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 _is_grad_enabled = torch._C.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
 _forced_backend, _CHOSEN = backends.forced_backend, backends._CHOSEN
 # Interned weight signatures: a plan's choice key starts with a small int instead of a nested tuple hashed per call.
 _SIGNATURES: dict[tuple, int] = {}
@@ -32,7 +34,8 @@ def signature_id(*tensors_and_values) -> int:
 class LinearPlan:
     """A weight as one op call needs it: the op's weight arguments, in_features, out_features, device, the act-order
     permutation (int4) and the signature id; built once from validated tensors."""
-    __slots__ = ("op", "entry", "weights", "in_features", "out_features", "device", "perm", "dtype", "sig", "plain")
+    __slots__ = ("op", "entry", "weights", "in_features", "out_features", "device", "perm", "dtype", "sig", "plain",
+                 "fast")
 
     def __init__(self, op: str, entry: str, weights: tuple, in_features: int, out_features: int,
                  device: torch.device, perm: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None):
@@ -44,6 +47,17 @@ class LinearPlan:
         # it), so its requires_grad does not matter; a subclass (DTensor, FakeTensor...) must dispatch itself.
         self.plain = device.type in ("cpu", "cuda") and all(
             type(t) is _Tensor or type(t) is _Parameter for t in weights if isinstance(t, _Tensor))
+        # the one-call entry's arguments (turbokernels._C.linear_usual: planned's checks and the CPU kernel in C++),
+        # for plain CPU weights without an act-order permutation
+        self.fast = None
+        if self.plain and device.type == "cpu" and perm is None and _linear_usual():
+            w = weights
+            if op == "int4_mm":
+                self.fast = (0, w[0], w[1], w[2], None, w[3])
+            elif op == "sparse24_mm":
+                self.fast = (1, w[0], w[1], None, None, 0)
+            elif op == "sparse24_int4_mm":
+                self.fast = (2, w[0], w[1], w[2], w[3], w[4])
 
 
 # The functionals' plans, per weight object (Int4Weight, Sparse24Weight, Sparse24Int4Weight): weak keys, so a plan
@@ -124,10 +138,30 @@ def run(op: str, x: torch.Tensor, weights: tuple, in_features: int, out_features
     return out if two_d else out.reshape(*x.shape[:-1], out_features)
 
 
+_LINEAR_USUAL = None  # turbokernels._C.linear_usual once resolved (False: no extension, or one built without it)
+
+
+def _linear_usual():
+    global _LINEAR_USUAL
+    if _LINEAR_USUAL is None:
+        from .. import _ext
+        _LINEAR_USUAL = (_ext.available() and getattr(_ext.C, "linear_usual", None)) or False
+    return _LINEAR_USUAL
+
+
 def planned(p: LinearPlan, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The entry's call for a weight validated once (a module's plan): x and the bias are checked (errors name the
     functional's arguments), the backend choice is remembered per key. One frame for what check_x, check_bias,
-    run and _library.direct do, since each Python call costs about a microsecond here."""
+    run and _library.direct do, since each Python call costs about a microsecond here. The usual CPU call goes to
+    turbokernels._C.linear_usual (these checks and the kernel in one C++ call), which answers None for any call
+    it does not serve: then the steps below run (and raise what a bad call deserves)."""
+    fast = p.fast
+    if (fast is not None and type(x) is _Tensor and not _is_compiling() and _forward_ad._current_level < 0
+            and (bias is None or type(bias) is _Parameter or type(bias) is _Tensor) and _forced_backend() is None):
+        out = _LINEAR_USUAL(fast[0], x, bias, fast[1], fast[2], fast[3], fast[4], fast[5], p.in_features,
+                            p.out_features)
+        if out is not None:
+            return out
     tx = type(x)
     plain = tx is _Tensor or tx is _Parameter
     if not plain:

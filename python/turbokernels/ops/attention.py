@@ -422,7 +422,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         fast = _fast if _fast is not None else _resolve_fast()
         if fast:
             out = fast(q, k, v, bool(causal), softmax_scale, window_size[0], window_size[1], softcap, _fast_flags[0],
-                       _fast_flags[1])
+                       _fast_flags[1], False, True)
             if out is not None:
                 return out
     args = None
