@@ -7,8 +7,8 @@ do_bench, which flushes L2; the caches are larger than L2 anyway). gbps = bytes 
 per second; bandwidth_pct = that over a large copy's rate measured at the start of the run (decode is
 bandwidth-bound).
 
-CPU (--device cpu): ours (the automatic backend, `torch`: torch's fused CPU kernel on the cache slots in use, the
-query heads of a kv head as rows of one kernel head) against F.scaled_dot_product_attention(enable_gqa=True) on the
+CPU (--device cpu): ours (the automatic backend, `cpu`: csrc/cpu/decode_attention.cpp, K/V read once per kv head
+from the cache as it is) against F.scaled_dot_product_attention(enable_gqa=True) on the
 SAME keys in two layouts, timed in turns (interleaved medians: the CPU may be shared), fp32 and bf16: sdpa_cache_ms
 is SDPA given our cache as a user of SDPA with this cache would pass it, a (B, Hkv, S, D) transpose view of the
 (B, S, Hkv, D) tensor (no copy); sdpa_contig_ms is SDPA given a (B, Hkv, S, D) contiguous copy, its preferred layout

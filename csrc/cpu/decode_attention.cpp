@@ -9,16 +9,20 @@
 // cache once, and torch's kernel reads each key and value once per QUERY head (GQA: g times), allocates and zeroes
 // per-thread buffers on every call (~8 us at one token over 16 keys, as much as the rest of the step) and cannot
 // do softcap, ALiBi without a materialized bias, or a paged cache without gathering its pages first. Here:
-//  * one task = (sequence b, kv head, chunk of keys): the g * T query rows of that kv head are scored against each
-//    key as it is read, so K and V are read once per kv head (FlashDecoding's grouping), from the cache's own
-//    layout (any strides with a unit head-dim stride; paged: through block_table, a page at a time);
-//  * a chunk is scored whole (rows x keys in L1/L2 scratch), its softmax taken, then V read once; sequences with
-//    few kv heads are split into chunks so both cores work (split-KV), the chunks merged by their max and sum;
+//  * one task = (sequence b, a block of kv heads, a chunk of keys): the g * T query rows of each kv head are scored
+//    against each key as it is read, so K and V are read once per kv head (FlashDecoding's grouping), from the
+//    cache's own layout (any strides with a unit head-dim stride; paged: through block_table); the block is all
+//    kv heads when a key's heads are adjacent in memory (then a task reads its keys in address order; a per-head
+//    walk jumped a whole key row per key, past what the prefetchers follow: 2-3x slower), else one;
+//  * a chunk is scored whole (rows x keys in L1/L2 scratch: four rows with two keys at a time, lane sums four at a
+//    time), its softmax taken (a vectorized exp), then V read once (four rows at a time, DB vectors of the head dim
+//    in registers while the keys pass); sequences with few head blocks are split into chunks so both cores work
+//    (split-KV), the chunks merged by their max and sum;
 //  * keys outside a row's range are never read for it (an unwritten slot may hold NaN: a mask cannot hide it);
 //  * fp32 arithmetic for fp16/bf16/fp32 caches (float64 for float64), one rounding at the output, as the reference.
-// The hot loops (q.k over the head dim, p * v into the accumulator) are plain C++ compiled once per ISA with
-// function-level target attributes (AVX-512, AVX2, baseline), the best the CPU has picked per call
-// (cpu_isa.h, TURBOKERNELS_CPU_ISA caps it): the compiler vectorizes them across the head dim.
+// The loops use GCC/Clang vector extensions (64-byte vectors) and are compiled once per ISA with function-level
+// target attributes (AVX-512, AVX2, baseline), the best the CPU has picked per call (cpu_isa.h,
+// TURBOKERNELS_CPU_ISA caps it). Tried and dropped: software prefetch of the next keys (slower on the Xeon).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>

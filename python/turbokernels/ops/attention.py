@@ -11,6 +11,7 @@
                  schema + fake; register_autograd(attention_fwd) calls attention_bwd
     backends     reference  python/turbokernels/reference/attention.py   (fp32, float64 for float64 inputs)
                  triton     kernels/attention_fwd.py, kernels/attention_bwd.py
+                 cpu        csrc/cpu/decode_attention.cpp (attention_rows): one query row per sequence, dense
                  torch      ops/_torch_attention.py: torch's fused CPU kernels (every call but softcap)
 
 Semantics (FlashAttention 2.x) are written down in the reference module. Outputs are contiguous. The ops take no
