@@ -137,6 +137,25 @@ template <typename A>
 TK_INLINE void vstore(A* p, typename Vec<A>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
+// L elements of a cache row (E) as one vector of A: a plain load, or bf16 widened in registers (a shift: the bits
+// are fp32's top half), so a bf16 cache is read straight, with no converted copy in scratch
+template <typename A, typename E>
+TK_INLINE typename Vec<A>::type vload_as(const E* p) {
+  if constexpr (std::is_same<E, A>::value) {
+    return vload(p);
+  } else {
+    static_assert(std::is_same<E, c10::BFloat16>::value && std::is_same<A, float>::value, "bf16 -> fp32 only");
+    typedef uint16_t U16 __attribute__((vector_size(32)));
+    typedef uint32_t U32 __attribute__((vector_size(64)));
+    U16 h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const U32 w = __builtin_convertvector(h, U32) << 16;
+    typename Vec<A>::type f;
+    __builtin_memcpy(&f, &w, sizeof(f));
+    return f;
+  }
+}
+
 // the lanes' sum as a tree of halves in registers (log2(L) dependent adds, not L; through memory, a wide store read
 // back in halves stalls store forwarding)
 TK_INLINE float hsum(Vec<float>::type v) {
@@ -171,8 +190,8 @@ TK_INLINE void hsum4(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c,
 
 // s[b * lds + n] = q_b . k_n for NB query rows (q, rows D apart) and NK keys (kp): NB * NK independent vector sums,
 // so the FMA latency is hidden (NB * NK >= 3) and each key vector serves NB rows.
-template <typename A, int NB, int NK>
-TK_INLINE void dots(const A* q, int64_t D, const A* const* kp, A* s, int64_t lds) {
+template <typename A, typename KE, int NB, int NK>
+TK_INLINE void dots(const A* q, int64_t D, const KE* const* kp, A* s, int64_t lds) {
   using V = typename Vec<A>::type;
   constexpr int L = Vec<A>::L;
   V acc[NB][NK];
@@ -181,7 +200,7 @@ TK_INLINE void dots(const A* q, int64_t D, const A* const* kp, A* s, int64_t lds
   int64_t d = 0;
   for (; d + L <= D; d += L) {
     V kv[NK];
-    for (int n = 0; n < NK; ++n) kv[n] = vload(kp[n] + d);
+    for (int n = 0; n < NK; ++n) kv[n] = vload_as<A>(kp[n] + d);
     for (int b = 0; b < NB; ++b) {
       const V qv = vload(q + b * D + d);
       for (int n = 0; n < NK; ++n) acc[b][n] += qv * kv[n];
@@ -197,7 +216,7 @@ TK_INLINE void dots(const A* q, int64_t D, const A* const* kp, A* s, int64_t lds
   for (int b = 0; b < NB; ++b)
     for (int n = 0; n < NK; ++n) {
       A y = x[b * NK + n];
-      for (int64_t dd = d; dd < D; ++dd) y += q[b * D + dd] * kp[n][dd];
+      for (int64_t dd = d; dd < D; ++dd) y += q[b * D + dd] * to_acc<KE, A>(kp[n][dd]);
       s[b * lds + n] = y;
     }
 }
@@ -252,27 +271,27 @@ struct Scratch {
 
 // The rows of one head against keys [j, j + nk): NB rows at a time with one key, or (fewer than 4 rows) one row with
 // up to four keys, so at least three independent sums run in every case.
-template <typename A>
-TK_INLINE void score_keys(const A* q, int64_t G, int64_t D, const A* const* kp, int64_t nk, A* s, int64_t lds) {
+template <typename A, typename KE>
+TK_INLINE void score_keys(const A* q, int64_t G, int64_t D, const KE* const* kp, int64_t nk, A* s, int64_t lds) {
   if (G >= 4 || nk == 1) {  // four rows with two keys: each q vector serves two keys, each key vector four rows
     int64_t n = 0;
     for (; n + 2 <= nk; n += 2) {
       int64_t r = 0;
-      for (; r + 4 <= G; r += 4) dots<A, 4, 2>(q + r * D, D, kp + n, s + r * lds + n, lds);
+      for (; r + 4 <= G; r += 4) dots<A, KE, 4, 2>(q + r * D, D, kp + n, s + r * lds + n, lds);
       switch (G - r) {
-        case 3: dots<A, 3, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        case 2: dots<A, 2, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        case 1: dots<A, 1, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        case 3: dots<A, KE, 3, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        case 2: dots<A, KE, 2, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        case 1: dots<A, KE, 1, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
         default: break;
       }
     }
     for (; n < nk; ++n) {
       int64_t r = 0;
-      for (; r + 4 <= G; r += 4) dots<A, 4, 1>(q + r * D, D, kp + n, s + r * lds + n, lds);
+      for (; r + 4 <= G; r += 4) dots<A, KE, 4, 1>(q + r * D, D, kp + n, s + r * lds + n, lds);
       switch (G - r) {
-        case 3: dots<A, 3, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        case 2: dots<A, 2, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        case 1: dots<A, 1, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        case 3: dots<A, KE, 3, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        case 2: dots<A, KE, 2, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
+        case 1: dots<A, KE, 1, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
         default: break;
       }
     }
@@ -280,9 +299,9 @@ TK_INLINE void score_keys(const A* q, int64_t G, int64_t D, const A* const* kp, 
   }
   for (int64_t r = 0; r < G; ++r) {
     switch (nk) {
-      case 4: dots<A, 1, 4>(q + r * D, D, kp, s + r * lds, lds); break;
-      case 3: dots<A, 1, 3>(q + r * D, D, kp, s + r * lds, lds); break;
-      default: dots<A, 1, 2>(q + r * D, D, kp, s + r * lds, lds); break;
+      case 4: dots<A, KE, 1, 4>(q + r * D, D, kp, s + r * lds, lds); break;
+      case 3: dots<A, KE, 1, 3>(q + r * D, D, kp, s + r * lds, lds); break;
+      default: dots<A, KE, 1, 2>(q + r * D, D, kp, s + r * lds, lds); break;
     }
   }
 }
@@ -290,9 +309,9 @@ TK_INLINE void score_keys(const A* q, int64_t G, int64_t D, const A* const* kp, 
 // acc_b[d, d + DB * L) += sum_j p_b[j] v_j[d, d + DB * L) for NB rows over keys [j0, j1) (p_b indexed by j; vp[j -
 // j0] the value rows; accumulators D apart); keys outside row b's range [a_b, e_b) are skipped for it (an unattended
 // slot may hold anything; 0 * inf is NaN). The DB vectors of each row stay in registers while the keys pass.
-template <typename A, int NB, int DB>
+template <typename A, typename VE, int NB, int DB>
 TK_INLINE void pv_block(const A* const* p, const int64_t* a, const int64_t* e, int64_t ilo, int64_t ihi,
-                        const A* const* vp, int64_t j0, int64_t j1, int64_t D, A* acc, int64_t d) {
+                        const VE* const* vp, int64_t j0, int64_t j1, int64_t D, A* acc, int64_t d) {
   using V = typename Vec<A>::type;
   constexpr int L = Vec<A>::L;
   V o[NB][DB];
@@ -300,7 +319,7 @@ TK_INLINE void pv_block(const A* const* p, const int64_t* a, const int64_t* e, i
     for (int i = 0; i < DB; ++i) o[b][i] = vload(acc + b * D + d + i * L);
   for (int64_t j = j0; j < j1; ++j) {
     V vv[DB];
-    for (int i = 0; i < DB; ++i) vv[i] = vload(vp[j - j0] + d + i * L);
+    for (int i = 0; i < DB; ++i) vv[i] = vload_as<A>(vp[j - j0] + d + i * L);
     if (j >= ilo && j < ihi) {
       for (int b = 0; b < NB; ++b)
         for (int i = 0; i < DB; ++i) o[b][i] += p[b][j] * vv[i];
@@ -316,19 +335,19 @@ TK_INLINE void pv_block(const A* const* p, const int64_t* a, const int64_t* e, i
 
 // pv_block over the whole head dim: DB vectors per pass (each value row read DB * 64 bytes at a time, in address
 // order), then single vectors, then the scalar tail.
-template <typename A, int NB, int DB>
-TK_INLINE void pv_rows(const A* const* p, const int64_t* a, const int64_t* e, const A* const* vp, int64_t j0,
+template <typename A, typename VE, int NB, int DB>
+TK_INLINE void pv_rows(const A* const* p, const int64_t* a, const int64_t* e, const VE* const* vp, int64_t j0,
                        int64_t j1, int64_t D, A* acc) {
   constexpr int L = Vec<A>::L;
   int64_t ilo = j0, ihi = j1;  // the keys every row attends
   for (int b = 0; b < NB; ++b) ilo = std::max(ilo, a[b]), ihi = std::min(ihi, e[b]);
   int64_t d = 0;
-  for (; d + DB * L <= D; d += DB * L) pv_block<A, NB, DB>(p, a, e, ilo, ihi, vp, j0, j1, D, acc, d);
+  for (; d + DB * L <= D; d += DB * L) pv_block<A, VE, NB, DB>(p, a, e, ilo, ihi, vp, j0, j1, D, acc, d);
   if constexpr (DB > 1)
-    for (; d + L <= D; d += L) pv_block<A, NB, 1>(p, a, e, ilo, ihi, vp, j0, j1, D, acc, d);
+    for (; d + L <= D; d += L) pv_block<A, VE, NB, 1>(p, a, e, ilo, ihi, vp, j0, j1, D, acc, d);
   for (; d < D; ++d)
     for (int b = 0; b < NB; ++b)
-      for (int64_t j = std::max(j0, a[b]); j < std::min(j1, e[b]); ++j) acc[b * D + d] += p[b][j] * vp[j - j0][d];
+      for (int64_t j = std::max(j0, a[b]); j < std::min(j1, e[b]); ++j) acc[b * D + d] += p[b][j] * to_acc<VE, A>(vp[j - j0][d]);
 }
 
 // One task: sequence b, kv heads [h0, h0 + hb), keys of chunk c; its rows r = (hh * T + t) * g + gi are query head
@@ -362,16 +381,18 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
   // raw scores q.k of every row of a head with the keys some row of the task attends (a row's keys outside its own
   // range are computed and never used), the task's heads of a key read together (adjacent in a (B, S, H, D) cache),
   // up to four keys at a time
-  const A* kp[4];
+  // cache rows read in place (fp32/fp64, and bf16 widened in registers); fp16 rows converted to scratch first
+  using KE = typename std::conditional<std::is_same<E, c10::Half>::value, A, E>::type;
+  const KE* kp[4];
   for (int64_t j = any_lo; j < any_hi; j += 4) {
     const int64_t nk = std::min<int64_t>(4, any_hi - j);
     for (int64_t hh = 0; hh < hb; ++hh) {
       for (int64_t n = 0; n < nk; ++n) {
         const E* kr = key_row<E>(P, P.k, P.ks0, P.ks1, P.ks2, b, j + n, h0 + hh);
-        if constexpr (std::is_same<E, A>::value) kp[n] = kr;
+        if constexpr (std::is_same<E, KE>::value) kp[n] = kr;
         else load_row<E, A>(kr, D, W.tile.data() + n * D), kp[n] = W.tile.data() + n * D;
       }
-      score_keys<A>(W.q.data() + hh * G * D, G, D, kp, nk, W.s.data() + hh * G * C + (j - c0), C);
+      score_keys<A, KE>(W.q.data() + hh * G * D, G, D, kp, nk, W.s.data() + hh * G * C + (j - c0), C);
     }
   }
   // scores finished (scale, softcap, ALiBi), then softmax numerators: m = the largest score (NaN scores skipped by the
@@ -420,14 +441,14 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
   }
   // acc = p V, a tile of keys' value rows (all the task's heads) at a time, rows four at a time per head
   std::fill(W.acc.begin(), W.acc.begin() + R * D, A(0));
-  const A* vp[kTile];
+  const KE* vp[kTile];
   const A* prow[4];
   for (int64_t j0 = any_lo; j0 < any_hi; j0 += kTile) {
     const int64_t j1 = std::min(any_hi, j0 + kTile);
     for (int64_t hh = 0; hh < hb; ++hh) {
       for (int64_t j = j0; j < j1; ++j) {
         const E* vr = key_row<E>(P, P.v, P.vs0, P.vs1, P.vs2, b, j, h0 + hh);
-        if constexpr (std::is_same<E, A>::value) vp[j - j0] = vr;
+        if constexpr (std::is_same<E, KE>::value) vp[j - j0] = vr;
         else load_row<E, A>(vr, D, W.tile.data() + (j - j0) * D), vp[j - j0] = W.tile.data() + (j - j0) * D;
       }
       for (int64_t r = hh * G; r < (hh + 1) * G; r += 4) {
@@ -435,10 +456,10 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
         for (int i = 0; i < nb; ++i) prow[i] = W.s.data() + (r + i) * C - c0;
         A* acc = W.acc.data() + r * D;
         switch (nb) {
-          case 4: pv_rows<A, 4, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
-          case 3: pv_rows<A, 3, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
-          case 2: pv_rows<A, 2, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
-          default: pv_rows<A, 1, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
+          case 4: pv_rows<A, KE, 4, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
+          case 3: pv_rows<A, KE, 3, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
+          case 2: pv_rows<A, KE, 2, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
+          default: pv_rows<A, KE, 1, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
         }
       }
     }
