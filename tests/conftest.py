@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +51,15 @@ else:
         "long", max_examples=500, deadline=None, print_blob=True,
         suppress_health_check=[HealthCheck.function_scoped_fixture])
     _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+class RecordingMode(TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees (and runs it): what must still see our ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

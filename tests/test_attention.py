@@ -13,7 +13,7 @@ from turbokernels import backends
 from turbokernels.reference import attention as ref
 from turbokernels.testing import (CodegenJob, assert_close, attention_allowance, compile_triton, exp_error,
                                   operand_dtype, skip_reason_no_ptxas)
-from conftest import interpreting
+from conftest import RecordingMode, interpreting
 
 ops_attention = importlib.import_module("turbokernels.ops.attention")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -81,6 +81,16 @@ def alibi(*shape):
     return torch.rand(*shape, device=device()) * 0.5 + 0.05
 
 
+def with_alibi(kw, batch, hq):
+    """A case's kwargs with alibi_slopes "per_head" / "per_batch" made into slopes of that shape."""
+    kw = dict(kw)
+    if kw.get("alibi_slopes") == "per_head":
+        kw["alibi_slopes"] = alibi(hq)
+    elif kw.get("alibi_slopes") == "per_batch":
+        kw["alibi_slopes"] = alibi(batch, hq)
+    return kw
+
+
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, kwargs): FlashAttention's odd lengths, every head-dim
 # bucket, GQA/MQA, bottom-right causal both ways, windows, softcap, ALiBi.
 CASES = [
@@ -108,11 +118,7 @@ CASES = [
                          "-".join(f"{k}={v}" for k, v in c[6].items()))
 def test_forward_matches_golden(backend_name, dtype, case):
     batch, sq, sk, hq, hkv, d, kw = case
-    kw = dict(kw)
-    if kw.get("alibi_slopes") == "per_head":
-        kw["alibi_slopes"] = alibi(hq)
-    elif kw.get("alibi_slopes") == "per_batch":
-        kw["alibi_slopes"] = alibi(batch, hq)
+    kw = with_alibi(kw, batch, hq)
     check_forward(backend_name, *qkv(batch, sq, sk, hq, hkv, d, dtype), **kw)
 
 
@@ -153,11 +159,7 @@ def test_cpu_backend_few_query_rows(dtype, case):
     attention_rows, is called directly) against the float64 golden, out and lse; SDPA's layout (the transformers and
     scaled_dot_product_attention paths) gives the same bits again."""
     batch, sq, sk, hq, hkv, d, kw = case
-    kw = dict(kw)
-    if kw.get("alibi_slopes") == "per_head":
-        kw["alibi_slopes"] = alibi(hq)
-    elif kw.get("alibi_slopes") == "per_batch":
-        kw["alibi_slopes"] = alibi(batch, hq)
+    kw = with_alibi(kw, batch, hq)
     q, k, v = qkv(batch, sq, sk, hq, hkv, d, dtype)
     if sq > ops_attention.CPU_MAX_ROWS:
         from turbokernels import _ext
@@ -206,7 +208,6 @@ def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
     kernel in C++): the same bits as the op on the backend it would choose; the calls it does not serve (a window or
     edge that needs a mask, softcap, requires_grad, a dispatch mode, the profiler, a forced backend, bad input) get
     None there and the Python path's result or error."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     real = ops_attention._resolve_fast()
     calls, served = [], []
 
@@ -240,16 +241,8 @@ def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
     tk.attention(qg, k, v, causal=False).sum().backward()
     assert served == [False] and qg.grad is not None
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
     served.clear()
-    with Seen() as seen:
+    with RecordingMode() as seen:
         tk.attention(q, k, v)
     assert served == [False] and any("turbokernels.attention_fwd" in o for o in seen.ops)
     served.clear()

@@ -11,7 +11,7 @@ from turbokernels import _ext
 from turbokernels.reference.decode_attention import decode_attention as reference
 from turbokernels.testing import (CodegenJob, assert_close, compile_triton, decode_allowance, exp_error,
                                   operand_dtype, skip_reason_no_ptxas)
-from conftest import interpreting
+from conftest import RecordingMode, interpreting
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -368,7 +368,6 @@ def test_cpu_usual_call_goes_straight_to_the_kernel(monkeypatch):
     kernel directly, which checks the tensors itself: the same bits as the op; a call it rejects gets the checked
     path's error naming the argument; a forced backend, a dispatch mode or a tracer still see what they should."""
     import importlib
-    from torch.utils._python_dispatch import TorchDispatchMode
     mod = importlib.import_module("turbokernels.ops.decode_attention")
     real = mod._resolve_cpu_kernel()
     calls = []
@@ -395,17 +394,7 @@ def test_cpu_usual_call_goes_straight_to_the_kernel(monkeypatch):
     assert calls == []
     golden, baseline, allowance = golden_and_baseline(q, k_cache, v_cache, seqlens, window=(9, -1), backend="torch")
     assert_close(torch_out, golden, baseline, allowance=allowance, what="torch backend")
-
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Seen() as seen:
+    with RecordingMode() as seen:
         moded = tk.decode_attention(q, k_cache, v_cache, seqlens, window_size=(9, -1))
     assert calls == [] and any("turbokernels.decode_attention" in o for o in seen.ops)
     assert torch.equal(moded, out)

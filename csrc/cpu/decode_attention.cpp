@@ -269,32 +269,24 @@ struct Scratch {
   }
 };
 
-// The rows of one head against keys [j, j + nk): NB rows at a time with one key, or (fewer than 4 rows) one row with
-// up to four keys, so at least three independent sums run in every case.
+// G rows (q, D apart) against NK keys: blocks of four rows, then the one-to-three left one at a time (fewer
+// instantiations: each costs build time in every ISA copy)
+template <typename A, typename KE, int NK>
+TK_INLINE void score_rows(const A* q, int64_t G, int64_t D, const KE* const* kp, A* s, int64_t lds) {
+  int64_t r = 0;
+  for (; r + 4 <= G; r += 4) dots<A, KE, 4, NK>(q + r * D, D, kp, s + r * lds, lds);
+  for (; r < G; ++r) dots<A, KE, 1, NK>(q + r * D, D, kp, s + r * lds, lds);
+}
+
+// The rows of one head against keys [j, j + nk): four rows with two keys at a time (each q vector serves two keys,
+// each key vector four rows), or (fewer than 4 rows) one row with up to four keys, so at least three independent
+// sums run in every case.
 template <typename A, typename KE>
 TK_INLINE void score_keys(const A* q, int64_t G, int64_t D, const KE* const* kp, int64_t nk, A* s, int64_t lds) {
-  if (G >= 4 || nk == 1) {  // four rows with two keys: each q vector serves two keys, each key vector four rows
+  if (G >= 4 || nk == 1) {
     int64_t n = 0;
-    for (; n + 2 <= nk; n += 2) {
-      int64_t r = 0;
-      for (; r + 4 <= G; r += 4) dots<A, KE, 4, 2>(q + r * D, D, kp + n, s + r * lds + n, lds);
-      switch (G - r) {
-        case 3: dots<A, KE, 3, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        case 2: dots<A, KE, 2, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        case 1: dots<A, KE, 1, 2>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        default: break;
-      }
-    }
-    for (; n < nk; ++n) {
-      int64_t r = 0;
-      for (; r + 4 <= G; r += 4) dots<A, KE, 4, 1>(q + r * D, D, kp + n, s + r * lds + n, lds);
-      switch (G - r) {
-        case 3: dots<A, KE, 3, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        case 2: dots<A, KE, 2, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        case 1: dots<A, KE, 1, 1>(q + r * D, D, kp + n, s + r * lds + n, lds); break;
-        default: break;
-      }
-    }
+    for (; n + 2 <= nk; n += 2) score_rows<A, KE, 2>(q, G, D, kp + n, s + n, lds);
+    for (; n < nk; ++n) score_rows<A, KE, 1>(q, G, D, kp + n, s + n, lds);
     return;
   }
   for (int64_t r = 0; r < G; ++r) {
@@ -566,9 +558,12 @@ void run(const Problem& P, int64_t ntasks, int64_t work_per_task) {
   using Fn = void (*)(const Problem&, int64_t, int64_t, int64_t);
   Fn fn = &tasks_generic<E, A>;
 #if TK_X86_SIMD
-  const int level = cpu::isa_level();
-  if (level >= cpu::kAvx512Isa) fn = &tasks_avx512<E, A>;
-  else if (level >= cpu::kAvx2Isa) fn = &tasks_avx2<E, A>;
+  // float64 (a correctness dtype, not a fast one) keeps the baseline copy only: each copy costs build time
+  if constexpr (!std::is_same<A, double>::value) {
+    const int level = cpu::isa_level();
+    if (level >= cpu::kAvx512Isa) fn = &tasks_avx512<E, A>;
+    else if (level >= cpu::kAvx2Isa) fn = &tasks_avx2<E, A>;
+  }
 #endif
   // a task below ~64K multiply-adds runs on the calling thread: waking the pool costs more (tiny decode steps)
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_task));
