@@ -53,6 +53,16 @@ else:
     _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def serving_spy(fn, served: list):
+    """fn wrapped to append to `served`, on each call, whether it returned something (a one-call C++ entry that
+    answers None for a call it does not serve)."""
+    def spy(*args):
+        out = fn(*args)
+        served.append(out is not None)
+        return out
+    return spy
+
+
 class RecordingMode(TorchDispatchMode):
     """A dispatch mode that records the name of every op it sees (and runs it): what must still see our ops."""
 

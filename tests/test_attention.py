@@ -13,7 +13,7 @@ from turbokernels import backends
 from turbokernels.reference import attention as ref
 from turbokernels.testing import (CodegenJob, assert_close, attention_allowance, compile_triton, exp_error,
                                   operand_dtype, skip_reason_no_ptxas)
-from conftest import RecordingMode, interpreting
+from conftest import RecordingMode, interpreting, serving_spy
 
 ops_attention = importlib.import_module("turbokernels.ops.attention")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -208,29 +208,22 @@ def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
     kernel in C++): the same bits as the op on the backend it would choose; the calls it does not serve (a window or
     edge that needs a mask, softcap, requires_grad, a dispatch mode, the profiler, a forced backend, bad input) get
     None there and the Python path's result or error."""
-    real = ops_attention._resolve_fast()
-    calls, served = [], []
-
-    def spy(*a):
-        calls.append(1)
-        out = real(*a)
-        served.append(out is not None)
-        return out
-    monkeypatch.setattr(ops_attention, "_fast", spy)
+    served = []
+    monkeypatch.setattr(ops_attention, "_fast", serving_spy(ops_attention._resolve_fast(), served))
     f32 = torch.float32
     for (b, sq, sk, hq, hkv, d, kw) in [(2, 5, 5, 4, 2, 32, dict(causal=True)), (1, 7, 9, 2, 2, 16, {}),
                                         (2, 1, 40, 6, 3, 64, dict(causal=True)), (1, 3, 3, 2, 1, 8,
                                                                                 dict(softmax_scale=0.5))]:
         q, k, v = qkv(b, sq, sk, hq, hkv, d, f32)
-        calls.clear(), served.clear()
+        served.clear()
         out = tk.attention(q, k, v, **kw)
-        assert calls == [1] and served == [True]
+        assert served == [True]
         op_out = ops_attention.attention_fwd(q, k, v, None, None, None, kw.get("softmax_scale", d ** -0.5),
                                              kw.get("causal", False), -1, -1, 0.0)[0]
         assert torch.equal(out, op_out), (sq, sk, kw)
     q, k, v = qkv(1, 4, 6, 2, 2, 16, f32)
     for kw in (dict(causal=True), dict(window_size=(2, -1)), dict(softcap=2.0)):  # a mask / the reference
-        calls.clear(), served.clear()
+        served.clear()
         out = tk.attention(q, k, v, **kw)
         assert served == [False], kw
         with tk.backend("reference"):
@@ -249,10 +242,10 @@ def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
     with torch.profiler.profile() as prof:
         tk.attention(q, k, v)
     assert served == [False] and any("turbokernels::attention_fwd" in e.name for e in prof.events())
-    calls.clear()
+    served.clear()
     with tk.backend("torch"):
         tk.attention(q, k, v)
-    assert calls == []
+    assert served == []
     with pytest.raises(ValueError, match=r"attention\(v\): shape"):
         tk.attention(q, k[..., :8], v)
     with pytest.raises(TypeError, match=r"attention\(k\)"):

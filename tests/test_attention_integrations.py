@@ -9,7 +9,7 @@ from torch import nn
 
 import turbokernels as tk
 from turbokernels.testing import assert_close, attention_allowance, operand_dtype
-from conftest import interpreting
+from conftest import interpreting, serving_spy
 
 BACKENDS = (["reference"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
             + (["torch"] if not torch.cuda.is_available() else []))  # torch's fused kernels: CPU tensors
@@ -47,8 +47,7 @@ def test_sdpa_usual_cpu_call_in_one_cxx_call(monkeypatch):
     if not real:
         pytest.skip("the extension's one-call entry")
     served = []
-    monkeypatch.setattr(ops_attention, "_fast", lambda *a: (lambda out: served.append(out is not None) or out)(
-        real(*a)))
+    monkeypatch.setattr(ops_attention, "_fast", serving_spy(real, served))
     torch.manual_seed(0)
     for causal, hq, hkv, sq, sk, dtype in [(True, 4, 2, 9, 9, torch.float32), (False, 2, 2, 5, 17, torch.bfloat16),
                                            (False, 9, 3, 1, 161, torch.float32), (True, 6, 2, 1, 1, torch.float16)]:

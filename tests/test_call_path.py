@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import turbokernels as tk
 from turbokernels import backends
+from conftest import serving_spy
 
 K, N = 64, 16
 
@@ -253,8 +254,7 @@ def test_usual_cpu_call_in_one_cxx_call(op, monkeypatch):
     if not real:
         pytest.skip("the extension's one-call entry")
     served = []
-    monkeypatch.setattr(linear, "_LINEAR_USUAL", lambda *a: (lambda out: served.append(out is not None) or out)(
-        real(*a)))
+    monkeypatch.setattr(linear, "_LINEAR_USUAL", serving_spy(real, served))
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         lin = torch.nn.Linear(K, N).to(dtype)

@@ -93,10 +93,6 @@ template <>
 TK_INLINE double to_acc<double, double>(double x) {
   return x;
 }
-template <>
-TK_INLINE float to_acc<float, float>(float x) {
-  return x;
-}
 
 // row of n elements of type E -> A (a plain loop the compiler vectorizes in each ISA's copy; bf16 as the bit shift
 // it is, which c10's conversion hides from the vectorizer)

@@ -10,12 +10,11 @@ Arguments are checked first, on every path: errors name this function's argument
 """
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import warnings
 from typing import Optional
-
-import importlib
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
