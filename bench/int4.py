@@ -7,6 +7,9 @@ CPU, fp32 and bf16 activations, in interleaved rounds (bench.common.interleaved_
   (aten._weight_int4pack_mm_for_cpu, same weight and group size, bf16 x) where this torch has it.
   speedup = fp32 F.linear / ours, vs_best_dense = the faster dense F.linear / ours (the issue's floor: >= 1 at every
   M), vs_torch_int4 = torch int4 / ours (>= 1 wanted at M <= 4).
+  w4a8 columns: the opt-in mode (turbokernels.w4a8_linear: activations quantized to int8 per 32, integer dot
+  products; a different result, see reference/w4a8_mm.py), same weights, same rounds: w4a8_ms, its GB/s and % of
+  the copy bandwidth, and the same ratios.
 Roofline: bandwidth_pct = our bytes/s over a large copy's, matmul_peak_pct = our FLOP/s over a large dense matmul's
 (both measured at the start of the run), roofline_pct = the larger (the binding roof). On CPU the dense matmul is
 the BLAS's rate, which the AVX-512 int4 loop can exceed (over 100% then: the BLAS is not the hardware's peak).
@@ -73,7 +76,8 @@ def run_cpu(out_dir: str, quick: bool, full: bool, m_values: Optional[list[int]]
     print(f"# {env['device']}  torch {env['torch']}  {env['date']}  copy {roof['peak_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"fp32 matmul {roof['peak_flops'] / 1e12:.2f} TFLOP/s", flush=True)
     print(f"{'x':>5} {'K':>6} {'N':>6} {'M':>5} {'ours ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} {'tint4 ms':>8} "
-          f"{'vs fp32':>8} {'vs dense':>8} {'vs tint4':>8} {'GB/s':>6} {'bw%':>5}", flush=True)
+          f"{'vs fp32':>8} {'vs dense':>8} {'vs tint4':>8} {'GB/s':>6} {'bw%':>5} {'w4a8 ms':>8} {'w4a8 bw%':>8} "
+          f"{'vs tint4':>8}", flush=True)
     rows = []
     for K, N in shapes:
         dense32 = torch.randn(N, K) * 0.02
@@ -92,7 +96,8 @@ def run_cpu(out_dir: str, quick: bool, full: bool, m_values: Optional[list[int]]
                 x32, x16 = x.float(), x.to(torch.bfloat16)
                 fns = {"ours": lambda: tk.int4_linear(x, weights()),
                        "fp32": lambda: F.linear(x32 if dtype == torch.float32 else x.float(), d32()),
-                       "bf16": lambda: F.linear(x16 if dtype == torch.bfloat16 else x.to(torch.bfloat16), d16())}
+                       "bf16": lambda: F.linear(x16 if dtype == torch.bfloat16 else x.to(torch.bfloat16), d16()),
+                       "w4a8": lambda: tk.w4a8_linear(x, weights())}
                 if t4s is not None:
                     def torch_int4():
                         packed, sz, gs = t4s()
@@ -114,13 +119,21 @@ def run_cpu(out_dir: str, quick: bool, full: bool, m_values: Optional[list[int]]
                            gbps=round(n_bytes / (ms["ours"] * 1e-3) / 1e9, 2),
                            bandwidth_pct=round(100 * n_bytes / (ms["ours"] * 1e-3) / roof["peak_bytes_per_s"], 1),
                            roofline_pct=round(100 * roofline_fraction(2.0 * M * N * K, n_bytes, ms["ours"], roof), 1),
+                           w4a8_ms=round(ms["w4a8"], 5),
+                           w4a8_gbps=round(n_bytes / (ms["w4a8"] * 1e-3) / 1e9, 2),
+                           w4a8_bandwidth_pct=round(100 * n_bytes / (ms["w4a8"] * 1e-3) / roof["peak_bytes_per_s"],
+                                                    1),
+                           w4a8_vs_best_dense=round(best_dense / ms["w4a8"], 3),
+                           w4a8_vs_torch_int4=round(ms["torch_int4"] / ms["w4a8"], 3) if "torch_int4" in ms else "",
                            peak_gbps=round(roof["peak_bytes_per_s"] / 1e9, 1),
                            peak_tflops=round(roof["peak_flops"] / 1e12, 3))
                 rows.append(row)
                 print(f"{row['dtype']:>5} {K:>6} {N:>6} {M:>5} {ms['ours']:>8.3f} {ms['fp32']:>8.3f} "
                       f"{ms['bf16']:>8.3f} {ms.get('torch_int4', float('nan')):>8.3f} {row['speedup']:>7.2f}x "
                       f"{row['vs_best_dense']:>7.2f}x {ms.get('torch_int4', float('nan')) / ms['ours']:>7.2f}x "
-                      f"{row['gbps']:>6.1f} {row['bandwidth_pct']:>5.1f}", flush=True)
+                      f"{row['gbps']:>6.1f} {row['bandwidth_pct']:>5.1f} {ms['w4a8']:>8.3f} "
+                      f"{row['w4a8_bandwidth_pct']:>8.1f} {ms.get('torch_int4', float('nan')) / ms['w4a8']:>7.2f}x",
+                      flush=True)
         del dense32, dense16, weight, weights, d32, d16, t4, t4s
     csv_path = os.path.join(out_dir, "int4_cpu.csv")
     write_csv(rows, csv_path)
@@ -171,6 +184,12 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, f
                            roofline_pct=round(100 * roofline_fraction(flops, n_bytes, ours, roof), 1),
                            bandwidth_pct=round(100 * n_bytes / (ours * 1e-3) / roof["peak_bytes_per_s"], 1),
                            matmul_peak_pct=round(100 * flops / (ours * 1e-3) / roof["peak_flops"], 1),
+                           w4a8_ms=round(ms["w4a8"], 5),
+                           w4a8_gbps=round(n_bytes / (ms["w4a8"] * 1e-3) / 1e9, 2),
+                           w4a8_bandwidth_pct=round(100 * n_bytes / (ms["w4a8"] * 1e-3) / roof["peak_bytes_per_s"],
+                                                    1),
+                           w4a8_vs_best_dense=round(best_dense / ms["w4a8"], 3),
+                           w4a8_vs_torch_int4=round(ms["torch_int4"] / ms["w4a8"], 3) if "torch_int4" in ms else "",
                            peak_gbps=round(roof["peak_bytes_per_s"] / 1e9, 1),
                            peak_tflops=round(roof["peak_flops"] / 1e12, 2))
                 rows.append(row)

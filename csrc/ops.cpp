@@ -12,6 +12,12 @@
 #include "cpu/torch_attention.h"
 #include "watched.h"
 
+#include <string>
+
+namespace turbokernels::w4a8_cpu {
+std::string w4a8_mm_isa();  // csrc/cpu/w4a8_mm.cpp
+}
+
 TORCH_LIBRARY(turbokernels_C, m) {
   // The optional bias (N) is in x's dtype and is added to the fp32 sum before its one rounding to x's dtype.
   // x (M, K) fp16/bf16/fp32 @ dequant(qweight int32 (ceil(K/8), N), scales/offsets (G, N)) [+ bias] -> (M, N) in x's
@@ -21,6 +27,9 @@ TORCH_LIBRARY(turbokernels_C, m) {
   // x (M, K) fp16/bf16/fp32 @ W.T [+ bias], W (N, K) 2:4-sparse as values (N, K/2) in x's dtype + meta int16
   // (N, ceil(K/16))
   m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // int4_mm's arguments; x quantized to int8 per block of 32 k first (python/turbokernels/reference/w4a8_mm.py)
+  m.def("w4a8_mm(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, Tensor? bias=None) "
+        "-> Tensor");
   // x (M, K) fp16/bf16/fp32 @ W.T [+ bias], W (N, K) 2:4-sparse with int4 kept values: qweight int32 (ceil(K/16), N),
   // scales/offsets (G, N) per group_size KEPT values, meta int16 (N, ceil(K/16))
   m.def("sparse24_int4_mm(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor meta, int group_size, "
@@ -51,6 +60,15 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                              const at::Tensor&, int64_t, const std::optional<at::Tensor>&)>(
       "turbokernels_C::int4_mm");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, qweight, scales, offsets, group_size, bias);
+}
+
+at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets,
+                   int64_t group_size, const std::optional<at::Tensor>& bias) {
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, int64_t, const std::optional<at::Tensor>&)>(
+      "turbokernels_C::w4a8_mm");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(x, qweight, scales, offsets, group_size, bias);
 }
@@ -129,6 +147,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "torch.ops.turbokernels_C.int4_mm without the boxed path", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("group_size"), py::arg("bias") = py::none(),
         no_gil);
+  m.def("w4a8_mm", &w4a8_mm, "torch.ops.turbokernels_C.w4a8_mm without the boxed path", py::arg("x"),
+        py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("group_size"), py::arg("bias") = py::none(),
+        no_gil);
+  m.def("w4a8_mm_isa", &turbokernels::w4a8_cpu::w4a8_mm_isa,
+        "the instruction set w4a8_mm's CPU kernel runs here: avx512vnni, avx2 or scalar (csrc/cpu/w4a8_mm.cpp)");
   m.def("sparse24_mm", &sparse24_mm, "torch.ops.turbokernels_C.sparse24_mm without the boxed path", py::arg("x"),
         py::arg("values"), py::arg("meta"), py::arg("bias") = py::none(), no_gil);
   m.def("sparse24_int4_mm", &sparse24_int4_mm, "torch.ops.turbokernels_C.sparse24_int4_mm without the boxed path",

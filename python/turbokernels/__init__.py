@@ -14,13 +14,13 @@ from .compress import is_24_sparse, prune_24
 from .formats import Int4Weight, Sparse24Int4Weight, Sparse24Weight, quantize_int4
 from .integrations.sdpa import scaled_dot_product_attention
 from .ops import (attention, decode_attention, int4_linear, kv_cache_append, sparse24_int4_linear,
-                  sparse24_linear)
+                  sparse24_linear, w4a8_linear)
 from . import model, nn  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "__version__",
-           "Int4Weight", "quantize_int4", "int4_linear",
+           "Int4Weight", "quantize_int4", "int4_linear", "w4a8_linear",
            "attention", "scaled_dot_product_attention", "decode_attention", "kv_cache_append",
            "prune_24", "is_24_sparse", "Sparse24Weight", "sparse24_linear", "Sparse24Int4Weight",
            "sparse24_int4_linear", "model", "nn"]

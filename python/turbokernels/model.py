@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .formats.int4 import Int4Weight, check_group_size, check_scale_dtype
-from .nn import Int4Linear
+from .nn import Int4Linear, W4A8Linear
 
 # The output projection's error lands directly on the logits. Measured (bench/e2e.py, SmolLM2-135M, int4 g32, 2026-12):
 # with its head quantized too, perplexity on the benchmark's passage +6.6%, mean KL divergence from fp32 0.055, top-1
@@ -49,7 +49,7 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
 def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = False,
                    exclude: Iterable[str] = DEFAULT_EXCLUDE,
                    include: Optional[Callable[[str, nn.Linear], bool]] = None,
-                   scale_dtype: Optional[torch.dtype] = None) -> list[str]:
+                   scale_dtype: Optional[torch.dtype] = None, w4a8: bool = False) -> list[str]:
     """Replace every nn.Linear of `model` (in place) by an Int4Linear; returns the names replaced.
 
     exclude: fnmatch patterns of layer names to keep in float (default: the LM head; `exclude=()` quantizes it too:
@@ -64,6 +64,10 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
         a decode step streams: bench/e2e.py's *_f16_scales_* variants) for a relative scale error of at most 2^-11,
         small against int4's own rounding; exact for weights that came from llama.cpp's Q4_0/Q4_1, whose scales
         and minima are fp16.
+    w4a8: build W4A8Linear layers instead (opt-in): the activations are quantized to int8 per block of 32 input
+        features before each product, which the CPU kernel turns into integer dot products (faster decode on CPUs,
+        bench/int4.py; an extra relative RMS error of about 0.5%: reference/w4a8_mm.py). The group size
+        must then be a multiple of 32 or -1 (per channel) for the CPU kernel; other sizes run the reference.
     Every replacement is built before any is installed: a layer that cannot be quantized (e.g. a NaN weight) raises
     an error naming it and leaves the whole model unchanged.
     """
@@ -79,13 +83,16 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     if include is not None and not callable(include):
         raise TypeError(f"{fn}(include): expected a callable (name, layer) -> bool, got {type(include).__name__}")
     check_scale_dtype(scale_dtype, f"{fn}(scale_dtype)")
+    if not isinstance(w4a8, bool):
+        raise TypeError(f"{fn}(w4a8): expected a bool, got {type(w4a8).__name__}")
+    cls = W4A8Linear if w4a8 else Int4Linear
 
     def want(name, module):
         return (type(module) is nn.Linear and not _excluded(name, exclude)
                 and (include is None or include(name, module)))
 
     def make(linear):
-        layer = Int4Linear.from_linear(linear, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+        layer = cls.from_linear(linear, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
         return layer.to(linear.weight.device)
 
     return _swap(fn, model, want, make)
