@@ -12,6 +12,8 @@ Variants, each its own copy of the same fp32 model (the GGUF Q4_1 checkpoint of 
                           torch.float16)): half the scale bytes a token streams at g32 (a third of an fp32 model's
                           int4 bytes); for this checkpoint the same weights (its Q4_1 scales and minima are fp16)
   int4_lm_head_f16_scales_attention  the same with the LM head quantized too
+  w4a8_f16_scales_attention          int4_f16_scales_attention with W4A8Linear layers (quantize_int4_(..., w4a8=True),
+                          opt-in: activations rounded to int8 per 32 features, integer dot products on the CPU)
   llama_cpp               the same GGUF through llama-cpp-python, when it is importable (its own Q4_1 kernels)
 Prefill: one forward of a PROMPT-token prompt (median ms -> tokens/s). Decode: DECODE greedy steps after that
 prefill, each a forward of one token with the KV cache (median per-token ms -> tokens/s). Rounds interleave the
@@ -106,6 +108,9 @@ def _variants(model, device):
         m = copy.deepcopy(model)
         tk_model.quantize_int4_(m, group_size=GROUP_SIZE, exclude=exclude, scale_dtype=torch.float16)
         out[name] = _with_attention(m)
+    m = copy.deepcopy(model)
+    tk_model.quantize_int4_(m, group_size=GROUP_SIZE, scale_dtype=torch.float16, w4a8=True)
+    out["w4a8_f16_scales_attention"] = _with_attention(m)
     return out
 
 
@@ -224,7 +229,7 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, p
     for k in timers:
         p, d = statistics.median(prefill[k]), statistics.median(step[k])
         q = quality.get(k)
-        row = dict(env, model=name, variant=k, group_size=GROUP_SIZE if k.startswith("int4") else "",
+        row = dict(env, model=name, variant=k, group_size=GROUP_SIZE if k.startswith(("int4", "w4a8")) else "",
                    lm_head="int4" if "lm_head" in k else ("" if k == "llama_cpp" else "fp32"),
                    scales="fp16" if "f16_scales" in k else ("fp32" if k.startswith("int4") else ""),
                    prompt_tokens=prompt, decode_tokens=decode, rounds=rounds,

@@ -109,7 +109,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 // that x and the bias are torch.Tensor exactly): planned's checks of x and the bias, the reshape to 2-D and the CPU
 // kernel in one call. nullopt for every call it does not serve (then the Python path runs and raises what a bad
 // call deserves). op: 0 int4_mm (a qweight, b scales, c offsets), 1 sparse24_mm (a values, b meta: x's dtype must
-// be the values'), 2 sparse24_int4_mm (a qweight, b scales, c offsets, d meta).
+// be the values'), 2 sparse24_int4_mm (a qweight, b scales, c offsets, d meta), 3 w4a8_mm (as int4_mm; group sizes
+// the CPU kernel declines, not multiples of 32, are left to the Python path, which sends them to the reference).
 std::optional<at::Tensor> linear_usual(int64_t op, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                                        const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c,
                                        const std::optional<at::Tensor>& d, int64_t group_size, int64_t in_features,
@@ -124,11 +125,13 @@ std::optional<at::Tensor> linear_usual(int64_t op, const at::Tensor& x, const st
   if (bias.has_value() && (bias->scalar_type() != dt || bias->dim() != 1 || bias->size(0) != out_features ||
                            !bias->is_cpu()))
     return std::nullopt;
+  if (op == 3 && group_size > 0 && group_size < in_features && group_size % 32 != 0) return std::nullopt;
   const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in_features});
   at::Tensor out;
   switch (op) {
     case 0: out = int4_mm(x2, a, b, *c, group_size, bias); break;
     case 1: out = sparse24_mm(x2, a, b, bias); break;
+    case 3: out = w4a8_mm(x2, a, b, *c, group_size, bias); break;
     default: out = sparse24_int4_mm(x2, a, b, *c, *d, group_size, bias); break;
   }
   if (x.dim() == 2) return out;

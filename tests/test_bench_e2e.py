@@ -26,7 +26,11 @@ def test_variants_and_quality():
     embedding = model.model.embed_tokens.weight.detach().clone()
     variants = e2e._variants(model, torch.device("cpu"))
     assert list(variants) == ["hf_fp32", "int4", "int4_attention", "int4_lm_head", "int4_lm_head_attention",
-                              "int4_f16_scales_attention", "int4_lm_head_f16_scales_attention"]
+                              "int4_f16_scales_attention", "int4_lm_head_f16_scales_attention",
+                              "w4a8_f16_scales_attention"]
+    w4a8 = [m for m in variants["w4a8_f16_scales_attention"].modules() if isinstance(m, tk.nn.Int4Linear)]
+    assert w4a8 and all(isinstance(m, tk.nn.W4A8Linear) and m.scales.dtype == torch.float16 for m in w4a8)
+    assert type(variants["w4a8_f16_scales_attention"].lm_head) is torch.nn.Linear
     assert type(variants["int4"].lm_head) is torch.nn.Linear
     assert type(variants["int4_f16_scales_attention"].lm_head) is torch.nn.Linear
     for k, m in variants.items():

@@ -17,10 +17,11 @@ def _layers():
     lin = torch.nn.Linear(K, N)
     return {"int4_mm": tk.nn.Int4Linear.from_linear(lin, group_size=32),
             "sparse24_mm": tk.nn.Sparse24Linear.from_linear(lin),
-            "sparse24_int4_mm": tk.nn.Sparse24Int4Linear.from_linear(lin, group_size=32)}
+            "sparse24_int4_mm": tk.nn.Sparse24Int4Linear.from_linear(lin, group_size=32),
+            "w4a8_mm": tk.nn.W4A8Linear.from_linear(lin, group_size=32)}
 
 
-LINEAR_USUAL_OPS = ("int4_mm", "sparse24_mm", "sparse24_int4_mm")  # turbokernels._C.linear_usual's op ids
+LINEAR_USUAL_OPS = ("int4_mm", "sparse24_mm", "sparse24_int4_mm", "w4a8_mm")  # turbokernels._C.linear_usual's op ids
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def spy(monkeypatch):
     return install
 
 
-@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm"])
+@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm", "w4a8_mm"])
 def test_forced_backend_is_honored_after_the_choice_was_remembered(op, spy, monkeypatch):
     layer = _layers()[op]
     ran = spy(op)
@@ -93,7 +94,7 @@ def test_select_runs_the_checks_once_per_key_and_register_forgets():
     assert backends.select(op, x, key=("k", 1))[0] == "cpu"
 
 
-@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm"])
+@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm", "w4a8_mm"])
 def test_replaced_buffer_is_revalidated(op):
     layer = _layers()[op]
     x = torch.randn(3, K)
@@ -128,7 +129,7 @@ def test_replaced_buffer_with_a_valid_weight_is_used():
 def test_bad_input_still_raises_naming_the_argument():
     layers = _layers()
     for op, entry in (("int4_mm", "int4_linear"), ("sparse24_mm", "sparse24_linear"),
-                      ("sparse24_int4_mm", "sparse24_int4_linear")):
+                      ("sparse24_int4_mm", "sparse24_int4_linear"), ("w4a8_mm", "w4a8_linear")):
         layer = layers[op]
         layer(torch.randn(1, K))  # a plan and a remembered choice exist
         with pytest.raises(ValueError, match=rf"{entry}\(x\): last dimension"):
@@ -186,14 +187,14 @@ def test_bias_requiring_grad_goes_through_autograd():
 def _kernel_args(op, layer, x, with_bias):
     w = layer.weight
     b = layer.bias.detach().to(x.dtype) if with_bias else None
-    if op == "int4_mm":
+    if op in ("int4_mm", "w4a8_mm"):
         return (x, w.qweight, w.scales, w.offsets, w.effective_group_size, b)
     if op == "sparse24_mm":
         return (x, w.values, w.meta, b)
     return (x, w.qweight, w.scales, w.offsets, w.meta, w.kept_group_size, b)
 
 
-@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm"])
+@pytest.mark.parametrize("op", ["int4_mm", "sparse24_mm", "sparse24_int4_mm", "w4a8_mm"])
 def test_extension_functions_are_the_dispatcher_ops(op):
     """turbokernels._C.<op> (the backends' entry, csrc/ops.cpp) runs the kernel torch.ops.turbokernels_C.<op> runs:
     the same bits, the same refusals."""
@@ -260,11 +261,13 @@ def test_usual_cpu_call_in_one_cxx_call(op, monkeypatch):
         lin = torch.nn.Linear(K, N).to(dtype)
         layer = {"int4_mm": lambda: tk.nn.Int4Linear.from_linear(lin, group_size=32),
                  "sparse24_mm": lambda: tk.nn.Sparse24Linear.from_linear(lin),
-                 "sparse24_int4_mm": lambda: tk.nn.Sparse24Int4Linear.from_linear(lin, group_size=32)}[op]()
+                 "sparse24_int4_mm": lambda: tk.nn.Sparse24Int4Linear.from_linear(lin, group_size=32),
+                 "w4a8_mm": lambda: tk.nn.W4A8Linear.from_linear(lin, group_size=32)}[op]()
         w, b = layer.weight, layer.bias.to(dtype)
         functional = {"int4_mm": tk.int4_linear, "sparse24_mm": tk.sparse24_linear,
-                      "sparse24_int4_mm": tk.sparse24_int4_linear}[op]
+                      "sparse24_int4_mm": tk.sparse24_int4_linear, "w4a8_mm": tk.w4a8_linear}[op]
         weights = {"int4_mm": lambda: (w.qweight, w.scales, w.offsets, w.effective_group_size),
+                   "w4a8_mm": lambda: (w.qweight, w.scales, w.offsets, w.effective_group_size),
                    "sparse24_mm": lambda: (w.values, w.meta),
                    "sparse24_int4_mm": lambda: (w.qweight, w.scales, w.offsets, w.meta, w.kept_group_size)}[op]()
         for shape in ((K,), (3, K), (2, 5, K)):

@@ -252,3 +252,15 @@ def test_module_swap_state_dict_and_restore():
     assert tk.model.restore_(model) == ["0", "2"]
     assert type(model[0]) is torch.nn.Linear
 
+
+def test_group_size_the_kernel_declines_runs_the_reference():
+    """A W4A8Linear whose group size is not a multiple of 32 (blocks would straddle groups) computes the spec through
+    the reference backend, on the module's usual call as on any other."""
+    layer = tk.nn.W4A8Linear.from_linear(torch.nn.Linear(100, 24), group_size=40)
+    x = torch.randn(3, 100)
+    with torch.no_grad():
+        out = layer(x)
+        with tk.backend("reference"):
+            want = layer(x)
+    assert torch.equal(out, want)
+

@@ -54,6 +54,8 @@ class LinearPlan:
             w = weights
             if op == "int4_mm":
                 self.fast = (0, w[0], w[1], w[2], None, w[3])
+            elif op == "w4a8_mm":
+                self.fast = (3, w[0], w[1], w[2], None, w[3])
             elif op == "sparse24_mm":
                 self.fast = (1, w[0], w[1], None, None, 0)
             elif op == "sparse24_int4_mm":
