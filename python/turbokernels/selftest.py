@@ -88,6 +88,26 @@ def _int4_mm(gen, dev, dtype, shape):
     return run, f"M={M} K={K} N={N} g={g}" + (" bias" if with_bias else "")
 
 
+def _w4a8_mm(gen, dev, dtype, shape):
+    """Its spec's golden: the activations quantized as reference/w4a8_mm.py says, then the exact product."""
+    import turbokernels as tk
+    from turbokernels.reference.w4a8_mm import dequantize_activations, quantize_activations
+    from turbokernels.testing import int4_dequant_magnitudes, matmul_allowance
+    M, K, N, g, with_bias = shape
+    w = tk.quantize_int4(_randn(gen, N, K, dtype=dtype), group_size=g).to(dev)
+    x = _randn(gen, M, K, dtype=dtype, device=dev)
+    bias = _randn(gen, N, dtype=dtype, device=dev) if with_bias else None
+    xhat = dequantize_activations(*quantize_activations(x), dtype=torch.float64)
+    w64 = w.dequantize(torch.float64).t()
+    golden = xhat @ w64 if bias is None else xhat @ w64 + bias.double()
+
+    def run(name):
+        out = tk.w4a8_linear(x, w, bias)
+        allowance = matmul_allowance(xhat, w64, bias=bias, dequant_magnitudes=int4_dequant_magnitudes(w, name))
+        return _Result([("out", out, golden, None, allowance)])
+    return run, f"M={M} K={K} N={N} g={g}" + (" bias" if with_bias else "")
+
+
 def _sparse24_mm(gen, dev, dtype, shape):
     import turbokernels as tk
     from turbokernels.testing import matmul_allowance
@@ -240,6 +260,7 @@ def _kv_cache_append(gen, dev, dtype, shape):
 OPS: dict[str, tuple[str, Callable, list]] = {
     # the matmuls: (M, K, N, group, bias) / (M, N, K[, group], bias); the second case adds a bias
     "int4_mm": ("int4_mm", _int4_mm, [(1, 576, 97, 128, False), (17, 256, 40, 64, True)]),
+    "w4a8_mm": ("w4a8_mm", _w4a8_mm, [(1, 576, 97, 128, False), (5, 200, 40, 32, True)]),
     "sparse24_mm": ("sparse24_mm", _sparse24_mm, [(1, 113, 48, False), (17, 33, 20, True)]),
     "sparse24_int4_mm": ("sparse24_int4_mm", _sparse24_int4_mm,
                          [(1, 113, 576, 128, False), (17, 17, 160, 64, True)]),
