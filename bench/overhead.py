@@ -82,13 +82,14 @@ def _linear_cases(dev: torch.device, dtype: torch.dtype) -> list[dict]:
         "Sparse24Linear": (tk.nn.Sparse24Linear.from_linear(lin), tk.sparse24_linear, "sparse24_mm"),
         "Sparse24Int4Linear": (tk.nn.Sparse24Int4Linear.from_linear(lin, group_size=GROUP),
                                tk.sparse24_int4_linear, "sparse24_int4_mm"),
+        "W4A8Linear": (tk.nn.W4A8Linear.from_linear(lin, group_size=GROUP), tk.w4a8_linear, "w4a8_mm"),
     }
     cases = [dict(family="linear", entry="nn.Linear", layer="module", baseline="nn.Linear", fn=lambda: lin(x)),
              dict(family="linear", entry="F.linear", layer="functional", baseline="F.linear",
                   fn=lambda: F.linear(x, lin.weight, lin.bias))]
     for mod_name, (mod, functional, op) in mods.items():
         w, b = mod.weight, mod.bias.to(dtype)
-        if op == "int4_mm":
+        if op in ("int4_mm", "w4a8_mm"):
             args = (x, w.qweight, w.scales, w.offsets, w.effective_group_size, b)
         elif op == "sparse24_mm":
             args = (x, w.values, w.meta, b)
