@@ -180,7 +180,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "turbokernels.attention's usual CPU call in one C++ call, or None (csrc/cpu/torch_attention.cpp)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("causal"), py::arg("softmax_scale"), py::arg("window_left"),
         py::arg("window_right"), py::arg("softcap"), py::arg("native_gqa"), py::arg("cpu_rows"), py::arg("sdpa"),
-        py::arg("enable_gqa"), no_gil);
+        py::arg("enable_gqa"), py::arg("alibi_slopes") = py::none(), no_gil);
+  m.def(
+      "torch_attention_call_args",
+      [](int64_t sq, int64_t sk, const std::optional<at::Tensor>& slopes, bool causal, int64_t window_left,
+         int64_t window_right, at::ScalarType dtype) {
+        const turbokernels::CallArgs a =
+            turbokernels::torch_attention_call_args(sq, sk, slopes, causal, window_left, window_right, dtype);
+        return std::make_tuple(a.is_causal, a.mask, a.row_begin, a.row_end);
+      },
+      "the torch attention backend's (is_causal, mask, row_begin, row_end) for one dense block, masks cached "
+      "(csrc/cpu/torch_attention.cpp)",
+      py::arg("sq"), py::arg("sk"), py::arg("slopes"), py::arg("causal"), py::arg("window_left"),
+      py::arg("window_right"), py::arg("dtype"));
   m.def("attention_rows", &turbokernels::decode_cpu::attention_rows,
         "attention_fwd's cpu backend: a few query rows per sequence, decode_attention's kernel (decode_attention.cpp)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("causal"),

@@ -204,10 +204,11 @@ def fast_entry_built() -> bool:
 
 @pytest.mark.skipif(not fast_entry_built(), reason="the extension's one-call entry")
 def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
-    """attention's usual CPU call goes through turbokernels._C.attention_usual (the checks, the backend choice and the
-    kernel in C++): the same bits as the op on the backend it would choose; the calls it does not serve (a window or
-    edge that needs a mask, softcap, requires_grad, a dispatch mode, the profiler, a forced backend, bad input) get
-    None there and the Python path's result or error."""
+    """attention's usual CPU call goes through turbokernels._C.attention_usual (the checks, the backend choice, the
+    mask of a window, of the bottom-right causal edge or of ALiBi, and the kernel in C++): the same bits as the op on
+    the backend it would choose; the calls it does not serve (softcap, slopes it does not take, requires_grad, a
+    dispatch mode, the profiler, a forced backend, bad input) get None there and the Python path's result or
+    error."""
     served = []
     monkeypatch.setattr(ops_attention, "_fast", serving_spy(ops_attention._resolve_fast(), served))
     f32 = torch.float32
@@ -221,10 +222,30 @@ def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
         op_out = ops_attention.attention_fwd(q, k, v, None, None, None, kw.get("softmax_scale", d ** -0.5),
                                              kw.get("causal", False), -1, -1, 0.0)[0]
         assert torch.equal(out, op_out), (sq, sk, kw)
-    q, k, v = qkv(1, 4, 6, 2, 2, 16, f32)
-    for kw in (dict(causal=True), dict(window_size=(2, -1)), dict(softcap=2.0)):  # a mask / the reference
+    slopes = torch.tensor([0.5, 0.25])
+    for (b, sq, sk, hq, hkv, d, kw) in [(1, 4, 6, 2, 2, 16, dict(causal=True)),  # masks: the edge, windows, ALiBi
+                                        (2, 6, 6, 2, 1, 16, dict(window_size=(2, -1))),
+                                        (1, 5, 9, 2, 2, 8, dict(causal=True, window_size=(3, 0))),
+                                        (2, 7, 7, 2, 2, 16, dict(causal=True, alibi_slopes=slopes)),
+                                        (2, 3, 8, 2, 2, 16, dict(alibi_slopes=slopes[None].repeat(2, 1))),
+                                        (1, 1, 9, 2, 2, 16, dict(causal=True, alibi_slopes=slopes)),
+                                        (1, 600, 600, 2, 2, 8, dict(causal=True, alibi_slopes=slopes))]:
+        q, k, v = qkv(b, sq, sk, hq, hkv, d, f32)
         served.clear()
         out = tk.attention(q, k, v, **kw)
+        assert served == [True], kw
+        ws = kw.get("window_size", (-1, -1))
+        op_out = ops_attention.attention_fwd(q, k, v, None, None, kw.get("alibi_slopes"), d ** -0.5,
+                                             kw.get("causal", False), ws[0], ws[1], 0.0)[0]
+        assert torch.equal(out, op_out), (sq, sk, kw)
+    q, k, v = qkv(1, 4, 6, 2, 2, 16, f32)
+    for kw in (dict(softcap=2.0), dict(alibi_slopes=slopes.double()), dict(alibi_slopes=torch.ones(4)[::2])):
+        served.clear()  # the reference; slopes the Python path checks (and converts, or refuses)
+        try:
+            out = tk.attention(q, k, v, **kw)
+        except TypeError:  # float64 slopes: refused, by the Python path
+            assert served == [False] and kw["alibi_slopes"].dtype == torch.float64
+            continue
         assert served == [False], kw
         with tk.backend("reference"):
             ref_out = tk.attention(q, k, v, **kw)
@@ -250,6 +271,33 @@ def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
         tk.attention(q, k[..., :8], v)
     with pytest.raises(TypeError, match=r"attention\(k\)"):
         tk.attention(q, k.double(), v)
+
+
+def test_cxx_call_args_are_the_python_ones():
+    """The torch backend's masks (windows, the bottom-right causal edge, ALiBi, and the causal edge baked into the
+    mask up to BAKE_CAUSAL_MAX_SK keys) built in C++ (turbokernels._C.torch_attention_call_args, which the one-call
+    entry and _call_args use) are the Python steps' (_build_call_args): the same is_causal, rows and mask bits."""
+    from turbokernels import _ext
+    from turbokernels.ops import _torch_attention as ta
+    if not (_ext.available() and hasattr(_ext.C, "torch_attention_call_args")):
+        pytest.skip("turbokernels._C without torch_attention_call_args")
+    slopes = torch.exp2(-8.0 * torch.arange(1, 5) / 4)
+    cases = [(sq, sk, s, causal, wl, wr, dt)
+             for sq, sk in ((1, 9), (5, 5), (4, 11), (9, 4), (600, 600), (513, 513))
+             for s in (None, slopes, slopes[None].repeat(2, 1) * torch.tensor([[1.0], [0.5]]))
+             for causal, wl, wr in ((True, -1, -1), (False, 2, -1), (False, -1, 3), (True, 3, 0), (False, 1, 1))
+             for dt in (torch.float32, torch.bfloat16, torch.float64)]
+    for sq, sk, s, causal, wl, wr, dt in cases:
+        is_causal, mask, rows = ta._build_call_args(sq, sk, s, causal, wl, wr, dt, torch.device("cpu"), 1)
+        c_causal, c_mask, a, b = _ext.C.torch_attention_call_args(sq, sk, s, causal, wl, wr, dt)
+        what = (sq, sk, None if s is None else tuple(s.shape), causal, wl, wr, dt)
+        assert c_causal == is_causal and (rows or (0, sq)) == (a, b), what
+        assert (mask is None) == (c_mask is None), what
+        if mask is not None:
+            assert c_mask.dtype == mask.dtype and torch.equal(c_mask, mask), what
+    # the edge baked into the mask up to 512 keys, left to is_causal past that
+    assert ta._build_call_args(512, 512, slopes, True, -1, -1, torch.float32, torch.device("cpu"), 1)[0] is False
+    assert ta._build_call_args(513, 513, slopes, True, -1, -1, torch.float32, torch.device("cpu"), 1)[0] is True
 
 
 def _varlen_inputs(seqlens_q, seqlens_k, hq, hkv, d, dtype):

@@ -14,8 +14,14 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <c10/core/InferenceMode.h>
+
 #include <cmath>
 #include <limits>
+#include <list>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 namespace turbokernels {
 namespace {
@@ -36,6 +42,143 @@ bool some_zero(const at::Tensor& lse, int64_t row_begin, int64_t row_end) {
 }
 
 }  // namespace
+
+// ---- the masks of windows, the bottom-right causal edge and ALiBi: _torch_attention._call_args in C++ -----------
+// The same steps on the same torch ops (so the same mask bits; tested against the Python ones), cached as there:
+// an LRU of at most kMaskEntries masks and kMaskBytes bytes, ALiBi keyed by the slopes' values.
+namespace {
+
+constexpr size_t kMaskEntries = 32;
+constexpr int64_t kBakeCausalMaxSk = 512;  // keep in step with _torch_attention.BAKE_CAUSAL_MAX_SK
+constexpr int64_t kMaskBytes = int64_t(64) << 20;
+
+struct MaskKey {
+  int64_t sq, sk, wl, wr;
+  bool causal;
+  at::ScalarType dtype;
+  std::vector<int64_t> slope_shape;  // empty: no ALiBi
+  std::vector<float> slopes;
+  bool operator==(const MaskKey& o) const {
+    return sq == o.sq && sk == o.sk && wl == o.wl && wr == o.wr && causal == o.causal && dtype == o.dtype &&
+           slope_shape == o.slope_shape && slopes == o.slopes;
+  }
+};
+
+struct MaskCache {
+  std::mutex lock;
+  std::list<std::pair<MaskKey, CallArgs>> entries;  // most recent first (a few dozen: a linear scan)
+};
+
+MaskCache& mask_cache() {
+  static MaskCache* cache = new MaskCache();  // never destroyed: tensors freed at exit would outlive torch
+  return *cache;
+}
+
+// _edges: the window relative to each row's aligned diagonal; nullopt where it excludes no key of any row
+void edges(int64_t sq, int64_t sk, bool causal, int64_t wl, int64_t wr, std::optional<int64_t>& left,
+           std::optional<int64_t>& right, int64_t& off) {
+  off = sk - sq;
+  const int64_t r = causal ? 0 : wr;
+  left = (0 <= wl && wl < sk - 1) ? std::optional<int64_t>(wl) : std::nullopt;
+  right = (0 <= r && r < sq - 1) ? std::optional<int64_t>(r) : std::nullopt;
+}
+
+// _mask: -inf outside the window (where is_causal does not already exclude it), -slope |j - i - off| with ALiBi
+std::optional<at::Tensor> make_mask(int64_t sq, int64_t sk, std::optional<int64_t> left, std::optional<int64_t> right,
+                                    int64_t off, bool is_causal, const std::optional<at::Tensor>& slopes,
+                                    at::ScalarType dtype) {
+  const bool need_right = right.has_value() && !(is_causal && off + *right == 0);
+  if (!slopes.has_value() && !left.has_value() && !need_right) return std::nullopt;
+  const auto opts = at::TensorOptions().dtype(dtype);
+  if (slopes.has_value()) {
+    const at::Tensor rel = at::arange(sk, opts) - at::arange(off, sq + off, opts).unsqueeze(1);
+    const at::Tensor neg = slopes->to(dtype).neg();
+    at::Tensor mask = neg.unsqueeze(-1).unsqueeze(-1) * rel.abs();
+    if (mask.dim() == 3) mask = mask.unsqueeze(0);
+    const std::optional<at::Tensor> window = make_mask(sq, sk, left, right, off, is_causal, std::nullopt, dtype);
+    return window.has_value() ? mask.add_(*window) : mask;
+  }
+  at::Tensor mask = at::zeros({sq, sk}, opts);
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const auto bools = at::TensorOptions().dtype(at::kBool);
+  if (need_right) mask.masked_fill_(at::ones({sq, sk}, bools).triu_(off + *right + 1), ninf);
+  if (left.has_value()) mask.masked_fill_(at::ones({sq, sk}, bools).tril_(off - *left - 1), ninf);
+  return mask;
+}
+
+CallArgs build_call_args(int64_t sq, int64_t sk, const std::optional<at::Tensor>& slopes, bool causal, int64_t wl,
+                         int64_t wr, at::ScalarType dtype) {
+  std::optional<int64_t> left, right;
+  int64_t off = 0;
+  edges(sq, sk, causal, wl, wr, left, right, off);
+  CallArgs args;
+  args.is_causal = right.has_value() && off + *right <= 0;
+  // a 0/-inf mask is exact in q's dtype; an ALiBi bias is computed and added in fp32 (float64 for float64 inputs)
+  const at::ScalarType mdtype = !slopes.has_value() ? dtype : (dtype == at::kDouble ? at::kDouble : at::kFloat);
+  {
+    c10::InferenceMode not_inference(false);  // a cached mask may serve later calls outside inference mode
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    args.mask = make_mask(sq, sk, left, right, off, args.is_causal, slopes, mdtype);
+    // torch's kernel applies is_causal element by element on top of a mask: up to kBakeCausalMaxSk keys that costs
+    // more than the key blocks it skips, so the edge goes into the mask instead (2-core Sapphire Rapids, 8 heads,
+    // d 64, causal ALiBi: 256 keys 1.84 vs 1.80 ms fp32, 0.69 vs 0.65 bf16; 1024 keys 24.5 vs 29.8, 8.0 vs 10.5)
+    if (args.is_causal && args.mask.has_value() && sk <= kBakeCausalMaxSk) {
+      args.mask->masked_fill_(at::ones({sq, sk}, at::TensorOptions().dtype(at::kBool)).triu_(off + *right + 1),
+                              -std::numeric_limits<double>::infinity());
+      args.is_causal = false;
+    }
+  }
+  // _empty_rows: rows [0, a) and [b, sq) have no allowed key
+  const int64_t a = right.has_value() ? std::min(sq, std::max<int64_t>(0, -(off + *right))) : 0;
+  const int64_t b = left.has_value() ? std::max(a, std::min(sq, sk - off + *left)) : sq;
+  args.row_begin = a;
+  args.row_end = b;
+  return args;
+}
+
+}  // namespace
+
+CallArgs torch_attention_call_args(int64_t sq, int64_t sk, const std::optional<at::Tensor>& slopes, bool causal,
+                                   int64_t window_left, int64_t window_right, at::ScalarType dtype) {
+  CallArgs plain;
+  plain.row_end = sq;
+  if (!slopes.has_value() && window_left < 0 && (causal || window_right < 0)) {
+    if (!causal || (sq <= 1 && 1 <= sk)) return plain;
+    if (sq == sk) {
+      plain.is_causal = true;
+      return plain;
+    }
+  }
+  MaskKey key{sq, sk, window_left, window_right, causal, dtype, {}, {}};
+  if (slopes.has_value()) {
+    const at::Tensor s = slopes->to(at::kFloat).contiguous();
+    key.slope_shape.assign(s.sizes().begin(), s.sizes().end());
+    key.slopes.assign(s.data_ptr<float>(), s.data_ptr<float>() + s.numel());
+  }
+  MaskCache& cache = mask_cache();
+  {
+    std::lock_guard<std::mutex> guard(cache.lock);
+    for (auto it = cache.entries.begin(); it != cache.entries.end(); ++it)
+      if (it->first == key) {
+        cache.entries.splice(cache.entries.begin(), cache.entries, it);
+        return it->second;
+      }
+  }
+  CallArgs args = build_call_args(sq, sk, slopes, causal, window_left, window_right, dtype);
+  const int64_t nbytes = args.mask.has_value() ? args.mask->numel() * args.mask->element_size() : 0;
+  if (nbytes <= kMaskBytes) {
+    std::lock_guard<std::mutex> guard(cache.lock);
+    cache.entries.emplace_front(std::move(key), args);
+    int64_t total = 0;
+    for (const auto& e : cache.entries) total += e.second.mask.has_value() ? e.second.mask->numel() * e.second.mask->element_size() : 0;
+    while (cache.entries.size() > kMaskEntries || total > kMaskBytes) {
+      const auto& last = cache.entries.back().second;
+      total -= last.mask.has_value() ? last.mask->numel() * last.mask->element_size() : 0;
+      cache.entries.pop_back();
+    }
+  }
+  return args;
+}
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> torch_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
@@ -103,7 +246,7 @@ at::Tensor torch_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
 std::optional<at::Tensor> attention_usual(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           std::optional<double> softmax_scale, int64_t window_left,
                                           int64_t window_right, double softcap, bool native_gqa, bool cpu_rows,
-                                          bool sdpa, bool enable_gqa) {
+                                          bool sdpa, bool enable_gqa, const std::optional<at::Tensor>& alibi_slopes) {
   if (watched_cxx()) return std::nullopt;
   if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) return std::nullopt;
   // attention._usual's checks, the torch backend's (_torch_attention.check_fwd) and _call_args' plain cases; sizes
@@ -122,19 +265,23 @@ std::optional<at::Tensor> attention_usual(const at::Tensor& q, const at::Tensor&
   if (D > 1 && (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1)) return std::nullopt;
   const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(D));
   if (!std::isfinite(scale) || softcap != 0.0 || window_left < -1 || window_right < -1) return std::nullopt;
-  if (sq == 1 && cpu_rows)  // attention_fwd's cpu backend (decode_attention's kernel), out in q's layout
-    return std::get<0>(decode_cpu::attention_rows(q, k, v, std::nullopt, scale, causal, window_left, window_right,
-                                                  0.0, sdpa, false));
-  if (!(window_left < 0 && (causal || window_right < 0))) return std::nullopt;  // a window: a mask (Python)
-  bool is_causal = false;
-  if (causal && sq > 1) {
-    if (sq != sk) return std::nullopt;  // the spec's bottom-right edge: a mask (Python)
-    is_causal = true;
+  if (alibi_slopes.has_value()) {  // attention._checked's tests of the slopes; its .contiguous() copy is not served
+    const at::Tensor& s = *alibi_slopes;
+    if (sdpa || s.scalar_type() != at::kFloat || !s.is_cpu() || !s.is_contiguous() || s.requires_grad() ||
+        !((s.dim() == 1 && s.size(0) == hq) || (s.dim() == 2 && s.size(0) == B && s.size(1) == hq)))
+      return std::nullopt;
   }
+  if (sq == 1 && cpu_rows)  // attention_fwd's cpu backend (decode_attention's kernel), out in q's layout
+    return std::get<0>(decode_cpu::attention_rows(q, k, v, alibi_slopes, scale, causal, window_left, window_right,
+                                                  0.0, sdpa, false));
+  if (sdpa && !(window_left < 0 && window_right < 0)) return std::nullopt;
   if (hq != hkv && !native_gqa) return std::nullopt;
+  // windows, the bottom-right causal edge, ALiBi: the cached mask (and the rows without keys) of the torch backend
+  const CallArgs args = torch_attention_call_args(sq, sk, alibi_slopes, causal, window_left, window_right, dt);
   // out in q's layout, a view of a contiguous (B, Sq, Hq, D) tensor (contiguous as is in FlashAttention's; the
   // guard, for a torch whose kernel would allocate otherwise)
-  at::Tensor out = std::get<0>(torch_attention_fwd(q, k, v, std::nullopt, scale, is_causal, !sdpa, 0, sq, false));
+  at::Tensor out = std::get<0>(torch_attention_fwd(q, k, v, args.mask, scale, args.is_causal, !sdpa, args.row_begin,
+                                                   args.row_end, false));
   if (!sdpa && !out.is_contiguous()) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     out = out.contiguous();

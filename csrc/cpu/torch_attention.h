@@ -24,17 +24,30 @@ at::Tensor torch_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
                                   int64_t lo, int64_t hi, const std::optional<at::Tensor>& attn_mask, double scale,
                                   bool is_causal, bool grouped, int64_t row_begin, int64_t row_end);
 
-// turbokernels.attention's usual CPU call (no ALiBi, varlen or lse; nothing watching, no forced backend: the caller
+// _torch_attention._call_args for one dense block (no decode grouping): whether to pass is_causal, the additive mask
+// (windows, the spec's bottom-right causal edge, ALiBi slopes (H,) or (B, H) fp32), and the rows [row_begin,
+// row_end) that have keys. Masks are cached (an LRU bounded in entries and bytes; ALiBi keyed by the slopes' values).
+struct CallArgs {
+  bool is_causal = false;
+  std::optional<at::Tensor> mask;
+  int64_t row_begin = 0, row_end = 0;
+};
+CallArgs torch_attention_call_args(int64_t sq, int64_t sk, const std::optional<at::Tensor>& slopes, bool causal,
+                                   int64_t window_left, int64_t window_right, at::ScalarType dtype);
+
+// turbokernels.attention's usual CPU call (no varlen or lse; nothing watching, no forced backend: the caller
 // tests torch.compile, forward AD, the backend and the Python arguments' kinds) in one C++ call: every check of the
 // Python path that the call can fail returns nullopt instead of raising (the Python path then runs and raises what
-// the call deserves), as do the calls it does not serve (softcap, windows and edges that need a mask, GQA on a
-// torch without native GQA). One query row with cpu_rows: the cpu backend (decode_attention.cpp); else the torch
+// the call deserves), as do the calls it does not serve (softcap, GQA on a torch without native GQA, slopes that
+// are not fp32 contiguous (H,) or (B, H)). Windows, the bottom-right causal edge and ALiBi get
+// torch_attention_call_args' cached mask. One query row with cpu_rows: the cpu backend (decode_attention.cpp); else the torch
 // backend's torch_attention_fwd. Returns out (B, Sq, Hq, D) contiguous. sdpa: scaled_dot_product_attention's call
 // instead: (B, H, S, D) tensors, out (B, Hq, Sq, D) (a view of a contiguous (B, Sq, Hq, D) tensor), is_causal only
 // with Sq == Sk (SDPA aligns it top-left), no float64, Hq != Hkv only with enable_gqa.
 std::optional<at::Tensor> attention_usual(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           std::optional<double> softmax_scale, int64_t window_left,
                                           int64_t window_right, double softcap, bool native_gqa, bool cpu_rows,
-                                          bool sdpa, bool enable_gqa);
+                                          bool sdpa, bool enable_gqa,
+                                          const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 }  // namespace turbokernels

@@ -149,6 +149,7 @@ MASK_CACHE_ENTRIES = 32
 MASK_CACHE_BYTES = 64 << 20
 _mask_lock = threading.Lock()
 _NO_MASK = (False, None, None)
+BAKE_CAUSAL_MAX_SK = 512  # keep in step with csrc/cpu/torch_attention.cpp's kBakeCausalMaxSk
 
 
 def _build_call_args(sq, sk, slopes, causal, window_left, window_right, dtype, device, group):
@@ -160,6 +161,12 @@ def _build_call_args(sq, sk, slopes, causal, window_left, window_right, dtype, d
     mdtype = dtype if slopes is None else (torch.float64 if dtype == torch.float64 else torch.float32)
     with torch.inference_mode(False):  # a cached mask may serve later calls outside inference mode
         mask = _mask(sq, sk, left, right, off, is_causal, slopes, mdtype, device)
+        if is_causal and mask is not None and sk <= BAKE_CAUSAL_MAX_SK:
+            # torch's kernel applies is_causal element by element on top of a mask: up to this many keys that costs
+            # more than the key blocks it skips, so the edge goes into the mask (measured: torch_attention.cpp)
+            mask = mask.masked_fill_(torch.ones(sq, sk, dtype=torch.bool, device=device).triu_(off + right + 1),
+                                     NEG_INF)
+            is_causal = False
         if group > 1 and mask is not None:
             if mask.dim() == 2:  # the same (sq, sk) plane for each of the group's query heads
                 mask = mask.repeat(group, 1)
@@ -178,6 +185,10 @@ def _call_args(sq, sk, slopes, causal, window_left, window_right, dtype, device,
             return _NO_MASK
         if sq == sk and group == 1:
             return (True, None, None)
+    if group == 1 and (_cxx_call_args if _cxx_resolved else (_resolve_cxx() and _cxx_call_args)):
+        # the same steps in C++ (csrc/cpu/torch_attention.cpp), whose cache attention's one-call entry shares
+        is_causal, mask, a, b = _cxx_call_args(sq, sk, slopes, causal, window_left, window_right, dtype)
+        return is_causal, mask, (None if (a == 0 and b == sq) else (a, b))
     key = (sq, sk, causal, window_left, window_right, dtype, device, group,
            None if slopes is None else (tuple(slopes.shape), tuple(slopes.reshape(-1).tolist())))
     with _mask_lock:
@@ -230,15 +241,17 @@ def _some_zero(lse) -> bool:
 # included; resolved on first use (None: no extension, or one built before it existed: the Python steps run)
 _cxx_fwd = None
 _cxx_decode = None  # turbokernels._C.torch_attention_decode: _decode_block's steps on one span of a cache
+_cxx_call_args = None  # turbokernels._C.torch_attention_call_args: _call_args' steps and cache (group 1)
 _cxx_resolved = False
 
 
 def _resolve_cxx():
-    global _cxx_fwd, _cxx_decode, _cxx_resolved
+    global _cxx_fwd, _cxx_decode, _cxx_call_args, _cxx_resolved
     from .. import _ext
     if _ext.available():
         _cxx_fwd = getattr(_ext.C, "torch_attention_fwd", None)
         _cxx_decode = getattr(_ext.C, "torch_attention_decode", None)
+        _cxx_call_args = getattr(_ext.C, "torch_attention_call_args", None)
     _cxx_resolved = True
     return _cxx_fwd
 

@@ -413,7 +413,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     (heads_q, total_q) for varlen. See python/turbokernels/reference/attention.py for the exact semantics.
     max_seqlen_q/max_seqlen_k are accepted for FlashAttention compatibility and not needed (never read).
     """
-    if (not return_lse and alibi_slopes is None and cu_seqlens_q is None and cu_seqlens_k is None
+    if (not return_lse and (alibi_slopes is None or type(alibi_slopes) is _Tensor) and cu_seqlens_q is None
+            and cu_seqlens_k is None
             and max_seqlen_q is None and max_seqlen_k is None and not _is_compiling() and type(q) is _Tensor
             and type(k) is _Tensor and type(v) is _Tensor and q.is_cpu and type(softcap) is float
             and (softmax_scale is None or type(softmax_scale) is float) and usual_window(window_size) is not None
@@ -423,7 +424,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         fast = _fast if _fast is not None else _resolve_fast()
         if fast:
             out = fast(q, k, v, bool(causal), softmax_scale, window_size[0], window_size[1], softcap, _fast_flags[0],
-                       _fast_flags[1], False, True)
+                       _fast_flags[1], False, True, alibi_slopes)
             if out is not None:
                 return out
     args = None
