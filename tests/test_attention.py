@@ -250,10 +250,33 @@ def test_usual_cpu_call_in_one_cxx_call(monkeypatch):
         with tk.backend("reference"):
             ref_out = tk.attention(q, k, v, **kw)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    served.clear()
-    qg = q.clone().requires_grad_()
-    tk.attention(qg, k, v, causal=False).sum().backward()
-    assert served == [False] and qg.grad is not None
+    # with autograd (a C++ autograd node running the torch backend's forward and backward): the op's output and
+    # gradients, bit for bit (the op's path: a forced backend), rows without keys included; one query row and float64
+    # go to the op's autograd
+    for (b, sq, sk, hq, hkv, d, kw) in [(2, 6, 6, 4, 2, 16, dict(causal=True)), (1, 9, 4, 2, 2, 8, dict(causal=True)),
+                                        (1, 7, 7, 2, 1, 16, dict(window_size=(2, 1))),
+                                        (2, 5, 5, 2, 2, 16, dict(causal=True, alibi_slopes=slopes,
+                                                                 deterministic=True))]:
+        for dtype in (f32, torch.bfloat16):
+            q, k, v = qkv(b, sq, sk, hq, hkv, d, dtype)
+            dout = torch.randn(q.shape).to(dtype)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            served.clear()
+            out = tk.attention(*leaves, **kw)
+            grads = torch.autograd.grad(out, leaves, dout)
+            assert served == [True], kw
+            op_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            with tk.backend("torch"):
+                op_out = tk.attention(*op_leaves, **kw)
+            op_grads = torch.autograd.grad(op_out, op_leaves, dout)
+            assert torch.equal(out, op_out) and all(map(torch.equal, grads, op_grads)), (sq, sk, kw, dtype)
+    for (sq, dtype) in ((1, f32), (4, torch.float64)):
+        q, k, v = qkv(1, sq, 6, 2, 2, 16, dtype)
+        served.clear()
+        qg = q.clone().requires_grad_()
+        tk.attention(qg, k, v, causal=False).sum().backward()
+        assert served == [False] and qg.grad is not None
+    q, k, v = qkv(1, 4, 6, 2, 2, 16, f32)
 
     served.clear()
     with RecordingMode() as seen:

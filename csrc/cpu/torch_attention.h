@@ -35,7 +35,8 @@ struct CallArgs {
 CallArgs torch_attention_call_args(int64_t sq, int64_t sk, const std::optional<at::Tensor>& slopes, bool causal,
                                    int64_t window_left, int64_t window_right, at::ScalarType dtype);
 
-// turbokernels.attention's usual CPU call (no varlen or lse; nothing watching, no forced backend: the caller
+// turbokernels.attention's usual CPU call (no varlen or lse; with autograd too, as a C++ autograd node running the
+// torch backend's forward and backward: the op's kernels and arguments, not for one query row or float64; nothing watching, no forced backend: the caller
 // tests torch.compile, forward AD, the backend and the Python arguments' kinds) in one C++ call: every check of the
 // Python path that the call can fail returns nullopt instead of raising (the Python path then runs and raises what
 // the call deserves), as do the calls it does not serve (softcap, GQA on a torch without native GQA, slopes that

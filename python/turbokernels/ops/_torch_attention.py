@@ -179,7 +179,8 @@ def _build_call_args(sq, sk, slopes, causal, window_left, window_right, dtype, d
 def _call_args(sq, sk, slopes, causal, window_left, window_right, dtype, device, group=1):
     """(is_causal, mask or None, None or (a, b): the rows with keys when some row has none) for one dense block;
     group > 1: the mask of decode's grouped rows (_decode_grouped). The plain cases (no window, no ALiBi, and
-    causal with sq <= 1 or sq == sk) return at once; the others come from the mask cache."""
+    causal with sq <= 1 or sq == sk) return at once; the others come from the mask cache (group 1 with the
+    extension: the C++ steps and cache, turbokernels._C.torch_attention_call_args)."""
     if slopes is None and window_left < 0 and (causal or window_right < 0):
         if not causal or sq <= 1 <= sk:
             return _NO_MASK
