@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/int4_args.h"
 
 #include <algorithm>
 #include <cmath>
@@ -239,17 +240,6 @@ const Kernels& select_kernels() {
   return kScalar;
 }
 
-Dt dt_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dt::F32;
-    case at::kHalf: return Dt::F16;
-    case at::kBFloat16: return Dt::BF16;
-    default: TORCH_CHECK(false, "w4a8_mm(", name, "): dtype must be float16, bfloat16 or float32, got ",
-                         t.scalar_type());
-  }
-  return Dt::F32;
-}
-
 #if TK_X86_SIMD && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define TK_QUANT_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -323,41 +313,14 @@ TK_QUANT_CLONES void quantize_row(const float* x, int64_t K, int64_t B, int64_t 
   }
 }
 
-at::Tensor bias_f32(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
-  if (!bias.has_value() || !bias->defined()) return at::Tensor();
-  const at::Tensor& b = *bias;
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "w4a8_mm(bias): expected a 1-D tensor of N = ", N,
-              " elements, got shape ", b.sizes());
-  TORCH_CHECK(b.scalar_type() == x.scalar_type(), "w4a8_mm(bias): dtype ", b.scalar_type(), " differs from x's ",
-              x.scalar_type());
-  TORCH_CHECK(b.device() == x.device(), "w4a8_mm(bias): bias is on ", b.device(), " but x is on ", x.device());
-  return b.to(at::kFloat).contiguous();
-}
-
 at::Tensor w4a8_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& offsets, int64_t group_size, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2, "w4a8_mm(x): expected a 2-D (M, K) tensor, got shape ", x.sizes());
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt,
-              "w4a8_mm(qweight): expected a 2-D int32 tensor, got ", qweight.scalar_type(), " of shape ",
-              qweight.sizes());
-  TORCH_CHECK(scales.dim() == 2, "w4a8_mm(scales): expected a 2-D (G, N) tensor, got shape ", scales.sizes());
-  TORCH_CHECK(offsets.dim() == 2, "w4a8_mm(offsets): expected a 2-D (G, N) tensor, got shape ", offsets.sizes());
-  TORCH_CHECK(group_size > 0, "w4a8_mm(group_size): must be positive, got ", group_size);
-  for (const at::Tensor* t : {&x, &qweight, &scales, &offsets})
-    TORCH_CHECK(t->device().is_cpu(), "w4a8_mm: all tensors must be on the CPU, got one on ", t->device());
-  dt_of(x, "x");
-  const Dt sdt = dt_of(scales, "scales"), odt = dt_of(offsets, "offsets");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(1);
-  const int64_t G = std::max<int64_t>(1, (K + group_size - 1) / group_size);
+  const cpu::Int4Args a = cpu::check_int4_args("w4a8_mm", x, qweight, scales, offsets, group_size, bias);
+  const int64_t M = a.M, K = a.K, N = a.N, G = a.G;
+  const Dt sdt = a.sdt, odt = a.odt;
+  const at::Tensor& bias32 = a.bias32;
   TORCH_CHECK(G == 1 || group_size % kBlock == 0, "w4a8_mm(group_size): the CPU kernel needs a multiple of ",
               kBlock, " (or one group over all of K), got ", group_size);
-  TORCH_CHECK(qweight.size(0) == (K + 7) / 8, "w4a8_mm(qweight): expected ceil(K/8) = ", (K + 7) / 8,
-              " rows for K = ", K, ", got ", qweight.size(0));
-  TORCH_CHECK(scales.size(0) == G && scales.size(1) == N, "w4a8_mm(scales): expected shape (", G, ", ", N,
-              ") for K = ", K, ", group_size = ", group_size, ", got ", scales.sizes());
-  TORCH_CHECK(offsets.size(0) == G && offsets.size(1) == N, "w4a8_mm(offsets): expected shape (", G, ", ", N,
-              ") for K = ", K, ", group_size = ", group_size, ", got ", offsets.sizes());
-  const at::Tensor bias32 = bias_f32(bias, x, N);
   if (M == 0 || N == 0) return at::empty({M, N}, x.options());
   if (K == 0)
     return bias32.defined() ? bias->expand({M, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({M, N}, x.options());

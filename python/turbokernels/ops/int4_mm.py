@@ -85,27 +85,35 @@ torch.library.register_autograd(f"turbokernels::{OP}", _backward, setup_context=
 # ---- functional entry: all argument checks happen here, once ------------------------------------------------------
 def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ weight.dequantize().T + bias, for x of shape (..., in_features) in fp16, bf16 or fp32."""
+    return weight_linear(OP, "int4_linear", x, weight, bias)
+
+
+def weight_linear(op: str, entry: str, x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor]):
+    """The functional of an op that takes an Int4Weight's tensors (int4_mm, w4a8_mm): `entry` names the arguments in
+    errors."""
     if not isinstance(weight, Int4Weight):
-        raise TypeError(f"int4_linear(weight): expected a turbokernels.Int4Weight, got {type(weight).__name__}")
+        raise TypeError(f"{entry}(weight): expected a turbokernels.Int4Weight, got {type(weight).__name__}")
     qweight = weight.qweight
     K = weight.in_features
     if not _is_compiling():  # the weight's plan (kept per weight object); traced: the checks below, in the graph
         parts = (qweight, weight.scales, weight.offsets, weight.group_size, K, weight.perm)
         return _linear.planned(_linear.weight_plan(weight, parts, lambda: _linear.LinearPlan(
-            OP, "int4_linear", (qweight, weight.scales, weight.offsets, weight.effective_group_size), K,
+            op, entry, (qweight, weight.scales, weight.offsets, weight.effective_group_size), K,
             qweight.shape[1], qweight.device, weight.perm)), x, bias)
     N = qweight.shape[1]
-    _linear.check_x("int4_linear", x, K, qweight.device)
+    _linear.check_x(entry, x, K, qweight.device)
     if bias is not None:
-        _linear.check_bias("int4_linear", bias, N, x)
-    return _linear.run(OP, x, (qweight, weight.scales, weight.offsets, weight.effective_group_size), K, N,
+        _linear.check_bias(entry, bias, N, x)
+    return _linear.run(op, x, (qweight, weight.scales, weight.offsets, weight.effective_group_size), K, N,
                        weight.perm, bias)
 
 
-def plan(entry: str, qweight, scales, offsets, group_size: int, in_features: int, perm) -> _linear.LinearPlan:
-    """A LinearPlan of these tensors, validated (Int4Weight's checks, errors naming `entry(argument)`)."""
+def plan(entry: str, qweight, scales, offsets, group_size: int, in_features: int, perm, op: str = OP,
+         functional: str = "int4_linear") -> _linear.LinearPlan:
+    """A LinearPlan of these tensors for `op` (int4_mm, or w4a8_mm with functional="w4a8_linear"), validated
+    (Int4Weight's checks, errors naming `entry(argument)`)."""
     perm = validate_int4_tensors(entry, qweight, scales, offsets, group_size, in_features, perm)
     w = Int4Weight._trusted(qweight.contiguous(), scales.contiguous(), offsets.contiguous(), group_size, in_features,
                             perm)
-    return _linear.LinearPlan(OP, "int4_linear", (w.qweight, w.scales, w.offsets, w.effective_group_size),
+    return _linear.LinearPlan(op, functional, (w.qweight, w.scales, w.offsets, w.effective_group_size),
                               in_features, w.out_features, w.device, perm)

@@ -26,7 +26,6 @@ from ._library import define
 
 OP = "w4a8_mm"
 BLOCK = reference.BLOCK
-_is_compiling = torch.compiler.is_compiling
 
 w4a8_mm = define(OP, "(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, Tensor? bias=None) "
                      "-> Tensor", fake=_int4._fake, before=_int4._empty)
@@ -53,24 +52,9 @@ torch.library.register_autograd(f"turbokernels::{OP}", _int4._backward, setup_co
 def w4a8_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = quantize8(x) @ weight.dequantize().T + bias, for x of shape (..., in_features) in fp16, bf16 or fp32;
     quantize8: per block of 32 input features, to int8 on the block's absolute maximum (see the module docstring)."""
-    if not isinstance(weight, Int4Weight):
-        raise TypeError(f"w4a8_linear(weight): expected a turbokernels.Int4Weight, got {type(weight).__name__}")
-    qweight = weight.qweight
-    K = weight.in_features
-    if not _is_compiling():
-        parts = (qweight, weight.scales, weight.offsets, weight.group_size, K, weight.perm)
-        return _linear.planned(_linear.weight_plan(weight, parts, lambda: _linear.LinearPlan(
-            OP, "w4a8_linear", (qweight, weight.scales, weight.offsets, weight.effective_group_size), K,
-            qweight.shape[1], qweight.device, weight.perm)), x, bias)
-    N = qweight.shape[1]
-    _linear.check_x("w4a8_linear", x, K, qweight.device)
-    if bias is not None:
-        _linear.check_bias("w4a8_linear", bias, N, x)
-    return _linear.run(OP, x, (qweight, weight.scales, weight.offsets, weight.effective_group_size), K, N,
-                       weight.perm, bias)
+    return _int4.weight_linear(OP, "w4a8_linear", x, weight, bias)
 
 
 def plan(entry: str, qweight, scales, offsets, group_size: int, in_features: int, perm) -> _linear.LinearPlan:
     """int4_mm.plan's LinearPlan, running this op."""
-    p = _int4.plan(entry, qweight, scales, offsets, group_size, in_features, perm)
-    return _linear.LinearPlan(OP, "w4a8_linear", p.weights, p.in_features, p.out_features, p.device, p.perm)
+    return _int4.plan(entry, qweight, scales, offsets, group_size, in_features, perm, OP, "w4a8_linear")
