@@ -171,7 +171,8 @@ CallArgs torch_attention_call_args(int64_t sq, int64_t sk, const std::optional<a
     std::lock_guard<std::mutex> guard(cache.lock);
     cache.entries.emplace_front(std::move(key), args);
     int64_t total = 0;
-    for (const auto& e : cache.entries) total += e.second.mask.has_value() ? e.second.mask->numel() * e.second.mask->element_size() : 0;
+    for (const auto& e : cache.entries)
+      total += e.second.mask.has_value() ? e.second.mask->numel() * e.second.mask->element_size() : 0;
     while (cache.entries.size() > kMaskEntries || total > kMaskBytes) {
       const auto& last = cache.entries.back().second;
       total -= last.mask.has_value() ? last.mask->numel() * last.mask->element_size() : 0;

@@ -35,16 +35,17 @@ struct CallArgs {
 CallArgs torch_attention_call_args(int64_t sq, int64_t sk, const std::optional<at::Tensor>& slopes, bool causal,
                                    int64_t window_left, int64_t window_right, at::ScalarType dtype);
 
-// turbokernels.attention's usual CPU call (no varlen or lse; with autograd too, as a C++ autograd node running the
-// torch backend's forward and backward: the op's kernels and arguments, not for one query row or float64; nothing watching, no forced backend: the caller
-// tests torch.compile, forward AD, the backend and the Python arguments' kinds) in one C++ call: every check of the
-// Python path that the call can fail returns nullopt instead of raising (the Python path then runs and raises what
-// the call deserves), as do the calls it does not serve (softcap, GQA on a torch without native GQA, slopes that
-// are not fp32 contiguous (H,) or (B, H)). Windows, the bottom-right causal edge and ALiBi get
-// torch_attention_call_args' cached mask. One query row with cpu_rows: the cpu backend (decode_attention.cpp); else the torch
-// backend's torch_attention_fwd. Returns out (B, Sq, Hq, D) contiguous. sdpa: scaled_dot_product_attention's call
-// instead: (B, H, S, D) tensors, out (B, Hq, Sq, D) (a view of a contiguous (B, Sq, Hq, D) tensor), is_causal only
-// with Sq == Sk (SDPA aligns it top-left), no float64, Hq != Hkv only with enable_gqa.
+// turbokernels.attention's usual CPU call (no varlen or lse; nothing watching, no forced backend: the caller tests
+// torch.compile, forward AD, the backend and the Python arguments' kinds) in one C++ call: every check of the Python
+// path that the call can fail returns nullopt instead of raising (the Python path then runs and raises what the call
+// deserves), as do the calls it does not serve (softcap, GQA on a torch without native GQA, slopes that are not fp32
+// contiguous (H,) or (B, H)). Windows, the bottom-right causal edge and ALiBi get torch_attention_call_args' cached
+// mask. With autograd too (not one query row, not float64): a C++ autograd node running the torch backend's forward
+// and backward, the op's kernels and arguments. One query row with cpu_rows: the cpu backend (decode_attention.cpp);
+// else the torch backend's torch_attention_fwd. Returns out (B, Sq, Hq, D) contiguous. sdpa:
+// scaled_dot_product_attention's call instead (no autograd, no window, no ALiBi): (B, H, S, D) tensors, out
+// (B, Hq, Sq, D) (a view of a contiguous (B, Sq, Hq, D) tensor), is_causal only with Sq == Sk (SDPA aligns it
+// top-left), no float64, Hq != Hkv only with enable_gqa.
 std::optional<at::Tensor> attention_usual(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           std::optional<double> softmax_scale, int64_t window_left,
                                           int64_t window_right, double softcap, bool native_gqa, bool cpu_rows,

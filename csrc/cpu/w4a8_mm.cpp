@@ -7,12 +7,14 @@
 // Why: the int4 x fp32 loop (int4_mm_simd.h) spends per weight an unpack, a convert and an FMA; on AVX2 cores that
 // is ~4 weights per cycle, under half of what the memory delivers (bench/results: 38-44% of the copy bandwidth at
 // M = 1). With int8 activations the products are integer dot products of 4 bytes per lane: vpdpbusd (AVX512-VNNI)
-// or vpmaddubsw + vpmaddwd (AVX2), llama.cpp's Q4_0 x Q8_0 recipe, ~3 instructions per 8 weights per row instead
-// of ~3 per weight. The result differs from int4_mm's by the activations' rounding (|xhat - x| <= d_b / 2): an
-// opt-in mode (turbokernels.w4a8_linear, turbokernels.nn.W4A8Linear), never chosen silently.
+// or vpmaddubsw + vpmaddwd (AVX2), llama.cpp's Q4_0 x Q8_0 recipe: per vector of packed words (8 weights a lane),
+// 3 unpacking instructions shared by up to 4 rows and 2 (VNNI) or 4 (AVX2) per row, where the fp32 loop spends 24
+// shared (shift, shift, convert per nibble) and 8 per row (an FMA per nibble). The result differs from int4_mm's by
+// the activations' rounding (|xhat - x| <= d_b / 2): an opt-in mode (turbokernels.w4a8_linear,
+// turbokernels.nn.W4A8Linear), never chosen silently.
 //
 // Strategy (w4a8_mm_simd.h)
-//  * Per call, x is quantized once (xq_prepare): per row and block, d_b, the int32 sum of xq_b, and xq packed in
+//  * Per call, x is quantized once (quantize_row): per row and block, d_b, the int32 sum of xq_b, and xq packed in
 //    two int32 per packed word: the bytes xq[8w + 0, 2, 4, 6] ("even") and xq[8w + 1, 3, 5, 7] ("odd"). A packed
 //    word masked with 0x0F0F0F0F holds q[8w + 0, 2, 4, 6] in its bytes, shifted right by 4 and masked
 //    q[8w + 1, 3, 5, 7]: one unsigned x signed 4-byte dot each, no shuffles.
@@ -181,7 +183,9 @@ struct Vec {
   TK_VEC F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   TK_VEC I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
   TK_VEC F to_f32(I a) { return _mm512_cvtepi32_ps(a); }
-  TK_VEC F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  TK_VEC F load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   TK_VEC F load_bf16(const uint16_t* p) {
     const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
@@ -258,9 +262,10 @@ inline float round_half_even(float t) {
 // given, the dequantized row xhat[k] = d_b xq[k] instead; as the spec says. Plain C++ (K values per row: nothing next
 // to the K x N weight), branch-free over each block so the compiler vectorizes it. The division (not a reciprocal's
 // product) keeps |x / d| <= 127 (rounded) for any d, a subnormal one included, and is what the reference computes.
-// Compiled twice (GCC/Clang target_clones: AVX2 and the baseline, picked at load time); the same IEEE operations
-// either way, so the same bits. The block's max |x| is taken on the bit patterns (|x| as an unsigned integer orders
-// like |x|, and any NaN lies above infinity's 0x7f800000): an integer max the compiler vectorizes, NaN included.
+// Compiled twice with GCC on Linux (target_clones: AVX2 and the baseline, picked at load time); the same IEEE
+// operations either way, so the same bits. The block's max |x| is taken on the bit patterns (|x| as an unsigned
+// integer orders like |x|, and any NaN lies above infinity's 0x7f800000): an integer max the compiler vectorizes,
+// NaN included.
 TK_QUANT_CLONES void quantize_row(const float* x, int64_t K, int64_t B, int64_t K8, float* dx, int32_t* sxq,
                                   int32_t* xe, int32_t* xo, float* xhat) {
   for (int64_t b = 0; b < B; ++b) {
