@@ -184,12 +184,6 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, f
                            roofline_pct=round(100 * roofline_fraction(flops, n_bytes, ours, roof), 1),
                            bandwidth_pct=round(100 * n_bytes / (ours * 1e-3) / roof["peak_bytes_per_s"], 1),
                            matmul_peak_pct=round(100 * flops / (ours * 1e-3) / roof["peak_flops"], 1),
-                           w4a8_ms=round(ms["w4a8"], 5),
-                           w4a8_gbps=round(n_bytes / (ms["w4a8"] * 1e-3) / 1e9, 2),
-                           w4a8_bandwidth_pct=round(100 * n_bytes / (ms["w4a8"] * 1e-3) / roof["peak_bytes_per_s"],
-                                                    1),
-                           w4a8_vs_best_dense=round(best_dense / ms["w4a8"], 3),
-                           w4a8_vs_torch_int4=round(ms["torch_int4"] / ms["w4a8"], 3) if "torch_int4" in ms else "",
                            peak_gbps=round(roof["peak_bytes_per_s"] / 1e9, 1),
                            peak_tflops=round(roof["peak_flops"] / 1e12, 2))
                 rows.append(row)
