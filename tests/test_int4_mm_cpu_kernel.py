@@ -146,6 +146,22 @@ def test_bias_is_rounded_once(isa, xdtype):
         check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} {xdtype} cancelling", bias)
 
 
+@pytest.mark.parametrize("scale", [1e-35, 1e30], ids=["tiny", "huge"])
+def test_extreme_activation_magnitudes(isa, scale):
+    """Activations far from 1 in magnitude, alone and mixed with ordinary ones, on every path (M = 1, 3: streaming;
+    9: fused; 130: dequantize + BLAS on AVX2 and plain C++). The AVX2 streaming kernel reads x 2^-28 against
+    nibbles placed at 2^28 (csrc/cpu/int4_mm.cpp, avx2::Vec::stream_nibble): below 2^-98 that scaling would lose
+    bits (x 1e-35 becomes a subnormal with ~1 significant bit), so such calls must take the block path; at 1e30
+    nothing may overflow."""
+    K, N, gs = 200, 70, 64
+    qweight, scales, offsets = random_weight(K, N, -(-K // gs), torch.float32, torch.float32)
+    for M in (1, 3, 9, 130):
+        x = torch.randn(M, K) * scale
+        check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} |x|~{scale:g}")
+        x[:, ::7] = torch.randn(M, (K + 6) // 7)  # mixed: the tiny values must still count
+        check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} |x|~{scale:g} mixed")
+
+
 def test_decode_layer_shape():
     """The benchmark shape at decode: 4096x4096, g128, bf16 activations, fp16 scales."""
     w = torch.randn(4096, 4096, dtype=torch.float16)

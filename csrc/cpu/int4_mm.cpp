@@ -50,6 +50,7 @@
 #include "cpu/int4_args.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -108,6 +109,8 @@ struct Vec {
   static I prepare(I w) { return w; }
   static F nibble(I w, int i) { return static_cast<float>(static_cast<int>((w >> (4 * i)) & 15u) - 8); }
   static F next_nibble(I& w, int i) { return nibble(w, i); }
+  static constexpr float kStreamScale = 1.f;
+  static F stream_nibble(I& w, int i) { return nibble(w, i); }
   static F load_f16(const uint16_t* p) { return scalar_to_f32(Dt::F16, p, 0); }
   static F load_bf16(const uint16_t* p) { return scalar_to_f32(Dt::BF16, p, 0); }
 };
@@ -140,6 +143,17 @@ struct Vec {
     return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 28 - 4 * i), 28));
   }
   TK_VEC F next_nibble(I& w, int i) { return nibble(w, i); }
+  // The streaming path's unpack: nibble i shifted to the top of the lane and masked, (q - 8) 2^28 as an int32,
+  // converted exactly (4 significant bits), against x 2^-28: one shift per nibble (none for the top one), not
+  // two. Where one row of x meets each unpacked vector (M = 1), the shifts bound the loop: on a Zen 1 EPYC (7001
+  // series, vector shifts on one pipe), weights from DRAM, 2 threads, M = 1 took 0.78x the time, M = 2-4 0.93-0.95x
+  // (4096 x 4096, 4096 x 14336). The block path keeps nibble(): the same change made it 4-13% slower there
+  // (M = 8, 16: four rows of x per unpacked vector).
+  static constexpr float kStreamScale = 268435456.f;  // 2^28
+  TK_VEC F stream_nibble(I& w, int i) {
+    const I top = i == 7 ? w : _mm256_slli_epi32(w, 28 - 4 * i);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(top, _mm256_set1_epi32(static_cast<int>(0xF0000000u))));
+  }
   TK_VEC F load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -183,6 +197,8 @@ struct Vec {
     w = _mm512_srli_epi32(w, 4);
     return v;
   }
+  static constexpr float kStreamScale = 1.f;
+  TK_VEC F stream_nibble(I& w, int i) { return next_nibble(w, i); }
   TK_VEC F load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
@@ -208,6 +224,9 @@ struct Kernels {
   void (*stream_columns)(const Problem&, int64_t, int64_t, int64_t, float*, int32_t*);
   void (*row_to_f32)(Dt, const void*, int64_t, int64_t, float*, int64_t);
   int64_t dequant_chunk = int64_t(1) << 20;  // weights per chunk of run_dequant_mm
+  // The streaming path reads x times stream_x_scale (1 / Vec::kStreamScale), copied once per call. A nonzero |x|
+  // below stream_x_exact_min would lose bits there (x 2^-28 under 2^-126): such a call takes the block path.
+  float stream_x_scale = 1.f, stream_x_exact_min = 0.f;
 };
 
 // fused_max_m: measured on a 2-core Zen machine (4096 x 4096, g128) against dequantize + MKL sgemm.
@@ -215,7 +234,9 @@ const Kernels kScalar{scalar::NB, 8, scalar::W, scalar::RMAX, scalar::fused_bloc
                       scalar::stream_columns, scalar::row_to_f32};
 #if TK_X86_SIMD
 const Kernels kAvx2{avx2::NB, 128, avx2::W, avx2::RMAX, avx2::fused_block, avx2::dequant_rows, avx2::stream_columns,
-                    avx2::row_to_f32};
+                    avx2::row_to_f32, int64_t(1) << 20, 1.f / avx2::Vec::kStreamScale, 0x1p-98f};
+static_assert(0x1p-98f / avx2::Vec::kStreamScale == 0x1p-126f, "stream_x_exact_min: x 2^-28 must stay normal");
+static_assert(scalar::Vec::kStreamScale == 1.f && avx512::Vec::kStreamScale == 1.f, "stream_x_scale is 1 there");
 // AVX-512: fused at every M (2.2x faster than dequantize + MKL at M = 256 and 1024 on AMD, where MKL runs AVX2
 // code).
 const Kernels kAvx512{avx512::NB, INT64_MAX, avx512::W, avx512::RMAX, avx512::fused_block, avx512::dequant_rows,
@@ -649,6 +670,10 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
   if (M <= kern.fused_max_m) {
     const std::vector<Span> spans = make_spans(K, group_size, G);
     std::vector<float> xsum(M * G);  // offsets[g][n] * sum_{k in g} x[k]: the offset term costs one FMA per group
+    const bool stream = M <= kern.stream_max_m && std::getenv("TURBOKERNELS_INT4_BLOCK") == nullptr;
+    const float xscale = stream ? kern.stream_x_scale : 1.f, xmin = stream ? kern.stream_x_exact_min : 0.f;
+    std::vector<float> xscaled(xscale != 1.f ? M * K : 0);  // x as the streaming kernel reads it
+    std::vector<char> row_exact(M, 1);
     at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m_begin, int64_t m_end) {
       for (int64_t m = m_begin; m < m_end; ++m) {
         const float* xr = P.x + m * K;
@@ -661,12 +686,24 @@ at::Tensor int4_mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at:
           for (; k < spans[g].k1; ++k) part[0] += xr[k];
           xsum[m * G + g] = static_cast<float>((part[0] + part[1]) + (part[2] + part[3]));
         }
+        if (xscale != 1.f) {
+          bool ok = true;
+          for (int64_t k = 0; k < K; ++k) {
+            xscaled[m * K + k] = xr[k] * xscale;
+            ok &= !(std::fabs(xr[k]) < xmin && xr[k] != 0.f);
+          }
+          row_exact[m] = ok;
+        }
       }
     });
     P.xsum = xsum.data();
     P.spans = spans.data();
-    if (M <= kern.stream_max_m && std::getenv("TURBOKERNELS_INT4_BLOCK") == nullptr) run_stream(kern, P);
-    else run_fused(kern, P);
+    if (stream && std::all_of(row_exact.begin(), row_exact.end(), [](char c) { return c != 0; })) {
+      if (xscale != 1.f) P.x = xscaled.data();
+      run_stream(kern, P);
+    } else {
+      run_fused(kern, P);
+    }
   } else {
     run_dequant_mm(kern, P, x32, bias32, out32);
   }

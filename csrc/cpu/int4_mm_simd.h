@@ -3,7 +3,9 @@
 //   struct Vec   the vector type and its few operations (see int4_mm.cpp): Vec::W fp32 lanes, Vec::J vectors per
 //                column block, Vec::RMAX rows of x per register tile, Vec::NREG vector registers; unpacking is
 //                prepare(word) once per loaded vector, then nibble(w, i) = float(q_i - 8) (any i) or
-//                next_nibble(w, i) (i = 0, 1, ..., 7 in order: may keep state in w)
+//                next_nibble(w, i) (i = 0, 1, ..., 7 in order: may keep state in w); the streaming path unpacks
+//                with stream_nibble(w, i) = next_nibble's value times kStreamScale (a power of two) and reads x
+//                times its inverse (Problem::x, prepared by the caller), so each product is exactly x (q_i - 8)
 //   TK_ATTR      the function attributes of that ISA (e.g. __attribute__((target("avx512f,avx512bw"))))
 // so the kernels below exist three times, each compiled for its ISA and picked at run time. Everything here is
 // either TK_ATTR or always_inline into a TK_ATTR function; nothing here may include a header or instantiate a
@@ -249,7 +251,7 @@ TK_ATTR __attribute__((always_inline)) inline void stream_word_row(const int32_t
     VF t[R][2];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
-      const VF nb = Vec::next_nibble(wv, i);
+      const VF nb = Vec::stream_nibble(wv, i);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) t[r][i & 1] = Vec::fma(xb[r][i], nb, i < 2 ? Vec::zero() : t[r][i & 1]);
     }
