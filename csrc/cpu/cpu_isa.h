@@ -79,6 +79,27 @@ inline bool cpu_has_amx_bf16() {
 }
 #endif
 
+// AMD Zen 1 / Zen+ (family 17h, models 00h-2Fh) and Hygon Dhyana (family 18h, the same core) execute each 256-bit
+// AVX2 operation as two 128-bit halves: there the FMA loops of our kernels lose to the BLAS at fewer rows than on
+// cores with full-width units (int4_mm.cpp, kAvx2HalfWidth).
+inline bool cpu_splits_256bit() {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  static const bool split = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    unsigned family = (a >> 8) & 0xFu, model = (a >> 4) & 0xFu;
+    if (family == 0xFu) {
+      family += (a >> 20) & 0xFFu;
+      model |= ((a >> 16) & 0xFu) << 4;
+    }
+    return (family == 0x17u && model < 0x30u) || family == 0x18u;
+  }();
+  return split;
+#else
+  return false;
+#endif
+}
+
 inline int supported_isa_level() {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   static const int level = [] {

@@ -235,6 +235,15 @@ const Kernels kScalar{scalar::NB, 8, scalar::W, scalar::RMAX, scalar::fused_bloc
 #if TK_X86_SIMD
 const Kernels kAvx2{avx2::NB, 128, avx2::W, avx2::RMAX, avx2::fused_block, avx2::dequant_rows, avx2::stream_columns,
                     avx2::row_to_f32, int64_t(1) << 20, 1.f / avx2::Vec::kStreamScale, 0x1p-98f};
+// The same on a core that splits 256-bit operations (cpu::cpu_splits_256bit: Zen 1), where the fused loop runs at
+// 0.54-0.75x sgemm's speed per product (M = 128, 576 x 576 to 4096 x 4096; 2-core EPYC 7001): dequantize + BLAS
+// from 25 rows (measured crossover 24-32 rows at 576 x 1536 g32, ~24 at 4096 x 4096; SmolLM2's prefill at 128
+// rows ran its layers 1.8x slower than fp32 F.linear on the fused loop, 1.07x on the BLAS path). Chunks of 256k
+// weights (1 MiB of fp32: the two cores' L2) there: at M = 32 / 128 the 576-wide layers took 1.0-1.55x / 0.92-1.18x
+// fp32 F.linear's time against 1.17-1.70x / 1.0-1.21x with 1M-weight chunks (interleaved runs, 3 each).
+const Kernels kAvx2HalfWidth{avx2::NB, 24, avx2::W, avx2::RMAX, avx2::fused_block, avx2::dequant_rows,
+                             avx2::stream_columns, avx2::row_to_f32, int64_t(1) << 18, 1.f / avx2::Vec::kStreamScale,
+                             0x1p-98f};
 static_assert(0x1p-98f / avx2::Vec::kStreamScale == 0x1p-126f, "stream_x_exact_min: x 2^-28 must stay normal");
 static_assert(scalar::Vec::kStreamScale == 1.f && avx512::Vec::kStreamScale == 1.f, "stream_x_scale is 1 there");
 // AVX-512: fused at every M (2.2x faster than dequantize + MKL at M = 256 and 1024 on AMD, where MKL runs AVX2
@@ -254,7 +263,7 @@ const Kernels& select_kernels() {
 #if TK_X86_SIMD
   if (level >= cpu::kAmxBf16Isa) return kAvx512Amx;
   if (level >= cpu::kAvx512Isa) return kAvx512;
-  if (level >= cpu::kAvx2Isa) return kAvx2;
+  if (level >= cpu::kAvx2Isa) return cpu::cpu_splits_256bit() ? kAvx2HalfWidth : kAvx2;
 #endif
   (void)level;
   return kScalar;
