@@ -20,7 +20,8 @@
 //    (split-KV), the chunks merged by their max and sum;
 //  * keys outside a row's range are never read for it (an unwritten slot may hold NaN: a mask cannot hide it);
 //  * fp32 arithmetic for fp16/bf16/fp32 caches (float64 for float64), one rounding at the output, as the reference.
-// The loops use GCC/Clang vector extensions (64-byte vectors) and are compiled once per ISA with function-level
+// The loops use GCC/Clang vector extensions (64-byte vectors; 32-byte in the AVX2 copy, see Vec) and are compiled
+// once per ISA with function-level
 // target attributes (AVX-512, AVX2, baseline), the best the CPU has picked per call (cpu_isa.h,
 // TURBOKERNELS_CPU_ISA caps it). Tried and dropped: software prefetch of the next keys (slower on the Xeon).
 #include <ATen/ATen.h>
@@ -107,46 +108,65 @@ TK_INLINE void load_row(const E* src, int64_t n, A* dst) {
   }
 }
 
-// One 64-byte vector of A (GCC/Clang vector extensions): a zmm register in the AVX-512 copy, two ymm in the AVX2
-// one, four xmm in the baseline one; the same source for each.
-template <typename A>
+// One VB-byte vector of A (GCC/Clang vector extensions), the same source for each ISA's copy: VB = 64 is a zmm
+// register in the AVX-512 copy and four xmm in the baseline one; the AVX2 copy uses VB = 32, one ymm. (With 64 there,
+// GCC kept the two-ymm accumulators of pv_block on the stack and moved their halves through general registers:
+// on a Zen 1 EPYC, decode at B = 1, S = 512, 32/8 heads, d 128 took 1.8 ms against SDPA's 0.9, and the baseline copy
+// was faster than the AVX2 one; with 32: 0.56-0.68 ms, and 7.2-7.4 ms against 30.9-35.4 at B = 4, S = 2048.) One
+// ymm per pass of pv_block (DB = 1) there: two were slower at B = 4, S = 2048 (11.2-11.6 ms).
+template <typename A, int VB>
 struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t itype __attribute__((vector_size(64)));
-  static constexpr int L = 16;
+template <int VB>
+struct Vec<float, VB> {
+  typedef float type __attribute__((vector_size(VB)));
+  typedef int32_t itype __attribute__((vector_size(VB)));
+  static constexpr int L = VB / 4;
 };
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  static constexpr int L = 8;
+template <int VB>
+struct Vec<double, VB> {
+  typedef double type __attribute__((vector_size(VB)));
+  static constexpr int L = VB / 8;
 };
 
-template <typename A>
-TK_INLINE typename Vec<A>::type vload(const A* p) {
-  typename Vec<A>::type v;
+template <typename V>
+TK_INLINE V vload(const void* p) {
+  V v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename A>
-TK_INLINE void vstore(A* p, typename Vec<A>::type v) {
+template <typename V>
+TK_INLINE void vstore(void* p, V v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
+// a VB-byte vector's worth of bf16 values (VB / 2 bytes) and their fp32 bit patterns (explicit sizes: GCC does not
+// take a vector_size that depends on a function template's parameter)
+template <int VB>
+struct Bf16Bits;
+template <>
+struct Bf16Bits<64> {
+  typedef uint16_t half __attribute__((vector_size(32)));
+  typedef uint32_t word __attribute__((vector_size(64)));
+};
+template <>
+struct Bf16Bits<32> {
+  typedef uint16_t half __attribute__((vector_size(16)));
+  typedef uint32_t word __attribute__((vector_size(32)));
+};
+
 // L elements of a cache row (E) as one vector of A: a plain load, or bf16 widened in registers (a shift: the bits
 // are fp32's top half), so a bf16 cache is read straight, with no converted copy in scratch
-template <typename A, typename E>
-TK_INLINE typename Vec<A>::type vload_as(const E* p) {
+template <typename V, typename A, typename E>
+TK_INLINE V vload_as(const E* p) {
   if constexpr (std::is_same<E, A>::value) {
-    return vload(p);
+    return vload<V>(p);
   } else {
     static_assert(std::is_same<E, c10::BFloat16>::value && std::is_same<A, float>::value, "bf16 -> fp32 only");
-    typedef uint16_t U16 __attribute__((vector_size(32)));
-    typedef uint32_t U32 __attribute__((vector_size(64)));
+    using U16 = typename Bf16Bits<sizeof(V)>::half;
+    using U32 = typename Bf16Bits<sizeof(V)>::word;
     U16 h;
     __builtin_memcpy(&h, p, sizeof(h));
     const U32 w = __builtin_convertvector(h, U32) << 16;
-    typename Vec<A>::type f;
+    V f;
     __builtin_memcpy(&f, &w, sizeof(f));
     return f;
   }
@@ -154,7 +174,7 @@ TK_INLINE typename Vec<A>::type vload_as(const E* p) {
 
 // the lanes' sum as a tree of halves in registers (log2(L) dependent adds, not L; through memory, a wide store read
 // back in halves stalls store forwarding)
-TK_INLINE float hsum(Vec<float>::type v) {
+TK_INLINE float hsum(Vec<float, 64>::type v) {
   typedef float V8 __attribute__((vector_size(32)));
   typedef float V4 __attribute__((vector_size(16)));
   const V8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -162,15 +182,22 @@ TK_INLINE float hsum(Vec<float>::type v) {
   const V4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
   return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
-TK_INLINE double hsum(Vec<double>::type v) {
+TK_INLINE double hsum(Vec<double, 64>::type v) {
   typedef double V4 __attribute__((vector_size(32)));
   const V4 h4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
+TK_INLINE float hsum(Vec<float, 32>::type v) {
+  typedef float V4 __attribute__((vector_size(16)));
+  const V4 h4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+TK_INLINE double hsum(Vec<double, 32>::type v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 
 // the lane sums of four vectors at once, as a transpose: each level halves the lanes of two vectors into one
-TK_INLINE void hsum4(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c, Vec<float>::type d, float* out) {
-  using V = Vec<float>::type;
+TK_INLINE void hsum4(Vec<float, 64>::type a, Vec<float, 64>::type b, Vec<float, 64>::type c, Vec<float, 64>::type d,
+                     float* out) {
+  using V = Vec<float, 64>::type;
   // x: a's halves summed (lanes 0-7), b's (8-15); y: c's, d's
   const V x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
               __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -186,19 +213,19 @@ TK_INLINE void hsum4(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c,
 
 // s[b * lds + n] = q_b . k_n for NB query rows (q, rows D apart) and NK keys (kp): NB * NK independent vector sums,
 // so the FMA latency is hidden (NB * NK >= 3) and each key vector serves NB rows.
-template <typename A, typename KE, int NB, int NK>
+template <typename A, typename KE, int NB, int NK, int VB>
 TK_INLINE void dots(const A* q, int64_t D, const KE* const* kp, A* s, int64_t lds) {
-  using V = typename Vec<A>::type;
-  constexpr int L = Vec<A>::L;
+  using V = typename Vec<A, VB>::type;
+  constexpr int L = Vec<A, VB>::L;
   V acc[NB][NK];
   for (int b = 0; b < NB; ++b)
     for (int n = 0; n < NK; ++n) acc[b][n] = V{};
   int64_t d = 0;
   for (; d + L <= D; d += L) {
     V kv[NK];
-    for (int n = 0; n < NK; ++n) kv[n] = vload_as<A>(kp[n] + d);
+    for (int n = 0; n < NK; ++n) kv[n] = vload_as<V, A>(kp[n] + d);
     for (int b = 0; b < NB; ++b) {
-      const V qv = vload(q + b * D + d);
+      const V qv = vload<V>(q + b * D + d);
       for (int n = 0; n < NK; ++n) acc[b][n] += qv * kv[n];
     }
   }
@@ -206,7 +233,7 @@ TK_INLINE void dots(const A* q, int64_t D, const KE* const* kp, A* s, int64_t ld
   A x[NB * NK];
   const V* flat = &acc[0][0];
   int i = 0;
-  if constexpr (std::is_same<A, float>::value)
+  if constexpr (std::is_same<A, float>::value && VB == 64)
     for (; i + 4 <= NB * NK; i += 4) hsum4(flat[i], flat[i + 1], flat[i + 2], flat[i + 3], x + i);
   for (; i < NB * NK; ++i) x[i] = hsum(flat[i]);
   for (int b = 0; b < NB; ++b)
@@ -220,9 +247,9 @@ TK_INLINE void dots(const A* q, int64_t D, const KE* const* kp, A* s, int64_t ld
 // exp(x) for x <= 0 or NaN (a score minus its row's max), 16 lanes: Cephes' expf (range reduction by ln 2 in two
 // parts, a degree-6 polynomial; within 2 ulp of the true value), below -87.3 (where the result would be subnormal)
 // exactly 0; NaN stays NaN. libm's expf per score cost as much as the products at D = 64.
-TK_INLINE Vec<float>::type vexp(Vec<float>::type x) {
-  using V = Vec<float>::type;
-  using I = Vec<float>::itype;
+template <typename V>
+TK_INLINE V vexp(V x) {
+  using I = typename Vec<float, sizeof(V)>::itype;
   const auto tiny = x < -87.3f;  // lanes that become 0 (NaN compares false: kept)
   const V xc = tiny ? V{} - 87.3f : x;
   const V t = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23: rounds x / ln 2 to an integer n
@@ -267,29 +294,29 @@ struct Scratch {
 
 // G rows (q, D apart) against NK keys: blocks of four rows, then the one-to-three left one at a time (fewer
 // instantiations: each costs build time in every ISA copy)
-template <typename A, typename KE, int NK>
+template <typename A, typename KE, int NK, int VB>
 TK_INLINE void score_rows(const A* q, int64_t G, int64_t D, const KE* const* kp, A* s, int64_t lds) {
   int64_t r = 0;
-  for (; r + 4 <= G; r += 4) dots<A, KE, 4, NK>(q + r * D, D, kp, s + r * lds, lds);
-  for (; r < G; ++r) dots<A, KE, 1, NK>(q + r * D, D, kp, s + r * lds, lds);
+  for (; r + 4 <= G; r += 4) dots<A, KE, 4, NK, VB>(q + r * D, D, kp, s + r * lds, lds);
+  for (; r < G; ++r) dots<A, KE, 1, NK, VB>(q + r * D, D, kp, s + r * lds, lds);
 }
 
 // The rows of one head against keys [j, j + nk): four rows with two keys at a time (each q vector serves two keys,
 // each key vector four rows), or (fewer than 4 rows) one row with up to four keys, so at least three independent
 // sums run in every case.
-template <typename A, typename KE>
+template <typename A, typename KE, int VB>
 TK_INLINE void score_keys(const A* q, int64_t G, int64_t D, const KE* const* kp, int64_t nk, A* s, int64_t lds) {
   if (G >= 4 || nk == 1) {
     int64_t n = 0;
-    for (; n + 2 <= nk; n += 2) score_rows<A, KE, 2>(q, G, D, kp + n, s + n, lds);
-    for (; n < nk; ++n) score_rows<A, KE, 1>(q, G, D, kp + n, s + n, lds);
+    for (; n + 2 <= nk; n += 2) score_rows<A, KE, 2, VB>(q, G, D, kp + n, s + n, lds);
+    for (; n < nk; ++n) score_rows<A, KE, 1, VB>(q, G, D, kp + n, s + n, lds);
     return;
   }
   for (int64_t r = 0; r < G; ++r) {
     switch (nk) {
-      case 4: dots<A, KE, 1, 4>(q + r * D, D, kp, s + r * lds, lds); break;
-      case 3: dots<A, KE, 1, 3>(q + r * D, D, kp, s + r * lds, lds); break;
-      default: dots<A, KE, 1, 2>(q + r * D, D, kp, s + r * lds, lds); break;
+      case 4: dots<A, KE, 1, 4, VB>(q + r * D, D, kp, s + r * lds, lds); break;
+      case 3: dots<A, KE, 1, 3, VB>(q + r * D, D, kp, s + r * lds, lds); break;
+      default: dots<A, KE, 1, 2, VB>(q + r * D, D, kp, s + r * lds, lds); break;
     }
   }
 }
@@ -297,17 +324,17 @@ TK_INLINE void score_keys(const A* q, int64_t G, int64_t D, const KE* const* kp,
 // acc_b[d, d + DB * L) += sum_j p_b[j] v_j[d, d + DB * L) for NB rows over keys [j0, j1) (p_b indexed by j; vp[j -
 // j0] the value rows; accumulators D apart); keys outside row b's range [a_b, e_b) are skipped for it (an unattended
 // slot may hold anything; 0 * inf is NaN). The DB vectors of each row stay in registers while the keys pass.
-template <typename A, typename VE, int NB, int DB>
+template <typename A, typename VE, int NB, int DB, int VB>
 TK_INLINE void pv_block(const A* const* p, const int64_t* a, const int64_t* e, int64_t ilo, int64_t ihi,
                         const VE* const* vp, int64_t j0, int64_t j1, int64_t D, A* acc, int64_t d) {
-  using V = typename Vec<A>::type;
-  constexpr int L = Vec<A>::L;
+  using V = typename Vec<A, VB>::type;
+  constexpr int L = Vec<A, VB>::L;
   V o[NB][DB];
   for (int b = 0; b < NB; ++b)
-    for (int i = 0; i < DB; ++i) o[b][i] = vload(acc + b * D + d + i * L);
+    for (int i = 0; i < DB; ++i) o[b][i] = vload<V>(acc + b * D + d + i * L);
   for (int64_t j = j0; j < j1; ++j) {
     V vv[DB];
-    for (int i = 0; i < DB; ++i) vv[i] = vload_as<A>(vp[j - j0] + d + i * L);
+    for (int i = 0; i < DB; ++i) vv[i] = vload_as<V, A>(vp[j - j0] + d + i * L);
     if (j >= ilo && j < ihi) {
       for (int b = 0; b < NB; ++b)
         for (int i = 0; i < DB; ++i) o[b][i] += p[b][j] * vv[i];
@@ -323,16 +350,16 @@ TK_INLINE void pv_block(const A* const* p, const int64_t* a, const int64_t* e, i
 
 // pv_block over the whole head dim: DB vectors per pass (each value row read DB * 64 bytes at a time, in address
 // order), then single vectors, then the scalar tail.
-template <typename A, typename VE, int NB, int DB>
+template <typename A, typename VE, int NB, int DB, int VB>
 TK_INLINE void pv_rows(const A* const* p, const int64_t* a, const int64_t* e, const VE* const* vp, int64_t j0,
                        int64_t j1, int64_t D, A* acc) {
-  constexpr int L = Vec<A>::L;
+  constexpr int L = Vec<A, VB>::L;
   int64_t ilo = j0, ihi = j1;  // the keys every row attends
   for (int b = 0; b < NB; ++b) ilo = std::max(ilo, a[b]), ihi = std::min(ihi, e[b]);
   int64_t d = 0;
-  for (; d + DB * L <= D; d += DB * L) pv_block<A, VE, NB, DB>(p, a, e, ilo, ihi, vp, j0, j1, D, acc, d);
+  for (; d + DB * L <= D; d += DB * L) pv_block<A, VE, NB, DB, VB>(p, a, e, ilo, ihi, vp, j0, j1, D, acc, d);
   if constexpr (DB > 1)
-    for (; d + L <= D; d += L) pv_block<A, VE, NB, 1>(p, a, e, ilo, ihi, vp, j0, j1, D, acc, d);
+    for (; d + L <= D; d += L) pv_block<A, VE, NB, 1, VB>(p, a, e, ilo, ihi, vp, j0, j1, D, acc, d);
   for (; d < D; ++d)
     for (int b = 0; b < NB; ++b)
       for (int64_t j = std::max(j0, a[b]); j < std::min(j1, e[b]); ++j) acc[b * D + d] += p[b][j] * to_acc<VE, A>(vp[j - j0][d]);
@@ -340,7 +367,7 @@ TK_INLINE void pv_rows(const A* const* p, const int64_t* a, const int64_t* e, co
 
 // One task: sequence b, kv heads [h0, h0 + hb), keys of chunk c; its rows r = (hh * T + t) * g + gi are query head
 // (h0 + hh) * g + gi's token t. Writes the output rows when the sequence is one chunk, else the chunk's partials.
-template <typename E, typename A, int DB>
+template <typename E, typename A, int DB, int VB>
 TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
   const int64_t b = std::upper_bound(P.first, P.first + P.B + 1, task) - P.first - 1;
   const int64_t local = task - P.first[b], nch = P.nchunk[b];
@@ -380,7 +407,7 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
         if constexpr (std::is_same<E, KE>::value) kp[n] = kr;
         else load_row<E, A>(kr, D, W.tile.data() + n * D), kp[n] = W.tile.data() + n * D;
       }
-      score_keys<A, KE>(W.q.data() + hh * G * D, G, D, kp, nk, W.s.data() + hh * G * C + (j - c0), C);
+      score_keys<A, KE, VB>(W.q.data() + hh * G * D, G, D, kp, nk, W.s.data() + hh * G * C + (j - c0), C);
     }
   }
   // scores finished (scale, softcap, ALiBi), then softmax numerators: m = the largest score (NaN scores skipped by the
@@ -392,15 +419,16 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
     const A slope = P.slopes ? static_cast<A>(P.slopes[b * P.sls0 + ((h0 + r / G) * g + r % g) * P.sls1]) : A(0);
     int64_t j = a;
     if constexpr (std::is_same<A, float>::value) {
-      if (cap == 0 && P.slopes == nullptr) {  // the usual scores: scale and max, 16 lanes at a time
-        using V = Vec<float>::type;
+      if (cap == 0 && P.slopes == nullptr) {  // the usual scores: scale and max, a vector at a time
+        using V = typename Vec<float, VB>::type;
+        constexpr int LF = Vec<float, VB>::L;
         V mv = V{} + ninf;
-        for (; j + 16 <= e; j += 16) {
-          const V x = vload(s + j) * scale;
+        for (; j + LF <= e; j += LF) {
+          const V x = vload<V>(s + j) * scale;
           vstore(s + j, x);
           mv = x > mv ? x : mv;  // a NaN lane keeps the max so far, as the scalar compare below
         }
-        for (int i = 0; i < 16; ++i) m = mv[i] > m ? mv[i] : m;
+        for (int i = 0; i < LF; ++i) m = mv[i] > m ? mv[i] : m;
       }
     }
     for (; j < e; ++j) {
@@ -412,10 +440,11 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
     }
     j = a;
     if constexpr (std::is_same<A, float>::value) {
-      using V = Vec<float>::type;
+      using V = typename Vec<float, VB>::type;
+      constexpr int LF = Vec<float, VB>::L;
       V lv{};
-      for (; j + 16 <= e; j += 16) {
-        const V pv = vexp(vload(s + j) - m);
+      for (; j + LF <= e; j += LF) {
+        const V pv = vexp(vload<V>(s + j) - m);
         vstore(s + j, pv);
         lv += pv;
       }
@@ -444,10 +473,10 @@ TK_INLINE void run_task(const Problem& P, int64_t task, Scratch<A>& W) {
         for (int i = 0; i < nb; ++i) prow[i] = W.s.data() + (r + i) * C - c0;
         A* acc = W.acc.data() + r * D;
         switch (nb) {
-          case 4: pv_rows<A, KE, 4, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
-          case 3: pv_rows<A, KE, 3, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
-          case 2: pv_rows<A, KE, 2, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
-          default: pv_rows<A, KE, 1, DB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
+          case 4: pv_rows<A, KE, 4, DB, VB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
+          case 3: pv_rows<A, KE, 3, DB, VB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
+          case 2: pv_rows<A, KE, 2, DB, VB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
+          default: pv_rows<A, KE, 1, DB, VB>(prow, &W.a[r], &W.e[r], vp, j0, j1, D, acc); break;
         }
       }
     }
@@ -525,7 +554,7 @@ template <typename E, typename A>
 void tasks_generic(const Problem& P, int64_t t0, int64_t t1, int64_t C) {
   Scratch<A> W;
   W.reserve(P.hb * P.T * P.g, C, P.D);
-  for (int64_t t = t0; t < t1; ++t) run_task<E, A, 1>(P, t, W);
+  for (int64_t t = t0; t < t1; ++t) run_task<E, A, 1, 64>(P, t, W);
 }
 template <typename E, typename A>
 void merge_generic(const Problem& P, int64_t p0, int64_t p1) {
@@ -538,14 +567,14 @@ template <typename E, typename A>
 __attribute__((target("avx2,fma,f16c"))) void tasks_avx2(const Problem& P, int64_t t0, int64_t t1, int64_t C) {
   Scratch<A> W;
   W.reserve(P.hb * P.T * P.g, C, P.D);
-  for (int64_t t = t0; t < t1; ++t) run_task<E, A, 1>(P, t, W);
+  for (int64_t t = t0; t < t1; ++t) run_task<E, A, 1, 32>(P, t, W);
 }
 template <typename E, typename A>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) void tasks_avx512(const Problem& P, int64_t t0,
                                                                                   int64_t t1, int64_t C) {
   Scratch<A> W;
   W.reserve(P.hb * P.T * P.g, C, P.D);
-  for (int64_t t = t0; t < t1; ++t) run_task<E, A, 4>(P, t, W);
+  for (int64_t t = t0; t < t1; ++t) run_task<E, A, 4, 64>(P, t, W);
 }
 #endif
 
