@@ -21,9 +21,8 @@
 //  * keys outside a row's range are never read for it (an unwritten slot may hold NaN: a mask cannot hide it);
 //  * fp32 arithmetic for fp16/bf16/fp32 caches (float64 for float64), one rounding at the output, as the reference.
 // The loops use GCC/Clang vector extensions (64-byte vectors; 32-byte in the AVX2 copy, see Vec) and are compiled
-// once per ISA with function-level
-// target attributes (AVX-512, AVX2, baseline), the best the CPU has picked per call (cpu_isa.h,
-// TURBOKERNELS_CPU_ISA caps it). Tried and dropped: software prefetch of the next keys (slower on the Xeon).
+// once per ISA with function-level target attributes (AVX-512, AVX2, baseline), the best the CPU has picked per call
+// (cpu_isa.h, TURBOKERNELS_CPU_ISA caps it). Tried and dropped: software prefetch of the next keys (slower on the Xeon).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
