@@ -231,6 +231,11 @@ struct Kernels {
 const Kernels kScalar{scalar::W, 8, scalar::run_unit, scalar::expand_rows};
 #if TK_X86_SIMD
 const Kernels kAvx2{avx2::W, 256, avx2::run_unit, avx2::expand_rows};
+// Cores that split 256-bit operations (cpu::cpu_splits_256bit: Zen 1), 2-core EPYC 7001, 2 threads: fused vs
+// expand + BLAS at M = 128: 127 vs 120 ms (4096 x 4096 g128), 7.2 vs 6.7 ms (576 x 1536 g32); at M = 256 the fused
+// loop took 1.51x fp32 F.linear's time (bench/results/cpu-zen1-2026-12-03/sparse24_cpu.csv), expand + BLAS 1.10x
+// (ad-hoc, interleaved; M = 64: fused 64.6 ms, expand + BLAS ~91).
+const Kernels kAvx2HalfWidth{avx2::W, 128, avx2::run_unit, avx2::expand_rows};
 const Kernels kAvx512{avx512::W, 256, avx512::run_unit, avx512::expand_rows};
 #endif
 
@@ -238,7 +243,7 @@ const Kernels& select_kernels() {
   const int level = cpu::isa_level();
 #if TK_X86_SIMD
   if (level >= cpu::kAvx512Isa) return kAvx512;
-  if (level >= cpu::kAvx2Isa) return kAvx2;
+  if (level >= cpu::kAvx2Isa) return cpu::cpu_splits_256bit() ? kAvx2HalfWidth : kAvx2;
 #endif
   (void)level;
   return kScalar;
