@@ -158,7 +158,7 @@ def test_extreme_activation_magnitudes(isa, scale):
     for M in (1, 3, 9, 130):
         x = torch.randn(M, K) * scale
         check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} |x|~{scale:g}")
-        x[:, ::7] = torch.randn(M, (K + 6) // 7)  # mixed: the tiny values must still count
+        x[:, ::7] = torch.randn(M, (K + 6) // 7)  # mixed with ordinary values, as a real row would be
         check(x, qweight, scales, offsets, gs, f"isa={isa} M={M} |x|~{scale:g} mixed")
 
 

@@ -145,9 +145,10 @@ struct Vec {
   TK_VEC F next_nibble(I& w, int i) { return nibble(w, i); }
   // The streaming path's unpack: nibble i shifted to the top of the lane and masked, (q - 8) 2^28 as an int32,
   // converted exactly (4 significant bits), against x 2^-28: one shift per nibble (none for the top one), not
-  // two. Where one row of x meets each unpacked vector (M = 1), the shifts bound the loop: on a Zen 1 EPYC (7001
-  // series, vector shifts on one pipe), weights from DRAM, 2 threads, M = 1 took 0.78x the time, M = 2-4 0.93-0.95x
-  // (4096 x 4096, 4096 x 14336). The block path keeps nibble(): the same change made it 4-13% slower there
+  // two. Where one row of x meets each unpacked vector (M = 1), the shifts bound the loop on a Zen 1 EPYC (7001
+  // series; in L2, one core: 4.4 G weights/s with two shifts a nibble, 6.1 with one, 7.5-8.9 with none and no
+  // sign); weights from DRAM, 2 threads: M = 1 took 0.77-0.78x the time, M = 2-4 0.92-0.94x (4096 x 4096,
+  // 4096 x 14336, in-process A/B). The block path keeps nibble(): the same change made it 4-13% slower there
   // (M = 8, 16: four rows of x per unpacked vector).
   static constexpr float kStreamScale = 268435456.f;  // 2^28
   TK_VEC F stream_nibble(I& w, int i) {
