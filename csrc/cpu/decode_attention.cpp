@@ -243,9 +243,9 @@ TK_INLINE void dots(const A* q, int64_t D, const KE* const* kp, A* s, int64_t ld
     }
 }
 
-// exp(x) for x <= 0 or NaN (a score minus its row's max), 16 lanes: Cephes' expf (range reduction by ln 2 in two
-// parts, a degree-6 polynomial; within 2 ulp of the true value), below -87.3 (where the result would be subnormal)
-// exactly 0; NaN stays NaN. libm's expf per score cost as much as the products at D = 64.
+// exp(x) for x <= 0 or NaN (a score minus its row's max), lane by lane in any Vec width: Cephes' expf (range
+// reduction by ln 2 in two parts, a degree-6 polynomial; within 2 ulp of the true value), below -87.3 (where the
+// result would be subnormal) exactly 0; NaN stays NaN. libm's expf per score cost as much as the products at D = 64.
 template <typename V>
 TK_INLINE V vexp(V x) {
   using I = typename Vec<float, sizeof(V)>::itype;
