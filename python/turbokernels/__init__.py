@@ -8,7 +8,10 @@
     layer = tk.nn.Int4Linear.from_linear(linear)              # drop-in module
     with tk.backend("reference"): ...                         # force a backend: reference/triton/cpu/cuda
 """
-from . import backends, ops  # noqa: F401  (ops registers torch.ops.turbokernels.*)
+from ._unshadow import unshadow_hf_kernels
+
+unshadow_hf_kernels()
+from . import backends, ops  # noqa: F401,E402  (ops registers torch.ops.turbokernels.*)
 from .backends import BackendUnavailable, backend, set_backend
 from .compress import is_24_sparse, prune_24
 from .formats import Int4Weight, Sparse24Int4Weight, Sparse24Weight, quantize_int4
