@@ -44,15 +44,13 @@ def test_hugging_face_kernels_wins_over_a_checkout_root(tmp_path):
 
 def test_checkout_kernels_untouched_without_hugging_face_package(tmp_path):
     """Hugging Face's package may be installed here (transformers >= 5.25 requires it): the interpreter drops every
-    sys.path entry holding a `kernels` after turbokernels is imported, then runs the fix again."""
+    sys.path entry holding a `kernels` after turbokernels is imported."""
     root = _fake_checkout(tmp_path)
     code = textwrap.dedent(f"""
         import os, sys
         import turbokernels
-        from turbokernels._unshadow import unshadow_hf_kernels
         sys.modules.pop("kernels", None)
         sys.path[:] = [{str(root)!r}] + [p for p in sys.path if not os.path.exists(os.path.join(p or ".", "kernels"))]
-        unshadow_hf_kernels()
         import kernels
         print(kernels.WHO)
     """)
@@ -61,10 +59,20 @@ def test_checkout_kernels_untouched_without_hugging_face_package(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "checkout"
 
 
-def test_a_broken_hugging_face_package_does_not_break_turbokernels(tmp_path):
+def test_root_put_on_sys_path_after_importing_turbokernels(tmp_path):
+    """A script that imports turbokernels and then adds a checkout's root (as a notebook might)."""
     root = _fake_checkout(tmp_path)
-    site = _fake_site(tmp_path, "raise RuntimeError('broken third-party package')\n")
-    assert _who(root, [root, site]) == "checkout"
+    site = _fake_site(tmp_path, "WHO = 'hf'\n")
+    code = textwrap.dedent(f"""
+        import sys
+        import turbokernels
+        sys.path[:0] = [{str(root)!r}, {str(site)!r}]
+        import kernels
+        print(kernels.WHO)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "hf"
 
 
 def test_not_a_checkout_is_left_alone(tmp_path):
