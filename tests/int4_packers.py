@@ -52,19 +52,22 @@ def golden_zero_point(q: np.ndarray, zeros: np.ndarray, scales: torch.Tensor, g_
 # ---- GPTQ --------------------------------------------------------------------------------------------------------
 def pack_gptq(q: np.ndarray, zeros: np.ndarray, scales: torch.Tensor, g_idx: np.ndarray, version: int = 1,
               pad_garbage: bool = False):
-    """q (K, N) 0..15 in input-feature order; zeros (G, N): z, 1..16 for v1 (stored z - 1), 0..15 for v2;
-    g_idx (K,) the group of each input feature. Returns qweight, qzeros, scales, g_idx (int32) as GPTQ stores
-    them. pad_garbage: fill the nibbles past K (K % 8 != 0) with ones, which a reader must ignore."""
+    """q (K, N) 0..15 in input-feature order; zeros (G, N) 0..15; g_idx (K,) the group of each input feature.
+    Returns qweight, qzeros, scales, g_idx (int32) as GPTQ stores them: v2 packs the zero points as they are; v1
+    subtracts 0x11111111 from each packed word, as GPTQModel's v2 -> v1 conversion does (a zero point of 0 borrows
+    from the next nibble). pad_garbage: fill the nibbles past K (K % 8 != 0) with ones, which a reader must ignore."""
     K, N = q.shape
-    stored = zeros - 1 if version == 1 else zeros
-    assert stored.min() >= 0 and stored.max() <= 15
+    assert zeros.min() >= 0 and zeros.max() <= 15
     qweight = pack_dim0(q)
     if pad_garbage and K % 8:
         last = qweight[-1].numpy().view(np.uint32)
         last |= np.uint32(((1 << 32) - 1) ^ ((1 << (4 * (K % 8))) - 1))
         qweight[-1] = torch.from_numpy(last.view(np.int32).copy())
-    return dict(qweight=qweight, qzeros=pack_dim1(stored), scales=scales,
-                g_idx=torch.from_numpy(g_idx.astype(np.int32)))
+    qzeros = pack_dim1(zeros)
+    if version == 1:
+        words = qzeros.numpy().view(np.uint32) - np.uint32(0x11111111)  # uint32 arithmetic: wraps mod 2^32
+        qzeros = torch.from_numpy(words.view(np.int32).copy())
+    return dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=torch.from_numpy(g_idx.astype(np.int32)))
 
 
 # ---- AWQ ---------------------------------------------------------------------------------------------------------

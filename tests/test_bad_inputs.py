@@ -1103,7 +1103,7 @@ def _apply(packed: dict, changes: dict) -> dict:
 
 def gptq_call(act_order=False, **changes) -> Call:
     rng = _rng()
-    q, zeros = rng.integers(0, 16, size=(K, 16)), rng.integers(1, 17, size=(2, 16))
+    q, zeros = rng.integers(0, 16, size=(K, 16)), rng.integers(0, 16, size=(2, 16))
     scales = torch.from_numpy(rng.uniform(0.01, 0.1, size=(2, 16))).half()
     g_idx = P.group_index(K, 32)
     if act_order:

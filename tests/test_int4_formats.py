@@ -85,7 +85,7 @@ def make_gptq(rng, K, N, gs, version, g_idx_mode, scale_dtype=torch.float16):
     G = 1 if gs == -1 else math.ceil(K / gs)
     egs = K if gs == -1 else gs
     q = rng.integers(0, 16, size=(K, N))
-    zeros = rng.integers(1, 17, size=(G, N)) if version == 1 else rng.integers(0, 16, size=(G, N))
+    zeros = rng.integers(0, 16, size=(G, N))
     scales = random_scales(rng, (G, N), scale_dtype)
     g_idx = act_order_g_idx(rng, K, egs) if g_idx_mode == "act_order" else P.group_index(K, egs)
     packed = P.pack_gptq(q, zeros, scales, g_idx, version=version)
@@ -134,7 +134,7 @@ def test_gptq_in_features_not_multiple_of_8(rng, mode):
     K, N, gs = 100, 16, 32
     G = math.ceil(K / gs)
     q = rng.integers(0, 16, size=(K, N))
-    zeros = rng.integers(1, 17, size=(G, N))
+    zeros = rng.integers(0, 16, size=(G, N))
     scales = random_scales(rng, (G, N))
     g_idx = act_order_g_idx(rng, K, gs) if mode == "act_order" else P.group_index(K, gs)
     packed = P.pack_gptq(q, zeros, scales, g_idx, pad_garbage=True)
@@ -148,16 +148,34 @@ def test_gptq_in_features_not_multiple_of_8(rng, mode):
     assert_linear(w, golden)
 
 
-def test_gptq_v1_zero_of_16_and_v2_zero_of_0(rng):
-    """v1 stores z - 1 in a nibble, so z runs 1..16; v2 stores z, 0..15: the extremes of both."""
-    K, N = 64, 8
+def test_gptq_zero_points_at_the_extremes(rng):
+    """Zero points 0 and 15 in both versions, alone and mixed within one packed word: in v1 a zero point of 0 borrows
+    from the next nibble (nibble 15 stored, the next one lowered), the case a per-nibble "+ 1" reads wrongly."""
+    K, N = 64, 16
     q = rng.integers(0, 16, size=(K, N))
     s = random_scales(rng, (1, N))
-    for version, z in ((1, 16), (1, 1), (2, 0), (2, 15)):
-        zeros = np.full((1, N), z)
-        packed = P.pack_gptq(q, zeros, s, P.group_index(K, K), version=version)
-        w = Int4Weight.from_gptq(packed["qweight"], packed["qzeros"], s, version=version)
-        assert_exact(w, P.golden_zero_point(q, zeros, s, P.group_index(K, K)))
+    mixed = np.array([[0, 5, 0, 0, 15, 1, 0, 15, 15, 0, 7, 0, 1, 0, 0, 0]])
+    for version in (1, 2):
+        for zeros in (np.zeros((1, N), dtype=np.int64), np.full((1, N), 15), np.full((1, N), 1), mixed):
+            packed = P.pack_gptq(q, zeros, s, P.group_index(K, K), version=version)
+            w = Int4Weight.from_gptq(packed["qweight"], packed["qzeros"], s, version=version)
+            assert_exact(w, P.golden_zero_point(q, zeros, s, P.group_index(K, K)))
+
+
+def test_gptq_v1_word_level_borrow_by_hand():
+    """The v1 rule on one word built by hand: the zero points (0, 3, 0, 0, 9, 0, 15, 0) as a v2 word, minus
+    0x11111111 with its borrows, must read back as themselves; the per-nibble "+ 1" reading (AutoGPTQ's loader) gets
+    16 where a 0 was stored and the next nibble one too low, so this word tells the two rules apart."""
+    z = [0, 3, 0, 0, 9, 0, 15, 0]
+    v2 = sum(v << (4 * i) for i, v in enumerate(z))
+    v1 = (v2 - 0x11111111) % (1 << 32)
+    per_nibble = [((v1 >> (4 * i)) & 0xF) + 1 for i in range(8)]
+    assert per_nibble != z  # the old reading is wrong here, so this case tells the two apart
+    qz = torch.tensor([[v1 - (1 << 32) if v1 >= 1 << 31 else v1]], dtype=torch.int32)
+    qweight = torch.zeros(4, 8, dtype=torch.int32)  # q = 0 everywhere: W = -z * s
+    s = torch.ones(1, 8, dtype=torch.float16)
+    w = Int4Weight.from_gptq(qweight, qz, s, version=1)
+    assert w.dequantize(torch.float32)[:, 0].tolist() == [-float(v) for v in z]
 
 
 def test_gptq_group_size_inference():

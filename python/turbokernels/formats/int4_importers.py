@@ -7,9 +7,12 @@ when that is exact too (exact_offsets). With fp32 scales the product -z*s is rou
 (q - z)*s by 1 ulp.
 
   GPTQ               qweight int32 [ceil(K/8), N] (our layout already), qzeros int32 [G, ceil(N/8)] packed along N
-                     (n%8 at bits 4*(n%8)), stored as z-1 in v1 (checkpoint_format "gptq") and as z in v2
-                     ("gptq_v2"); scales [G, N]; g_idx int [K] (group of each input row; act-order when not
-                     arange(K)//gs). W = (q - z) * s.
+                     (n%8 at bits 4*(n%8)), as z in v2 ("gptq_v2"); v1 (checkpoint_format "gptq") stores the
+                     v2 word minus 0x11111111 (GPTQModel's packer subtracts it from the whole word, so a zero point
+                     of 0 borrows from the next nibble) and is read as word + 0x11111111 (mod 2^32) -- the same as
+                     adding 1 per nibble whenever no stored nibble is 15, and exact in the borrow case; scales
+                     [G, N]; g_idx int [K] (group of each input row; act-order when not arange(K)//gs).
+                     W = (q - z) * s.
   AWQ (GEMM)         qweight int32 [K, ceil(N/8)] packed along N; nibble slot i of a word holds column
                      [0, 2, 4, 6, 1, 3, 5, 7][i] of its 8 columns; qzeros [G, ceil(N/8)] packed the same way, no
                      off-by-one; scales [G, N]. W = (q - z) * s.
@@ -193,7 +196,8 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, in_features=None, group_si
 
     qweight int32 [ceil(K/8), N]; qzeros int32 [G, ceil(N/8)]; scales [G, N] (fp16 normally); g_idx int [K] or None.
     in_features: K when it is not qweight.shape[0] * 8. group_size: when given, must match G = ceil(K / gs); else
-    taken from g_idx, else inferred from K and G. version: 1 ("gptq", zeros stored minus one) or 2 ("gptq_v2").
+    taken from g_idx, else inferred from K and G. version: 1 ("gptq": each qzeros word is the v2 word minus
+    0x11111111) or 2 ("gptq_v2": the zero points as they are).
     With an act-order g_idx the rows are sorted by group and `perm` records the order.
     """
     fmt = "from_gptq"
@@ -201,8 +205,8 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, in_features=None, group_si
     qzeros = _tensor(fmt, "qzeros", qzeros, (torch.int32,), "int32 (8 nibbles per word)")
     scales = _tensor(fmt, "scales", scales, FLOAT_DTYPES, "float16, bfloat16 or float32")
     if isinstance(version, bool) or version not in (1, 2):
-        raise ValueError(f"{fmt}(version): expected 1 (checkpoint_format 'gptq', zeros stored minus one) or 2 "
-                         f"('gptq_v2'), got {version!r}")
+        raise ValueError(f"{fmt}(version): expected 1 (checkpoint_format 'gptq', words stored minus 0x11111111) "
+                         f"or 2 ('gptq_v2'), got {version!r}")
     _same_device(fmt, qweight, "qweight", qzeros=qzeros, scales=scales)
     K8, N = qweight.shape
     if in_features is None:
@@ -226,9 +230,10 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, in_features=None, group_si
     group_size = _resolve_group_size(fmt, K, G, group_size, g_idx, "scales")
     perm = None if g_idx is None else _act_order(fmt, "g_idx", g_idx, effective_group_size(group_size, K), K)
 
+    if version == 1:  # undo the word-level subtraction, mod 2^32 (in int64: int32 addition would overflow)
+        words = (qzeros.to(torch.int64) + 0x11111111) & 0xFFFFFFFF
+        qzeros = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     zeros = _unpack_along_cols(qzeros, N)
-    if version == 1:
-        zeros = zeros + 1  # v1 stores z - 1 (so z runs 1..16)
     return _build(_zero_tail(qweight, K), scales, _offsets(zeros, scales), group_size, K, perm)
 
 
