@@ -118,6 +118,38 @@ def pack_gguf(q: np.ndarray, d: np.ndarray, m=None) -> np.ndarray:
     return np.frombuffer(bytes(out), dtype=np.uint8)
 
 
+def pack_gguf_q4_k(q: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K, written from llama.cpp's block_q4_K and get_scale_min_k4: q (N, K) 0..15; d, dmin (N, K/256) float16;
+    sc, mn (N, K/32) 0..63, the 6-bit scale and min of each 32-element sub-block. Per super-block: d, dmin
+    (little-endian fp16), 12 bytes of scales (j < 4: byte j = sc_j | (sc_{j+4} >> 4) << 6, byte j + 4 = mn_j |
+    (mn_{j+4} >> 4) << 6, byte j + 8 = (sc_{j+4} & 15) | (mn_{j+4} & 15) << 4), 128 bytes: byte 32 c + l holds
+    element l of sub-block 2c in its low nibble and of sub-block 2c + 1 in its high nibble."""
+    N, K = q.shape
+    out = bytearray()
+    for n in range(N):
+        for b in range(K // 256):
+            s8, m8 = [int(v) for v in sc[n, 8 * b:8 * b + 8]], [int(v) for v in mn[n, 8 * b:8 * b + 8]]
+            assert 0 <= min(s8 + m8) and max(s8 + m8) <= 63
+            out += np.asarray(d[n, b], dtype="<f2").tobytes() + np.asarray(dmin[n, b], dtype="<f2").tobytes()
+            scales = [0] * 12
+            for j in range(4):
+                scales[j] = s8[j] | ((s8[j + 4] >> 4) << 6)
+                scales[j + 4] = m8[j] | ((m8[j + 4] >> 4) << 6)
+                scales[j + 8] = (s8[j + 4] & 15) | ((m8[j + 4] & 15) << 4)
+            out += bytes(scales)
+            blk = q[n, 256 * b:256 * b + 256].astype(np.uint8)
+            for c in range(4):
+                out += bytes(int(blk[64 * c + l]) | (int(blk[64 * c + 32 + l]) << 4) for l in range(32))
+    return np.frombuffer(bytes(out), dtype=np.uint8)
+
+
+def golden_gguf_q4_k(q: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, mn: np.ndarray) -> torch.Tensor:
+    """Q4_K: w = d * sc * q - dmin * mn per 32-element sub-block; float64 (N, K)."""
+    scale = np.repeat(d.astype(np.float64), 8, axis=1) * sc
+    off = np.repeat(dmin.astype(np.float64), 8, axis=1) * mn
+    return torch.from_numpy(np.repeat(scale, 32, axis=1) * q - np.repeat(off, 32, axis=1))
+
+
 def golden_gguf(q: np.ndarray, d: np.ndarray, m=None) -> torch.Tensor:
     """Q4_0: w = d * (q - 8); Q4_1: w = d * q + m; float64 (N, K)."""
     dd = np.repeat(d.astype(np.float64), 32, axis=1)

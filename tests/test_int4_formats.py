@@ -432,6 +432,49 @@ def test_gguf_exact(rng, N, K, kind):
         assert torch.equal(w.dequantize(), torch.from_numpy(np.ascontiguousarray(theirs)).reshape(N, K))
 
 
+Q4_K_SHAPES = [(5, 256), (1, 512), (3, 768), (17, 256)]
+
+
+def make_gguf_q4_k(rng, N, K):
+    S = K // 256
+    q = rng.integers(0, 16, size=(N, K))
+    d = (rng.standard_normal((N, S)) * 2.0 ** rng.uniform(-14, 0, (N, S))).astype(np.float16)
+    dmin = (rng.standard_normal((N, S)) * 2.0 ** rng.uniform(-14, 0, (N, S))).astype(np.float16)
+    sc, mn = rng.integers(0, 64, size=(N, K // 32)), rng.integers(0, 64, size=(N, K // 32))
+    sc[0, :2], mn[0, :2] = 63, 63  # every bit of the 6-bit fields, in sub-blocks 0-3 and 4-7
+    sc[0, 5], mn[0, 6] = 63, 63
+    return P.pack_gguf_q4_k(q, d, dmin, sc, mn), P.golden_gguf_q4_k(q, d, dmin, sc, mn)
+
+
+@pytest.mark.parametrize("N,K", Q4_K_SHAPES)
+def test_gguf_q4_k_exact(rng, N, K):
+    """Q4_K (super-blocks of 256, 6-bit sub-block scales and mins) as group size 32, losslessly: against blocks
+    written from llama.cpp's layout by our packer, and bit for bit against gguf's own dequantizer."""
+    data, golden = make_gguf_q4_k(rng, N, K)
+    w = Int4Weight.from_gguf(data, "Q4_K", (N, K))
+    assert w.shape == (N, K) and w.group_size == 32 and w.scales.shape == (K // 32, N)
+    assert_exact(w, golden)
+    assert_linear(w, golden)
+    if gguf is not None:
+        theirs = gguf.quants.dequantize(data.reshape(N, -1), gguf.GGMLQuantizationType.Q4_K)
+        assert torch.equal(w.dequantize(), torch.from_numpy(np.ascontiguousarray(theirs)).reshape(N, K))
+
+
+@needs_gguf
+def test_gguf_q4_k_random_bytes_match_gguf():
+    """Any 144 bytes are a Q4_K block (d, dmin finite): ours decodes every bit pattern as gguf does."""
+    rng = np.random.default_rng(1)
+    N, K = 9, 1024
+    blocks = rng.integers(0, 256, size=(N, K // 256, 144), dtype=np.uint8)
+    for off in (0, 2):  # finite fp16 d and dmin of any sign and range
+        v = (rng.standard_normal((N, K // 256)) * 2.0 ** rng.uniform(-20, 4, (N, K // 256))).astype(np.float16)
+        blocks[..., off:off + 2] = v.view(np.uint8).reshape(N, K // 256, 2)
+    data = blocks.reshape(N, -1)
+    w = Int4Weight.from_gguf(data, gguf.GGMLQuantizationType.Q4_K, (N, K))
+    theirs = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_K)
+    assert torch.equal(w.dequantize(), torch.from_numpy(np.ascontiguousarray(theirs)).reshape(N, K))
+
+
 def test_gguf_input_kinds(rng):
     N, K = 4, 64
     data, golden = make_gguf(rng, N, K, "Q4_1")
@@ -480,6 +523,13 @@ def test_gguf_bad_inputs(rng):
         Int4Weight.from_gguf(data, "Q4_0", (N, K, 1))
     with pytest.raises(ValueError, match="shape"):
         Int4Weight.from_gguf(data, "Q4_0", (0, K))
+    q4k, _ = make_gguf_q4_k(rng, 2, 256)
+    with pytest.raises(ValueError, match=r"shape.*256-element"):
+        Int4Weight.from_gguf(q4k[:2 * 72], "Q4_K", (2, 128))  # K = 128: not a whole super-block
+    with pytest.raises(ValueError, match="data"):
+        Int4Weight.from_gguf(q4k[:-1], "Q4_K", (2, 256))
+    with pytest.raises(ValueError, match="ggml_type"):
+        Int4Weight.from_gguf(q4k, "Q5_K", (2, 256))
 
 
 @pytest.fixture(scope="module")

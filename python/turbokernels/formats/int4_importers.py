@@ -25,6 +25,11 @@ when that is exact too (exact_offsets). With fp32 scales the product -z*s is rou
   GGUF Q4_0 / Q4_1   blocks of 32 along K (ne0), rows of K/32 blocks, little-endian: Q4_0 = fp16 d + 16 bytes,
                      w = d * (q - 8); Q4_1 = fp16 d + fp16 m + 16 bytes, w = d * q + m; byte j of qs holds element
                      j in its low nibble and element j + 16 in its high nibble.
+  GGUF Q4_K          super-blocks of 256 along K, 144 bytes: fp16 d, fp16 dmin, 12 bytes holding eight 6-bit
+                     scales sc and mins m (llama.cpp's get_scale_min_k4 packing), 128 bytes of nibbles; sub-block
+                     s = 2j + h (32 elements) is nibble h (0 low, 1 high) of bytes 32j..32j+31. w = (d sc) q - dmin m:
+                     group size 32 with scale d sc and offset -dmin m, both exact in fp32 (11-bit fp16 significands
+                     times 6-bit integers), so q * scale + offset rounds once, as gguf's own d*q - dm does.
 
 Group size when the format does not record it (AWQ, GPTQ without g_idx, compressed-tensors without g_idx), from
 K and the G rows of scales: G == 1 means per-channel; else the group size gs must satisfy ceil(K / gs) == G, and
@@ -50,9 +55,9 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # ... so column m is found in slot AWQ_SLOT_OF_COLUMN[m] (the "reverse order" of AWQ's unpackers).
 AWQ_SLOT_OF_COLUMN = tuple(AWQ_ORDER.index(m) for m in range(8))  # (0, 4, 1, 5, 2, 6, 3, 7)
 
-GGUF_BLOCK = 32
-# name -> (ggml type id, bytes per block of 32)
-GGUF_TYPES = {"Q4_0": (2, 18), "Q4_1": (3, 20)}
+GGUF_BLOCK = 32  # the group size every GGUF type imported here becomes (Q4_K's sub-blocks are 32 too)
+# name -> (ggml type id, bytes per block, elements per block)
+GGUF_TYPES = {"Q4_0": (2, 18, 32), "Q4_1": (3, 20, 32), "Q4_K": (12, 144, 256)}
 
 
 # ---- argument checks ---------------------------------------------------------------------------------------------
@@ -357,14 +362,14 @@ def _gguf_type_name(ggml_type) -> str:
                              f"{', '.join(GGUF_TYPES)}")
         return name
     if isinstance(ggml_type, bool) or not isinstance(ggml_type, (int, np.integer)):
-        raise TypeError(f"from_gguf(ggml_type): expected a name ('Q4_0', 'Q4_1') or a GGMLQuantizationType, got "
-                        f"{type(ggml_type).__name__}")
-    for name, (type_id, _) in GGUF_TYPES.items():
+        raise TypeError(f"from_gguf(ggml_type): expected a name ('Q4_0', 'Q4_1', 'Q4_K') or a GGMLQuantizationType, "
+                        f"got {type(ggml_type).__name__}")
+    for name, (type_id, _, _) in GGUF_TYPES.items():
         if int(ggml_type) == type_id:
             return name
     shown = getattr(ggml_type, "name", int(ggml_type))
     raise ValueError(f"from_gguf(ggml_type): unsupported type {shown}; supported: "
-                     + ", ".join(f"{n} ({i})" for n, (i, _) in GGUF_TYPES.items()))
+                     + ", ".join(f"{n} ({i})" for n, (i, _, _) in GGUF_TYPES.items()))
 
 
 def _bytes_tensor(data) -> torch.Tensor:
@@ -382,22 +387,26 @@ def _bytes_tensor(data) -> torch.Tensor:
 
 
 def from_gguf(data, ggml_type, shape) -> Int4Weight:
-    """Import a GGUF Q4_0 / Q4_1 tensor. data: its raw block bytes (uint8 tensor, numpy array or bytes, any shape);
-    ggml_type: "Q4_0"/"Q4_1" or gguf.GGMLQuantizationType; shape: (N, K) = (out_features, in_features), nn.Linear
-    orientation -- GGUF lists dims fastest first (ne0 = K), so it is GGUFReader's tensor.shape reversed."""
+    """Import a GGUF Q4_0 / Q4_1 / Q4_K tensor losslessly, as group size 32. data: its raw block bytes (uint8
+    tensor, numpy array or bytes, any shape); ggml_type: "Q4_0"/"Q4_1"/"Q4_K" or gguf.GGMLQuantizationType; shape:
+    (N, K) = (out_features, in_features), nn.Linear orientation -- GGUF lists dims fastest first (ne0 = K), so it
+    is GGUFReader's tensor.shape reversed."""
     fmt = "from_gguf"
     name = _gguf_type_name(ggml_type)
     N, K = _shape2(fmt, "shape", shape)
-    if K % GGUF_BLOCK:
-        raise ValueError(f"{fmt}(shape): in_features K={K} must be a multiple of the {GGUF_BLOCK}-element block")
+    _, block_bytes, block_elems = GGUF_TYPES[name]
+    if K % block_elems:
+        raise ValueError(f"{fmt}(shape): in_features K={K} must be a multiple of {name}'s {block_elems}-element "
+                         f"block")
     data = _bytes_tensor(data)
-    block_bytes = GGUF_TYPES[name][1]
-    B = K // GGUF_BLOCK
+    B = K // block_elems
     expected = N * B * block_bytes
     if data.numel() != expected:
         raise ValueError(f"{fmt}(data): {name} with shape (N, K) = ({N}, {K}) takes {N} x {B} blocks of "
                          f"{block_bytes} bytes = {expected} bytes, got {data.numel()}")
     blocks = data.view(N, B, block_bytes)
+    if name == "Q4_K":
+        return _from_gguf_q4_k(blocks, N, K)
     d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(N, B)  # little-endian fp16
     qs = blocks[..., block_bytes - 16:]                                  # (N, B, 16)
     q = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(N, K)             # byte j: element j low, j + 16 high
@@ -408,3 +417,21 @@ def from_gguf(data, ggml_type, shape) -> Int4Weight:
     else:
         offsets = blocks[..., 2:4].contiguous().view(torch.float16).reshape(N, B).t().contiguous()  # m
     return Int4Weight(qweight, scales, offsets, GGUF_BLOCK, K)
+
+
+def _from_gguf_q4_k(blocks: torch.Tensor, N: int, K: int) -> Int4Weight:
+    """blocks: uint8 (N, K/256, 144) -> Int4Weight with group size 32 (8 groups per super-block)."""
+    B = blocks.shape[1]
+    d = blocks[..., 0:2].contiguous().view(torch.float16).to(torch.float32)     # (N, B, 1)
+    dmin = blocks[..., 2:4].contiguous().view(torch.float16).to(torch.float32)
+    packed = blocks[..., 4:16].reshape(N, B, 3, 4)
+    lo, hi, top = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
+    # sub-blocks 0-3: the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); 4-7: a nibble of bytes 8-11 below the
+    # top 2 bits of bytes 0-3 (scales) / 4-7 (mins)
+    sc = torch.cat([lo & 0x3F, (top & 0x0F) | ((lo >> 2) & 0x30)], dim=-1)     # (N, B, 8)
+    mn = torch.cat([hi & 0x3F, (top >> 4) | ((hi >> 2) & 0x30)], dim=-1)
+    qs = blocks[..., 16:].reshape(N, B, 4, 1, 32)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=3).reshape(N, K)  # sub-block 2j + h: nibble h of bytes 32j..32j+31
+    scales = (d * sc.to(torch.float32)).reshape(N, B * 8).t().contiguous()      # exact: 11 x 6 significant bits
+    offsets = (-(dmin * mn.to(torch.float32)) + 0.0).reshape(N, B * 8).t().contiguous()  # + 0.0: no -0.0
+    return Int4Weight(pack_int4(q.t()), scales, offsets, GGUF_BLOCK, K)
