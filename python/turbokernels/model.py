@@ -1,6 +1,7 @@
 """Whole-model helpers: swap nn.Linear layers for turbokernels modules, and back.
 
     tk.model.quantize_int4_(model, group_size=128)   # in place; returns the names of the swapped layers
+    tk.model.int4_from_gguf_(model, "model.gguf")    # the file's own Q4_0/Q4_1/Q4_K blocks, no requantization
     tk.model.restore_(model)                          # every Int4Linear back to an nn.Linear (dequantized)
 
 Later op families add their swaps here, so there is one place that walks a model.
@@ -75,13 +76,7 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}(model): expected an nn.Module, got {type(model).__name__}")
     check_group_size(group_size, f"{fn}(group_size)")
-    patterns = tuple(exclude) if not isinstance(exclude, str) and hasattr(exclude, "__iter__") else None
-    if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{fn}(exclude): expected an iterable of fnmatch patterns (str), got "
-                        f"{type(exclude).__name__ if patterns is None else repr(patterns)}")
-    exclude = patterns
-    if include is not None and not callable(include):
-        raise TypeError(f"{fn}(include): expected a callable (name, layer) -> bool, got {type(include).__name__}")
+    exclude = _check_filters(fn, exclude, include)
     check_scale_dtype(scale_dtype, f"{fn}(scale_dtype)")
     if not isinstance(w4a8, bool):
         raise TypeError(f"{fn}(w4a8): expected a bool, got {type(w4a8).__name__}")
@@ -96,6 +91,118 @@ def quantize_int4_(model: nn.Module, group_size: int = 128, symmetric: bool = Fa
         return layer.to(linear.weight.device)
 
     return _swap(fn, model, want, make)
+
+
+def _check_filters(fn: str, exclude, include) -> tuple:
+    patterns = tuple(exclude) if not isinstance(exclude, str) and hasattr(exclude, "__iter__") else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{fn}(exclude): expected an iterable of fnmatch patterns (str), got "
+                        f"{type(exclude).__name__ if patterns is None else repr(patterns)}")
+    if include is not None and not callable(include):
+        raise TypeError(f"{fn}(include): expected a callable (name, layer) -> bool, got {type(include).__name__}")
+    return patterns
+
+
+def _gguf_field(reader, key: str):
+    import gguf
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
+
+
+def _row_orders(n: int, heads: Iterable[int]):
+    """Candidate orders of a GGUF tensor's output rows: as stored, then with llama.cpp's q/k interleave undone for
+    each head count (convert_hf_to_gguf.py permutes the rows of q and k per head; transformers' GGUF loader
+    reverses it with n_head for q and n_kv_head for k)."""
+    yield "", None
+    for h in heads:
+        if h > 0 and n % (2 * h) == 0:
+            order = torch.arange(n).reshape(h, n // h // 2, 2).transpose(1, 2).reshape(n)
+            yield f", llama.cpp's q/k row order undone ({h} heads)", order
+
+
+def int4_from_gguf_(model: nn.Module, path, exclude: Iterable[str] = DEFAULT_EXCLUDE,
+                    include: Optional[Callable[[str, nn.Linear], bool]] = None) -> dict[str, str]:
+    """Swap the nn.Linear layers of a model loaded from a GGUF file (transformers' `gguf_file=`, which dequantizes
+    every tensor) for Int4Linear layers holding that file's own 4-bit blocks, in place: Q4_0, Q4_1 and Q4_K tensors
+    become group-size-32 Int4Weights losslessly (Int4Weight.from_gguf) -- no dequantize-then-requantize.
+
+    Each layer's tensor is found by the `gguf` package's name map for the file's architecture, and taken only when
+    its dequantized weight equals the layer's bit for bit (as stored, or with llama.cpp's q/k row interleave
+    undone): a file that is not the model's, a name the map misses or a layer changed since loading keeps its float
+    weight, and the report says why. Tensors of other types (Q8_0, Q6_K, F16...) stay float. exclude / include:
+    as quantize_int4_ (default: the LM head stays float). Returns {name: what happened} for every nn.Linear.
+    Every replacement is built before any is installed."""
+    fn = "int4_from_gguf_"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}(model): expected an nn.Module, got {type(model).__name__}")
+    import os
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}(path): expected a path to a .gguf file, got {type(path).__name__}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{fn}(path): no such file: {os.fspath(path)!r}")
+    exclude = _check_filters(fn, exclude, include)
+    try:
+        import gguf
+    except ImportError as exc:
+        raise ImportError(f"{fn}: reading GGUF files needs the gguf package (pip install gguf)") from exc
+    from .formats.int4_importers import GGUF_BLOCK, GGUF_TYPES
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError/struct errors/... on a file that is not GGUF
+        raise ValueError(f"{fn}(path): {os.fspath(path)!r} is not a readable GGUF file ({exc})") from exc
+    arch = _gguf_field(reader, "general.architecture")
+    arch_id = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
+    blocks = _gguf_field(reader, f"{arch}.block_count") if arch else None
+    if arch_id is None or not isinstance(blocks, int):
+        raise ValueError(f"{fn}(path): the file's architecture {arch!r} (block count {blocks!r}) is not one the "
+                         f"gguf package {getattr(gguf, '__version__', '')} can map to module names")
+    names = gguf.get_tensor_name_map(arch_id, blocks)
+    tensors = {t.name: t for t in reader.tensors}
+    config = getattr(model, "config", None)
+    heads = sorted({h for h in (getattr(config, "num_attention_heads", None),
+                                getattr(config, "num_key_value_heads", None)) if isinstance(h, int)})
+    report: dict[str, str] = {}
+    built: dict[int, nn.Module] = {}  # id(layer) -> its replacement (_swap's make sees the layer, not its name)
+
+    def want(name, module):
+        if type(module) is not nn.Linear:
+            return False
+        if _excluded(name, exclude) or (include is not None and not include(name, module)):
+            report[name] = "kept float: excluded"
+            return False
+        tname = names.get_name(name + ".weight", try_suffixes=(".weight",))
+        t = tensors.get(tname) if tname else None
+        if t is None:
+            report[name] = "kept float: no tensor of the file maps to this layer"
+            return False
+        kind = t.tensor_type.name
+        if kind not in GGUF_TYPES:
+            report[name] = f"kept float: {tname} is {kind}"
+            return False
+        K, N = (int(v) for v in t.shape)  # GGUF lists ne0 = K first
+        if (N, K) != (module.out_features, module.in_features):
+            report[name] = f"kept float: {tname} is {N} x {K}, the layer {module.out_features} x {module.in_features}"
+            return False
+        w = Int4Weight.from_gguf(t.data, t.tensor_type, (N, K))
+        target = module.weight.detach()
+        deq = w.dequantize(torch.float32).to(device=target.device, dtype=target.dtype)
+        for how, order in _row_orders(N, heads):
+            if torch.equal(deq if order is None else deq[order.to(deq.device)], target):
+                if order is not None:
+                    w = Int4Weight(w.qweight[:, order].contiguous(), w.scales[:, order].contiguous(),
+                                   w.offsets[:, order].contiguous(), GGUF_BLOCK, K)
+                bias = None if module.bias is None else module.bias.detach()
+                built[id(module)] = Int4Linear.from_weight(w, bias).to(target.device)
+                report[name] = f"Int4Linear <- {kind} {tname} (lossless, g{GGUF_BLOCK}{how})"
+                return True
+        report[name] = f"kept float: {tname} ({kind}) does not dequantize to this layer's weight"
+        return False
+
+    _swap(fn, model, want, lambda linear: built[id(linear)])
+    return report
 
 
 def restore_(model: nn.Module) -> list[str]:
