@@ -7,6 +7,7 @@
     y = tk.sparse24_linear(x, tk.Sparse24Weight.from_dense(tk.prune_24(w)))   # 2:4 sparse GEMM
     layer = tk.nn.Int4Linear.from_linear(linear)              # drop-in module
     with tk.backend("reference"): ...                         # force a backend: reference/triton/cpu/cuda
+    report = tk.optimize(model, int4=True)                    # a whole model in place; tk.restore(model) undoes it
 """
 from ._unshadow import unshadow_hf_kernels
 
@@ -19,6 +20,7 @@ from .integrations.sdpa import scaled_dot_product_attention
 from .ops import (attention, decode_attention, int4_linear, kv_cache_append, sparse24_int4_linear,
                   sparse24_linear, w4a8_linear)
 from . import model, nn  # noqa: E402
+from .model import optimize, restore  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,4 @@ __all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "__versio
            "Int4Weight", "quantize_int4", "int4_linear", "w4a8_linear",
            "attention", "scaled_dot_product_attention", "decode_attention", "kv_cache_append",
            "prune_24", "is_24_sparse", "Sparse24Weight", "sparse24_linear", "Sparse24Int4Weight",
-           "sparse24_int4_linear", "model", "nn"]
+           "sparse24_int4_linear", "model", "nn", "optimize", "restore"]

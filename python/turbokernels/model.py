@@ -205,6 +205,248 @@ def int4_from_gguf_(model: nn.Module, path, exclude: Iterable[str] = DEFAULT_EXC
     return report
 
 
+# ---- optimize / restore: every technique in one call, and the way back ---------------------------------------------
+PRUNE_METHODS = ("magnitude", "wanda")
+_PREVIOUS_ATTN = "_turbokernels_previous_attn_implementation"  # set on a model whose attention optimize() switched
+
+
+def _name_filter(fn: str, arg: str, value, default: bool):
+    """include / exclude: fnmatch patterns (a str or an iterable of them) or a predicate (name, module) -> bool.
+    Returns a predicate; None gives `default` for every layer."""
+    if value is None:
+        return lambda name, module: default
+    if callable(value):
+        return lambda name, module: bool(value(name, module))
+    patterns = (value,) if isinstance(value, str) else tuple(value) if hasattr(value, "__iter__") else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{fn}({arg}): expected fnmatch patterns of module names (a str or an iterable of str) or a "
+                        f"predicate (name, module) -> bool, got {type(value).__name__}")
+    return lambda name, module: _excluded(name, patterns)
+
+
+def _as_linear(module: nn.Module) -> Optional[nn.Linear]:
+    """nn.Linear as is; transformers' Conv1D (GPT-2: weight stored (in, out), y = x W + b) as the equivalent
+    nn.Linear, on the meta device but with the same tensors; anything else None."""
+    if type(module) is nn.Linear:
+        return module
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        weight = module.weight
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.detach().t(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        return linear
+    return None
+
+
+def _run_calibration(fn: str, model: nn.Module, calibration) -> int:
+    """Feed every item of `calibration` to the model (a dict: model(**item), a tuple/list: model(*item), else
+    model(item)), without gradients; returns how many items ran."""
+    if calibration is None or isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
+        raise TypeError(f"{fn}(calibration): expected an iterable of model inputs (tensors, tuples or dicts of "
+                        f"them), got {type(calibration).__name__}")
+    count = 0
+    with torch.no_grad():
+        for item in calibration:
+            if isinstance(item, dict):
+                model(**item)
+            elif isinstance(item, (tuple, list)):
+                model(*item)
+            else:
+                model(item)
+            count += 1
+    if count == 0:
+        raise ValueError(f"{fn}(calibration): is empty; wanda needs at least one batch of model inputs")
+    return count
+
+
+def _activation_norms(fn: str, model: nn.Module, layers: dict, calibration) -> dict:
+    """{name: L2 norm over all calibration tokens of each input feature} for the given linears (Wanda's statistic),
+    captured with forward pre-hooks while the model runs the calibration inputs; the hooks are always removed."""
+    sums = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach()
+            sq = x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0)
+            sums[name] = sq if name not in sums else sums[name] + sq
+        return hook
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+        _run_calibration(fn, model, calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[name].sqrt() for name in sums}
+
+
+def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sparse24: bool = False,
+             group_size: int = 128, symmetric: bool = False, prune_method: str = "magnitude", calibration=None,
+             include=None, exclude=DEFAULT_EXCLUDE) -> dict[str, str]:
+    """Swap turbokernels into `model`, in place; returns {module name: what it became, or why it was kept}.
+
+    attention: a Hugging Face model's attention implementation becomes "turbokernels" (the previous one is
+        remembered for restore()), and every nn.MultiheadAttention becomes turbokernels.nn.MultiheadAttention.
+    int4: each nn.Linear (and transformers' Conv1D, GPT-2) becomes an Int4Linear (round-to-nearest per group of
+        `group_size` input features; `symmetric` for symmetric grids).
+    sparse24: each becomes a Sparse24Linear, pruned to 2:4 by `prune_method`: "magnitude", or "wanda" (|w| times
+        the L2 norm of its input feature over `calibration`, an iterable of model inputs the model is run on).
+        2:4 pruning costs quality (one-shot magnitude pruning of a small LLM raises its perplexity many-fold); it
+        is never on by default. int4 and sparse24 together give Sparse24Int4Linear.
+    include / exclude: fnmatch patterns of module names or a predicate (name, module) -> bool; by default every
+        linear but the LM head (DEFAULT_EXCLUDE).
+    Every replacement is built before any is installed: an error (a bad argument, a layer that cannot be
+    converted) leaves the model as it was. restore(model) undoes it all.
+    """
+    fn = "optimize"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}(model): expected an nn.Module, got {type(model).__name__}")
+    for arg, v in (("attention", attention), ("int4", int4), ("sparse24", sparse24), ("symmetric", symmetric)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{fn}({arg}): expected a bool, got {type(v).__name__}")
+    if not (attention or int4 or sparse24):
+        raise ValueError(f"{fn}(attention, int4, sparse24): all False: nothing to do")
+    if int4 and sparse24:
+        from .formats.sparse24_int4 import check_dense_group_size
+        check_dense_group_size(group_size, f"{fn}(group_size)")
+    elif int4:
+        check_group_size(group_size, f"{fn}(group_size)")
+    if prune_method not in PRUNE_METHODS:
+        raise ValueError(f"{fn}(prune_method): expected one of {PRUNE_METHODS}, got {prune_method!r}")
+    if calibration is not None and not (sparse24 and prune_method == "wanda"):
+        raise ValueError(f"{fn}(calibration): only prune_method='wanda' with sparse24=True uses calibration data")
+    if sparse24 and prune_method == "wanda" and calibration is None:
+        raise ValueError(f"{fn}(calibration): prune_method='wanda' needs calibration inputs (an iterable of model "
+                         f"inputs) to measure each input feature's activation norm")
+    included = _name_filter(fn, "include", include, True)
+    excluded = _name_filter(fn, "exclude", exclude, False)
+    report: dict[str, str] = {}
+
+    # which linears, and what each becomes
+    linears: dict[str, nn.Linear] = {}
+    if int4 or sparse24:
+        for name, module in model.named_modules():
+            linear = _as_linear(module)
+            if linear is None:
+                continue
+            if not name:  # _swap replaces children; a bare layer has no parent to hold its replacement
+                report["<model>"] = "kept: the model itself is a linear layer (use the turbokernels.nn modules' " \
+                                    "from_linear)"
+                continue
+            if excluded(name, module) or not included(name, module):
+                report[name] = "kept: excluded"
+            elif sparse24 and linear.in_features % 4:
+                report[name] = f"kept: in_features={linear.in_features} is not a multiple of 4 (2:4 sparsity)"
+            elif linear.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                report[name] = f"kept: weight dtype {linear.weight.dtype}"
+            else:
+                linears[name] = linear
+    norms = {}
+    if sparse24 and prune_method == "wanda" and linears:
+        modules = dict(model.named_modules())
+        norms = _activation_norms(fn, model, {n: modules[n] for n in linears}, calibration)
+        for name in [n for n in linears if n not in norms]:
+            report[name] = "kept: not run by the calibration inputs (no activation norm for wanda)"
+            del linears[name]
+
+    built: dict[int, nn.Module] = {}
+    from .nn import MultiheadAttention as TkMultiheadAttention, Sparse24Int4Linear, Sparse24Linear
+    modules = dict(model.named_modules())
+    for name, linear in linears.items():
+        try:
+            if int4 and sparse24:
+                new = Sparse24Int4Linear.from_linear(linear, group_size=group_size, method=prune_method,
+                                                     activation_norm=norms.get(name), symmetric=symmetric)
+                what = f"Sparse24Int4Linear (2:4 {prune_method}, int4 g{group_size})"
+            elif sparse24:
+                new = Sparse24Linear.from_linear(linear, method=prune_method, activation_norm=norms.get(name))
+                what = f"Sparse24Linear (2:4 {prune_method})"
+            else:
+                new = Int4Linear.from_linear(linear, group_size=group_size, symmetric=symmetric)
+                what = f"Int4Linear (g{group_size}{', symmetric' if symmetric else ''})"
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{fn}(model): layer '{name}': {exc}") from exc
+        built[id(modules[name])] = new.to(linear.weight.device)
+        report[name] = what + (" from Conv1D" if modules[name] is not linear else "")
+    if attention:
+        for name, module in model.named_modules():
+            if type(module) is nn.MultiheadAttention:
+                if not name:
+                    report["<model>"] = "kept: the model itself is an nn.MultiheadAttention (use " \
+                                        "turbokernels.nn.MultiheadAttention.from_module)"
+                    continue
+                built[id(module)] = TkMultiheadAttention.from_module(module)
+                report[name] = "turbokernels.nn.MultiheadAttention"
+
+    # the attention implementation first (the one step that may still raise), then the swaps, which cannot
+    if attention and hasattr(getattr(model, "config", None), "_attn_implementation"):
+        from .integrations import transformers as tkt
+        tkt.register()
+        previous = model.config._attn_implementation
+        if previous != tkt.NAME:
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(tkt.NAME)
+            else:  # transformers before set_attn_implementation: the attribute it sets
+                model.config._attn_implementation = tkt.NAME
+            setattr(model, _PREVIOUS_ATTN, previous)
+        report["<attention>"] = f"transformers attention implementation '{tkt.NAME}' (was '{previous}')"
+    elif attention and not any(v == "turbokernels.nn.MultiheadAttention" for v in report.values()):
+        report["<attention>"] = "kept: no transformers attention interface and no nn.MultiheadAttention"
+    _swap(fn, model, lambda name, module: id(module) in built, lambda module: built[id(module)])
+    return report
+
+
+def restore(model: nn.Module) -> dict[str, str]:
+    """Undo optimize(): Int4Linear / W4A8Linear / Sparse24Linear / Sparse24Int4Linear back to nn.Linear holding the
+    dequantized (or pruned) weight, turbokernels.nn.MultiheadAttention back to nn.MultiheadAttention, and a Hugging
+    Face model's attention implementation back to what it was. Returns {name: what it became}. Every replacement
+    is built before any is installed."""
+    fn = "restore"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}(model): expected an nn.Module, got {type(model).__name__}")
+    from .nn import MultiheadAttention as TkMultiheadAttention, Sparse24Int4Linear, Sparse24Linear
+    report: dict[str, str] = {}
+    built: dict[int, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (Int4Linear, Sparse24Int4Linear)):
+            dtype = module.bias.dtype if module.bias is not None else module.scales.dtype
+            dense = module.dequantize(dtype)
+        elif isinstance(module, Sparse24Linear):
+            dense = module.to_dense()
+        elif isinstance(module, TkMultiheadAttention):
+            p = module.in_proj_weight if module.in_proj_weight is not None else module.q_proj_weight
+            mha = nn.MultiheadAttention(module.embed_dim, module.num_heads, dropout=module.dropout,
+                                        bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
+                                        add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
+                                        batch_first=module.batch_first, device=p.device, dtype=p.dtype)
+            mha.load_state_dict(module.state_dict())
+            mha.train(module.training)
+            built[id(module)] = mha
+            report[name or "<model>"] = "nn.MultiheadAttention"
+            continue
+        else:
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(dense, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        built[id(module)] = linear
+        report[name] = f"nn.Linear (from {type(module).__name__})"
+    _swap(fn, model, lambda name, module: id(module) in built, lambda module: built[id(module)])
+    previous = getattr(model, _PREVIOUS_ATTN, None)
+    if previous is not None:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(previous)
+        else:
+            model.config._attn_implementation = previous
+        delattr(model, _PREVIOUS_ATTN)
+        report["<attention>"] = f"transformers attention implementation '{previous}'"
+    return report
+
+
 def restore_(model: nn.Module) -> list[str]:
     """Replace every Int4Linear by an nn.Linear holding its dequantized weight (the way back). Every layer's tensors
     are validated (Int4Weight's checks) and every replacement built before any is installed."""

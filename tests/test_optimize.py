@@ -1,0 +1,185 @@
+"""turbokernels.optimize / restore: every technique in one call on a whole model, the report, and the way back."""
+import pytest
+import torch
+from torch import nn
+
+import turbokernels as tk
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+LLAMA_LINEARS = [f"model.layers.{i}.{s}" for i in range(2) for s in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj")]
+
+
+def _cos(a, b):
+    return nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double()).min().item()
+
+
+@torch.no_grad()
+def test_attention_only_keeps_greedy_tokens_and_restores():
+    model = tiny_llama()
+    before_impl = model.config._attn_implementation
+    ids = torch.randint(0, 128, (1, 9))
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    logits = model(ids).logits
+    report = tk.optimize(model)
+    assert report == {"<attention>": f"transformers attention implementation 'turbokernels' (was '{before_impl}')"}
+    assert model.config._attn_implementation == "turbokernels"
+    torch.testing.assert_close(model(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), ref)
+    assert tk.restore(model) == {"<attention>": f"transformers attention implementation '{before_impl}'"}
+    assert model.config._attn_implementation == before_impl
+
+
+@torch.no_grad()
+def test_int4_report_and_restore_tiny_llama():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9))
+    before = model(ids).logits
+    report = tk.optimize(model, int4=True, group_size=32)
+    assert {k: v for k, v in report.items() if k in LLAMA_LINEARS} == {n: "Int4Linear (g32)" for n in LLAMA_LINEARS}
+    assert report["lm_head"] == "kept: excluded" and report["<attention>"].startswith("transformers attention")
+    assert all(isinstance(model.get_submodule(n), tk.nn.Int4Linear) for n in LLAMA_LINEARS)
+    quantized = model(ids).logits
+    assert _cos(before, quantized) > 0.98
+    back = tk.restore(model)
+    assert {k for k, v in back.items() if v == "nn.Linear (from Int4Linear)"} == set(LLAMA_LINEARS)
+    assert not any(isinstance(m, tk.nn.Int4Linear) for m in model.modules())
+    assert model.config._attn_implementation != "turbokernels"
+    torch.testing.assert_close(model(ids).logits, quantized, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_sparse24_and_int4_together():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 7))
+    report = tk.optimize(model, attention=False, int4=True, sparse24=True, group_size=32)
+    assert all(report[n] == "Sparse24Int4Linear (2:4 magnitude, int4 g32)" for n in LLAMA_LINEARS)
+    assert "<attention>" not in report
+    out = model(ids).logits
+    assert torch.isfinite(out).all()
+    tk.restore(model)
+    for n in LLAMA_LINEARS:
+        layer = model.get_submodule(n)
+        assert type(layer) is nn.Linear and tk.is_24_sparse(layer.weight)
+    torch.testing.assert_close(model(ids).logits, out, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_wanda_uses_the_calibration_activation_norms():
+    """Wanda's statistic is captured, not handed in: each layer's mask is prune_24(w, 'wanda', norm) with norm the L2
+    norm of that layer's inputs over every calibration token, computed here by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    scale = torch.logspace(-2, 1, 16)  # features of very different sizes: wanda and magnitude disagree
+    batches = [torch.randn(5, 16) * scale, torch.randn(3, 4, 16) * scale]
+    x = torch.cat([b.reshape(-1, 16) for b in batches])
+    norms = {"0": x.square().sum(0).sqrt(), "2": torch.relu(model[0](x)).square().sum(0).sqrt()}
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in norms}
+    report = tk.optimize(model, attention=False, sparse24=True, prune_method="wanda", calibration=batches,
+                         exclude=())
+    assert report == {"0": "Sparse24Linear (2:4 wanda)", "2": "Sparse24Linear (2:4 wanda)"}
+    differs = False
+    for n, norm in norms.items():
+        expected = tk.prune_24(weights[n], method="wanda", activation_norm=norm)
+        torch.testing.assert_close(model.get_submodule(n).to_dense(), expected, rtol=0, atol=0)
+        differs |= not torch.equal(expected != 0, tk.prune_24(weights[n]) != 0)
+    assert differs  # the calibration decided something magnitude alone would not have
+
+
+@torch.no_grad()
+def test_gpt2_conv1d_layers():
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 96, (1, 11))
+    before = model(ids).logits
+    report = tk.optimize(model, attention=False, int4=True, group_size=32)
+    conv = [k for k, v in report.items() if v == "Int4Linear (g32) from Conv1D"]
+    assert len(conv) == 2 * 4  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    assert _cos(before, model(ids).logits) > 0.98
+    tk.restore(model)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in conv)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.proj = nn.Linear(32, 48)
+
+    def forward(self, x):
+        return self.proj(self.mha(x, x, x, need_weights=False)[0])
+
+
+@torch.no_grad()
+def test_plain_module_with_multihead_attention():
+    model = _Block().eval()
+    x = torch.randn(2, 9, 32)
+    before = model(x)
+    report = tk.optimize(model, int4=True, group_size=32, exclude=())
+    assert report == {"mha": "turbokernels.nn.MultiheadAttention", "proj": "Int4Linear (g32)"}
+    assert isinstance(model.mha, tk.nn.MultiheadAttention) and isinstance(model.proj, tk.nn.Int4Linear)
+    after = model(x)
+    assert _cos(before, after) > 0.98
+    assert tk.restore(model) == {"mha": "nn.MultiheadAttention", "proj": "nn.Linear (from Int4Linear)"}
+    assert type(model.mha) is nn.MultiheadAttention and type(model.proj) is nn.Linear
+    torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-4)
+
+
+def test_include_exclude_patterns_and_predicates():
+    model = tiny_llama()
+    r = tk.optimize(model, attention=False, int4=True, group_size=32, include="*.mlp.*")
+    assert {k for k, v in r.items() if v.startswith("Int4Linear")} == {n for n in LLAMA_LINEARS if ".mlp." in n}
+    model = tiny_llama()
+    r = tk.optimize(model, attention=False, int4=True, group_size=32,
+                    exclude=lambda name, m: name.endswith("down_proj") or name == "lm_head")
+    assert {k for k, v in r.items() if v == "kept: excluded"} == {"lm_head", *[n for n in LLAMA_LINEARS
+                                                                             if n.endswith("down_proj")]}
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(attention=False), ValueError, r"optimize\(attention, int4, sparse24\): all False"),
+    (dict(int4=1), TypeError, r"optimize\(int4\): expected a bool"),
+    (dict(int4=True, group_size=0), ValueError, r"optimize\(group_size\)"),
+    (dict(int4=True, sparse24=True, group_size=33), ValueError, r"optimize\(group_size\)"),
+    (dict(sparse24=True, prune_method="sparsegpt"), ValueError, r"optimize\(prune_method\)"),
+    (dict(sparse24=True, prune_method="wanda"), ValueError, r"optimize\(calibration\): prune_method='wanda' needs"),
+    (dict(int4=True, calibration=[torch.zeros(1, 3, dtype=torch.long)]), ValueError,
+     r"optimize\(calibration\): only prune_method='wanda'"),
+    (dict(sparse24=True, prune_method="wanda", calibration=[]), ValueError, r"optimize\(calibration\): is empty"),
+    (dict(sparse24=True, prune_method="wanda", calibration=5), TypeError, r"optimize\(calibration\): expected"),
+    (dict(int4=True, include=3), TypeError, r"optimize\(include\)"),
+    (dict(int4=True, exclude=[1]), TypeError, r"optimize\(exclude\)"),
+])
+def test_bad_arguments_leave_the_model_untouched(kwargs, error, match):
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config._attn_implementation
+    with pytest.raises(error, match=match):
+        tk.optimize(model, **kwargs)
+    assert model.config._attn_implementation == impl
+    assert not any(isinstance(m, (tk.nn.Int4Linear, tk.nn.Sparse24Linear)) for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_layer_that_cannot_be_converted_names_itself_and_changes_nothing():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match=r"optimize\(model\): layer 'model.layers.1.mlp.up_proj'"):
+        tk.optimize(model, sparse24=True)
+    assert model.config._attn_implementation == impl
+    assert not any(isinstance(m, tk.nn.Sparse24Linear) for m in model.modules())
+    with pytest.raises(TypeError, match=r"optimize\(model\)"):
+        tk.optimize("model")
+    with pytest.raises(TypeError, match=r"restore\(model\)"):
+        tk.restore(None)
