@@ -21,6 +21,7 @@ from .ops import (attention, decode_attention, int4_linear, kv_cache_append, spa
                   sparse24_linear, w4a8_linear)
 from . import model, nn  # noqa: E402
 from .model import optimize, restore  # noqa: E402
+from .checkpoint import from_pretrained, save_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,4 @@ __all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "__versio
            "Int4Weight", "quantize_int4", "int4_linear", "w4a8_linear",
            "attention", "scaled_dot_product_attention", "decode_attention", "kv_cache_append",
            "prune_24", "is_24_sparse", "Sparse24Weight", "sparse24_linear", "Sparse24Int4Weight",
-           "sparse24_int4_linear", "model", "nn", "optimize", "restore"]
+           "sparse24_int4_linear", "model", "nn", "optimize", "restore", "save_pretrained", "from_pretrained"]
