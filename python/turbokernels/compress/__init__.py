@@ -1,4 +1,6 @@
-"""Weight compression that changes which weights exist (pruning), as opposed to how they are stored (formats/)."""
+"""Weight compression that uses more than the weight itself (pruning, calibrated quantization), as opposed to how
+weights are stored (formats/)."""
+from .gptq import HessianAccumulator, gptq_quantize, hessian_of
 from .prune import is_24_sparse, prune_24
 
-__all__ = ["prune_24", "is_24_sparse"]
+__all__ = ["prune_24", "is_24_sparse", "gptq_quantize", "hessian_of", "HessianAccumulator"]
