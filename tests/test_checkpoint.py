@@ -32,13 +32,17 @@ def _same_state(a, b):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("how", ["int4", "sparse24_int4", "w4a8_bf16"])
+@pytest.mark.parametrize("how", ["int4", "sparse24_int4", "w4a8_bf16", "gptq_act_order"])
 def test_hf_roundtrip_bit_exact(tmp_path, how):
     model = tiny_llama()
     if how == "w4a8_bf16":
         model = model.to(torch.bfloat16)
         tk.model.quantize_int4_(model, group_size=32, w4a8=True)
         tk.optimize(model)  # attention on top
+    elif how == "gptq_act_order":  # act-order layers carry a permutation buffer
+        tk.optimize(model, int4=True, group_size=32, quant_method="gptq", act_order=True,
+                    calibration=[torch.randint(0, 128, (2, 16))])
+        assert model.model.layers[0].mlp.down_proj.perm.numel() == 176
     else:
         tk.optimize(model, int4=True, sparse24=how == "sparse24_int4", group_size=32)
     ids = torch.randint(0, 128, (2, 9))

@@ -10,7 +10,8 @@ OPS = ("attention_bwd", "attention_fwd", "decode_attention", "int4_mm", "kv_cach
        "sparse24_mm")
 BENCHMARKS = {"int4": "turbokernels.bench.int4", "sparse24": "turbokernels.bench.sparse24",
               "attention": "turbokernels.bench.attention", "attention_decode": "turbokernels.bench.attention_decode",
-              "e2e": "turbokernels.bench.e2e", "overhead": "turbokernels.bench.overhead"}
+              "e2e": "turbokernels.bench.e2e", "overhead": "turbokernels.bench.overhead",
+              "quality": "turbokernels.bench.quality"}
 
 
 def cmd_info(args) -> int:

@@ -207,6 +207,7 @@ def int4_from_gguf_(model: nn.Module, path, exclude: Iterable[str] = DEFAULT_EXC
 
 # ---- optimize / restore: every technique in one call, and the way back ---------------------------------------------
 PRUNE_METHODS = ("magnitude", "wanda")
+QUANT_METHODS = ("rtn", "gptq")
 _PREVIOUS_ATTN = "_turbokernels_previous_attn_implementation"  # set on a model whose attention optimize() switched
 
 
@@ -239,59 +240,104 @@ def _as_linear(module: nn.Module) -> Optional[nn.Linear]:
     return None
 
 
-def _run_calibration(fn: str, model: nn.Module, calibration) -> int:
-    """Feed every item of `calibration` to the model (a dict: model(**item), a tuple/list: model(*item), else
-    model(item)), without gradients; returns how many items ran."""
+def _calibration_items(fn: str, calibration):
+    """The calibration inputs, checked, one at a time."""
     if calibration is None or isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
         raise TypeError(f"{fn}(calibration): expected an iterable of model inputs (tensors, tuples or dicts of "
                         f"them), got {type(calibration).__name__}")
     count = 0
-    with torch.no_grad():
-        for item in calibration:
-            if isinstance(item, dict):
-                model(**item)
-            elif isinstance(item, (tuple, list)):
-                model(*item)
-            else:
-                model(item)
-            count += 1
+    for item in calibration:
+        count += 1
+        yield item
     if count == 0:
-        raise ValueError(f"{fn}(calibration): is empty; wanda needs at least one batch of model inputs")
-    return count
+        raise ValueError(f"{fn}(calibration): is empty; it needs at least one batch of model inputs")
 
 
-def _activation_norms(fn: str, model: nn.Module, layers: dict, calibration) -> dict:
-    """{name: L2 norm over all calibration tokens of each input feature} for the given linears (Wanda's statistic),
-    captured with forward pre-hooks while the model runs the calibration inputs; the hooks are always removed."""
-    sums = {}
+def _run(model: nn.Module, item) -> None:
+    """One calibration input through the model: a dict as keyword arguments, a tuple/list as positional ones."""
+    if isinstance(item, dict):
+        model(**item)
+    elif isinstance(item, (tuple, list)):
+        model(*item)
+    else:
+        model(item)
+
+
+def _capture(fn: str, model: nn.Module, layers: dict, calibration, hessians: bool) -> dict:
+    """Run the calibration inputs through the model (no gradients) with a forward pre-hook on each of `layers`
+    ({name: module}); returns {name: statistic} for the layers the inputs reached: the L2 norm of each input
+    feature over all tokens (Wanda's), or with hessians=True a HessianAccumulator of x x^T (GPTQ's; float32 sums).
+    Layers fed the very same tensor (q/k/v, gate/up: found on the first input, whose tensors are kept alive until
+    then so that identity means the same tensor) share one accumulator. The hooks are always removed."""
+    from .compress.gptq import HessianAccumulator
+    first: dict[str, torch.Tensor] = {}
+    stats: dict = {}
+    leader: dict[str, bool] = {}  # after the first input: does this layer add to its (maybe shared) accumulator
     handles = []
 
     def hook_for(name):
         def hook(module, args):
+            if not leader:  # the first input: keep the tensor itself (identity: not a detached alias), group later
+                first.setdefault(name, args[0])
+                return
             x = args[0].detach()
-            sq = x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0)
-            sums[name] = sq if name not in sums else sums[name] + sq
+            if name not in leader:  # reached only after the first input
+                leader[name] = True
+                stats[name] = (HessianAccumulator(x.shape[-1], x.device, torch.float32) if hessians
+                               else torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device))
+            if not leader[name]:
+                return
+            if hessians:
+                stats[name].add(x)
+            else:
+                stats[name].add_(x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0))
         return hook
 
     try:
         for name, module in layers.items():
             handles.append(module.register_forward_pre_hook(hook_for(name)))
-        _run_calibration(fn, model, calibration)
+        with torch.no_grad():
+            for i, item in enumerate(_calibration_items(fn, calibration)):
+                _run(model, item)
+                if i == 0:
+                    groups: list[list[str]] = []
+                    for name, x in first.items():
+                        group = next((g for g in groups if first[g[0]] is x), None)
+                        (group.append(name) if group is not None else groups.append([name]))
+                    for group in groups:
+                        x = first[group[0]].detach()
+                        stat = HessianAccumulator(x.shape[-1], x.device, torch.float32) if hessians else 0
+                        if hessians:
+                            stat.add(x)
+                        else:
+                            stat = x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0)
+                        for j, name in enumerate(group):
+                            stats[name], leader[name] = stat, j == 0
+                    first.clear()
+                    leader.setdefault("", False)  # marks "past the first input" even if no layer was reached
     finally:
         for h in handles:
             h.remove()
-    return {name: sums[name].sqrt() for name in sums}
+    leader.pop("", None)
+    if hessians:
+        return stats
+    return {name: sq.sqrt() for name, sq in stats.items()}  # a group's layers share one sum, added by its leader
 
 
 def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sparse24: bool = False,
-             group_size: int = 128, symmetric: bool = False, prune_method: str = "magnitude", calibration=None,
-             include=None, exclude=DEFAULT_EXCLUDE) -> dict[str, str]:
+             group_size: int = 128, symmetric: bool = False, quant_method: str = "rtn", act_order: bool = False,
+             prune_method: str = "magnitude", calibration=None, include=None,
+             exclude=DEFAULT_EXCLUDE) -> dict[str, str]:
     """Swap turbokernels into `model`, in place; returns {module name: what it became, or why it was kept}.
 
     attention: a Hugging Face model's attention implementation becomes "turbokernels" (the previous one is
         remembered for restore()), and every nn.MultiheadAttention becomes turbokernels.nn.MultiheadAttention.
-    int4: each nn.Linear (and transformers' Conv1D, GPT-2) becomes an Int4Linear (round-to-nearest per group of
-        `group_size` input features; `symmetric` for symmetric grids).
+    int4: each nn.Linear (and transformers' Conv1D, GPT-2) becomes an Int4Linear on a grid per group of
+        `group_size` input features (`symmetric` for symmetric grids), by `quant_method`: "rtn" (round to nearest)
+        or "gptq" (compress/gptq.py: rounding errors moved onto the not yet quantized inputs, weighted by the
+        layer's input Hessian over `calibration`; `act_order` walks the most active inputs first). GPTQ's Hessians
+        are captured for all layers in one pass of the float model (not layer by layer: memory grows with the sum
+        of in_features^2 over distinct layer inputs, float32).
     sparse24: each becomes a Sparse24Linear, pruned to 2:4 by `prune_method`: "magnitude", or "wanda" (|w| times
         the L2 norm of its input feature over `calibration`, an iterable of model inputs the model is run on).
         2:4 pruning costs quality (one-shot magnitude pruning of a small LLM raises its perplexity many-fold); it
@@ -304,7 +350,8 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
     fn = "optimize"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}(model): expected an nn.Module, got {type(model).__name__}")
-    for arg, v in (("attention", attention), ("int4", int4), ("sparse24", sparse24), ("symmetric", symmetric)):
+    for arg, v in (("attention", attention), ("int4", int4), ("sparse24", sparse24), ("symmetric", symmetric),
+                   ("act_order", act_order)):
         if not isinstance(v, bool):
             raise TypeError(f"{fn}({arg}): expected a bool, got {type(v).__name__}")
     if not (attention or int4 or sparse24):
@@ -316,11 +363,24 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
         check_group_size(group_size, f"{fn}(group_size)")
     if prune_method not in PRUNE_METHODS:
         raise ValueError(f"{fn}(prune_method): expected one of {PRUNE_METHODS}, got {prune_method!r}")
-    if calibration is not None and not (sparse24 and prune_method == "wanda"):
-        raise ValueError(f"{fn}(calibration): only prune_method='wanda' with sparse24=True uses calibration data")
-    if sparse24 and prune_method == "wanda" and calibration is None:
-        raise ValueError(f"{fn}(calibration): prune_method='wanda' needs calibration inputs (an iterable of model "
-                         f"inputs) to measure each input feature's activation norm")
+    if quant_method not in QUANT_METHODS:
+        raise ValueError(f"{fn}(quant_method): expected one of {QUANT_METHODS}, got {quant_method!r}")
+    gptq = int4 and quant_method == "gptq"
+    if quant_method == "gptq" and not int4:
+        raise ValueError(f"{fn}(quant_method): 'gptq' quantizes to int4: it needs int4=True")
+    if gptq and sparse24:
+        raise ValueError(f"{fn}(quant_method): 'gptq' together with sparse24=True is not supported (2:4 + int4 "
+                         f"takes quant_method='rtn')")
+    if act_order and not gptq:
+        raise ValueError(f"{fn}(act_order): only quant_method='gptq' has an order to choose")
+    wanda = sparse24 and prune_method == "wanda"
+    if calibration is not None and not (wanda or gptq):
+        raise ValueError(f"{fn}(calibration): only prune_method='wanda' (sparse24=True) and quant_method='gptq' "
+                         f"(int4=True) use calibration data")
+    if (wanda or gptq) and calibration is None:
+        needs = "prune_method='wanda'" if wanda else "quant_method='gptq'"
+        raise ValueError(f"{fn}(calibration): {needs} needs "
+                         f"calibration inputs (an iterable of model inputs) to measure each layer's inputs")
     included = _name_filter(fn, "include", include, True)
     excluded = _name_filter(fn, "exclude", exclude, False)
     report: dict[str, str] = {}
@@ -344,13 +404,14 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
                 report[name] = f"kept: weight dtype {linear.weight.dtype}"
             else:
                 linears[name] = linear
-    norms = {}
-    if sparse24 and prune_method == "wanda" and linears:
+    stats = {}
+    if (wanda or gptq) and linears:
         modules = dict(model.named_modules())
-        norms = _activation_norms(fn, model, {n: modules[n] for n in linears}, calibration)
-        for name in [n for n in linears if n not in norms]:
-            report[name] = "kept: not run by the calibration inputs (no activation norm for wanda)"
+        stats = _capture(fn, model, {n: modules[n] for n in linears}, calibration, hessians=gptq)
+        for name in [n for n in linears if n not in stats]:
+            report[name] = "kept: the calibration inputs never reached it"
             del linears[name]
+    norms = stats if wanda else {}
 
     built: dict[int, nn.Module] = {}
     from .nn import MultiheadAttention as TkMultiheadAttention, Sparse24Int4Linear, Sparse24Linear
@@ -364,6 +425,13 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
             elif sparse24:
                 new = Sparse24Linear.from_linear(linear, method=prune_method, activation_norm=norms.get(name))
                 what = f"Sparse24Linear (2:4 {prune_method})"
+            elif gptq:
+                from .compress.gptq import gptq_quantize
+                weight = gptq_quantize(linear.weight.detach(), stats[name].hessian(), group_size=group_size,
+                                       symmetric=symmetric, act_order=act_order)
+                new = Int4Linear.from_weight(weight, None if linear.bias is None else linear.bias.detach())
+                what = (f"Int4Linear (g{group_size}{', symmetric' if symmetric else ''}, GPTQ"
+                        f"{', act-order' if act_order else ''})")
             else:
                 new = Int4Linear.from_linear(linear, group_size=group_size, symmetric=symmetric)
                 what = f"Int4Linear (g{group_size}{', symmetric' if symmetric else ''})"

@@ -24,14 +24,14 @@ from ..formats.int4 import (FLOAT_DTYPES, Int4Weight, _constant_group_scale, che
 
 
 class HessianAccumulator:
-    """sum x x^T (float64) and the token count of a layer's inputs, batch by batch."""
+    """sum x x^T (float64 unless told) and the token count of a layer's inputs, batch by batch."""
 
-    def __init__(self, in_features: int, device=None):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+    def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float64):
+        self.sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.dtype)
         self.sum.addmm_(x.t(), x)
         self.count += x.shape[0]
 
