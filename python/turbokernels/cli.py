@@ -60,6 +60,36 @@ def cmd_bench(args) -> int:
     return module.main(args.rest)
 
 
+def cmd_optimize(args) -> int:
+    from turbokernels import workflow
+    try:
+        report = workflow.optimize_command(args.model, args.out, int4=args.int4, gptq=args.gptq,
+                                           act_order=args.act_order, group_size=args.group_size,
+                                           sparse24=args.sparse24, wanda=args.wanda, attention=args.attention,
+                                           calibration_file=args.calibration)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        print(f"turbokernels optimize: error: {exc}", file=sys.stderr)
+        return 2
+    import re
+    kinds = {}
+    for what in report.values():  # counted without the GGUF tensor names
+        what = re.sub(r" \S+\.weight", "", what)
+        kinds[what] = kinds.get(what, 0) + 1
+    for what, n in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:>4} x {what}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from turbokernels import workflow
+    try:
+        workflow.eval_command(args.models, args.text, args.decode, args.rounds)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        print(f"turbokernels eval: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_selftest(args) -> int:
     from turbokernels import selftest
     return selftest.main(ops=args.op or None, quick=args.quick)
@@ -75,6 +105,28 @@ def main(argv=None) -> int:
                    help="int4 group size (default 32: SmolLM2's GGUF is Q4_1 in blocks of 32, which g32 reproduces)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("optimize", help="a model (HF folder, .gguf, or 'smollm2') in, an optimized checkpoint out "
+                                        "(turbokernels.optimize + save_pretrained; load it with from_pretrained)")
+    p.add_argument("model", help="a Hugging Face model folder, a .gguf file, a turbokernels checkpoint or 'smollm2'")
+    p.add_argument("--out", required=True, help="the folder to write (model.safetensors, turbokernels.json, tokenizer)")
+    p.add_argument("--int4", action="store_true", help="int4 weight-only linear layers (lm_head stays float)")
+    p.add_argument("--gptq", action="store_true", help="with --int4: GPTQ from calibration text (else round to "
+                                                       "nearest; from a GGUF at g32, its own Q4 blocks)")
+    p.add_argument("--act-order", action="store_true", help="with --gptq: the most active inputs first")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--sparse24", action="store_true", help="2:4 pruning (costs quality: see the README)")
+    p.add_argument("--wanda", action="store_true", help="with --sparse24: Wanda from calibration text "
+                                                        "(else magnitude)")
+    p.add_argument("--no-attention", dest="attention", action="store_false",
+                   help="keep the model's attention implementation")
+    p.add_argument("--calibration", help="a text file for --gptq / --wanda (default: a built-in passage)")
+    p.set_defaults(fn=cmd_optimize)
+    p = sub.add_parser("eval", help="perplexity and decode tokens/s of one or more models on one text, side by side")
+    p.add_argument("models", nargs="+", help="model arguments as for optimize; the first is the baseline")
+    p.add_argument("--text", help="a text file (default: the end-to-end benchmark's passage)")
+    p.add_argument("--decode", type=int, default=32, help="greedy decode steps timed per round (default 32)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("bench", help="run a benchmark (CSV + plot); extra arguments go to it")
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("rest", nargs=argparse.REMAINDER)
