@@ -246,3 +246,24 @@ def test_a_layer_that_cannot_be_converted_names_itself_and_changes_nothing():
         tk.optimize("model")
     with pytest.raises(TypeError, match=r"restore\(model\)"):
         tk.restore(None)
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(x) + self.lin(2 * x)
+
+
+def test_a_layer_called_twice_counts_both_inputs():
+    from turbokernels.model import _capture
+    model = _Twice()
+    calib = [torch.randn(5, 8), torch.randn(3, 8)]
+    h = _capture("optimize", model, {"lin": model.lin}, calib, hessians=True)["lin"]
+    x = torch.cat([torch.cat([c, 2 * c]) for c in calib]).double()
+    assert h.count == 16
+    torch.testing.assert_close(h.hessian().double(), x.t() @ x / 16, rtol=1e-5, atol=1e-6)
+    norm = _capture("optimize", model, {"lin": model.lin}, calib, hessians=False)["lin"]
+    torch.testing.assert_close(norm.double(), x.square().sum(0).sqrt(), rtol=1e-5, atol=1e-6)

@@ -270,7 +270,7 @@ def _capture(fn: str, model: nn.Module, layers: dict, calibration, hessians: boo
     Layers fed the very same tensor (q/k/v, gate/up: found on the first input, whose tensors are kept alive until
     then so that identity means the same tensor) share one accumulator. The hooks are always removed."""
     from .compress.gptq import HessianAccumulator
-    first: dict[str, torch.Tensor] = {}
+    first: dict[str, list] = {}  # the first input's tensors per layer (a layer may be called more than once)
     stats: dict = {}
     leader: dict[str, bool] = {}  # after the first input: does this layer add to its (maybe shared) accumulator
     handles = []
@@ -278,7 +278,7 @@ def _capture(fn: str, model: nn.Module, layers: dict, calibration, hessians: boo
     def hook_for(name):
         def hook(module, args):
             if not leader:  # the first input: keep the tensor itself (identity: not a detached alias), group later
-                first.setdefault(name, args[0])
+                first.setdefault(name, []).append(args[0])
                 return
             x = args[0].detach()
             if name not in leader:  # reached only after the first input
@@ -301,16 +301,19 @@ def _capture(fn: str, model: nn.Module, layers: dict, calibration, hessians: boo
                 _run(model, item)
                 if i == 0:
                     groups: list[list[str]] = []
-                    for name, x in first.items():
-                        group = next((g for g in groups if first[g[0]] is x), None)
+                    for name, xs in first.items():
+                        group = next((g for g in groups if len(first[g[0]]) == len(xs)
+                                      and all(a is b for a, b in zip(first[g[0]], xs))), None)
                         (group.append(name) if group is not None else groups.append([name]))
                     for group in groups:
-                        x = first[group[0]].detach()
-                        stat = HessianAccumulator(x.shape[-1], x.device, torch.float32) if hessians else 0
+                        xs = [x.detach() for x in first[group[0]]]
+                        k = xs[0].shape[-1]
                         if hessians:
-                            stat.add(x)
+                            stat = HessianAccumulator(k, xs[0].device, torch.float32)
+                            for x in xs:
+                                stat.add(x)
                         else:
-                            stat = x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0)
+                            stat = sum(x.reshape(-1, k).to(torch.float32).square().sum(0) for x in xs)
                         for j, name in enumerate(group):
                             stats[name], leader[name] = stat, j == 0
                     first.clear()
