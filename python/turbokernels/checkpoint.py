@@ -86,7 +86,7 @@ def save_pretrained(model: nn.Module, path) -> None:
     meta = {"format": FORMAT, "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "modules": modules, "tied": tied, "non_persistent_buffer_dtypes": volatile,
             "hf_config": config.to_dict() if hasattr(config, "to_dict") else None,
-            "attention": getattr(config, "_attn_implementation", None) if hasattr(model, _PREVIOUS_ATTN) else None,
+            "attention": "turbokernels" if getattr(config, "_attn_implementation", None) == "turbokernels" else None,
             "previous_attention": getattr(model, _PREVIOUS_ATTN, None)}
     os.makedirs(path, exist_ok=True)
     st.save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})

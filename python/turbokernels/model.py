@@ -482,6 +482,8 @@ def restore(model: nn.Module) -> dict[str, str]:
     report: dict[str, str] = {}
     built: dict[int, nn.Module] = {}
     for name, module in model.named_modules():
+        if not name:  # the model itself: _swap replaces children only
+            continue
         if isinstance(module, (Int4Linear, Sparse24Int4Linear)):
             dtype = module.bias.dtype if module.bias is not None else module.scales.dtype
             dense = module.dequantize(dtype)
@@ -496,7 +498,7 @@ def restore(model: nn.Module) -> dict[str, str]:
             mha.load_state_dict(module.state_dict())
             mha.train(module.training)
             built[id(module)] = mha
-            report[name or "<model>"] = "nn.MultiheadAttention"
+            report[name] = "nn.MultiheadAttention"
             continue
         else:
             continue
