@@ -267,3 +267,15 @@ def test_a_layer_called_twice_counts_both_inputs():
     torch.testing.assert_close(h.hessian().double(), x.t() @ x / 16, rtol=1e-5, atol=1e-6)
     norm = _capture("optimize", model, {"lin": model.lin}, calib, hessians=False)["lin"]
     torch.testing.assert_close(norm.double(), x.square().sum(0).sqrt(), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_torch_compile_of_an_optimized_model():
+    """fullgraph: every swapped module and op traces (aot_eager: the ops' fake implementations; the masked attention
+    calls transformers makes under tracing fall back to sdpa without a warning in the graph)."""
+    model = tiny_llama()
+    tk.optimize(model, int4=True, group_size=32)
+    ids = torch.randint(0, 128, (2, 9))
+    ref = model(ids, use_cache=False).logits
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(ids, use_cache=False).logits, ref, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ _noted: set[str] = set()
 
 
 def _note_once(reason: str) -> None:
-    if reason not in _noted:
+    if reason not in _noted and not torch.compiler.is_compiling():  # a traced model: no warnings.warn in the graph
         _noted.add(reason)
         warnings.warn(f"turbokernels attention: {reason}; using transformers' sdpa attention for such calls",
                       stacklevel=3)
