@@ -204,6 +204,7 @@ def test_include_exclude_patterns_and_predicates():
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(attention=False), ValueError, r"optimize\(attention, int4, sparse24\): all False"),
     (dict(int4=1), TypeError, r"optimize\(int4\): expected a bool"),
+    (dict(int4=True, progress="yes"), TypeError, r"optimize\(progress\): expected a bool"),
     (dict(int4=True, group_size=0), ValueError, r"optimize\(group_size\)"),
     (dict(int4=True, sparse24=True, group_size=33), ValueError, r"optimize\(group_size\)"),
     (dict(sparse24=True, prune_method="sparsegpt"), ValueError, r"optimize\(prune_method\)"),
@@ -279,3 +280,11 @@ def test_torch_compile_of_an_optimized_model():
     ref = model(ids, use_cache=False).logits
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(ids, use_cache=False).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_progress_bar_on_stderr_and_silence(capsys):
+    pytest.importorskip("tqdm")
+    tk.optimize(tiny_llama(), attention=False, int4=True, group_size=32, progress=False)
+    assert capsys.readouterr().err == ""
+    tk.optimize(tiny_llama(), attention=False, int4=True, group_size=32)
+    assert "optimize" in capsys.readouterr().err

@@ -240,6 +240,17 @@ def _as_linear(module: nn.Module) -> Optional[nn.Linear]:
     return None
 
 
+def _progress(items: list, enabled: bool, desc: str):
+    """items, with a tqdm bar on stderr when enabled and tqdm is installed."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, leave=False)
+
+
 def _calibration_items(fn: str, calibration):
     """The calibration inputs, checked, one at a time."""
     if calibration is None or isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
@@ -330,7 +341,7 @@ def _capture(fn: str, model: nn.Module, layers: dict, calibration, hessians: boo
 def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sparse24: bool = False,
              group_size: int = 128, symmetric: bool = False, quant_method: str = "rtn", act_order: bool = False,
              prune_method: str = "magnitude", calibration=None, include=None,
-             exclude=DEFAULT_EXCLUDE) -> dict[str, str]:
+             exclude=DEFAULT_EXCLUDE, progress: bool = True) -> dict[str, str]:
     """Swap turbokernels into `model`, in place; returns {module name: what it became, or why it was kept}.
 
     attention: a Hugging Face model's attention implementation becomes "turbokernels" (the previous one is
@@ -347,6 +358,7 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
         is never on by default. int4 and sparse24 together give Sparse24Int4Linear.
     include / exclude: fnmatch patterns of module names or a predicate (name, module) -> bool; by default every
         linear but the LM head (DEFAULT_EXCLUDE).
+    progress: a progress bar over the layers (tqdm, when installed) on stderr; False: silent.
     Every replacement is built before any is installed: an error (a bad argument, a layer that cannot be
     converted) leaves the model as it was. restore(model) undoes it all.
     """
@@ -354,7 +366,7 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}(model): expected an nn.Module, got {type(model).__name__}")
     for arg, v in (("attention", attention), ("int4", int4), ("sparse24", sparse24), ("symmetric", symmetric),
-                   ("act_order", act_order)):
+                   ("act_order", act_order), ("progress", progress)):
         if not isinstance(v, bool):
             raise TypeError(f"{fn}({arg}): expected a bool, got {type(v).__name__}")
     if not (attention or int4 or sparse24):
@@ -419,7 +431,7 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
     built: dict[int, nn.Module] = {}
     from .nn import MultiheadAttention as TkMultiheadAttention, Sparse24Int4Linear, Sparse24Linear
     modules = dict(model.named_modules())
-    for name, linear in linears.items():
+    for name, linear in _progress(list(linears.items()), progress and len(linears) > 1, fn):
         try:
             if int4 and sparse24:
                 new = Sparse24Int4Linear.from_linear(linear, group_size=group_size, method=prune_method,
