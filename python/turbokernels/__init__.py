@@ -9,9 +9,9 @@
     with tk.backend("reference"): ...                         # force a backend: reference/triton/cpu/cuda
     report = tk.optimize(model, int4=True)                    # a whole model in place; tk.restore(model) undoes it
 """
-from ._unshadow import unshadow_hf_kernels
+from ._unshadow import unshadow_hf_kernels as _unshadow_hf_kernels
 
-unshadow_hf_kernels()
+_unshadow_hf_kernels()  # before anything imports transformers: see _unshadow.py
 from . import backends, ops  # noqa: F401,E402  (ops registers torch.ops.turbokernels.*)
 from .backends import BackendUnavailable, backend, set_backend
 from .compress import is_24_sparse, prune_24
