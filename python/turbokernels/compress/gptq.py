@@ -5,7 +5,8 @@ Round-to-nearest rounds each weight on its own. GPTQ quantizes the input columns
 moves each column's rounding error onto the columns not yet quantized, weighted by the inverse of the layer's input
 Hessian H = sum over calibration tokens of x x^T, so that the layer's output on those inputs moves as little as
 possible: it minimizes ||X W^T - X W_q^T|| column by column. The grid per group of `group_size` input features is
-the one quantize_int4 uses (asymmetric min-max with a float offset, or symmetric absmax), found when the walk
+the one quantize_int4 uses (formats/int4.group_grid: asymmetric min-max with a float offset, or symmetric
+absmax), found when the walk
 reaches the group, from the weights as the earlier errors left them. act_order walks the columns by decreasing
 Hessian diagonal (the most active inputs first); the Int4Weight then records that order (`perm`) and groups are
 formed in it, the same layout GPTQ's act-order checkpoints use.
@@ -19,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from ..formats.int4 import (FLOAT_DTYPES, Int4Weight, _constant_group_scale, check_group_size, effective_group_size,
-                            exact_offsets, pack_int4)
+from ..formats.int4 import (FLOAT_DTYPES, Int4Weight, check_group_size, effective_group_size, exact_offsets,
+                            group_grid, pack_int4)
 
 
 class HessianAccumulator:
@@ -44,19 +45,6 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     acc = HessianAccumulator(x.shape[-1], x.device)
     acc.add(x)
     return acc.hessian()
-
-
-def _group_grid(w: torch.Tensor, symmetric: bool, scale_dtype: torch.dtype):
-    """quantize_int4's grid for one group: w (the group's columns, N) -> (scale, offset) per output, fp32 values
-    that the scale dtype holds exactly."""
-    if symmetric:
-        scale = (w.abs().amax(dim=0) / 7).to(scale_dtype).to(torch.float32)
-        scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(scale_dtype).tiny))
-        return scale, -8 * scale
-    lo, hi = w.amin(dim=0), w.amax(dim=0)
-    scale = ((hi - lo) / 15).to(scale_dtype).to(torch.float32)
-    offset = lo.to(scale_dtype).to(torch.float32)
-    return torch.where(scale > 0, scale, _constant_group_scale(offset, scale_dtype)), offset
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 128, symmetric: bool = False,
@@ -110,7 +98,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
                 current = W1[:, i:i + (end - col)]
                 if end > b1:  # columns past this block: their lazy update from this block's errors so far, now
                     current = torch.cat([current, W[:, b1:end] - E1[:, :i] @ Hinv[b0:col, b1:end]], dim=1)
-                scales[col // gs], offsets[col // gs] = _group_grid(current.t(), symmetric, scale_dtype)
+                scales[col // gs], offsets[col // gs] = group_grid(current.amin(dim=1), current.amax(dim=1),
+                                                                   symmetric, scale_dtype)
             s, o = scales[col // gs], offsets[col // gs]
             w = W1[:, i]
             q = torch.clamp(torch.round((w - o) / s), 0, 15)

@@ -280,16 +280,24 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool =
     lo = lo_src.view(G, gs, N).amin(dim=1)
     hi = hi_src.view(G, gs, N).amax(dim=1)
     group_of_k = torch.arange(K, device=w.device) // gs
+    scale, offsets = group_grid(lo, hi, symmetric, scale_dtype)
+    if symmetric:
+        q = torch.clamp(torch.round(w / scale[group_of_k]), -8, 7) + 8
+    else:
+        q = torch.clamp(torch.round((w - offsets[group_of_k]) / scale[group_of_k]), 0, 15)
+    return Int4Weight(pack_int4(q), scale.to(scale_dtype), exact_offsets(offsets, scale_dtype), group_size, K)
+
+
+def group_grid(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, scale_dtype: torch.dtype):
+    """The int4 grid of groups with minimum lo and maximum hi (fp32): (scale, offset), fp32 values the scale dtype
+    holds exactly, q = (w - offset) / scale rounded and clamped to 0..15 (quantize_int4's rules; GPTQ uses them too).
+    symmetric: scale = absmax / 7, offset = -8 scale; asymmetric: scale = (hi - lo) / 15, offset = lo."""
     if symmetric:
         scale = (torch.maximum(hi.abs(), lo.abs()) / 7).to(scale_dtype).to(torch.float32)
         # all zeros (or below the scale dtype's range): any scale represents the group; the smallest keeps q * s
         # and every kernel's intermediate on the group's own scale
         scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(scale_dtype).tiny))
-        q = torch.clamp(torch.round(w / scale[group_of_k]), -8, 7) + 8
-        offsets = -8 * scale
-    else:
-        scale = ((hi - lo) / 15).to(scale_dtype).to(torch.float32)
-        offsets = lo.to(scale_dtype).to(torch.float32)  # lo is a weight value: exact in the weight's dtype
-        scale = torch.where(scale > 0, scale, _constant_group_scale(offsets, scale_dtype))
-        q = torch.clamp(torch.round((w - offsets[group_of_k]) / scale[group_of_k]), 0, 15)
-    return Int4Weight(pack_int4(q), scale.to(scale_dtype), exact_offsets(offsets, scale_dtype), group_size, K)
+        return scale, -8 * scale
+    scale = ((hi - lo) / 15).to(scale_dtype).to(torch.float32)
+    offsets = lo.to(scale_dtype).to(torch.float32)  # lo is a weight value: exact in the weight's dtype
+    return torch.where(scale > 0, scale, _constant_group_scale(offsets, scale_dtype)), offsets
