@@ -6,8 +6,7 @@ moves each column's rounding error onto the columns not yet quantized, weighted 
 Hessian H = sum over calibration tokens of x x^T, so that the layer's output on those inputs moves as little as
 possible: it minimizes ||X W^T - X W_q^T|| column by column. The grid per group of `group_size` input features is
 the one quantize_int4 uses (formats/int4.group_grid: asymmetric min-max with a float offset, or symmetric
-absmax), found when the walk
-reaches the group, from the weights as the earlier errors left them. act_order walks the columns by decreasing
+absmax), found when the walk reaches the group, from the weights as the earlier errors left them. act_order walks the columns by decreasing
 Hessian diagonal (the most active inputs first); the Int4Weight then records that order (`perm`) and groups are
 formed in it, the same layout GPTQ's act-order checkpoints use.
 
