@@ -38,6 +38,7 @@ def _safetensors(fn: str):
 def _describe(module: nn.Module) -> Optional[dict]:
     """The type and constructor arguments of a turbokernels module, or None for anything else."""
     from .nn import Int4Linear, MultiheadAttention, Sparse24Int4Linear, Sparse24Linear, W4A8Linear
+    from .nn.multihead_attention import mha_config, mha_weight
     bias = getattr(module, "bias", None) is not None
     if isinstance(module, (Int4Linear, Sparse24Int4Linear)):  # W4A8Linear is an Int4Linear
         kind = "W4A8Linear" if isinstance(module, W4A8Linear) else type(module).__name__
@@ -47,11 +48,7 @@ def _describe(module: nn.Module) -> Optional[dict]:
         return dict(type="Sparse24Linear", in_features=module.in_features, out_features=module.out_features,
                     bias=bias, dtype=str(module.values.dtype))
     if isinstance(module, MultiheadAttention):
-        p = module.in_proj_weight if module.in_proj_weight is not None else module.q_proj_weight
-        return dict(type="MultiheadAttention", embed_dim=module.embed_dim, num_heads=module.num_heads,
-                    dropout=module.dropout, bias=module.in_proj_bias is not None,
-                    add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
-                    vdim=module.vdim, batch_first=module.batch_first, dtype=str(p.dtype))
+        return dict(type="MultiheadAttention", **mha_config(module), dtype=str(mha_weight(module).dtype))
     return None
 
 
@@ -97,6 +94,7 @@ def save_pretrained(model: nn.Module, path) -> None:
 def _build(fn: str, name: str, d: dict, target: nn.Module) -> nn.Module:
     """An empty turbokernels module as described by d, checked against the target's module at `name`."""
     from .nn import Int4Linear, MultiheadAttention, Sparse24Int4Linear, Sparse24Linear, W4A8Linear
+    from .nn.multihead_attention import mha_config
     kind, dtype = d.get("type"), _DTYPES.get(d.get("dtype"))
     if dtype is None:
         raise ValueError(f"{fn}(path): module '{name}': unknown dtype {d.get('dtype')!r}")
@@ -107,9 +105,7 @@ def _build(fn: str, name: str, d: dict, target: nn.Module) -> nn.Module:
         if (target.embed_dim, target.num_heads) != (d["embed_dim"], d["num_heads"]):
             raise ValueError(f"{fn}(model): module '{name}': embed_dim, num_heads = {target.embed_dim}, "
                              f"{target.num_heads}; the checkpoint has {d['embed_dim']}, {d['num_heads']}")
-        return MultiheadAttention(d["embed_dim"], d["num_heads"], dropout=d["dropout"], bias=d["bias"],
-                                  add_bias_kv=d["add_bias_kv"], add_zero_attn=d["add_zero_attn"], kdim=d["kdim"],
-                                  vdim=d["vdim"], batch_first=d["batch_first"], dtype=dtype)
+        return MultiheadAttention(**{k: d[k] for k in mha_config(target)}, dtype=dtype)
     classes = {"Int4Linear": Int4Linear, "W4A8Linear": W4A8Linear, "Sparse24Linear": Sparse24Linear,
                "Sparse24Int4Linear": Sparse24Int4Linear}
     if kind not in classes:
@@ -124,7 +120,7 @@ def _build(fn: str, name: str, d: dict, target: nn.Module) -> nn.Module:
         raise ValueError(f"{fn}(model): module '{name}' is {linear.out_features} x {linear.in_features}; the "
                          f"checkpoint's {kind} is {d['out_features']} x {d['in_features']}")
     args = dict(bias=d["bias"], dtype=dtype)
-    if "group_size" in d and kind != "Sparse24Linear":
+    if "group_size" in d:  # the int4 kinds
         args["group_size"] = d["group_size"]
     return classes[kind](d["in_features"], d["out_features"], **args)
 

@@ -491,6 +491,7 @@ def restore(model: nn.Module) -> dict[str, str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}(model): expected an nn.Module, got {type(model).__name__}")
     from .nn import MultiheadAttention as TkMultiheadAttention, Sparse24Int4Linear, Sparse24Linear
+    from .nn.multihead_attention import mha_config, mha_weight
     report: dict[str, str] = {}
     built: dict[int, nn.Module] = {}
     for name, module in model.named_modules():
@@ -502,11 +503,8 @@ def restore(model: nn.Module) -> dict[str, str]:
         elif isinstance(module, Sparse24Linear):
             dense = module.to_dense()
         elif isinstance(module, TkMultiheadAttention):
-            p = module.in_proj_weight if module.in_proj_weight is not None else module.q_proj_weight
-            mha = nn.MultiheadAttention(module.embed_dim, module.num_heads, dropout=module.dropout,
-                                        bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
-                                        add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
-                                        batch_first=module.batch_first, device=p.device, dtype=p.dtype)
+            p = mha_weight(module)
+            mha = nn.MultiheadAttention(**mha_config(module), device=p.device, dtype=p.dtype)
             mha.load_state_dict(module.state_dict())
             mha.train(module.training)
             built[id(module)] = mha

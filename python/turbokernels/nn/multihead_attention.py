@@ -27,6 +27,19 @@ def _note_once(reason: str) -> None:
                       stacklevel=3)
 
 
+def mha_config(mha: nn.MultiheadAttention) -> dict:
+    """The constructor arguments of an nn.MultiheadAttention (torch's or ours) beyond its state dict, device and
+    dtype: what rebuilding it as the other class takes (from_module, turbokernels.restore, checkpoints)."""
+    return dict(embed_dim=mha.embed_dim, num_heads=mha.num_heads, dropout=mha.dropout,
+                bias=mha.in_proj_bias is not None, add_bias_kv=mha.bias_k is not None,
+                add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first)
+
+
+def mha_weight(mha: nn.MultiheadAttention) -> torch.Tensor:
+    """Its input projection weight (packed, or q's when k/v dims differ): where its device and dtype are read."""
+    return mha.in_proj_weight if mha.in_proj_weight is not None else mha.q_proj_weight
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     def __init__(self, embed_dim, num_heads, *args, device=None, dtype=None, **kwargs):
         requested_device("MultiheadAttention(device)", device)
@@ -37,10 +50,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"MultiheadAttention.from_module(mha): expected an nn.MultiheadAttention, got "
                             f"{type(mha).__name__}")
-        p = mha.in_proj_weight if mha.in_proj_weight is not None else mha.q_proj_weight
-        layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
-                    add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim,
-                    vdim=mha.vdim, batch_first=mha.batch_first, device=p.device, dtype=p.dtype)
+        p = mha_weight(mha)
+        layer = cls(**mha_config(mha), device=p.device, dtype=p.dtype)
         layer.load_state_dict(mha.state_dict())
         layer.train(mha.training)
         return layer
