@@ -283,26 +283,45 @@ def _capture(fn: str, model: nn.Module, layers: dict, calibration, hessians: boo
     from .compress.gptq import HessianAccumulator
     first: dict[str, list] = {}  # the first input's tensors per layer (a layer may be called more than once)
     stats: dict = {}
-    leader: dict[str, bool] = {}  # after the first input: does this layer add to its (maybe shared) accumulator
+    leader: dict[str, bool] = {}  # after the first input: does this layer add to its (maybe shared) statistic
+    first_input = True
     handles = []
+
+    def new_stat(x):
+        return (HessianAccumulator(x.shape[-1], x.device, torch.float32) if hessians
+                else torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device))
+
+    def add(stat, x):
+        if hessians:
+            stat.add(x)
+        else:
+            stat.add_(x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0))
 
     def hook_for(name):
         def hook(module, args):
-            if not leader:  # the first input: keep the tensor itself (identity: not a detached alias), group later
+            if first_input:  # keep the tensor itself (identity: not a detached alias), group after this input
                 first.setdefault(name, []).append(args[0])
                 return
-            x = args[0].detach()
             if name not in leader:  # reached only after the first input
-                leader[name] = True
-                stats[name] = (HessianAccumulator(x.shape[-1], x.device, torch.float32) if hessians
-                               else torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device))
-            if not leader[name]:
-                return
-            if hessians:
-                stats[name].add(x)
-            else:
-                stats[name].add_(x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0))
+                leader[name], stats[name] = True, new_stat(args[0])
+            if leader[name]:
+                add(stats[name], args[0].detach())
         return hook
+
+    def group_first_input():
+        """Layers whose first-input calls saw the very same tensors share one statistic, its first layer adds."""
+        groups: list[list[str]] = []
+        for name, xs in first.items():
+            group = next((g for g in groups if len(first[g[0]]) == len(xs)
+                          and all(a is b for a, b in zip(first[g[0]], xs))), None)
+            (group.append(name) if group is not None else groups.append([name]))
+        for group in groups:
+            stat = new_stat(first[group[0]][0])
+            for x in first[group[0]]:
+                add(stat, x.detach())
+            for j, name in enumerate(group):
+                stats[name], leader[name] = stat, j == 0
+        first.clear()
 
     try:
         for name, module in layers.items():
@@ -311,28 +330,11 @@ def _capture(fn: str, model: nn.Module, layers: dict, calibration, hessians: boo
             for i, item in enumerate(_calibration_items(fn, calibration)):
                 _run(model, item)
                 if i == 0:
-                    groups: list[list[str]] = []
-                    for name, xs in first.items():
-                        group = next((g for g in groups if len(first[g[0]]) == len(xs)
-                                      and all(a is b for a, b in zip(first[g[0]], xs))), None)
-                        (group.append(name) if group is not None else groups.append([name]))
-                    for group in groups:
-                        xs = [x.detach() for x in first[group[0]]]
-                        k = xs[0].shape[-1]
-                        if hessians:
-                            stat = HessianAccumulator(k, xs[0].device, torch.float32)
-                            for x in xs:
-                                stat.add(x)
-                        else:
-                            stat = sum(x.reshape(-1, k).to(torch.float32).square().sum(0) for x in xs)
-                        for j, name in enumerate(group):
-                            stats[name], leader[name] = stat, j == 0
-                    first.clear()
-                    leader.setdefault("", False)  # marks "past the first input" even if no layer was reached
+                    group_first_input()
+                    first_input = False  # the hooks read it through their closure
     finally:
         for h in handles:
             h.remove()
-    leader.pop("", None)
     if hessians:
         return stats
     return {name: sq.sqrt() for name, sq in stats.items()}  # a group's layers share one sum, added by its leader
