@@ -11,12 +11,11 @@ import turbokernels as tk
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+import tiny_models  # noqa: E402
 
 
 def tiny_llama(hidden=64, tie=True):
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=176, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_models.tiny_llama(hidden_size=hidden, tie_word_embeddings=tie)
 
 
 def _tk_modules(model):
@@ -64,26 +63,16 @@ def test_hf_roundtrip_bit_exact(tmp_path, how):
     assert back["<attention>"] == "transformers attention implementation 'sdpa'" and not _tk_modules(loaded)
 
 
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
-        self.proj = nn.Linear(32, 48)
-
-    def forward(self, x):
-        return self.proj(self.mha(x, x, x, need_weights=False)[0])
-
-
 @torch.no_grad()
 def test_plain_module_needs_its_skeleton(tmp_path):
-    model = _Block().eval()
+    model = tiny_models.MHABlock().eval()
     tk.optimize(model, sparse24=True, exclude=())
     x = torch.randn(2, 5, 32)
     ref = model(x)
     tk.save_pretrained(model, tmp_path)
     with pytest.raises(ValueError, match=r"from_pretrained\(model\): the checkpoint holds no Hugging Face config"):
         tk.from_pretrained(tmp_path)
-    skeleton = _Block().eval()
+    skeleton = tiny_models.MHABlock().eval()
     tk.from_pretrained(tmp_path, model=skeleton)
     assert isinstance(skeleton.mha, tk.nn.MultiheadAttention) and isinstance(skeleton.proj, tk.nn.Sparse24Linear)
     assert torch.equal(skeleton(x), ref)

@@ -12,10 +12,7 @@ from turbokernels import model as tk_model
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from tiny_models import tiny_llama  # noqa: E402
 
 
 @torch.no_grad()
@@ -173,7 +170,8 @@ def _write_tiny_gguf(path, model, kinds, rng):
                 q = rng.integers(0, 16, size=(N, K))
                 d = (rng.standard_normal((N, K // 256)) * 2.0 ** -8).astype(np.float16)
                 dmin = (rng.standard_normal((N, K // 256)) * 2.0 ** -8).astype(np.float16)
-                data = P.pack_gguf_q4_k(q, d, dmin, rng.integers(0, 64, (N, K // 32)), rng.integers(0, 64, (N, K // 32)))
+                sc, mn = rng.integers(0, 64, (N, K // 32)), rng.integers(0, 64, (N, K // 32))
+                data = P.pack_gguf_q4_k(q, d, dmin, sc, mn)
             elif kind == "Q4_0":
                 data = P.pack_gguf(rng.integers(0, 16, size=(N, K)), (rng.standard_normal((N, K // 32)) * 0.01)
                                    .astype(np.float16))

@@ -8,12 +8,7 @@ from torch import nn
 import turbokernels as tk
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg).eval()
+from tiny_models import MHABlock, tiny_llama  # noqa: E402
 
 
 LLAMA_LINEARS = [f"model.layers.{i}.{s}" for i in range(2) for s in (
@@ -165,19 +160,9 @@ def test_gpt2_conv1d_layers():
     assert all(type(model.get_submodule(n)) is nn.Linear for n in conv)
 
 
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
-        self.proj = nn.Linear(32, 48)
-
-    def forward(self, x):
-        return self.proj(self.mha(x, x, x, need_weights=False)[0])
-
-
 @torch.no_grad()
 def test_plain_module_with_multihead_attention():
-    model = _Block().eval()
+    model = MHABlock().eval()
     x = torch.randn(2, 9, 32)
     before = model(x)
     report = tk.optimize(model, int4=True, group_size=32, exclude=())
