@@ -191,7 +191,6 @@ TK_INLINE float hsum(Vec<float, 32>::type v) {
   const V4 h4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
-TK_INLINE double hsum(Vec<double, 32>::type v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 
 // the lane sums of four vectors at once, as a transpose: each level halves the lanes of two vectors into one
 TK_INLINE void hsum4(Vec<float, 64>::type a, Vec<float, 64>::type b, Vec<float, 64>::type c, Vec<float, 64>::type d,

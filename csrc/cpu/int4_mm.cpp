@@ -242,9 +242,12 @@ const Kernels kAvx2{avx2::NB, 128, avx2::W, avx2::RMAX, avx2::fused_block, avx2:
 // rows ran its layers 1.8x slower than fp32 F.linear on the fused loop, 1.07x on the BLAS path). Chunks of 256k
 // weights (1 MiB of fp32: the two cores' L2) there: at M = 32 / 128 the 576-wide layers took 1.0-1.55x / 0.92-1.18x
 // fp32 F.linear's time against 1.17-1.70x / 1.0-1.21x with 1M-weight chunks (interleaved runs, 3 each).
-const Kernels kAvx2HalfWidth{avx2::NB, 24, avx2::W, avx2::RMAX, avx2::fused_block, avx2::dequant_rows,
-                             avx2::stream_columns, avx2::row_to_f32, int64_t(1) << 18, 1.f / avx2::Vec::kStreamScale,
-                             0x1p-98f};
+const Kernels kAvx2HalfWidth = [] {
+  Kernels k = kAvx2;  // kAvx2 but for these two thresholds (defined above: initialized first)
+  k.fused_max_m = 24;
+  k.dequant_chunk = int64_t(1) << 18;
+  return k;
+}();
 static_assert(0x1p-98f / avx2::Vec::kStreamScale == 0x1p-126f, "stream_x_exact_min: x 2^-28 must stay normal");
 static_assert(scalar::Vec::kStreamScale == 1.f && avx512::Vec::kStreamScale == 1.f, "stream_x_scale is 1 there");
 // AVX-512: fused at every M (2.2x faster than dequantize + MKL at M = 256 and 1024 on AMD, where MKL runs AVX2
