@@ -484,6 +484,15 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
     return report
 
 
+def _dense_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear holding `weight` (out_features, in_features) and a copy of the layer's bias: the way back."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return linear
+
+
 def restore(model: nn.Module) -> dict[str, str]:
     """Undo optimize(): Int4Linear / W4A8Linear / Sparse24Linear / Sparse24Int4Linear back to nn.Linear holding the
     dequantized (or pruned) weight, turbokernels.nn.MultiheadAttention back to nn.MultiheadAttention, and a Hugging
@@ -514,11 +523,7 @@ def restore(model: nn.Module) -> dict[str, str]:
             continue
         else:
             continue
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        linear.weight = nn.Parameter(dense, requires_grad=False)
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        built[id(module)] = linear
+        built[id(module)] = _dense_linear(module, dense)
         report[name] = f"nn.Linear (from {type(module).__name__})"
     _swap(fn, model, lambda name, module: id(module) in built, lambda module: built[id(module)])
     previous = getattr(model, _PREVIOUS_ATTN, None)
@@ -542,11 +547,7 @@ def restore_(model: nn.Module) -> list[str]:
         dtype = layer.bias.dtype if layer.bias is not None else layer.scales.dtype
         weight = Int4Weight(layer.qweight, layer.scales, layer.offsets, layer.group_size, layer.in_features,
                             layer.perm if layer.perm.numel() else None)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight.dequantize(dtype), requires_grad=False)
-        if layer.bias is not None:
-            linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        return linear
+        return _dense_linear(layer, weight.dequantize(dtype))
 
     return _swap("restore_", model, lambda name, m: isinstance(m, Int4Linear), make)
 
