@@ -83,7 +83,8 @@ def test_wanda_uses_the_calibration_activation_norms():
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in norms}
     report = tk.optimize(model, attention=False, sparse24=True, prune_method="wanda", calibration=batches,
                          exclude=())
-    assert report == {"0": "Sparse24Linear (2:4 wanda)", "2": "Sparse24Linear (2:4 wanda)"}
+    assert report == {"0": "Sparse24Linear (2:4 wanda)", "2": "Sparse24Linear (2:4 wanda)",
+                      "<calibration>": "one pass over the model"}  # an nn.Sequential has no block list
     differs = False
     for n, norm in norms.items():
         expected = tk.prune_24(weights[n], method="wanda", activation_norm=norm)
@@ -120,12 +121,12 @@ def test_gptq_beats_round_to_nearest_on_a_tiny_llama():
 def test_layers_fed_one_tensor_share_their_statistics():
     """q/k/v read the same normalized hidden state, gate/up another: one Hessian (and one norm) each, so memory
     grows with the distinct inputs, not the layers."""
-    from turbokernels.model import _capture
+    from turbokernels.calibration import capture
     model = tiny_llama()
     layers = {n: model.get_submodule(n) for n in LLAMA_LINEARS}
     calib = [torch.randint(0, 128, (1, 10)), torch.randint(0, 128, (2, 6))]
     for hessians in (True, False):
-        stats = _capture("optimize", model, layers, calib, hessians=hessians)
+        stats = capture("optimize", model, layers, calib, hessians=hessians)
         q, k, v = (stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
         gate, up = stats["model.layers.0.mlp.gate_proj"], stats["model.layers.0.mlp.up_proj"]
         if hessians:
@@ -142,7 +143,7 @@ def test_layers_fed_one_tensor_share_their_statistics():
     h.remove()
     x = torch.cat(seen).double()
     torch.testing.assert_close(stats["model.layers.0.self_attn.q_proj"], (x.square().sum(0)).sqrt().float())
-    hess = _capture("optimize", model, layers, calib, hessians=True)["model.layers.0.self_attn.q_proj"]
+    hess = capture("optimize", model, layers, calib, hessians=True)["model.layers.0.self_attn.q_proj"]
     torch.testing.assert_close(hess.hessian().double(), x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
@@ -192,7 +193,10 @@ def test_include_exclude_patterns_and_predicates():
     (dict(int4=True, progress="yes"), TypeError, r"optimize\(progress\): expected a bool"),
     (dict(int4=True, group_size=0), ValueError, r"optimize\(group_size\)"),
     (dict(int4=True, sparse24=True, group_size=33), ValueError, r"optimize\(group_size\)"),
-    (dict(sparse24=True, prune_method="sparsegpt"), ValueError, r"optimize\(prune_method\)"),
+    (dict(sparse24=True, prune_method="obs"), ValueError, r"optimize\(prune_method\)"),
+    (dict(int4=True, prune_method="wanda"), ValueError, r"optimize\(prune_method\): 'wanda' prunes to 2:4"),
+    (dict(sparse24=True, prune_method="sparsegpt"), ValueError,
+     r"optimize\(calibration\): prune_method='sparsegpt' needs"),
     (dict(sparse24=True, prune_method="wanda"), ValueError, r"optimize\(calibration\): prune_method='wanda' needs"),
     (dict(int4=True, calibration=[torch.zeros(1, 3, dtype=torch.long)]), ValueError,
      r"optimize\(calibration\): only prune_method='wanda'"),
@@ -202,7 +206,9 @@ def test_include_exclude_patterns_and_predicates():
     (dict(quant_method="gptq", calibration=[torch.zeros(1, 3, dtype=torch.long)]), ValueError,
      r"optimize\(quant_method\): 'gptq' quantizes to int4"),
     (dict(int4=True, sparse24=True, quant_method="gptq", calibration=[torch.zeros(1, 3, dtype=torch.long)]),
-     ValueError, r"optimize\(quant_method\): 'gptq' together with sparse24"),
+     ValueError, r"optimize\(quant_method\): 'gptq' with sparse24=True takes prune_method='sparsegpt'"),
+    (dict(int4=True, sparse24=True, quant_method="gptq", prune_method="sparsegpt", act_order=True,
+          calibration=[torch.zeros(1, 3, dtype=torch.long)]), ValueError, r"optimize\(act_order\)"),
     (dict(int4=True, quant_method="awq"), ValueError, r"optimize\(quant_method\)"),
     (dict(int4=True, act_order=True), ValueError, r"optimize\(act_order\): only quant_method='gptq'"),
     (dict(int4=True, quant_method="gptq"), ValueError, r"optimize\(calibration\): quant_method='gptq' needs"),
@@ -244,14 +250,14 @@ class _Twice(nn.Module):
 
 
 def test_a_layer_called_twice_counts_both_inputs():
-    from turbokernels.model import _capture
+    from turbokernels.calibration import capture
     model = _Twice()
     calib = [torch.randn(5, 8), torch.randn(3, 8)]
-    h = _capture("optimize", model, {"lin": model.lin}, calib, hessians=True)["lin"]
+    h = capture("optimize", model, {"lin": model.lin}, calib, hessians=True)["lin"]
     x = torch.cat([torch.cat([c, 2 * c]) for c in calib]).double()
     assert h.count == 16
     torch.testing.assert_close(h.hessian().double(), x.t() @ x / 16, rtol=1e-5, atol=1e-6)
-    norm = _capture("optimize", model, {"lin": model.lin}, calib, hessians=False)["lin"]
+    norm = capture("optimize", model, {"lin": model.lin}, calib, hessians=False)["lin"]
     torch.testing.assert_close(norm.double(), x.square().sum(0).sqrt(), rtol=1e-5, atol=1e-6)
 
 

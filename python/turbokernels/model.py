@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .formats.int4 import Int4Weight, check_group_size, check_scale_dtype
+from .calibration import progress_bar
 from .nn import Int4Linear, W4A8Linear
 
 # The output projection's error lands directly on the logits. Measured (bench/e2e.py, SmolLM2-135M, int4 g32, 2026-12):
@@ -206,7 +207,7 @@ def int4_from_gguf_(model: nn.Module, path, exclude: Iterable[str] = DEFAULT_EXC
 
 
 # ---- optimize / restore: every technique in one call, and the way back ---------------------------------------------
-PRUNE_METHODS = ("magnitude", "wanda")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq")
 _PREVIOUS_ATTN = "_turbokernels_previous_attn_implementation"  # set on a model whose attention optimize() switched
 
@@ -240,106 +241,6 @@ def _as_linear(module: nn.Module) -> Optional[nn.Linear]:
     return None
 
 
-def _progress(items: list, enabled: bool, desc: str):
-    """items, with a tqdm bar on stderr when enabled and tqdm is installed."""
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, leave=False)
-
-
-def _calibration_items(fn: str, calibration):
-    """The calibration inputs, checked, one at a time."""
-    if calibration is None or isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
-        raise TypeError(f"{fn}(calibration): expected an iterable of model inputs (tensors, tuples or dicts of "
-                        f"them), got {type(calibration).__name__}")
-    count = 0
-    for item in calibration:
-        count += 1
-        yield item
-    if count == 0:
-        raise ValueError(f"{fn}(calibration): is empty; it needs at least one batch of model inputs")
-
-
-def _run(model: nn.Module, item) -> None:
-    """One calibration input through the model: a dict as keyword arguments, a tuple/list as positional ones."""
-    if isinstance(item, dict):
-        model(**item)
-    elif isinstance(item, (tuple, list)):
-        model(*item)
-    else:
-        model(item)
-
-
-def _capture(fn: str, model: nn.Module, layers: dict, calibration, hessians: bool) -> dict:
-    """Run the calibration inputs through the model (no gradients) with a forward pre-hook on each of `layers`
-    ({name: module}); returns {name: statistic} for the layers the inputs reached: the L2 norm of each input
-    feature over all tokens (Wanda's), or with hessians=True a HessianAccumulator of x x^T (GPTQ's; float32 sums).
-    Layers fed the very same tensor (q/k/v, gate/up: found on the first input, whose tensors are kept alive until
-    then so that identity means the same tensor) share one accumulator. The hooks are always removed."""
-    from .compress.gptq import HessianAccumulator
-    first: dict[str, list] = {}  # the first input's tensors per layer (a layer may be called more than once)
-    stats: dict = {}
-    leader: dict[str, bool] = {}  # after the first input: does this layer add to its (maybe shared) statistic
-    first_input = True
-    handles = []
-
-    def new_stat(x):
-        return (HessianAccumulator(x.shape[-1], x.device, torch.float32) if hessians
-                else torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device))
-
-    def add(stat, x):
-        if hessians:
-            stat.add(x)
-        else:
-            stat.add_(x.reshape(-1, x.shape[-1]).to(torch.float32).square().sum(0))
-
-    def hook_for(name):
-        def hook(module, args):
-            if first_input:  # keep the tensor itself (identity: not a detached alias), group after this input
-                first.setdefault(name, []).append(args[0])
-                return
-            if name not in leader:  # reached only after the first input
-                leader[name], stats[name] = True, new_stat(args[0])
-            if leader[name]:
-                add(stats[name], args[0].detach())
-        return hook
-
-    def group_first_input():
-        """Layers whose first-input calls saw the very same tensors share one statistic, its first layer adds."""
-        groups: list[list[str]] = []
-        for name, xs in first.items():
-            group = next((g for g in groups if len(first[g[0]]) == len(xs)
-                          and all(a is b for a, b in zip(first[g[0]], xs))), None)
-            (group.append(name) if group is not None else groups.append([name]))
-        for group in groups:
-            stat = new_stat(first[group[0]][0])
-            for x in first[group[0]]:
-                add(stat, x.detach())
-            for j, name in enumerate(group):
-                stats[name], leader[name] = stat, j == 0
-        first.clear()
-
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_pre_hook(hook_for(name)))
-        with torch.no_grad():
-            for i, item in enumerate(_calibration_items(fn, calibration)):
-                _run(model, item)
-                if i == 0:
-                    group_first_input()
-                    first_input = False  # the hooks read it through their closure
-    finally:
-        for h in handles:
-            h.remove()
-    if hessians:
-        return stats
-    return {name: sq.sqrt() for name, sq in stats.items()}  # a group's layers share one sum, added by its leader
-
-
 def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sparse24: bool = False,
              group_size: int = 128, symmetric: bool = False, quant_method: str = "rtn", act_order: bool = False,
              prune_method: str = "magnitude", calibration=None, include=None,
@@ -351,13 +252,18 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
     int4: each nn.Linear (and transformers' Conv1D, GPT-2) becomes an Int4Linear on a grid per group of
         `group_size` input features (`symmetric` for symmetric grids), by `quant_method`: "rtn" (round to nearest)
         or "gptq" (compress/gptq.py: rounding errors moved onto the not yet quantized inputs, weighted by the
-        layer's input Hessian over `calibration`; `act_order` walks the most active inputs first). GPTQ's Hessians
-        are captured for all layers in one pass of the float model (not layer by layer: memory grows with the sum
-        of in_features^2 over distinct layer inputs, float32).
-    sparse24: each becomes a Sparse24Linear, pruned to 2:4 by `prune_method`: "magnitude", or "wanda" (|w| times
-        the L2 norm of its input feature over `calibration`, an iterable of model inputs the model is run on).
-        2:4 pruning costs quality (one-shot magnitude pruning of a small LLM raises its perplexity many-fold); it
-        is never on by default. int4 and sparse24 together give Sparse24Int4Linear.
+        layer's input Hessian over `calibration`; `act_order` walks the most active inputs first).
+    sparse24: each becomes a Sparse24Linear, pruned to 2:4 by `prune_method`: "magnitude"; "wanda" (|w| times
+        the L2 norm of its input feature over `calibration`); or "sparsegpt" (compress/sparsegpt.py: the mask of
+        each 4 inputs chosen and the kept weights updated column by column to undo what pruning did to the layer's
+        output on `calibration`, like GPTQ). 2:4 pruning costs quality (one-shot magnitude pruning of a small LLM
+        raises its perplexity many-fold); it is never on by default. int4 and sparse24 together give
+        Sparse24Int4Linear: the kept weights rounded to nearest, or with quant_method="gptq" (prune_method
+        "sparsegpt") pruned and quantized in one walk.
+    calibration: an iterable of model inputs (a tensor, a tuple of positional arguments or a dict of keyword
+        arguments each), for "gptq", "wanda" and "sparsegpt". Layer by layer when the model's blocks form a chain
+        (calibration.py): each block calibrated on the outputs of the blocks already compressed, one block's
+        statistics in memory at a time; the report's "<calibration>" says how it went.
     include / exclude: fnmatch patterns of module names or a predicate (name, module) -> bool; by default every
         linear but the LM head (DEFAULT_EXCLUDE).
     progress: a progress bar over the layers (tqdm, when installed) on stderr; False: silent.
@@ -385,17 +291,24 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
     gptq = int4 and quant_method == "gptq"
     if quant_method == "gptq" and not int4:
         raise ValueError(f"{fn}(quant_method): 'gptq' quantizes to int4: it needs int4=True")
-    if gptq and sparse24:
-        raise ValueError(f"{fn}(quant_method): 'gptq' together with sparse24=True is not supported (2:4 + int4 "
-                         f"takes quant_method='rtn')")
-    if act_order and not gptq:
-        raise ValueError(f"{fn}(act_order): only quant_method='gptq' has an order to choose")
-    wanda = sparse24 and prune_method == "wanda"
-    if calibration is not None and not (wanda or gptq):
-        raise ValueError(f"{fn}(calibration): only prune_method='wanda' (sparse24=True) and quant_method='gptq' "
-                         f"(int4=True) use calibration data")
-    if (wanda or gptq) and calibration is None:
-        needs = "prune_method='wanda'" if wanda else "quant_method='gptq'"
+    if prune_method != "magnitude" and not sparse24:
+        raise ValueError(f"{fn}(prune_method): {prune_method!r} prunes to 2:4: it needs sparse24=True")
+    wanda, sparsegpt = sparse24 and prune_method == "wanda", sparse24 and prune_method == "sparsegpt"
+    if gptq and sparse24 and not sparsegpt:
+        raise ValueError(f"{fn}(quant_method): 'gptq' with sparse24=True takes prune_method='sparsegpt' (pruning "
+                         f"and quantization in one walk), got prune_method={prune_method!r}")
+    if act_order and not (gptq and not sparse24):
+        raise ValueError(f"{fn}(act_order): only quant_method='gptq' without sparse24 has an order to choose")
+    calibrated = wanda or gptq or sparsegpt
+    if calibration is not None and not calibrated:
+        raise ValueError(f"{fn}(calibration): only prune_method='wanda' or 'sparsegpt' (sparse24=True) and "
+                         f"quant_method='gptq' (int4=True) use calibration data")
+    if calibration is not None:
+        from .calibration import calibration_items
+        calibration = calibration_items(fn, calibration)
+    if calibrated and calibration is None:
+        needs = f"prune_method={prune_method!r}" if sparse24 and prune_method != "magnitude" else \
+            "quant_method='gptq'"
         raise ValueError(f"{fn}(calibration): {needs} needs "
                          f"calibration inputs (an iterable of model inputs) to measure each layer's inputs")
     included = _name_filter(fn, "include", include, True)
@@ -421,41 +334,68 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
                 report[name] = f"kept: weight dtype {linear.weight.dtype}"
             else:
                 linears[name] = linear
-    stats = {}
-    if (wanda or gptq) and linears:
-        modules = dict(model.named_modules())
-        stats = _capture(fn, model, {n: modules[n] for n in linears}, calibration, hessians=gptq)
-        for name in [n for n in linears if n not in stats]:
-            report[name] = "kept: the calibration inputs never reached it"
-            del linears[name]
-    norms = stats if wanda else {}
-
-    built: dict[int, nn.Module] = {}
     from .nn import MultiheadAttention as TkMultiheadAttention, Sparse24Int4Linear, Sparse24Linear
     modules = dict(model.named_modules())
-    for name, linear in _progress(list(linears.items()), progress and len(linears) > 1, fn):
+    bias = {name: None if linear.bias is None else linear.bias.detach() for name, linear in linears.items()}
+    sym = ", symmetric" if symmetric else ""
+
+    def make(name: str, stat) -> nn.Module:
+        """The replacement of linear `name`, given its calibration statistic (None without calibration)."""
+        linear = linears[name]
+        w = linear.weight.detach()
         try:
-            if int4 and sparse24:
+            if sparsegpt and int4 and quant_method == "gptq":
+                from .compress.sparsegpt import sparsegpt_24_int4
+                new = Sparse24Int4Linear.from_weight(
+                    sparsegpt_24_int4(w, stat.hessian(), group_size=group_size, symmetric=symmetric), bias[name])
+                what = f"Sparse24Int4Linear (2:4 SparseGPT + int4 g{group_size}{sym} in one walk)"
+            elif sparsegpt:
+                from .compress.sparsegpt import sparsegpt_24
+                from .formats.sparse24 import Sparse24Weight
+                pruned = Sparse24Weight.from_dense(sparsegpt_24(w, stat.hessian()))
+                if int4:
+                    from .formats.sparse24_int4 import Sparse24Int4Weight
+                    new = Sparse24Int4Linear.from_weight(
+                        Sparse24Int4Weight.from_sparse24(pruned, group_size, symmetric), bias[name])
+                    what = f"Sparse24Int4Linear (2:4 sparsegpt, int4 g{group_size}{sym})"
+                else:
+                    new = Sparse24Linear.from_weight(pruned, bias[name])
+                    what = "Sparse24Linear (2:4 sparsegpt)"
+            elif int4 and sparse24:
                 new = Sparse24Int4Linear.from_linear(linear, group_size=group_size, method=prune_method,
-                                                     activation_norm=norms.get(name), symmetric=symmetric)
-                what = f"Sparse24Int4Linear (2:4 {prune_method}, int4 g{group_size})"
+                                                     activation_norm=stat, symmetric=symmetric)
+                what = f"Sparse24Int4Linear (2:4 {prune_method}, int4 g{group_size}{sym})"
             elif sparse24:
-                new = Sparse24Linear.from_linear(linear, method=prune_method, activation_norm=norms.get(name))
+                new = Sparse24Linear.from_linear(linear, method=prune_method, activation_norm=stat)
                 what = f"Sparse24Linear (2:4 {prune_method})"
             elif gptq:
                 from .compress.gptq import gptq_quantize
-                weight = gptq_quantize(linear.weight.detach(), stats[name].hessian(), group_size=group_size,
-                                       symmetric=symmetric, act_order=act_order)
-                new = Int4Linear.from_weight(weight, None if linear.bias is None else linear.bias.detach())
-                what = (f"Int4Linear (g{group_size}{', symmetric' if symmetric else ''}, GPTQ"
-                        f"{', act-order' if act_order else ''})")
+                weight = gptq_quantize(w, stat.hessian(), group_size=group_size, symmetric=symmetric,
+                                       act_order=act_order)
+                new = Int4Linear.from_weight(weight, bias[name])
+                what = f"Int4Linear (g{group_size}{sym}, GPTQ{', act-order' if act_order else ''})"
             else:
                 new = Int4Linear.from_linear(linear, group_size=group_size, symmetric=symmetric)
-                what = f"Int4Linear (g{group_size}{', symmetric' if symmetric else ''})"
+                what = f"Int4Linear (g{group_size}{sym})"
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{fn}(model): layer '{name}': {exc}") from exc
-        built[id(modules[name])] = new.to(linear.weight.device)
         report[name] = what + (" from Conv1D" if modules[name] is not linear else "")
+        return new.to(w.device)
+
+    built: dict[int, nn.Module] = {}
+    if calibrated and linears:
+        from .calibration import calibrate
+        made, how = calibrate(fn, model, {n: modules[n] for n in linears}, calibration, hessians=not wanda,
+                              build=make, progress=progress)
+        report["<calibration>"] = how
+        for name in linears:
+            if name in made:
+                built[id(modules[name])] = made[name]
+            else:
+                report[name] = "kept: the calibration inputs never reached it"
+    else:
+        for name in progress_bar(list(linears), progress and len(linears) > 1, fn):
+            built[id(modules[name])] = make(name, None)
     if attention:
         for name, module in model.named_modules():
             if type(module) is nn.MultiheadAttention:
