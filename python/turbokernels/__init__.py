@@ -8,6 +8,7 @@
     layer = tk.nn.Int4Linear.from_linear(linear)              # drop-in module
     with tk.backend("reference"): ...                         # force a backend: reference/triton/cpu/cuda
     report = tk.optimize(model, int4=True)                    # a whole model in place; tk.restore(model) undoes it
+    model, report = tk.load_quantized("llama-gptq/")          # a GPTQ / AWQ / compressed-tensors folder, int4
 """
 from ._unshadow import unshadow_hf_kernels as _unshadow_hf_kernels
 
@@ -22,6 +23,7 @@ from .ops import (attention, decode_attention, int4_linear, kv_cache_append, spa
 from . import model, nn  # noqa: E402
 from .model import optimize, restore  # noqa: E402
 from .checkpoint import from_pretrained, save_pretrained  # noqa: E402
+from .hf_import import load_quantized  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,5 @@ __all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "__versio
            "Int4Weight", "quantize_int4", "int4_linear", "w4a8_linear",
            "attention", "scaled_dot_product_attention", "decode_attention", "kv_cache_append",
            "prune_24", "is_24_sparse", "Sparse24Weight", "sparse24_linear", "Sparse24Int4Weight",
-           "sparse24_int4_linear", "model", "nn", "optimize", "restore", "save_pretrained", "from_pretrained"]
+           "sparse24_int4_linear", "model", "nn", "optimize", "restore", "save_pretrained", "from_pretrained",
+           "load_quantized"]

@@ -150,7 +150,8 @@ def _hf_model(fn: str, meta: dict) -> nn.Module:
 def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
     """Load a folder written by save_pretrained. model: the architecture to load into, as it was before
     optimization (its swapped modules are replaced as the checkpoint describes); None builds the Hugging Face model
-    from the saved class and config. Returns the model."""
+    from the saved class and config; with model=None, a Hugging Face folder quantized by GPTQ, AWQ or
+    compressed-tensors (no turbokernels.json) loads through hf_import.load_quantized. Returns the model."""
     fn = "from_pretrained"
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{fn}(path): expected a folder path, got {type(path).__name__}")
@@ -158,6 +159,10 @@ def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
         raise TypeError(f"{fn}(model): expected an nn.Module or None, got {type(model).__name__}")
     st = _safetensors(fn)
     cfg_path, weights_path = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
+    if model is None and not os.path.isfile(cfg_path):
+        from .hf_import import load_quantized, quantization_config
+        if quantization_config(path) is not None:  # a folder a third-party quantizer wrote (hf_import.py)
+            return load_quantized(path)[0]
     for p in (cfg_path, weights_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{fn}(path): {os.fspath(path)!r} has no {os.path.basename(p)}")
