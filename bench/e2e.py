@@ -52,30 +52,9 @@ if __package__ in (None, ""):  # run as a script: python bench/e2e.py
 
 import turbokernels as tk  # noqa: E402
 from turbokernels.bench.common import environment, write_csv  # noqa: E402
+from turbokernels.texts import EVAL_TEXT as TEXT  # noqa: E402  (the quality passage: 307 tokens with SmolLM2's)
 
 GROUP_SIZE = 32  # SmolLM2's GGUF is Q4_1 in blocks of 32: g32 holds the same weights
-
-
-# The quality passage: plain expository English written for this benchmark (no memorized text: a model that has seen
-# a passage verbatim predicts it too well for its perplexity to show a loss). 307 tokens with SmolLM2's tokenizer.
-TEXT = (
-    "The river that runs through the old town was once the reason the town existed. Boats carried grain, timber "
-    "and wool down to the coast, and the mills along its banks turned day and night. When the railway arrived in "
-    "the middle of the nineteenth century, the boats slowly disappeared, and most of the mills were closed or "
-    "turned into warehouses. For almost a hundred years the river was treated as a drain: factories emptied their "
-    "waste into it, and people stopped walking along the water because of the smell.\n\n"
-    "Things began to change in the nineteen seventies. A group of teachers and fishermen started to measure the "
-    "water every week and to publish the results in the local newspaper. Their numbers were simple, but they were "
-    "hard to ignore. Within ten years the worst factories had been required to clean their water before releasing "
-    "it, and the town had built a new treatment plant on the edge of the marshes. Fish returned first, then birds, "
-    "and finally people.\n\n"
-    "Today the path along the river is the most popular place in town on a summer evening. Children feed the ducks "
-    "near the bridge, students read on the steps of the old mill, and a small museum explains how the water was "
-    "saved. The museum's favourite exhibit is not a machine or a boat but a stack of notebooks, filled with dates, "
-    "temperatures and careful handwriting. Visitors are often surprised that such ordinary work made such a large "
-    "difference. The lesson the town likes to repeat is that a problem which is measured patiently, and shared "
-    "openly, is already half solved."
-)
 PROMPT_QUALITY = 64  # the greedy continuation's prompt: the passage's first tokens
 GREEDY = 32
 

@@ -10,6 +10,8 @@ Variants, each its own copy of the fp32 model (the GGUF Q4_1 checkpoint of llm-s
   sparse24_magnitude      optimize(sparse24=True)                                2:4 by |w|
   sparse24_wanda          prune_method="wanda", calibration=CALIB                2:4 by |w| x input norm
   sparse24_wanda_int4_g128  sparse24 + int4 (RTN g128 of the kept values)
+  sparse24_sparsegpt      prune_method="sparsegpt", calibration=CALIB            2:4, kept weights updated (SparseGPT)
+  sparse24_sparsegpt_int4_g128  ... int4=True, quant_method="gptq": pruned and quantized in one walk
 The LM head stays float in all (optimize's default). Calibration: CALIB, a passage written for this benchmark
 (not the evaluation text), in windows of 64 tokens. Measures (e2e._quality): perplexity on e2e.TEXT, mean KL
 divergence and top-1 agreement of the next-token distributions against fp32, and greedy tokens identical to fp32's.
@@ -36,20 +38,7 @@ if __package__ in (None, ""):  # run as a script: python bench/quality.py
 import turbokernels as tk  # noqa: E402
 from turbokernels.bench import e2e  # noqa: E402
 from turbokernels.bench.common import environment, write_csv  # noqa: E402
-
-# Calibration text: plain expository English written for this benchmark, unrelated to e2e.TEXT (the evaluation).
-CALIB = (
-    "A lighthouse stands at the end of a narrow stone pier, and for more than a century its keepers wrote down the "
-    "weather every evening. The log books are kept in a small library in the harbour town. They record storms that "
-    "closed the port for days, ships that arrived late with cargoes of coal and salt, and quiet summers when nothing "
-    "happened at all. Historians now use these books to study how the climate of the coast has changed. Students "
-    "from the university come every spring to copy the numbers into a database, and they often find small notes in "
-    "the margins: a birthday, a broken window, a cat that slept on the lamp room stairs. Cooking is another craft "
-    "that depends on patient records. A baker who changes one thing at a time, and writes down the flour, the water, "
-    "the temperature and the time, will learn more in a month than one who guesses. Gardeners do the same with "
-    "seeds and soil, and engineers with bridges and machines."
-)
-WINDOW = 64
+from turbokernels.texts import CALIB_TEXT as CALIB, WINDOW, calibration_windows  # noqa: E402,F401
 
 # name -> optimize() arguments (calibration added where the method needs it)
 VARIANTS = {
@@ -60,18 +49,10 @@ VARIANTS = {
     "sparse24_magnitude": dict(sparse24=True),
     "sparse24_wanda": dict(sparse24=True, prune_method="wanda"),
     "sparse24_wanda_int4_g128": dict(sparse24=True, int4=True, group_size=128, prune_method="wanda"),
+    "sparse24_sparsegpt": dict(sparse24=True, prune_method="sparsegpt"),
+    "sparse24_sparsegpt_int4_g128": dict(sparse24=True, int4=True, group_size=128, prune_method="sparsegpt",
+                                         quant_method="gptq"),
 }
-
-
-def calibration_windows(ids: torch.Tensor, window: int = WINDOW) -> list[torch.Tensor]:
-    """(1, T) token ids -> windows of `window` tokens, half overlapping (the last one ends at T)."""
-    T = ids.shape[1]
-    if T <= window:
-        return [ids]
-    starts = list(range(0, T - window + 1, window // 2))
-    if starts[-1] != T - window:
-        starts.append(T - window)
-    return [ids[:, s:s + window] for s in starts]
 
 
 def build(model: torch.nn.Module, calib: list, names=None) -> dict:
@@ -82,7 +63,7 @@ def build(model: torch.nn.Module, calib: list, names=None) -> dict:
             continue
         m = copy.deepcopy(model)
         args = dict(kwargs, attention=False)
-        if args.get("quant_method") == "gptq" or args.get("prune_method") == "wanda":
+        if args.get("quant_method") == "gptq" or args.get("prune_method") in ("wanda", "sparsegpt"):
             args["calibration"] = calib
         t0 = time.perf_counter()
         tk.optimize(m, **args)

@@ -47,11 +47,11 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from turbokernels import demo
     try:
-        demo.check_arguments(args.model, args.group_size, args.device)
+        demo.check_arguments(args.model, args.group_size, args.device, args.rounds)
     except (TypeError, ValueError) as exc:
         print(f"turbokernels demo: error: {exc}", file=sys.stderr)
         return 2
-    demo.run(model=args.model, group_size=args.group_size, device=args.device)
+    demo.run(model=args.model, group_size=args.group_size, device=args.device, rounds=args.rounds)
     return 0
 
 
@@ -65,7 +65,8 @@ def cmd_optimize(args) -> int:
     try:
         report = workflow.optimize_command(args.model, args.out, int4=args.int4, gptq=args.gptq,
                                            act_order=args.act_order, group_size=args.group_size,
-                                           sparse24=args.sparse24, wanda=args.wanda, attention=args.attention,
+                                           sparse24=args.sparse24, wanda=args.wanda, sparsegpt=args.sparsegpt,
+                                           attention=args.attention,
                                            calibration_file=args.calibration)
     except (TypeError, ValueError, FileNotFoundError) as exc:
         print(f"turbokernels optimize: error: {exc}", file=sys.stderr)
@@ -99,10 +100,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="turbokernels", description="Triton/C++ kernels for transformer inference")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, the compiled extension, backends per op").set_defaults(fn=cmd_info)
-    p = sub.add_parser("demo", help="quantize small real models to int4: error, memory, speed before/after")
+    p = sub.add_parser("demo", help="int4, GPTQ, 2:4 SparseGPT and both on small real models: perplexity, memory, "
+                                    "prefill/decode speed, greedy answers, side by side")
     p.add_argument("--model", default="all", choices=["all", "minilm", "llama"])
-    p.add_argument("--group-size", type=int, default=32,
-                   help="int4 group size (default 32: SmolLM2's GGUF is Q4_1 in blocks of 32, which g32 reproduces)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="group size of the computed int4 variants (default 128; SmolLM2's file is Q4_1 in blocks "
+                        "of 32, shown as its own variant)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("optimize", help="a model (HF folder, .gguf, or 'smollm2') in, an optimized checkpoint out "
@@ -117,9 +121,14 @@ def main(argv=None) -> int:
     p.add_argument("--sparse24", action="store_true", help="2:4 pruning (costs quality: see the README)")
     p.add_argument("--wanda", action="store_true", help="with --sparse24: Wanda from calibration text "
                                                         "(else magnitude)")
+    p.add_argument("--sparsegpt", action="store_true", help="with --sparse24: SparseGPT from calibration text (the "
+                                                            "best quality; with --int4 --gptq: one walk)")
+    p.add_argument("--attention", dest="attention", action="store_true", default=True,
+                   help="turbokernels attention (the default)")
     p.add_argument("--no-attention", dest="attention", action="store_false",
                    help="keep the model's attention implementation")
-    p.add_argument("--calibration", help="a text file for --gptq / --wanda (default: a built-in passage)")
+    p.add_argument("--calibration", help="a text file for --gptq / --wanda / --sparsegpt (default: "
+                                         "turbokernels.texts.CALIB_TEXT)")
     p.set_defaults(fn=cmd_optimize)
     p = sub.add_parser("eval", help="perplexity and decode tokens/s of one or more models on one text, side by side")
     p.add_argument("models", nargs="+", help="model arguments as for optimize; the first is the baseline")

