@@ -493,11 +493,14 @@ def restore_(model: nn.Module) -> list[str]:
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the weights (and int4 packing) of the linear layers: what quantization shrinks."""
+    """Bytes held by the weights of the linear layers (nn.Linear's weight, a turbokernels layer's packed buffers:
+    int4 words, scales, offsets, 2:4 values and metadata): what compression shrinks."""
+    from .nn._packed import PackedWeightModule
     total = 0
     for m in model.modules():
-        if isinstance(m, Int4Linear):
-            total += sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.offsets, m.perm))
+        if isinstance(m, PackedWeightModule):
+            total += sum(t.numel() * t.element_size() for n in m.PACKED
+                         if isinstance(t := m._buffers.get(n), torch.Tensor))
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
     return total
