@@ -182,7 +182,7 @@ def llama_variants(base, group_size: int, calibration: list, gguf_path=None, log
 def demo_llama(group_size: int, device: torch.device, rounds: int = 3, new_tokens: int = 16,
                decode_steps: int = 16) -> dict:
     from .texts import CALIB_TEXT, EVAL_TEXT, calibration_windows
-    from .workflow import perplexity
+    from .workflow import decode_step_seconds, perplexity
     name, tok, base = _load_llama(device)
     if tok is not None:
         text = tok(EVAL_TEXT, return_tensors="pt").input_ids.to(device)
@@ -207,20 +207,9 @@ def demo_llama(group_size: int, device: torch.device, rounds: int = 3, new_token
         model(input_ids=prompt, use_cache=True)
         return time.perf_counter() - t0
 
-    @torch.no_grad()
-    def decode_seconds(model):
-        """Median seconds per greedy step after the prompt, with the model's KV cache."""
-        out = model(input_ids=prompt, use_cache=True)
-        token, steps = out.logits[:, -1:].argmax(-1), []
-        for _ in range(decode_steps):
-            t0 = time.perf_counter()
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            steps.append(time.perf_counter() - t0)
-        return statistics.median(steps)
-
     prefill = _interleaved({k: (lambda m=m: prefill_seconds(m)) for k, (m, _) in variants.items()}, rounds)
-    decode = _interleaved({k: (lambda m=m: decode_seconds(m)) for k, (m, _) in variants.items()}, rounds)
+    decode = _interleaved({k: (lambda m=m: decode_step_seconds(m, prompt, decode_steps))
+                           for k, (m, _) in variants.items()}, rounds)
     print(f"   perplexity on turbokernels.texts.EVAL_TEXT ({text.shape[1]} tokens); prefill of {PROMPT} tokens and "
           f"decode after them: medians of {rounds} interleaved rounds; int4 backend "
           f"'{_backend_of(variants[f'int4 g{group_size}, round to nearest'][0])}'; the LM head stays float")
