@@ -352,3 +352,20 @@ def test_calibrated_methods_beat_their_baselines_on_real_weights():
     # measured 2026-12-03: mean cosine rtn 0.947, gptq 0.969; magnitude 0.671, wanda 0.765, sparsegpt 0.777
     assert cos["gptq"] > cos["rtn"] + 0.01, cos
     assert cos["sparsegpt"] > cos["wanda"] > cos["magnitude"] + 0.05, cos
+
+
+@torch.no_grad()
+def test_sparsegpt_then_round_to_nearest():
+    """prune_method='sparsegpt' with int4 and quant_method='rtn': SparseGPT's pruned weight, its kept values then
+    rounded to nearest -- exactly Sparse24Int4Weight.from_dense of what sparsegpt_24 gives on the layer's Hessian."""
+    from turbokernels.compress.sparsegpt import sparsegpt_24
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    batches = [torch.randn(6, 16), torch.randn(2, 5, 16)]
+    x = torch.cat([b.reshape(-1, 16) for b in batches]).double()
+    weight = model[0].weight.detach().clone()
+    report = tk.optimize(model, attention=False, sparse24=True, int4=True, group_size=8, prune_method="sparsegpt",
+                         calibration=batches, exclude=(), progress=False)
+    assert report["0"] == "Sparse24Int4Linear (2:4 sparsegpt, int4 g8)"
+    expected = tk.Sparse24Int4Weight.from_dense(sparsegpt_24(weight, (x.t() @ x / x.shape[0]).float()), group_size=8)
+    torch.testing.assert_close(model[0].dequantize(), expected.dequantize(), rtol=1e-6, atol=1e-6)
