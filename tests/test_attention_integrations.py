@@ -217,3 +217,59 @@ def test_hf_padding_mask_is_not_dropped():
             warnings.simplefilter("ignore")
             ours = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(ours[:, :][mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def _sliding(family: str, attn: str):
+    """A tiny random model of a sliding-window family, window 5 (shorter than the tests' sequences)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, sliding_window=5, attn_implementation=attn)
+    if family == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common)).eval()
+    if family == "qwen2":  # layer 0 slides, layer 1 is full
+        cfg = transformers.Qwen2Config(**common, use_sliding_window=True, max_window_layers=1,
+                                       layer_types=["sliding_attention", "full_attention"])
+        return transformers.Qwen2ForCausalLM(cfg).eval()
+    cfg = transformers.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=30.0,  # sliding, full; softcap
+                                    final_logit_softcapping=None, query_pre_attn_scalar=16)
+    return transformers.Gemma2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2"])
+def test_hf_sliding_window_runs_fused_and_matches_sdpa(family, monkeypatch):
+    """The window reaches the kernel (Mistral, Qwen2's per-layer pattern, Gemma-2 with its softcap too): logits of a
+    13-token prompt and 12 greedy tokens after it as sdpa's, and no call goes to the sdpa fallback."""
+    from transformers.integrations import sdpa_attention
+    from turbokernels.integrations import transformers as tkt
+    name = tkt.register()
+    ids = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        base = "sdpa" if family != "gemma2" else "eager"  # transformers refuses sdpa for Gemma-2 (its softcap)
+        ref_model = _sliding(family, base)
+        ref = ref_model(ids).logits
+        ref_tokens = ref_model.generate(ids, max_new_tokens=12, do_sample=False)
+        model = _sliding(family, base)
+        model.set_attn_implementation(name)
+        fallback = []
+        real = sdpa_attention.sdpa_attention_forward
+        monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                            lambda *a, **k: fallback.append(1) or real(*a, **k))
+        ours = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert fallback == []
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_sliding_window_mask_recognized_only_when_exact():
+    from turbokernels.integrations.transformers import _sliding_window
+    q, k = torch.empty(2, 4, 3, 8), torch.empty(2, 2, 9, 8)
+    i, j = torch.arange(6, 9)[:, None], torch.arange(9)[None, :]
+    exact = ((j <= i) & (j > i - 4)).expand(2, 1, 3, 9).clone()
+    assert _sliding_window(exact, q, k, 4) == 3
+    assert _sliding_window(exact[:1], q, k, 4) == 3  # one row broadcast over the batch
+    assert _sliding_window(exact, q, k, 5) is None  # another window
+    padded = exact.clone()
+    padded[1, :, :, 6] = False  # a padded key in one row
+    assert _sliding_window(padded, q, k, 4) is None
+    assert _sliding_window(exact.float(), q, k, 4) is None and _sliding_window(exact, q, k, None) is None
