@@ -261,15 +261,107 @@ def test_hf_sliding_window_runs_fused_and_matches_sdpa(family, monkeypatch):
     assert torch.equal(tokens, ref_tokens)
 
 
-def test_sliding_window_mask_recognized_only_when_exact():
-    from turbokernels.integrations.transformers import _sliding_window
+def test_mask_plan_recognizes_only_exact_patterns():
+    """_mask_plan takes a mask only when the unpadded varlen call computes exactly it: a causal window (dense), left
+    and right padding with or without the window, bidirectional padding; not a hole, another window, a float mask."""
+    from turbokernels.integrations.transformers import _mask_plan
     q, k = torch.empty(2, 4, 3, 8), torch.empty(2, 2, 9, 8)
     i, j = torch.arange(6, 9)[:, None], torch.arange(9)[None, :]
     exact = ((j <= i) & (j > i - 4)).expand(2, 1, 3, 9).clone()
-    assert _sliding_window(exact, q, k, 4) == 3
-    assert _sliding_window(exact[:1], q, k, 4) == 3  # one row broadcast over the batch
-    assert _sliding_window(exact, q, k, 5) is None  # another window
-    padded = exact.clone()
-    padded[1, :, :, 6] = False  # a padded key in one row
-    assert _sliding_window(padded, q, k, 4) is None
-    assert _sliding_window(exact.float(), q, k, 4) is None and _sliding_window(exact, q, k, None) is None
+    plan = _mask_plan(exact, q, k, True, 3)
+    assert plan is not None and plan.q_idx is None and plan.window_left == 3  # dense: nothing padded
+    assert _mask_plan(exact[:1], q, k, True, 3) is not None  # one row broadcast over the batch
+    assert _mask_plan(exact, q, k, True, 4) is None  # another window
+    assert _mask_plan(exact, q, k, True, -1) is None  # no window
+    holed = exact.clone()
+    holed[1, :, :, 6] = False  # a key masked inside the window: not expressible unpadded
+    assert _mask_plan(holed, q, k, True, 3) is None
+    assert _mask_plan(exact.float(), q, k, True, 3) is None
+    causal = (j <= i).expand(2, 1, 3, 9).clone()
+    left = causal.clone()
+    left[1, :, :, :7] = False  # row 1: 7 pads on the left; its first query attends nothing
+    plan = _mask_plan(left, q, k, True, -1)
+    assert plan.cu_q.tolist() == [0, 3, 5] and plan.cu_k.tolist() == [0, 9, 11]
+    assert plan.q_idx.tolist() == [0, 1, 2, 4, 5] and plan.k_idx.tolist() == list(range(9)) + [16, 17]
+    right = causal.clone()
+    right[1, :, :, 8] = False  # row 1: its last token is a pad on the right; as a query it still attends keys 0-7
+    plan = _mask_plan(right, q, k, True, -1)
+    assert plan.cu_q.tolist() == [0, 3, 5] and plan.cu_k.tolist() == [0, 9, 17]  # that query is dropped
+    static = torch.zeros(2, 1, 3, 9, dtype=torch.bool)  # queries at positions 2-4 of a 9-slot static cache
+    static[:, :, :, :5] = (torch.arange(5)[None, :] <= torch.arange(2, 5)[:, None])
+    plan = _mask_plan(static, q, k, True, -1)
+    assert plan.cu_q.tolist() == [0, 3, 6] and plan.cu_k.tolist() == [0, 5, 10]  # the unwritten slots dropped
+    static[1, :, :, 0] = False  # and a left pad in row 1
+    assert _mask_plan(static, q, k, True, -1).cu_k.tolist() == [0, 5, 9]
+    bidirectional = torch.ones(2, 1, 3, 9, dtype=torch.bool)
+    bidirectional[0, :, :, 7:] = False
+    plan = _mask_plan(bidirectional, q, k, False, -1)
+    assert plan.cu_q.tolist() == [0, 3, 6] and plan.cu_k.tolist() == [0, 7, 16]
+    assert _mask_plan(bidirectional, q, k, True, -1) is None  # a causal module with a full mask: not its pattern
+    left[0, :, 0, 0] = False  # changed in place: read again (the plan is cached on the mask, with its version)
+    assert _mask_plan(left, q, k, True, -1) is None
+
+
+def _padded_model(family: str, attn: str):
+    if family == "llama":
+        return tiny_llama(attn)
+    return _sliding(family, attn)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_hf_padded_batch_runs_fused_and_matches_sdpa(family, monkeypatch):
+    """A batch with left padding (one row padded past the sliding window of 5) runs the varlen kernel on every call,
+    prefill and decode: logits at the real positions and 10 greedy tokens as sdpa's (eager for Gemma-2), no call to
+    the sdpa fallback. Right padding: logits at the real positions."""
+    from transformers.integrations import sdpa_attention
+    from turbokernels.integrations import transformers as tkt
+    name = tkt.register()
+    ids = torch.randint(1, 256, (3, 11))
+    left = torch.ones(3, 11, dtype=torch.long)
+    left[1, :4] = 0
+    left[2, :8] = 0
+    right = torch.ones(3, 11, dtype=torch.long)
+    right[0, 9:] = 0
+    right[2, 3:] = 0
+    base = "eager" if family == "gemma2" else "sdpa"
+    ref_model = _padded_model(family, base)
+    model = _padded_model(family, base)
+    model.set_attn_implementation(name)
+    fallback, varlen = [], []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **k: fallback.append(1) or real(*a, **k))
+    real_attention = tkt.attention
+    monkeypatch.setattr(tkt, "attention", lambda *a, **k: varlen.append(k.get("cu_seqlens_q") is not None)
+                        or real_attention(*a, **k))
+    with torch.no_grad():
+        for mask in (left, right):
+            ref = ref_model(ids, attention_mask=mask).logits
+            ours = model(ids, attention_mask=mask).logits
+            torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-4)
+        kw = dict(attention_mask=left, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **kw), ref_model.generate(ids, **kw))
+    # (a sliding window that has moved past every pad makes the mask dense again: those calls are dense)
+    assert fallback == [] and True in varlen and (family != "llama" or all(varlen))
+
+
+def test_hf_bert_padded_batch_runs_fused():
+    """Bidirectional padding (BERT): the unpadded varlen call, hidden states at the real tokens as sdpa's."""
+    from transformers.integrations import sdpa_attention
+    from turbokernels.integrations import transformers as tkt
+    name = tkt.register()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, attn_implementation="sdpa")
+    ref_model = transformers.BertModel(cfg).eval()
+    model = transformers.BertModel(cfg).eval()
+    model.load_state_dict(ref_model.state_dict())
+    model.set_attn_implementation(name)
+    ids = torch.randint(1, 128, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would note it
+        ours = model(ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-4)

@@ -7,11 +7,15 @@
 The attention function is always registered together with its mask function (AttentionMaskInterface): without
 it transformers hands the function `attention_mask=None` and padding is silently ignored (measured: a logit
 difference of 1.3 on Llama). We register transformers' own sdpa_mask, which returns None exactly when the mask is
-pure causal/full and can be skipped, so those calls run fused. A sliding-window model (Mistral, Qwen2, Gemma-2: the
-attention module passes `sliding_window`) whose window matters gets a real mask; when that mask is exactly the causal
-sliding-window pattern the kernel computes (checked element by element, on the CPU), the call runs fused with
-window_size=(sliding_window - 1, 0). Any other mask (padding, packed sequences) goes to transformers' sdpa path,
-never to a wrong answer.
+pure causal/full and can be skipped, so those calls run fused. A mask that is there (padding, a sliding window that
+matters) is read once per forward (the plan is kept on the mask tensor, which every layer of a forward shares):
+when it is exactly what the kernel computes over the unpadded sequences -- each row's real queries attending its
+real keys, causal bottom-right aligned, within `sliding_window` -- the call runs fused: dense with
+window_size=(sliding_window - 1, 0) when nothing is padded, else unpadded into the varlen kernel (cu_seqlens) and
+padded back with zeros in the rows that attend nothing, as FlashAttention's transformers integration does (that
+costs host syncs on a GPU: an index of the real tokens, like FlashAttention's). Any other mask (packed sequences,
+holes, custom patterns) goes to transformers' sdpa path, never to a wrong answer. Gemma-2's
+`attn_logit_softcapping` reaches the kernel as softcap.
 """
 from __future__ import annotations
 
@@ -37,11 +41,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention signature: query (B, Hq, S, D), key/value (B, Hkv, S_k, D) -> ((B, S, Hq, D), None)."""
     # No import statement on the fused path: a function-level `from ... import` costs ~8 us a call (measured, Xeon),
     # 30 calls a decoded token on SmolLM2.
-    reason, window = None, None
+    reason, plan = None, None
     if attention_mask is not None:
-        window = _sliding_window(attention_mask, query, key, kwargs.get("sliding_window"))
-        if window is None:
-            reason = "an attention mask (padding or packed sequences) is not fused"
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        window = kwargs.get("sliding_window")
+        plan = _mask_plan(attention_mask, query, key, bool(causal),
+                          window - 1 if type(window) is int and window > 0 else -1)
+        if plan is None:
+            reason = "an attention mask that is not padding or a causal sliding window (e.g. packed sequences)"
     if reason is None and dropout > 0.0:
         reason = "attention dropout is not fused"
     elif reason is None and kwargs.get("position_bias") is not None:
@@ -53,10 +60,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         _note_once(reason)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if window is not None:  # the mask was exactly this window: bottom-right aligned, as the kernel's causal
-        out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
-                        softmax_scale=scaling, window_size=(window, 0), softcap=kwargs.get("softcap") or 0.0)
-        return out, None
+    if plan is not None:
+        return _masked(query, key, value, plan, scaling, kwargs.get("softcap") or 0.0), None
     q_len = query.shape[2]
     # Same rule as transformers' sdpa path: causal only when several queries and no mask.
     causal = q_len > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -75,23 +80,108 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out, None
 
 
-def _sliding_window(mask, query, key, sliding_window):
-    """window_left (sliding_window - 1) when `mask` (transformers' bool (batch or 1, 1, q_len, kv_len)) is, for every
-    row, exactly the causal sliding window of transformers' sliding_window_overlay (key j visible to query i iff
-    kv_len - q_len + i - sliding_window < j <= kv_len - q_len + i); else None. CPU only: comparing on a GPU would
-    cost a host sync per call (and break CUDA graph capture)."""
-    if (type(sliding_window) is not int or sliding_window < 1 or type(mask) is not torch.Tensor
-            or mask.dtype is not torch.bool or not mask.is_cpu or mask.dim() != 4 or mask.shape[1] != 1
+class _Plan:
+    """How a masked call runs fused: causal, window_left, and for a padded batch the flat indices of the real queries
+    and keys ((batch * q_len) and (batch * kv_len) numbering) with their int32 cu_seqlens; dense when nothing is
+    padded (then q_idx is None)."""
+    __slots__ = ("key", "causal", "window_left", "q_idx", "k_idx", "cu_q", "cu_k")
+
+    def __init__(self, key, causal, window_left, q_idx=None, k_idx=None, cu_q=None, cu_k=None):
+        self.key, self.causal, self.window_left = key, causal, window_left
+        self.q_idx, self.k_idx, self.cu_q, self.cu_k = q_idx, k_idx, cu_q, cu_k
+
+
+_NO_PLAN = _Plan(None, False, -1)
+
+
+def _mask_plan(mask, query, key, causal: bool, window_left: int):
+    """A _Plan when `mask` (transformers' bool (batch or 1, 1, q_len, kv_len)) is exactly the pattern the kernel
+    computes over the unpadded sequences, else None.
+
+    Row b's real keys are those some query attends, its real queries those attending some key. Unpadded (in order)
+    they make a varlen sequence in which real query r attends real key c iff c <= r + n_k - n_q (causal, bottom-right
+    aligned) and c >= r + n_k - n_q - window_left (window_left >= 0). The plan is taken only when that implied mask
+    equals `mask` element by element, so left or right padding, a sliding window, both, or a bidirectional padding
+    mask (causal=False) run fused, and anything else (holes, packed sequences) falls back. Computed once per mask
+    object: transformers builds one per forward (per layer type) and hands it to every layer."""
+    if (type(mask) is not torch.Tensor or mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[1] != 1
             or torch.compiler.is_compiling()):
         return None
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if tuple(mask.shape[2:]) != (q_len, kv_len) or mask.shape[0] not in (1, query.shape[0]):
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    if tuple(mask.shape[2:]) != (q_len, kv_len) or mask.shape[0] not in (1, batch) or key.shape[0] != batch:
         return None
-    i = torch.arange(kv_len - q_len, kv_len)[:, None]
-    j = torch.arange(kv_len)[None, :]
-    if not bool((mask == ((j <= i) & (j > i - sliding_window))).all()):
+    plan_key = (batch, causal, window_left, mask._version)  # _version: a mask changed in place is read again
+    cached = getattr(mask, "_turbokernels_plan", None)
+    if cached is not None and cached.key == plan_key:
+        return cached if cached is not _NO_PLAN else None
+    plan = _build_plan(mask[:, 0].expand(batch, q_len, kv_len), plan_key, causal, window_left)
+    try:
+        mask._turbokernels_plan = plan or _NO_PLAN
+    except (AttributeError, RuntimeError):  # not a plain tensor object: recomputed on each call
+        pass
+    return plan
+
+
+def _build_plan(m, plan_key, causal: bool, window_left: int):
+    if not causal and window_left >= 0:  # a bidirectional window is not what the kernel's window means here
         return None
-    return sliding_window - 1
+    q_len, kv_len = m.shape[1], m.shape[2]
+    i = torch.arange(kv_len - q_len, kv_len, device=m.device).unsqueeze(1)
+    j = torch.arange(kv_len, device=m.device).unsqueeze(0)
+    dense = j <= i if causal else torch.ones(q_len, kv_len, dtype=torch.bool, device=m.device)
+    if window_left >= 0:
+        dense &= j >= i - window_left
+    if torch.equal(dense.expand_as(m), m):  # nothing padded (keys left of every window included): the dense call
+        return _Plan(plan_key, causal, window_left)
+    k_real, q_real = m.any(1), m.any(2)                                  # (batch, kv_len), (batch, q_len)
+    if not _unpadded_equals(m, q_real, k_real, causal, window_left):
+        # right padding: a pad query (its own key, at the same place from the end, is a pad) still attends the real
+        # keys before it; it is dropped (zeros), as FlashAttention's integration drops it. Its key is never
+        # attended, so no real token's output changes. A row left without queries means the alignment is not
+        # this one (e.g. queries in the middle of a static cache): no plan.
+        own = q_real & k_real[:, kv_len - q_len:] if q_len <= kv_len else None
+        if (own is None or not torch.equal(own.any(1), q_real.any(1))
+                or not _unpadded_equals(m, own, k_real, causal, window_left)):
+            return None
+        q_real = own
+    q_idx = q_real.flatten().nonzero().flatten()
+    k_idx = k_real.flatten().nonzero().flatten()
+    zero = torch.zeros(1, dtype=torch.int32, device=m.device)
+    cu_q = torch.cat([zero, q_real.sum(1).cumsum(0).to(torch.int32)])
+    cu_k = torch.cat([zero, k_real.sum(1).cumsum(0).to(torch.int32)])
+    return _Plan(plan_key, causal, window_left, q_idx, k_idx, cu_q, cu_k)
+
+
+def _unpadded_equals(m, q_real, k_real, causal: bool, window_left: int) -> bool:
+    """Whether `m`, in the rows q_real keeps, is what the varlen call over the unpadded rows computes."""
+    n_k, n_q = k_real.sum(1, keepdim=True), q_real.sum(1, keepdim=True)
+    k_rank = k_real.cumsum(1) - 1
+    diag = (q_real.cumsum(1) - 1 + n_k - n_q).unsqueeze(2)               # the last key rank query r may attend
+    implied = q_real.unsqueeze(2) & k_real.unsqueeze(1)
+    if causal:
+        implied &= k_rank.unsqueeze(1) <= diag
+    if window_left >= 0:
+        implied &= k_rank.unsqueeze(1) >= diag - window_left
+    return torch.equal(implied, m & q_real.unsqueeze(2))
+
+
+def _masked(query, key, value, plan: _Plan, scaling, softcap: float) -> torch.Tensor:
+    """The fused call of a mask plan: query (B, Hq, S, D), key/value (B, Hkv, S_k, D) -> (B, S, Hq, D)."""
+    window = (plan.window_left, 0 if plan.causal else -1)
+    if plan.q_idx is None:
+        return attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=plan.causal,
+                         softmax_scale=scaling, window_size=window, softcap=softcap)
+    batch, heads_q, q_len, head_dim = query.shape
+    heads_kv, kv_len = key.shape[1], key.shape[2]
+    q = query.transpose(1, 2).reshape(batch * q_len, heads_q, head_dim).index_select(0, plan.q_idx)
+    k = key.transpose(1, 2).reshape(batch * kv_len, heads_kv, head_dim).index_select(0, plan.k_idx)
+    v = value.transpose(1, 2).reshape(batch * kv_len, heads_kv, head_dim).index_select(0, plan.k_idx)
+    out = attention(q, k, v, causal=plan.causal, softmax_scale=scaling, window_size=window, softcap=softcap,
+                    cu_seqlens_q=plan.cu_q, cu_seqlens_k=plan.cu_k)
+    # rows that attend nothing (a left-padded prompt's pads) get zeros, as in FlashAttention's integration
+    full = out.new_zeros(batch * q_len, heads_q, head_dim)
+    full.index_copy_(0, plan.q_idx, out)
+    return full.view(batch, q_len, heads_q, head_dim)
 
 
 def _consistent(query, key, value) -> bool:
