@@ -158,15 +158,22 @@ class Autotuner:
 
     def choose(self, device: torch.device, candidates: Sequence[C], key: Hashable,
                launch: Callable[[C], object]) -> C:
-        """The first candidate under the interpreter, while a CUDA graph is being captured, with
-        TURBOKERNELS_AUTOTUNE=0, or when there is one; else the fastest for `key` (timed on first use)."""
-        if device.type != "cuda" or len(candidates) == 1 or os.environ.get("TURBOKERNELS_AUTOTUNE", "1") == "0" \
-                or torch.cuda.is_current_stream_capturing():
+        """The first candidate under the interpreter, with TURBOKERNELS_AUTOTUNE=0, or when there is one; else the
+        fastest for `key` (timed on first use). While a CUDA graph is being captured only a tuned key is served:
+        timing launches inside a capture would record them into the graph (and synchronizing is forbidden there),
+        and silently taking the first candidate would freeze an untuned kernel into every replay."""
+        if device.type != "cuda" or len(candidates) == 1 or os.environ.get("TURBOKERNELS_AUTOTUNE", "1") == "0":
             return candidates[0]
         key = (device.index, key)
         best = self.best.get(key, _UNTUNED)
         if best is not _UNTUNED:
             return best
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "turbokernels: a Triton kernel was called with a new shape while a CUDA graph is being captured, "
+                f"before it was tuned for it (key {key[1]!r}). Run the step once outside the capture first (a "
+                "warm-up call; torch.compile(mode='reduce-overhead') does this by itself), or set "
+                "TURBOKERNELS_AUTOTUNE=0 to take each kernel's first config without tuning.")
         with _TUNING_LOCK:
             best = self.best.get(key, _UNTUNED)  # tuned by another thread while this one waited
             if best is _UNTUNED:

@@ -155,3 +155,24 @@ def test_autotuner_times_each_candidate_once_per_key(monkeypatch):
     assert tuner.choose(torch.device("cpu"), ["a", "b"], "k1", lambda c: c) == "a"  # interpreter: heuristic
     monkeypatch.setenv("TURBOKERNELS_AUTOTUNE", "0")
     assert tuner.choose(device, ["c", "b"], "k2", lambda c: c) == "c"
+
+
+def test_autotuner_during_cuda_graph_capture(monkeypatch):
+    """While a CUDA graph is captured a tuned key is served (the warm-up call tuned it), and an untuned key is a
+    clear error, neither a timing run recorded into the graph nor a silent untuned config."""
+    import triton.testing
+
+    from turbokernels.kernels._launch import Autotuner
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: {"a": 2.0, "b": 1.0}[fn()])
+    monkeypatch.delenv("TURBOKERNELS_AUTOTUNE", raising=False)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    tuner, device = Autotuner(), torch.device("cuda", 0)
+    assert tuner.choose(device, ["a", "b"], "warm", lambda c: c) == "b"  # the warm-up call, outside the capture
+    capturing[0] = True
+    assert tuner.choose(device, ["a", "b"], "warm", lambda c: c) == "b"
+    with pytest.raises(RuntimeError, match="new shape while a CUDA graph is being captured.*warm-up"):
+        tuner.choose(device, ["a", "b"], "cold", lambda c: c)
+    assert tuner.choose(device, ["a"], "cold", lambda c: c) == "a"  # one candidate: nothing to tune
+    monkeypatch.setenv("TURBOKERNELS_AUTOTUNE", "0")
+    assert tuner.choose(device, ["a", "b"], "cold", lambda c: c) == "a"
