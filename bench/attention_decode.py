@@ -138,7 +138,7 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False) -
                 layouts.append(("paged", *_paged(k, v)))
             for name, kc, vc, table in layouts:
                 backend_name = tk.backends.select("decode_attention", q, kc, vc, lens, table, None, 0.0, -1, -1,
-                                                  0.0)[0]
+                                                  0.0, None, None, True, False)[0]
                 ours = median_ms(lambda: tk.decode_attention(q, kc, vc, lens, block_table=table), dev)
                 gbps = n_bytes / (ours * 1e-3) / 1e9
                 row = dict(env, op="decode_attention", dtype=str(dtype).replace("torch.", ""), batch=B, seqlen=S,

@@ -94,12 +94,16 @@ def test_attention_on_cpu_runs_torch_kernels_unless_they_cannot():
         backends.select("attention_fwd", *fwd, 2.0)
     cache = torch.randn(1, 8, 1, 16)
     decode = (q[:, :1], cache, cache, torch.tensor([4], dtype=torch.int32), None, None, 0.25, -1, -1)
+    plain = (None, None, True, False)  # cache_batch_idx, cache_leftpad, causal, return_lse
     # decode: our C++ kernel (csrc/cpu/decode_attention.cpp, softcap included) when the extension has it
     own = backends.check_extension_op("decode_attention", "cpu")(q) is None
-    assert backends.select("decode_attention", *decode, 0.0)[0] == ("cpu" if own else "torch")
-    assert backends.select("decode_attention", *decode, 1.0)[0] == ("cpu" if own else "reference")
+    assert backends.select("decode_attention", *decode, 0.0, *plain)[0] == ("cpu" if own else "torch")
+    assert backends.select("decode_attention", *decode, 1.0, *plain)[0] == ("cpu" if own else "reference")
     with tk.backend("torch"):
-        assert backends.select("decode_attention", *decode, 0.0)[0] == "torch"
+        assert backends.select("decode_attention", *decode, 0.0, *plain)[0] == "torch"
+    # FlashAttention's options (here return_lse): not in the C++ kernel, the torch backend (reference with softcap)
+    assert backends.select("decode_attention", *decode, 0.0, None, None, True, True)[0] == "torch"
+    assert backends.select("decode_attention", *decode, 1.0, None, None, False, False)[0] == "reference"
 
 
 def test_non_auto_backend_runs_only_when_forced():

@@ -643,17 +643,26 @@ def decode_call(q=None, k_cache=None, v_cache=None, seqlens=None, **kw) -> Call:
     seqlens = i32(*([CS, T + 3, 9, 20][:k_cache.shape[0]])) if seqlens is None else seqlens
 
     def check(out, backend):
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+        if kw.get("return_lse"):
+            out, lse = out
+            assert lse.dtype == torch.float32 and tuple(lse.shape) == lse_shape, (lse.dtype, tuple(lse.shape))
         if q.device.type == "meta":
             return assert_meta_like(out, q.shape, q.dtype)
         scale = q.shape[-1] ** -0.5 if kw.get("softmax_scale") is None else kw["softmax_scale"]
         window = kw.get("window_size", (-1, -1))
+        window = window.tolist() if isinstance(window, torch.Tensor) else window
         args = (seqlens, kw.get("block_table"), kw.get("alibi_slopes"), scale, window[0], window[1],
                 kw.get("softcap", 0.0))
-        golden = ref_decode.decode_attention(q.double(), k_cache.double(), v_cache.double(), *args)
-        allowance = decode_allowance(q, k_cache, v_cache, *args, operand_dtype=_opd(backend, q.dtype),
-                                     exp_error=_expe(backend, q.dtype))
+        opts = {k: kw[k] for k in ("cache_batch_idx", "cache_leftpad", "causal") if k in kw}
+        golden, golden_lse = ref_decode.decode_attention(q.double(), k_cache.double(), v_cache.double(), *args,
+                                                         return_lse=True, **opts)
+        allowance, lse_allowance = decode_allowance(q, k_cache, v_cache, *args, operand_dtype=_opd(backend, q.dtype),
+                                                    exp_error=_expe(backend, q.dtype), return_lse=True, **opts)
         assert out.dtype == q.dtype
         assert_matches(out, golden, allowance, what=f"decode_attention {backend}")
+        if kw.get("return_lse"):
+            assert_matches(lse, golden_lse, lse_allowance, what=f"decode_attention {backend} lse")
     return Call(lambda: tk.decode_attention(q, k_cache, v_cache, seqlens, **kw), check)
 
 
@@ -669,6 +678,7 @@ def _nan_past_length():
     return decode_call(k_cache=k, v_cache=v, seqlens=i32(20, 11))
 
 
+NOT_CPU = ("reference", "triton", "torch")  # the cpu (C++) backend declines FlashAttention's options
 DECODE = [
     ok("fp16", "dtype", lambda: decode_call()),
     ok("bf16_paged", "dtype", lambda: decode_call(torch.randn(CB, 1, HQ, D).bfloat16(),
@@ -762,6 +772,59 @@ DECODE = [
         TypeError, r"decode_attention\(q\): expected a torch.Tensor"),
     bad("seqlens_list", "type", lambda: decode_call(seqlens=[3, 4]), TypeError,
         r"decode_attention\(cache_seqlens\): expected a torch.Tensor"),
+    # FlashAttention's options (causal=False, cache_batch_idx, cache_leftpad, return_lse, a tensor window): the cpu
+    # (C++) backend declines the first four, the automatic choice runs them on the torch backend
+    ok("noncausal_window_lse", "value", lambda: decode_call(causal=False, window_size=(3, 1), return_lse=True),
+       backends=NOT_CPU),
+    ok("lse_no_key_rows", "value", lambda: decode_call(seqlens=i32(1, 0), return_lse=True), backends=NOT_CPU),
+    ok("leftpad", "value", lambda: decode_call(cache_leftpad=i32(30, 2), return_lse=True), backends=NOT_CPU),
+    ok("leftpad_paged_noncausal", "block_table", lambda: paged_decode_call(cache_leftpad=i32(17, 7), causal=False),
+       backends=NOT_CPU),
+    ok("batch_idx", "value", lambda: decode_call(k_cache=cache(3)[0], v_cache=cache(3)[1], seqlens=i32(CS, T + 3),
+                                                 cache_batch_idx=i32(2, 0), cache_leftpad=i32(4, 1)), backends=NOT_CPU),
+    ok("batch_idx_strided", "view", lambda: decode_call(cache_batch_idx=i32(1, 9, 1, 9)[::2]), backends=NOT_CPU),
+    ok("window_tensor", "value", lambda: decode_call(window_size=torch.tensor([3, -1]))),
+    ok("lse_batch_0", "empty", lambda: decode_call(torch.randn(0, T, HQ, D).half(), *cache(0), i32(), return_lse=True),
+       backends=NOT_CPU),
+    ok("lse_all_meta", "device", lambda: decode_call(torch.randn(CB, T, HQ, D, device="meta").half(),
+                                                     *cache(device="meta"), i32(3, 4).to("meta"), return_lse=True,
+                                                     cache_leftpad=i32(0, 1).to("meta"))),
+    bad("batch_idx_int64", "dtype", lambda: decode_call(cache_batch_idx=torch.tensor([0, 1])), TypeError,
+        r"decode_attention\(cache_batch_idx\): dtype must be torch.int32, got torch.int64"),
+    bad("leftpad_int64", "dtype", lambda: decode_call(cache_leftpad=torch.tensor([0, 1])), TypeError,
+        r"decode_attention\(cache_leftpad\): dtype must be torch.int32, got torch.int64"),
+    bad("window_tensor_float", "dtype", lambda: decode_call(window_size=torch.tensor([3.0, -1.0])), TypeError,
+        r"decode_attention\(window_size\): a tensor window must have an integer dtype"),
+    bad("batch_idx_meta", "device", lambda: decode_call(cache_batch_idx=i32(0, 1).to("meta")), ValueError,
+        r"decode_attention\(cache_batch_idx\): cache_batch_idx is on meta but q is on cpu"),
+    bad("leftpad_meta", "device", lambda: decode_call(cache_leftpad=i32(0, 1).to("meta")), ValueError,
+        r"decode_attention\(cache_leftpad\): cache_leftpad is on meta but q is on cpu"),
+    bad("window_tensor_meta", "device", lambda: decode_call(window_size=torch.tensor([3, -1], device="meta")),
+        ValueError, r"decode_attention\(window_size\): a meta tensor has no values"),
+    bad("batch_idx_shape", "shape", lambda: decode_call(cache_batch_idx=i32(0, 1, 1)), ValueError,
+        r"decode_attention\(cache_batch_idx\): expected shape \(2,\)"),
+    bad("leftpad_2d", "shape", lambda: decode_call(cache_leftpad=i32(0, 1).view(2, 1)), ValueError,
+        r"decode_attention\(cache_leftpad\): expected shape \(2,\)"),
+    bad("window_tensor_shape", "shape", lambda: decode_call(window_size=torch.tensor([3, -1, 0])), ValueError,
+        r"decode_attention\(window_size\): a tensor window must have shape \(2,\)"),
+    bad("batch_idx_past_rows", "value", lambda: decode_call(cache_batch_idx=i32(0, 2)), ValueError,
+        r"decode_attention\(cache_batch_idx\): row index 2 out of range \[0, 2\)"),
+    bad("batch_idx_negative", "value", lambda: decode_call(cache_batch_idx=i32(-1, 0)), ValueError,
+        r"decode_attention\(cache_batch_idx\): row index -1 out of range \[0, 2\)"),
+    bad("batch_idx_paged", "block_table", lambda: paged_decode_call(cache_batch_idx=i32(0, 1)), ValueError,
+        r"decode_attention\(cache_batch_idx\): not supported with block_table"),
+    bad("leftpad_negative", "value", lambda: decode_call(cache_leftpad=i32(0, -1)), ValueError,
+        r"decode_attention\(cache_leftpad\): negative value -1"),
+    bad("leftpad_past_length", "capacity", lambda: decode_call(cache_leftpad=i32(3, T + 4)), ValueError,
+        r"decode_attention\(cache_leftpad\): cache_leftpad\[1\] = 6 is past cache_seqlens\[1\] = 5"),
+    bad("window_tensor_value", "value", lambda: decode_call(window_size=torch.tensor([-2, 0])), ValueError,
+        r"decode_attention\(window_size\)"),
+    bad("causal_int", "type", lambda: decode_call(causal=1), TypeError,
+        r"decode_attention\(causal\): expected a bool, got int"),
+    bad("return_lse_str", "type", lambda: decode_call(return_lse="yes"), TypeError,
+        r"decode_attention\(return_lse\): expected a bool, got str"),
+    bad("batch_idx_list", "type", lambda: decode_call(cache_batch_idx=[0, 1]), TypeError,
+        r"decode_attention\(cache_batch_idx\): expected a torch.Tensor"),
 ]
 
 
@@ -780,7 +843,8 @@ def append_call(k_cache=None, v_cache=None, k_new=None, v_new=None, seqlens=None
         if not real:
             return assert_meta_like(out, seqlens.shape, torch.int32)
         k_ref, v_ref = before[0].clone(), before[1].clone()
-        want = ref_decode.kv_cache_append(k_ref, v_ref, k_new, v_new, seqlens, kw.get("block_table"))
+        options = {k: v for k, v in kw.items() if k != "block_table"}  # cache_batch_idx, rotary_cos...
+        want = ref_decode.kv_cache_append(k_ref, v_ref, k_new, v_new, seqlens, kw.get("block_table"), **options)
         assert torch.equal(out, want) and out.dtype == torch.int32
         assert _bitwise_equal(k_cache, k_ref) and _bitwise_equal(v_cache, v_ref), "the caches differ from the reference"
 
@@ -795,10 +859,16 @@ def append_call(k_cache=None, v_cache=None, k_new=None, v_new=None, seqlens=None
     return Call(run, check, after)
 
 
-def paged_append_call(block_table=None, seqlens=None, k_new=None) -> Call:
+def paged_append_call(block_table=None, seqlens=None, k_new=None, **kw) -> Call:
     k, v, bt = paged_cache()
     return append_call(k, v, k_new, None, i32(9, 30) if seqlens is None else seqlens,
-                       block_table=bt if block_table is None else block_table)
+                       block_table=bt if block_table is None else block_table, **kw)
+
+
+def rotary(rows=CS, half=D // 2, dtype=torch.float16, device="cpu", **kw):
+    """rotary_cos / rotary_sin keyword arguments: (rows, half) tables of random angles."""
+    angles = torch.rand(rows, half) * 6.3
+    return dict(rotary_cos=angles.cos().to(dtype).to(device), rotary_sin=angles.sin().to(dtype).to(device), **kw)
 
 
 def _append_into_view():
@@ -879,6 +949,84 @@ KV_CACHE_APPEND = [
         r"kv_cache_append\(v_cache\): must not share memory with k_cache"),
     bad("k_new_list", "type", lambda: append_call(k_new=[0.0], v_new=[0.0]), TypeError,
         r"kv_cache_append\(k_new\): expected a torch.Tensor"),
+    # FlashAttention's append options: cache_batch_idx, cache_leftpad, rotary_cos / rotary_sin / rotary_interleaved
+    ok("batch_idx_subset", "value", lambda: append_call(*cache(4), cache_batch_idx=i32(3, 1))),
+    ok("batch_idx_permutation", "value", lambda: append_call(cache_batch_idx=i32(1, 0))),
+    ok("batch_idx_same_row_apart", "value", lambda: append_call(*cache(1), seqlens=i32(20, 5),
+                                                                cache_batch_idx=i32(0, 0))),
+    ok("rotary", "value", lambda: append_call(**rotary())),
+    ok("rotary_gptj_partial", "value", lambda: append_call(**rotary(half=3, rotary_interleaved=True))),
+    ok("rotary_leftpad_batch_idx", "value", lambda: append_call(*cache(3), cache_batch_idx=i32(2, 0),
+                                                                cache_leftpad=i32(5, 3), **rotary(rows=CS - 3))),
+    ok("leftpad_without_rotary", "value", lambda: append_call(cache_leftpad=i32(5, 0))),
+    ok("rotary_paged", "block_table", lambda: paged_append_call(seqlens=i32(15, 30), cache_leftpad=i32(15, 1),
+                                                                **rotary(rotary_interleaved=True))),
+    ok("rotary_fp32", "dtype", lambda: append_call(*(t.float() for t in cache()), torch.randn(CB, T, HKV, D),
+                                                   **rotary(dtype=torch.float32))),
+    ok("rotary_nan_k_new", "nonfinite", lambda: append_call(
+        k_new=_poison(_poison(torch.randn(CB, T, HKV, D).half(), (0, 1, 0, 2)), (1, 0, 1, D - 1), float("inf")),
+        **rotary(half=D // 2 - 2))),
+    ok("rotary_k_new_transposed", "view", lambda: append_call(
+        k_new=torch.randn(CB, HKV, T, D).half().transpose(1, 2), **rotary(rotary_interleaved=True))),
+    ok("rotary_all_meta", "device", lambda: append_call(
+        *cache(device="meta"), torch.randn(CB, T, HKV, D, device="meta").half(),
+        torch.randn(CB, T, HKV, D, device="meta").half(), i32(1, 2).to("meta"),
+        cache_leftpad=i32(0, 1).to("meta"), **rotary(device="meta"))),
+    bad("batch_idx_int64", "dtype", lambda: append_call(cache_batch_idx=torch.tensor([0, 1])), TypeError,
+        r"kv_cache_append\(cache_batch_idx\): dtype must be torch.int32, got torch.int64"),
+    bad("batch_idx_shape", "shape", lambda: append_call(cache_batch_idx=i32(0, 1, 1)), ValueError,
+        r"kv_cache_append\(cache_batch_idx\): expected shape \(2,\)"),
+    bad("batch_idx_meta", "device", lambda: append_call(cache_batch_idx=i32(0, 1).to("meta")), ValueError,
+        r"kv_cache_append\(cache_batch_idx\): cache_batch_idx is on meta but k_new is on cpu"),
+    bad("batch_idx_past_rows", "value", lambda: append_call(cache_batch_idx=i32(0, 2)), ValueError,
+        r"kv_cache_append\(cache_batch_idx\): row index 2 out of range \[0, 2\)"),
+    bad("batch_idx_negative", "value", lambda: append_call(*cache(3), cache_batch_idx=i32(-1, 1)), ValueError,
+        r"kv_cache_append\(cache_batch_idx\): row index -1 out of range \[0, 3\)"),
+    bad("batch_idx_same_slots", "value", lambda: append_call(seqlens=i32(5, 6), cache_batch_idx=i32(1, 1)),
+        ValueError, r"kv_cache_append\(cache_batch_idx\): sequences 0 and 1 both write cache row 1 at overlapping"),
+    bad("batch_idx_paged", "block_table", lambda: paged_append_call(cache_batch_idx=i32(0, 1)), ValueError,
+        r"kv_cache_append\(cache_batch_idx\): not supported with block_table"),
+    bad("batch_idx_list", "type", lambda: append_call(cache_batch_idx=[0, 1]), TypeError,
+        r"kv_cache_append\(cache_batch_idx\): expected a torch.Tensor"),
+    bad("leftpad_int64", "dtype", lambda: append_call(cache_leftpad=torch.tensor([0, 1])), TypeError,
+        r"kv_cache_append\(cache_leftpad\): dtype must be torch.int32"),
+    bad("leftpad_shape", "shape", lambda: append_call(cache_leftpad=i32(1)), ValueError,
+        r"kv_cache_append\(cache_leftpad\): expected shape \(2,\)"),
+    bad("leftpad_past_seqlens", "value", lambda: append_call(cache_leftpad=i32(6, 0), **rotary()), ValueError,
+        r"kv_cache_append\(cache_leftpad\): cache_leftpad\[0\] = 6 is past cache_seqlens\[0\] = 5"),
+    bad("leftpad_negative", "value", lambda: append_call(cache_leftpad=i32(0, -1)), ValueError,
+        r"kv_cache_append\(cache_leftpad\): negative value -1"),
+    bad("cos_without_sin", "value", lambda: append_call(rotary_cos=rotary()["rotary_cos"]), ValueError,
+        r"kv_cache_append\(rotary_sin\): rotary_cos was given without rotary_sin"),
+    bad("sin_without_cos", "value", lambda: append_call(rotary_sin=rotary()["rotary_sin"]), ValueError,
+        r"kv_cache_append\(rotary_cos\): rotary_sin was given without rotary_cos"),
+    bad("rotary_fp32_for_fp16", "mixed", lambda: append_call(**rotary(dtype=torch.float32)), TypeError,
+        r"kv_cache_append\(rotary_cos\): dtype torch.float32 does not match k_new's torch.float16"),
+    bad("rotary_sin_bf16", "mixed", lambda: append_call(rotary_cos=rotary()["rotary_cos"],
+                                                        rotary_sin=rotary(dtype=torch.bfloat16)["rotary_sin"]),
+        TypeError, r"kv_cache_append\(rotary_sin\): dtype torch.bfloat16 does not match k_new's torch.float16"),
+    bad("rotary_meta", "device", lambda: append_call(**rotary(device="meta")), ValueError,
+        r"kv_cache_append\(rotary_cos\): rotary_cos is on meta but k_new is on cpu"),
+    bad("rotary_3d", "shape", lambda: append_call(rotary_cos=torch.ones(1, CS, D // 2).half(),
+                                                  rotary_sin=torch.ones(1, CS, D // 2).half()), ValueError,
+        r"kv_cache_append\(rotary_cos\): expected 2 dims \(seqlen_ro, rotary_dim / 2\)"),
+    bad("rotary_sin_shape", "shape", lambda: append_call(rotary_cos=rotary()["rotary_cos"],
+                                                         rotary_sin=rotary(half=4)["rotary_sin"]), ValueError,
+        r"kv_cache_append\(rotary_sin\): shape \(32, 4\) does not match rotary_cos's \(32, 8\)"),
+    bad("rotary_dim_past_head_dim", "shape", lambda: append_call(**rotary(half=D)), ValueError,
+        r"kv_cache_append\(rotary_cos\): rotary_dim = 2 \* 16 columns = 32 is larger than head_dim 16"),
+    bad("rotary_dim_0", "shape", lambda: append_call(**rotary(half=0)), ValueError,
+        r"kv_cache_append\(rotary_cos\): expected rotary_dim / 2 >= 1 columns"),
+    bad("rotary_positions_past_rows", "capacity", lambda: append_call(**rotary(rows=20)), ValueError,
+        r"kv_cache_append\(rotary_cos\): a new token's position 31 \(cache_seqlens \+ t\) is past rotary_cos's "
+        r"20 rows"),
+    bad("rotary_positions_past_rows_leftpad", "capacity",
+        lambda: paged_append_call(cache_leftpad=i32(2, 1), **rotary(rows=30)), ValueError,
+        r"kv_cache_append\(rotary_cos\): a new token's position 30 \(cache_seqlens - cache_leftpad \+ t\) is past"),
+    bad("rotary_interleaved_int", "type", lambda: append_call(**rotary(rotary_interleaved=1)), TypeError,
+        r"kv_cache_append\(rotary_interleaved\): expected a bool, got int"),
+    bad("rotary_cos_list", "type", lambda: append_call(rotary_cos=[1.0], rotary_sin=[0.0]), TypeError,
+        r"kv_cache_append\(rotary_cos\): expected a torch.Tensor"),
 ]
 
 
@@ -1731,7 +1879,7 @@ ENTRIES = [
     Entry("attention", ATTENTION, ("reference", "triton", "torch")),
     Entry("scaled_dot_product_attention", SDPA, ("reference", "triton", "torch")),
     Entry("decode_attention", DECODE, ("reference", "triton", "torch", "cpu")),
-    Entry("kv_cache_append", KV_CACHE_APPEND, ("reference",), unchanged="both caches, bitwise"),
+    Entry("kv_cache_append", KV_CACHE_APPEND, ("reference", "triton"), unchanged="both caches, bitwise"),
     Entry("prune_24", PRUNE_24, unchanged="the input weight"),
     Entry("quantize_int4", QUANTIZE_INT4),
     Entry("Int4Weight", INT4_WEIGHT),

@@ -1,6 +1,9 @@
 """decode_attention and kv_cache_append: every backend runnable here against a float64 golden result, paged and
 contiguous caches, GQA/MQA, window/softcap/ALiBi, split-KV on and off, NaN-poisoned buffers on every shipped
-config, opcheck, torch.compile, bad input, and the static code generation of every shipped config."""
+config, opcheck, torch.compile, bad input, and the static code generation of every shipped config.
+FlashAttention's serving options (causal=False, cache_leftpad, cache_batch_idx, return_lse, a tensor window_size):
+against the float64 spec (lse against torch.logsumexp of its float64 scores), cache_leftpad against the attention
+reference over the slice k_cache[b, leftpad:L], cache_batch_idx against gathering the rows first."""
 import math
 
 import pytest
@@ -378,7 +381,9 @@ def test_cpu_usual_call_goes_straight_to_the_kernel(monkeypatch):
     seqlens = torch.tensor([50, 17], dtype=torch.int32)
     out = tk.decode_attention(q, k_cache, v_cache, seqlens, window_size=(9, -1))
     assert calls == [1]
-    op = torch.ops.turbokernels.decode_attention(q, k_cache, v_cache, seqlens, None, None, D ** -0.5, 9, -1, 0.0)
+    op, lse = torch.ops.turbokernels.decode_attention(q, k_cache, v_cache, seqlens, None, None, D ** -0.5, 9, -1,
+                                                      0.0, None, None, True, False)
+    assert lse.shape == (0,) and lse.dtype == torch.float32
     assert torch.equal(out, op)
     calls.clear()
     with pytest.raises(ValueError, match=r"decode_attention\(cache_seqlens\): cache too small"):
@@ -480,8 +485,15 @@ def test_opcheck():
     k_cache, v_cache, bt, _, _ = make_cache(2, 48, 2, 32, torch.float32, 16, dev="cpu")
     q = torch.randn(2, 2, 4, 32)
     seqlens = torch.tensor([48, 9], dtype=torch.int32)
-    for args in ((q, k_cache, v_cache, seqlens, bt, None, 0.2, -1, -1, 0.0),
-                 (q.half(), k_cache.half(), v_cache.half(), seqlens, bt, torch.rand(4), 0.2, 7, 0, 2.0)):
+    kc, vc = torch.randn(3, 48, 2, 32), torch.randn(3, 48, 2, 32)
+    idx, pad = torch.tensor([2, 0], dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32)
+    none = (None, None, True, False)
+    for args in ((q, k_cache, v_cache, seqlens, bt, None, 0.2, -1, -1, 0.0) + none,
+                 (q.half(), k_cache.half(), v_cache.half(), seqlens, bt, torch.rand(4), 0.2, 7, 0, 2.0) + none,
+                 # FlashAttention's options: lse (B, Hq, T), non-causal with a window, leftpad (paged), batch_idx
+                 (q, k_cache, v_cache, seqlens, bt, None, 0.2, 7, 3, 0.0, None, pad, False, True),
+                 (q, kc, vc, seqlens, None, torch.rand(4), 0.2, -1, -1, 0.0, idx, pad, True, True),
+                 (q[:, :0], kc, vc, seqlens, None, None, 0.2, -1, -1, 0.0, idx, None, False, True)):
         torch.library.opcheck(torch.ops.turbokernels.decode_attention.default, args)
     kn, vn = torch.randn(2, 3, 2, 32), torch.randn(2, 3, 2, 32)
     small = torch.tensor([4, 30], dtype=torch.int32)
@@ -505,6 +517,222 @@ def test_torch_compile_decode_step():
     out, new_lens = compiled(q, kn, vn, kc2, vc2, seqlens, bt)
     torch.testing.assert_close(out, expected)
     assert torch.equal(new_lens, expected_lens) and torch.equal(kc2, k_cache) and torch.equal(vc2, v_cache)
+
+
+# ---- FlashAttention's serving options: causal=False, cache_leftpad, cache_batch_idx, return_lse, a tensor window ----
+def option_golden(q, k_cache, v_cache, seqlens, bt, kw, backend):
+    """(golden out, baseline, allowance, golden lse, lse allowance) of a call with the options in kw: the float64
+    spec, and for lse torch.logsumexp of the spec's float64 scores."""
+    from turbokernels.reference.decode_attention import decode_scores
+    scale = q.shape[-1] ** -0.5 if kw.get("softmax_scale") is None else kw["softmax_scale"]
+    window = tuple(kw.get("window_size", (-1, -1)))
+    alibi = kw.get("alibi_slopes")
+    opts = dict(cache_batch_idx=kw.get("cache_batch_idx"), cache_leftpad=kw.get("cache_leftpad"),
+                causal=kw.get("causal", True))
+    args = (seqlens, bt, alibi, scale, window[0], window[1], kw.get("softcap", 0.0))
+    golden = reference(q.double(), k_cache.double(), v_cache.double(), seqlens, bt,
+                       None if alibi is None else alibi.double(), *args[3:], **opts)
+    baseline = reference(q, k_cache, v_cache, *args, compute_dtype=q.dtype, **opts)
+    allowance, lse_allowance = decode_allowance(q, k_cache, v_cache, *args,
+                                                operand_dtype=operand_dtype(backend, q.dtype),
+                                                exp_error=exp_error(backend, q.dtype), return_lse=True, **opts)
+    s = decode_scores(q.double(), k_cache.double(), v_cache.double(), seqlens, bt,
+                      None if alibi is None else alibi.double(), scale, window[0], window[1],
+                      kw.get("softcap", 0.0), torch.float64, **opts)[3]
+    return golden, baseline, allowance, torch.logsumexp(s, dim=-1), lse_allowance
+
+
+def forced_splits(monkeypatch, num_splits):
+    import turbokernels.kernels.attention_decode as kernel_module
+    launch = kernel_module.decode_attention
+    monkeypatch.setattr(kernel_module, "decode_attention", lambda *a, **kw: launch(*a, num_splits=num_splits, **kw))
+
+
+# (id, new tokens, options): non-causal (T = 1, 5, 17; windows on either side, bottom-right aligned), cache_leftpad
+# (causal and not; ALiBi, softcap; a leftpad equal to the length: no key, lse -inf; leftpads past whole splits),
+# cache_batch_idx (contiguous caches only). Lengths (150, 70, 40) in a cache of 160 slots.
+OPTION_CASES = [
+    ("noncausal-T1-alibi", 1, dict(causal=False, alibi="batch")),
+    ("noncausal-T5-window7,2", 5, dict(causal=False, window_size=(7, 2))),
+    ("noncausal-T17-window30,3-alibi", 17, dict(causal=False, window_size=(30, 3), alibi="heads")),
+    ("leftpad-T4-alibi-window", 4, dict(cache_leftpad=(130, 64, 40), alibi="batch", window_size=(90, -1))),
+    ("leftpad-noncausal-T5-softcap", 5, dict(cache_leftpad=(3, 66, 39), causal=False, softcap=4.0)),
+    ("batch_idx-T2", 2, dict(cache_batch_idx=(3, 0, 2))),
+    ("batch_idx-leftpad-noncausal-T3", 3, dict(cache_batch_idx=(1, 1, 4), cache_leftpad=(20, 0, 7), causal=False,
+                                              window_size=(12, 0))),
+]
+
+
+def materialize_options(kw, B, Hq):
+    kw = dict(kw, return_lse=True)
+    for name in ("cache_leftpad", "cache_batch_idx"):
+        if name in kw:
+            kw[name] = torch.tensor(kw[name], dtype=torch.int32, device=device())
+    alibi = kw.pop("alibi", None)
+    if alibi is not None:
+        kw["alibi_slopes"] = torch.rand((Hq,) if alibi == "heads" else (B, Hq), device=device()) * 0.2
+    return kw
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+@pytest.mark.parametrize("paged", [None, 16], ids=["contig", "paged16"])
+@pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
+def test_options_match_golden(backend_name, paged, case, monkeypatch):
+    """Every option against the float64 spec (out with the file's tolerance rule; lse against torch.logsumexp of
+    the float64 scores), contiguous and paged; triton split 3 ways on paged caches (the combine writes lse; leftpads
+    past whole splits: those splits exit and are not read) and unsplit on contiguous ones (the split kernel writes
+    lse). The cpu backend (C++ kernel) declines every option: the torch or reference backend serves them."""
+    name, T, kw = case
+    if paged and "cache_batch_idx" in kw:
+        pytest.skip("cache_batch_idx: contiguous caches only (refused with block_table, as FlashAttention)")
+    forced_splits(monkeypatch, 3 if paged else 1)
+    B, Hq, Hkv, D, S = 3, 2, 1, 32, 160
+    dtype = torch.float16 if paged else torch.bfloat16
+    rows = 5 if "cache_batch_idx" in kw else B
+    k_cache, v_cache, bt, _, _ = make_cache(rows, S, Hkv, D, dtype, paged)
+    q = torch.randn(B, T, Hq, D, device=device()).to(dtype)
+    seqlens = torch.tensor([150, 70, 40], dtype=torch.int32, device=device())
+    kw = materialize_options(kw, B, Hq)
+    if backend_name == "cpu":
+        with pytest.raises(tk.BackendUnavailable, match="not in the C\\+\\+ kernel"):
+            run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt, **kw)
+        return
+    if backend_name == "torch" and kw.get("softcap", 0.0) > 0:
+        with pytest.raises(tk.BackendUnavailable, match="softcap"):
+            run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt, **kw)
+        return
+    out, lse = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt, **kw)
+    golden, baseline, allowance, golden_lse, lse_allowance = option_golden(q, k_cache, v_cache, seqlens, bt, kw,
+                                                                           backend_name)
+    what = f"{backend_name} {name} paged={paged}"
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, T) and lse.dtype == torch.float32
+    assert_close(out, golden, baseline, allowance=allowance, what=what)
+    assert_close(lse, golden_lse, allowance=lse_allowance, what=f"{what} lse")
+    if "cache_leftpad" in kw:  # a sequence whose leftpad is its length has no key: zeros and lse -inf
+        empty = kw["cache_leftpad"] == seqlens
+        assert (out[empty] == 0).all() and (lse[empty] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("backend_name", [b for b in runnable_backends() if b != "cpu"])
+@pytest.mark.parametrize("paged", [None, 16], ids=["contig", "paged16"])
+def test_leftpad_is_attention_over_the_slice(backend_name, paged, monkeypatch):
+    """FlashAttention's definition of cache_leftpad: the sequence IS k_cache[b, leftpad:L] (its positions start
+    at 0 there). An independent oracle: the attention reference (dense, bottom-right aligned, float64) over that
+    slice alone, per sequence -- not our decode spec -- for causal and non-causal calls with a window and ALiBi;
+    the slots before the leftpad hold NaN (never read)."""
+    from turbokernels.reference import attention as ref_attention
+    forced_splits(monkeypatch, 2)
+    B, T, Hq, Hkv, D, S = 2, 3, 4, 2, 32, 96
+    k_cache, v_cache, bt, k, v = make_cache(B, S, Hkv, D, torch.float32, paged)
+    seqlens = torch.tensor([90, 41], dtype=torch.int32, device=device())
+    pads = [37, 40]
+    for b, n in enumerate(pads):  # the padding slots: NaN
+        pos = torch.arange(n, device=device())
+        if bt is None:
+            k_cache[b, pos], v_cache[b, pos] = float("nan"), float("nan")
+        else:
+            page, slot = bt[b, pos // paged].long(), pos % paged
+            k_cache[page, slot], v_cache[page, slot] = float("nan"), float("nan")
+    q = torch.randn(B, T, Hq, D, device=device())
+    slopes = torch.rand(Hq, device=device()) * 0.2
+    for causal, window in ((True, (-1, -1)), (False, (20, 1)), (True, (8, -1))):
+        out, lse = run(backend_name, q, k_cache, v_cache, seqlens, block_table=bt, causal=causal,
+                       window_size=window, alibi_slopes=slopes, return_lse=True,
+                       cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=device()))
+        for b in range(B):
+            lo, hi = pads[b], int(seqlens[b])
+            o_ref, lse_ref = ref_attention.attention(q[b:b + 1].double(), k[b:b + 1, lo:hi].double(),
+                                                     v[b:b + 1, lo:hi].double(), causal=causal, window_size=window,
+                                                     alibi_slopes=slopes.double())
+            what = f"{backend_name} paged={paged} causal={causal} window={window} sequence {b}"
+            torch.testing.assert_close(out[b:b + 1].double(), o_ref, rtol=2e-5, atol=2e-5, msg=what)
+            torch.testing.assert_close(lse[b:b + 1].double(), lse_ref.double(), rtol=2e-5, atol=2e-5, msg=what)
+
+
+@pytest.mark.parametrize("backend_name", [b for b in runnable_backends() if b != "cpu"])
+def test_batch_idx_is_gathering_the_rows_first(backend_name):
+    """cache_batch_idx[b] picks sequence b's cache row: the same bits as the call on k_cache[cache_batch_idx]
+    (rows repeated, a cache of more rows than sequences)."""
+    B, T, Hq, Hkv, D, S = 3, 2, 4, 2, 32, 64
+    k_cache, v_cache, _, _, _ = make_cache(5, S, Hkv, D, torch.float16)
+    q = torch.randn(B, T, Hq, D, device=device(), dtype=torch.float16)
+    seqlens = torch.tensor([64, 9, 33], dtype=torch.int32, device=device())
+    idx = torch.tensor([4, 0, 4], dtype=torch.int32, device=device())
+    for kw in (dict(), dict(causal=False, window_size=(5, 5)), dict(cache_leftpad=idx * 2)):
+        out, lse = run(backend_name, q, k_cache, v_cache, seqlens, cache_batch_idx=idx, return_lse=True, **kw)
+        rows = idx.long()
+        expected, expected_lse = run(backend_name, q, k_cache[rows], v_cache[rows], seqlens, return_lse=True, **kw)
+        assert torch.equal(out, expected) and torch.equal(lse, expected_lse), f"{backend_name} {kw}"
+
+
+@pytest.mark.parametrize("backend_name", runnable_backends())
+def test_window_tensor_equals_tuple(backend_name):
+    """window_size as a (2,) integer tensor (int32, int64) is read into the same ints: the same bits as the tuple;
+    return_lse=False returns out alone, True (out, lse)."""
+    k_cache, v_cache, _, _, _ = make_cache(2, 48, 1, 16, torch.float32)
+    q = torch.randn(2, 2, 2, 16, device=device())
+    seqlens = torch.tensor([48, 20], dtype=torch.int32, device=device())
+    expected = run(backend_name, q, k_cache, v_cache, seqlens, window_size=(6, -1))
+    assert isinstance(expected, torch.Tensor)
+    for dtype in (torch.int32, torch.int64):
+        window = torch.tensor([6, -1], dtype=dtype, device=device())
+        assert torch.equal(run(backend_name, q, k_cache, v_cache, seqlens, window_size=window), expected)
+
+
+def test_window_tensor_refused_while_capturing_a_cuda_graph(monkeypatch):
+    """Reading a CUDA tensor's values is a host sync, which a CUDA graph capture cannot contain: refused with the
+    argument named (checked here with a fake CUDA tensor and the capture flag raised)."""
+    import importlib
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mod = importlib.import_module("turbokernels.ops.decode_attention")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        window = torch.empty(2, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"decode_attention\(window_size\): a CUDA tensor window cannot be read "
+                                           r"while a CUDA graph is being captured"):
+        mod._window_ints("decode_attention", window)
+
+
+def test_torch_compile_with_options():
+    """fullgraph torch.compile of a call with every option: the fake impl's (out, lse) shapes, the option checks
+    traced (torch._assert_async), the same values as eager."""
+    def step(q, k_cache, v_cache, seqlens, idx, pad):
+        return tk.decode_attention(q, k_cache, v_cache, seqlens, causal=False, window_size=(6, 1), cache_batch_idx=idx,
+                                   cache_leftpad=pad, return_lse=True)
+
+    k_cache, v_cache, _, _, _ = make_cache(3, 40, 2, 16, torch.float32, dev="cpu")
+    args = (torch.randn(2, 3, 4, 16), k_cache, v_cache, torch.tensor([40, 12], dtype=torch.int32),
+            torch.tensor([2, 0], dtype=torch.int32), torch.tensor([30, 3], dtype=torch.int32))
+    expected = step(*args)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(got, expected)
+    assert got[1].shape == (2, 4, 3)
+
+
+def test_options_take_the_checked_path_on_cpu(monkeypatch):
+    """A call with any new option never reaches the C++ kernel's fast path (which is causal-only, without lse):
+    on CPU tensors the automatic choice is the torch backend (the reference with softcap); a plain call still is
+    the kernel's."""
+    import importlib
+    mod = importlib.import_module("turbokernels.ops.decode_attention")
+    if "cpu" not in runnable_backends():
+        pytest.skip("the CPU C++ kernel is not built")
+    real = mod._resolve_cpu_kernel()
+    calls = []
+    monkeypatch.setattr(mod, "_cpu_kernel", lambda *a: calls.append(1) or real(*a))
+    k_cache, v_cache, _, _, _ = make_cache(2, 40, 2, 32, torch.float32, dev="cpu")
+    q = torch.randn(2, 1, 4, 32)
+    seqlens = torch.tensor([40, 11], dtype=torch.int32)
+    tk.decode_attention(q, k_cache, v_cache, seqlens)
+    assert calls == [1]
+    for kw in (dict(causal=False), dict(return_lse=True), dict(cache_leftpad=torch.tensor([1, 2], dtype=torch.int32)),
+               dict(cache_batch_idx=torch.tensor([1, 0], dtype=torch.int32))):
+        args = (q, k_cache, v_cache, seqlens, None, None, 0.2, -1, -1, 0.0, kw.get("cache_batch_idx"),
+                kw.get("cache_leftpad"), kw.get("causal", True), kw.get("return_lse", False))
+        assert tk.backends.select("decode_attention", *args)[0] == "torch"
+        assert tk.backends.select("decode_attention", *args[:9], 1.0, *args[10:])[0] == "reference"
+        tk.decode_attention(q, k_cache, v_cache, seqlens, **kw)
+    assert calls == [1]
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
@@ -609,31 +837,71 @@ def test_gpu_long_cache(page_size):
     assert_close(out, golden, baseline, allowance=allowance, what=f"gpu B4 S8192 d128 bf16 paged={page_size}")
 
 
+@pytest.mark.gpu
+def test_gpu_options_long_cache_and_cuda_graph():
+    """FlashAttention's options on a long cache (the GPU's own split choice): leftpads past whole splits and one
+    equal to its length, non-causal with a window, cache_batch_idx, lse, against the float64 spec; then the same
+    call captured in a CUDA graph (grid from capacities: the values of cache_seqlens and cache_leftpad may change
+    between replays) equals the eager call on the new values."""
+    dev = "cuda"
+    B, T, Hq, Hkv, D, S = 4, 4, 32, 8, 128, 8192
+    dtype = torch.bfloat16
+    k_cache, v_cache, _, _, _ = make_cache(B + 1, S, Hkv, D, dtype, None, dev=dev)
+    q = torch.randn(B, T, Hq, D, device=dev, dtype=dtype)
+    seqlens = torch.tensor([8192, 5, 5000, 8191], dtype=torch.int32, device=dev)
+    kw = dict(causal=False, window_size=(3000, 2), return_lse=True,
+              cache_leftpad=torch.tensor([4000, 5, 17, 0], dtype=torch.int32, device=dev),
+              cache_batch_idx=torch.tensor([4, 0, 2, 1], dtype=torch.int32, device=dev))
+    with tk.backend("triton"):
+        out, lse = tk.decode_attention(q, k_cache, v_cache, seqlens, **kw)
+    golden, baseline, allowance, golden_lse, lse_allowance = option_golden(q, k_cache, v_cache, seqlens, None, kw,
+                                                                           "triton")
+    assert_close(out, golden, baseline, allowance=allowance, what="gpu options")
+    assert_close(lse, golden_lse, allowance=lse_allowance, what="gpu options lse")
+    graph = torch.cuda.CUDAGraph()
+    with tk.backend("triton"), torch.cuda.graph(graph):  # tuned by the eager call above
+        out_g, lse_g = tk.decode_attention(q, k_cache, v_cache, seqlens, **kw)
+    seqlens.copy_(torch.tensor([7000, 3000, 64, 1], dtype=torch.int32))
+    kw["cache_leftpad"].copy_(torch.tensor([6000, 2999, 0, 1], dtype=torch.int32))
+    graph.replay()
+    with tk.backend("triton"):
+        expected, expected_lse = tk.decode_attention(q, k_cache, v_cache, seqlens, **kw)
+    torch.cuda.synchronize()
+    assert torch.equal(out_g, expected) and torch.equal(lse_g, expected_lse)
+
+
 # ---- static code generation ----------------------------------------------------------------------------------
 KERNEL = "turbokernels.kernels.attention_decode:decode_attention_split_kernel"
 COMBINE = "turbokernels.kernels.attention_decode:decode_attention_combine_kernel"
 SIGNATURE = {
     "q_ptr": "*{dt}", "k_ptr": "*{dt}", "v_ptr": "*{dt}", "seqlens_ptr": "*i32", "block_table_ptr": "*i32",
-    "alibi_ptr": "*fp32", "out_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+    "batch_idx_ptr": "*i32", "leftpad_ptr": "*i32",
+    "alibi_ptr": "*fp32", "out_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32",
     "T": "i32", "Hq": "i32", "Hkv": "i32", "D": "i32", "capacity": "i32", "page_size": "i32",
-    "kv_per_split": "i32", "qk_scale": "fp32", "softcap": "fp32", "window_left": "i32",
+    "kv_per_split": "i32", "qk_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32",
     "stride_qb": "i32", "stride_qt": "i32", "stride_qh": "i32",
     "stride_kb": "i32", "stride_kn": "i32", "stride_kh": "i32", "stride_btb": "i32", "stride_ab": "i32", "stride_ah": "i32",
     "stride_os": "i32", "stride_ob": "i32", "stride_ot": "i32", "stride_oh": "i32",
-    "stride_ms": "i32", "stride_mb": "i32", "stride_mt": "i32",
+    "stride_ms": "i32", "stride_mb": "i32", "stride_mt": "i32", "stride_lb": "i32", "stride_lh": "i32",
 }
 # what the JIT sees for contiguous tensors with head_dim 64/128 (multiples of 16)
-ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "seqlens_ptr", "block_table_ptr", "alibi_ptr", "out_ptr", "m_ptr", "l_ptr",
+ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "seqlens_ptr", "block_table_ptr", "batch_idx_ptr", "leftpad_ptr", "alibi_ptr",
+           "out_ptr", "m_ptr", "l_ptr", "lse_ptr",
            "D", "page_size", "kv_per_split", "stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kn",
            "stride_kh", "stride_os", "stride_ob", "stride_ot", "stride_oh",
            "stride_btb")
+
+
+PLAIN = dict(CAUSAL=True, WINDOW_RIGHT=False, LEFTPAD=False, BATCH_IDX=False, RETURN_LSE=False)
 
 
 def codegen_cases():
     """Every shipped config x d 64/128 x BLOCK_M 16 (MHA/small groups) and the largest (GQA groups x new tokens):
     fp16 on a contiguous cache with ALiBi + window writing split partials; bf16 paged with softcap writing the final
     output (no split), one block-table read per tile at BLOCK_M 16 and per-row reads at the largest BLOCK_M;
-    d=256 fp16 contiguous."""
+    d=256 fp16 contiguous. FlashAttention's options (every config, d=128, the largest BLOCK_M): non-causal with a
+    window on both sides, cache_leftpad, cache_batch_idx and lse, writing the final output and lse (no split);
+    the combine kernel with leftpad and lse."""
     from turbokernels.kernels.attention_decode import CONFIGS, MAX_BLOCK_M, block_n_for
     for cap, cfgs in sorted(CONFIGS.items()):
         for cfg in cfgs:
@@ -645,21 +913,36 @@ def codegen_cases():
                         block_n = block_n_for(cfg, d)
                         constexprs = dict(stride_qd=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d, EVEN_D=True,
                                           PAGED=paged, PAGE_PER_TILE=paged and block_m == 16, SPLIT=not paged,
-                                          SOFTCAP=paged, WINDOW=not paged, HAS_ALIBI=not paged, UPCAST=False)
+                                          SOFTCAP=paged, WINDOW=not paged, HAS_ALIBI=not paged, UPCAST=False,
+                                          **PLAIN)
                         sig = dict(SIGNATURE, out_ptr="*fp32" if not paged else "*{dt}")
                         job = CodegenJob(KERNEL, tuple((k, v.format(dt=dt)) for k, v in sig.items()),
                                          tuple(constexprs.items()), cap, cfg.num_warps, cfg.num_stages, ALIGNED)
                         name = f"sm{cap}-n{block_n}-w{cfg.num_warps}-p{cfg.num_stages}-m{block_m}-d{d}-{dt}" \
                                + ("-paged-nosplit" + ("-pagetile" if block_m == 16 else "-pagerow") if paged else "")
                         yield name, cap, block_m, job
-        for d in (64, 128):
-            sig = {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "seqlens_ptr": "*i32", "out_ptr": "*fp16",
+        for cfg in cfgs:  # FlashAttention's options
+            d, block_m = 128, MAX_BLOCK_M[128]
+            block_n = block_n_for(cfg, d)
+            constexprs = dict(stride_qd=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d, EVEN_D=True, PAGED=False,
+                              PAGE_PER_TILE=False, SPLIT=False, SOFTCAP=False, WINDOW=True, HAS_ALIBI=False,
+                              UPCAST=False, CAUSAL=False, WINDOW_RIGHT=True, LEFTPAD=True, BATCH_IDX=True,
+                              RETURN_LSE=True)
+            sig = dict(SIGNATURE, out_ptr="*fp16")
+            job = CodegenJob(KERNEL, tuple((k, v.format(dt="fp16")) for k, v in sig.items()),
+                             tuple(constexprs.items()), cap, cfg.num_warps, cfg.num_stages, ALIGNED)
+            yield (f"sm{cap}-n{block_n}-w{cfg.num_warps}-p{cfg.num_stages}-m{block_m}-d{d}-fp16-noncausal-leftpad-"
+                   f"batchidx-lse"), cap, block_m, job
+        for d, options in ((64, False), (128, False), (128, True)):
+            sig = {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "seqlens_ptr": "*i32",
+                   "leftpad_ptr": "*i32", "out_ptr": "*fp16", "lse_ptr": "*fp32",
                    **{n: "i32" for n in ("T", "Hq", "D", "capacity", "kv_per_split", "num_splits", "stride_ps",
                                          "stride_pb", "stride_pt", "stride_ph", "stride_ms", "stride_mb",
-                                         "stride_mt", "stride_ob", "stride_ot", "stride_oh")}}
-            job = CodegenJob(COMBINE, tuple(sig.items()), (("BLOCK_S", 32), ("BLOCK_D", d)), cap,
-                             1 if d <= 64 else 2, 1)
-            yield f"sm{cap}-combine-d{d}", cap, 0, job
+                                         "stride_mt", "stride_ob", "stride_ot", "stride_oh", "stride_lb",
+                                         "stride_lh")}}
+            job = CodegenJob(COMBINE, tuple(sig.items()), (("BLOCK_S", 32), ("BLOCK_D", d), ("LEFTPAD", options),
+                                                           ("RETURN_LSE", options)), cap, 1 if d <= 64 else 2, 1)
+            yield f"sm{cap}-combine-d{d}" + ("-leftpad-lse" if options else ""), cap, 0, job
 
 
 CODEGEN_CASES = list(codegen_cases())

@@ -548,7 +548,13 @@ def decode_case(draw):
                 alibi=draw(st.sampled_from([None, "heads", "batch"])),
                 scale=draw(st.sampled_from([None, None, 0.05, 2.0])),
                 q_layout=draw(ATTN_LAYOUTS), num_splits=draw(st.sampled_from([None, None, 1, 2, 3, 7])),
-                garbage=draw(st.sampled_from(["large", "nan"])))
+                garbage=draw(st.sampled_from(["large", "nan"])),
+                # FlashAttention's options (not for the cpu backend, which declines them): non-causal, leftpads as
+                # fractions of each length (the slots before them garbage too), lse
+                causal=draw(st.sampled_from([True, True, False])),
+                leftpad=draw(st.one_of(st.none(), st.lists(st.floats(0.0, 1.0), min_size=case["batch"],
+                                                           max_size=case["batch"]))),
+                return_lse=draw(st.booleans()))
     return case
 
 
@@ -577,18 +583,40 @@ def run_decode(backend, c):
     if c["alibi"] is not None:
         alibi = (torch.rand((Hq,) if c["alibi"] == "heads" else (B, Hq), generator=g) * 0.3 + 0.01).to(dev)
     scale = D ** -0.5 if c["scale"] is None else c["scale"]
-    note(f"seqlens {lens} q strides {q.stride()} k_cache strides {k_cache.stride()}")
+    options = backend != "cpu"  # the C++ kernel declines FlashAttention's options
+    causal, return_lse = (c["causal"], c["return_lse"]) if options else (True, False)
+    leftpad = None
+    if options and c["leftpad"] is not None:
+        pads = [min(n, round(f * n)) for f, n in zip(c["leftpad"], lens)]
+        leftpad = torch.tensor(pads, dtype=torch.int32, device=dev)
+        junk = float("nan") if c["garbage"] == "nan" else 1e4
+        for b, n in enumerate(pads):  # the padding: garbage, never read (the golden ignores it: no key attends it)
+            pos = torch.arange(n, device=dev)
+            for cache in (k_cache, v_cache):
+                if block_table is None:
+                    cache[b, pos] = junk
+                else:
+                    cache[block_table[b, pos // c["page_size"]].long(), pos % c["page_size"]] = junk
+    note(f"seqlens {lens} leftpad {None if leftpad is None else leftpad.tolist()} q strides {q.stride()} k_cache "
+         f"strides {k_cache.stride()}")
     with tk.backend(backend), (decode_splits(c["num_splits"]) if backend == "triton" else contextlib.nullcontext()):
         out = tk.decode_attention(q, k_cache, v_cache, seqlens, block_table=block_table, softmax_scale=c["scale"],
-                                  window_size=c["window"], softcap=c["softcap"], alibi_slopes=alibi)
+                                  window_size=c["window"], softcap=c["softcap"], alibi_slopes=alibi, causal=causal,
+                                  cache_leftpad=leftpad, return_lse=return_lse)
     # the golden never sees the garbage: unused slots zeroed
     k_clean, v_clean = (t.masked_fill(~used[..., None, None], 0) for t in (k_cache, v_cache))
     args = (seqlens, block_table, alibi, scale, c["window"][0], c["window"][1], c["softcap"])
-    golden = ref_decode(q.double(), k_clean.double(), v_clean.double(), seqlens, block_table,
-                        None if alibi is None else alibi.double(), *args[3:])
-    baseline = ref_decode(q, k_clean, v_clean, *args, compute_dtype=dtype)
-    allowance = decode_allowance(q, k_clean, v_clean, *args, operand_dtype=operand_dtype(backend, dtype))
+    opts = dict(cache_leftpad=leftpad, causal=causal)
+    golden, golden_lse = ref_decode(q.double(), k_clean.double(), v_clean.double(), seqlens, block_table,
+                                    None if alibi is None else alibi.double(), *args[3:], return_lse=True, **opts)
+    baseline = ref_decode(q, k_clean, v_clean, *args, compute_dtype=dtype, **opts)
+    allowance, lse_allowance = decode_allowance(q, k_clean, v_clean, *args, operand_dtype=operand_dtype(backend, dtype),
+                                                return_lse=True, **opts)
     what = f"decode {backend} {c}"
+    if return_lse:
+        out, lse = out
+        assert lse.shape == (B, Hq, T) and lse.dtype == torch.float32, what
+        assert_close(lse, golden_lse, allowance=lse_allowance, what=f"{what} lse")
     assert out.shape == q.shape and out.dtype == dtype, what
     assert_close(out, golden, baseline, allowance=allowance, what=what)
 

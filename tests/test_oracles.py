@@ -11,7 +11,8 @@ against implementations that share no code with turbokernels.reference.
                         (NotImplementedError), so softcap enters SDPA as a differentiable additive term
                         softcap * tanh(s / softcap) - s with s = scale * q.k (SDPA adds it to its own scale * q.k).
     decode_attention    oracle A / B with the mask of flash_attn_with_kvcache (new token t at cache_seqlens - T + t,
-                        causal among the new tokens), pages gathered here through the block table.
+                        causal among the new tokens, or not: causal=False), pages gathered here through the block
+                        table; cache_leftpad as FlashAttention 2.6+ defines it: the sequence is k[b, leftpad:L].
     int4_linear         the gguf package's own dequantizer on Q4_0/Q4_1 blocks packed here from the GGUF
                         description, F.linear in float64; torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) as a
                         second opinion held to the same rule.
@@ -391,22 +392,23 @@ def gather_pages(cache, block_table, length):
     return torch.stack([cache[block_table[b, pos // ps].long(), pos % ps] for b in range(block_table.shape[0])])
 
 
-def decode_oracle(q, k, v, seqlens, *, scale, window=(-1, -1), softcap=0.0, alibi=None, dtype=F64, causal=True):
-    """flash_attn_with_kvcache(causal=True) per sequence: the T new tokens are the last T of the seqlens[b] valid
-    keys, i.e. the attention of (T, L_b) aligned to the bottom-right. q (B, T, Hq, D), k/v logical (B, S, Hkv, D).
-    Always causal: flash_attn_with_kvcache with causal=True sets window_size[1] = 0, and decode_attention is the
-    causal case (its window_size[1] never widens it)."""
-    assert causal
+def decode_oracle(q, k, v, seqlens, *, scale, window=(-1, -1), softcap=0.0, alibi=None, dtype=F64, causal=True,
+                  leftpad=None):
+    """flash_attn_with_kvcache per sequence: the T new tokens are the last T of the seqlens[b] valid keys, i.e. the
+    attention of (T, L_b) aligned to the bottom-right. q (B, T, Hq, D), k/v logical (B, S, Hkv, D). causal=True
+    (decode_attention's default): flash_attn_with_kvcache sets window_size[1] = 0 (decode_attention's
+    window_size[1] never widens it). leftpad (list, FA2's cache_leftpad): the sequence is k[b, leftpad_b:L_b]."""
     outs = []
     for b in range(q.shape[0]):
         L = int(seqlens[b])
+        lo = 0 if leftpad is None else int(leftpad[b])
         slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
         oracle = sdpa_oracle if not softcap else (lambda *a, **kw: flex_oracle(*a, **kw)[0])
-        if L == 0:
+        if L == lo:
             outs.append(torch.zeros(q[b:b + 1].shape, dtype=dtype))
             continue
-        outs.append(oracle(q[b:b + 1], k[b:b + 1, :L], v[b:b + 1, :L], scale=scale, causal=True, window=window,
-                           softcap=softcap, alibi=slopes, dtype=dtype))
+        outs.append(oracle(q[b:b + 1], k[b:b + 1, lo:L], v[b:b + 1, lo:L], scale=scale, causal=causal,
+                           window=window, softcap=softcap, alibi=slopes, dtype=dtype))
     return torch.cat(outs)
 
 
@@ -420,6 +422,10 @@ DECODE_CASES = [
     (2, 4, 2, 2, 32, 64, 16, [64, 3], torch.bfloat16, dict(softcap=3.0)),
     (2, 4, 4, 2, 16, 113, None, [113, 61], torch.float16, dict(alibi="batch", softcap=10.0, window_size=(40, 5))),
     (2, 4, 4, 2, 32, 96, 32, [96, 40], torch.float32, dict(softcap=5.0, window_size=(30, -1))),
+    # FlashAttention's options: non-causal (window on both sides), cache_leftpad (the sequence starts there)
+    (2, 5, 4, 1, 32, 80, None, [80, 33], torch.bfloat16, dict(causal=False)),
+    (2, 4, 4, 2, 32, 97, None, [97, 40], torch.float16, dict(causal=False, window_size=(20, 2), leftpad=(30, 38))),
+    (2, 3, 4, 2, 16, 96, 16, [96, 20], torch.float32, dict(leftpad=(50, 0), alibi="batch")),
 ]
 
 
@@ -441,7 +447,13 @@ def test_decode_attention_against_oracles(backend_name, case):
     B, T, hq, hkv, d, S, ps, lens, dtype, kw = case
     if kw.get("softcap") and flex_attention is None:
         pytest.skip("softcap needs FlexAttention as the oracle")
-    kw = materialize(kw, B, hq)
+    pads = kw.get("leftpad")
+    causal = kw.get("causal", True)
+    if backend_name == "cpu" and (pads is not None or not causal):
+        pytest.skip("the cpu (C++) kernel declines FlashAttention's options (the torch backend serves them)")
+    kw = materialize({k: v for k, v in kw.items() if k != "leftpad"}, B, hq)
+    if pads is not None:
+        kw["cache_leftpad"] = torch.tensor(pads, dtype=torch.int32, device=device())
     q = torch.randn(B, T, hq, d, device=device()).to(dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device())
     if ps is None:
@@ -457,16 +469,18 @@ def test_decode_attention_against_oracles(backend_name, case):
         k, v = gather_pages(k_cache, block_table, S), gather_pages(v_cache, block_table, S)
     with tk.backend(backend_name):
         out = tk.decode_attention(q, k_cache, v_cache, seqlens, block_table=block_table, **kw)
-    okw = dict(oracle_kw(kw, d), causal=True)
+    okw = dict(oracle_kw(kw, d), causal=causal)
     what = f"{backend_name} {decode_id(case)}"
-    for b, L in enumerate(lens):  # new token t sits at L - T + t: no key when that is < 0
-        empty = [t for t in range(T) if L - T + t < 0]
+    for b, L in enumerate(lens):  # causal: new token t sits at L - T + t: no key when that is before the leftpad
+        lo = 0 if pads is None else pads[b]
+        empty = [t for t in range(T) if (L - T + t < lo if causal else L == lo)]
         assert (out[b, empty] == 0).all(), f"{what}: a token without keys is not 0"
-    golden = decode_oracle(q, k, v, lens, **okw)
-    baseline = decode_oracle(q, k, v, lens, dtype=dtype, **okw).to(dtype)
+    golden = decode_oracle(q, k, v, lens, leftpad=pads, **okw)
+    baseline = decode_oracle(q, k, v, lens, dtype=dtype, leftpad=pads, **okw).to(dtype)
     allowance = decode_allowance(q, k_cache, v_cache, seqlens, block_table, kw.get("alibi_slopes"), okw["scale"],
                                  okw["window"][0], okw["window"][1], okw["softcap"],
-                                 operand_dtype=operand_dtype(backend_name, dtype))
+                                 operand_dtype=operand_dtype(backend_name, dtype), causal=causal,
+                                 cache_leftpad=kw.get("cache_leftpad"))
     assert_close(out, golden, baseline, allowance=allowance, what=what)
 
 

@@ -234,23 +234,37 @@ def _decode_attention(gen, dev, dtype, shape):
 
 def _kv_cache_append(gen, dev, dtype, shape):
     """Exact: the caches after the append hold the new keys/values at positions lens[b] + t (through the block
-    table when paged) and are unchanged elsewhere; the returned lengths are lens + T."""
+    table when paged) and are unchanged elsewhere; the returned lengths are lens + T. With a rotary_dim (the
+    shape's 8th entry), the keys rotated GPT-J style (rotary_interleaved) at their position minus a left padding:
+    the spec's apply_rotary, one token at a time."""
     import turbokernels as tk
-    B, T, hq, hkv, d, S, page_size = shape
-    _, k_cache, v_cache, lens, block_table, what = _decode_inputs(gen, dev, dtype, shape)
+    from turbokernels.reference.decode_attention import apply_rotary
+    B, T, hq, hkv, d, S, page_size = shape[:7]
+    rotary_dim = shape[7] if len(shape) > 7 else 0
+    _, k_cache, v_cache, lens, block_table, what = _decode_inputs(gen, dev, dtype, shape[:7])
     lens = lens - T
     k_new = _randn(gen, B, T, hkv, d, dtype=dtype, device=dev)
     v_new = _randn(gen, B, T, hkv, d, dtype=dtype, device=dev)
+    options = {}
+    if rotary_dim:
+        angles = torch.rand(S, rotary_dim // 2, generator=gen, dtype=torch.float64) * (2 * math.pi)
+        options = dict(cache_leftpad=(lens // 2).to(torch.int32), rotary_cos=angles.cos().to(dtype).to(dev),
+                       rotary_sin=angles.sin().to(dtype).to(dev), rotary_interleaved=True)
+        what += f" rotary{rotary_dim} gptj leftpad"
     want_k, want_v = k_cache.clone(), v_cache.clone()
     for b in range(B):  # the spec, one token at a time
         for t in range(T):
             pos = int(lens[b]) + t
             row, slot = (int(block_table[b, pos // page_size]), pos % page_size) if page_size else (b, pos)
-            want_k[row, slot], want_v[row, slot] = k_new[b, t], v_new[b, t]
+            key = k_new[b, t]
+            if rotary_dim:
+                at = torch.tensor([[pos - int(options["cache_leftpad"][b])]], device=dev)
+                key = apply_rotary(key[None, None], options["rotary_cos"], options["rotary_sin"], at, True)[0, 0]
+            want_k[row, slot], want_v[row, slot] = key, v_new[b, t]
 
     def run(name):
         kc, vc = k_cache.clone(), v_cache.clone()
-        new_lens = tk.kv_cache_append(kc, vc, k_new, v_new, lens, block_table=block_table)
+        new_lens = tk.kv_cache_append(kc, vc, k_new, v_new, lens, block_table=block_table, **options)
         return _Result([("k_cache", kc, want_k, None, None), ("v_cache", vc, want_v, None, None),
                         ("lengths", new_lens, lens + T, None, None)], exact=True)
     return run, f"{what} +{T}"
@@ -268,7 +282,8 @@ OPS: dict[str, tuple[str, Callable, list]] = {
     "attention_bwd": ("attention_bwd", _attention_bwd, [(1, 17, 33, 2, 1, 40, True), (1, 33, 17, 2, 2, 64, False)]),
     "decode_attention": ("decode_attention", _decode_attention,
                          [(2, 1, 4, 2, 64, 97, None), (2, 2, 4, 1, 40, 64, 16)]),
-    "kv_cache_append": ("kv_cache_append", _kv_cache_append, [(2, 2, 4, 2, 64, 97, None), (2, 3, 4, 1, 40, 64, 16)]),
+    "kv_cache_append": ("kv_cache_append", _kv_cache_append,
+                        [(2, 2, 4, 2, 64, 97, None), (2, 3, 4, 1, 40, 64, 16, 32)]),  # (..., rotary_dim)
 }
 
 

@@ -394,20 +394,30 @@ def attention_allowance(q, k, v, *, causal=False, softmax_scale=None, window_siz
 
 def decode_allowance(q, k_cache, v_cache, cache_seqlens, block_table=None, alibi_slopes=None, softmax_scale=None,
                      window_left=-1, window_right=-1, softcap=0.0,
-                     operand_dtype: Optional[torch.dtype] = None, exp_error: float = 0.0) -> Allowance:
-    """Allowance of decode_attention's output (B, T, Hq, D), for the reference's arguments. The split-KV combine
-    (a weighted sum of partial outputs, weights from their lse) adds a few fp32 roundings: inside the constants.
-    exp_error: as attention_allowance's."""
+                     operand_dtype: Optional[torch.dtype] = None, exp_error: float = 0.0, *,
+                     cache_batch_idx=None, cache_leftpad=None, causal: bool = True, return_lse: bool = False):
+    """Allowance of decode_attention's output (B, T, Hq, D), for the reference's arguments; with return_lse,
+    (that, the allowance of its natural-log lse (B, Hq, T)). The split-KV combine (a weighted sum of partial
+    outputs, weights from their lse; the lse from the max and the weighted sum) adds a few fp32 roundings: inside
+    the constants. exp_error: as attention_allowance's."""
     from .reference.decode_attention import decode_scores
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     qh, kh, vh, s, allowed, bias = decode_scores(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
-                                                 scale, window_left, window_right, softcap, torch.float64)
-    out_a, _ = _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale, softcap,
-                                     _operand_rounding(operand_dtype), exp_error)
+                                                 scale, window_left, window_right, softcap, torch.float64,
+                                                 cache_batch_idx, cache_leftpad, causal)
+    out_a, lse_a = _softmax_pv_allowance(qh, kh, vh, s, allowed, bias, scale, softcap,
+                                         _operand_rounding(operand_dtype), exp_error)
     # the combine: exp of lse differences and a normalisation, each relative to |o|
-    out_a = out_a + Allowance(16 * U32 * ((torch.exp(s - torch.logsumexp(s, -1, keepdim=True).nan_to_num(0.0))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    out_a = out_a + Allowance(16 * U32 * ((torch.exp(s - lse.nan_to_num(0.0))
                                            .nan_to_num(0.0)) @ vh.abs()), 0.0)
-    return out_a.map(lambda t: t.transpose(1, 2))
+    out_a = out_a.map(lambda t: t.transpose(1, 2))
+    if not return_lse:
+        return out_a
+    # the combine's lse: M + log2 of a sum of split sums, times ln 2 (the base-2 max and log: relative to |lse|)
+    lse = lse.squeeze(-1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return out_a, lse_a + Allowance(16 * U32 * (1.0 + lse.abs()), 0.0)
 
 
 def attention_bwd_allowance(q, k, v, dout, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
@@ -585,6 +595,7 @@ class CodegenJob:
     num_warps: int = 4
     num_stages: int = 3
     divisible_by_16: tuple = ()  # arguments the launcher's JIT would see as multiples of 16
+    options: tuple = ()         # ((option, value), ...) the launcher passes too, e.g. (("enable_fp_fusion", False),)
 
 
 def _compile_one(job: CodegenJob) -> CodegenReport:
@@ -601,8 +612,8 @@ def _compile_one(job: CodegenJob) -> CodegenReport:
     src = ASTSource(fn=fn, signature={**dict(job.signature), **{k: "constexpr" for k in constexprs}},
                     constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", job.capability, 32)
-    options = make_backend(target).parse_options({"num_warps": job.num_warps,
-                                                  "num_stages": job.num_stages}).__dict__
+    options = make_backend(target).parse_options({"num_warps": job.num_warps, "num_stages": job.num_stages,
+                                                  **dict(job.options)}).__dict__
     kernel = triton.compile(src, target=target, options=options)
     ptx = kernel.asm["ptx"]
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)

@@ -21,6 +21,9 @@ How the spec maps onto the kernel (B, H, S, D views of our (B, S, H, D) tensors,
   * decode: one call on the cache slots some new token may attend, [L - T - window_left, L), a view (paged caches:
     the pages holding them, gathered); slots outside are never read, as the spec requires (unwritten slots may hold
     NaN: a mask cannot hide a NaN key, NaN + -inf is NaN). Sequences of different lengths: one call each.
+    FlashAttention's options (causal=False, cache_batch_idx, cache_leftpad, return_lse): one call per sequence on
+    its slots [max(leftpad, L - T - window_left), L) of its cache row, the dense forward's causal flag, window and
+    lse (decode_options; the usual call's C++ one-call path is not used for them).
 One C++ call when the extension is loaded (csrc/cpu/torch_attention.cpp, turbokernels._C.torch_attention_fwd /
 torch_attention_decode): the views, the kernel, the rows without keys, the NaN-row repair and the lse copy below,
 the same steps on the same kernel (same bits: tests/test_attention.py, tests/test_decode_attention.py), without a
@@ -404,7 +407,9 @@ def attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slo
 
 # ---- decode_attention ----------------------------------------------------------------------------------------
 def check_decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
-                 window_right, softcap) -> Optional[str]:
+                 window_right, softcap, cache_batch_idx=None, cache_leftpad=None, causal=True,
+                 return_lse=False) -> Optional[str]:
+    # FlashAttention's options (cache_batch_idx, cache_leftpad, causal=False, return_lse) are served (decode_options)
     # q's head dim is made contiguous here if needed (a few rows): only the caches' layout is checked (no slicing
     # of q: every tensor op costs a dispatch)
     if q.device.type != "cpu":
@@ -482,9 +487,51 @@ def _decode_block(q, kt, vt, slopes, scale, window_left):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
-                     window_right, softcap):
-    return decode_lens(q, k_cache, v_cache, cache_seqlens.tolist(), block_table, alibi_slopes, softmax_scale,
-                       window_left)  # CPU tensors: no device sync
+                     window_right, softcap, cache_batch_idx=None, cache_leftpad=None, causal=True, return_lse=False):
+    """The op: (out, lse (B, Hq, T) fp32 when return_lse, else an empty (0,) fp32 tensor)."""
+    lens = cache_seqlens.tolist()  # CPU tensors: no device sync
+    if cache_batch_idx is None and cache_leftpad is None and causal and not return_lse:
+        return (decode_lens(q, k_cache, v_cache, lens, block_table, alibi_slopes, softmax_scale, window_left),
+                q.new_empty((0,), dtype=torch.float32))
+    rows = None if cache_batch_idx is None else cache_batch_idx.tolist()
+    pads = None if cache_leftpad is None else cache_leftpad.tolist()
+    out, lse = decode_options(q, k_cache, v_cache, lens, block_table, alibi_slopes, softmax_scale, window_left,
+                              window_right, rows, pads, causal, return_lse)
+    return out, (lse if return_lse else q.new_empty((0,), dtype=torch.float32))
+
+
+def decode_options(q, k_cache, v_cache, lens, block_table, alibi_slopes, softmax_scale, window_left, window_right,
+                   rows, pads, causal: bool, want_lse: bool):
+    """decode with FlashAttention's options, one kernel call per sequence (lists: rows = cache_batch_idx, pads =
+    cache_leftpad, or None): sequence b's slots [lo_b, L_b) of cache row rows[b], lo_b = max(pads[b],
+    L_b - T - window_left) (slots before are never read), given to attention_fwd's dense case (_run) with `causal`
+    and the window: its bottom-right alignment puts token t at the slice's position L_b - lo_b - T + t, i.e. at
+    L_b - T + t in the cache, and every distance (window, ALiBi) is the same in the slice as in the cache.
+    -> (out (B, T, Hq, D) contiguous, lse fp32 (B, Hq, T) or None); a sequence without slots: 0, lse -inf."""
+    B, T, hq, D = q.shape
+    if q.stride()[-1] != 1 and D > 1:
+        q = q.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, hq, T), dtype=torch.float32, device=q.device) if want_lse else None
+    right = -1 if causal else window_right
+    for b, n in enumerate(lens):
+        lo = 0 if pads is None else pads[b]
+        if window_left >= 0:
+            lo = max(lo, n - T - window_left)
+        if n <= lo:
+            out[b] = 0.0
+            if want_lse:
+                lse[b] = NEG_INF
+            continue
+        row = b if rows is None else rows[b]  # paged (rows None): _slots reads sequence b's pages
+        slopes = None if alibi_slopes is None else (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes)
+        o_b, lse_b = _run(q[b:b + 1].transpose(1, 2), _slots(k_cache, block_table, row, lo, n),
+                          _slots(v_cache, block_table, row, lo, n), False, slopes, softmax_scale, causal,
+                          window_left, right, want_lse)
+        out[b] = o_b[0].transpose(0, 1)
+        if want_lse:
+            lse[b] = lse_b[0]
+    return out, lse
 
 
 def decode_lens(q, k_cache, v_cache, lens, block_table, alibi_slopes, softmax_scale, window_left):
