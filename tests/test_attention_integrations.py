@@ -202,6 +202,25 @@ def test_hf_llama_greedy_generation_matches_sdpa(backend_name):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.gpu
+def test_hf_decode_steps_run_the_decode_kernel_on_gpu(monkeypatch):
+    """On a GPU every one-token step with transformers' own cache (no mask) is one decode_attention call per layer
+    (the split-KV kernel), and 16 greedy tokens are sdpa's (fp32: no near-tie flips)."""
+    from turbokernels.integrations import transformers as tkt
+    name = tkt.register()
+    ids = torch.randint(0, 256, (2, 12), device="cuda")
+    calls = []
+    real = tkt.decode_attention
+    monkeypatch.setattr(tkt, "decode_attention", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    with torch.no_grad():
+        ref = tiny_llama("sdpa").cuda().generate(ids, max_new_tokens=16, do_sample=False)
+        model = tiny_llama("sdpa").cuda()
+        model.set_attn_implementation(name)
+        ours = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(ours, ref)
+    assert calls == [1] * (15 * 2)
+
+
 def test_hf_padding_mask_is_not_dropped():
     """With left padding the mask must reach the attention (transformers drops it without a mask function)."""
     from turbokernels.integrations import transformers as tkt
@@ -365,3 +384,32 @@ def test_hf_bert_padded_batch_runs_fused():
     with torch.no_grad():
         ref = ref_model(ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_hf_masks_under_torch_compile_run_fused_and_checked(family, monkeypatch):
+    """Under torch.compile transformers always builds the mask and its values cannot be read while tracing: a
+    left-padded batch (and Mistral's window of 5) runs decode_attention with lengths and left pads computed in the
+    graph (logits at the real tokens as eager's, no sdpa fallback); a mask that is not a causal run of keys (here
+    bidirectional) fails the in-graph assert instead of being dropped."""
+    from transformers.integrations import sdpa_attention
+    from turbokernels.integrations import transformers as tkt
+    name = tkt.register()
+    model = _padded_model(family, "sdpa")
+    model.set_attn_implementation(name)
+    ids = torch.randint(1, 256, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    fallback = []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **k: fallback.append(1) or real(*a, **k))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, use_cache=False).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        got = compiled(ids, attention_mask=mask, use_cache=False).logits
+        torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+        assert fallback == []
+        with pytest.raises(RuntimeError, match="under torch.compile the attention mask must be causal"):
+            compiled(ids, attention_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool), use_cache=False)
+    torch._dynamo.reset()

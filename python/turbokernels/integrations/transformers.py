@@ -19,14 +19,24 @@ holes, custom patterns) goes to transformers' sdpa path, never to a wrong answer
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 
 from ..ops.attention import _dense_bhsd, attention
+from ..ops.decode_attention import decode_attention
 
 NAME = "turbokernels"
+# new queries per call up to which a call without a mask runs the decode kernel on a GPU (on the CPU the dense
+# entry's C++ path already takes one-row calls to the decode kernel)
+DECODE_MAX_QUERIES = 16
 _noted: set[str] = set()
+_is_compiling = torch.compiler.is_compiling
+# integrations/transformers_cache.KVCache.update leaves (the key states it returned, its layer) here; the attention
+# call that receives that very tensor reads the cache instead (per thread: one model per thread at a time)
+_CACHE_SLOT = threading.local()
+_CACHE_SLOT.entry = None
 
 
 def _note_once(reason: str) -> None:
@@ -41,14 +51,32 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention signature: query (B, Hq, S, D), key/value (B, Hkv, S_k, D) -> ((B, S, Hq, D), None)."""
     # No import statement on the fused path: a function-level `from ... import` costs ~8 us a call (measured, Xeon),
     # 30 calls a decoded token on SmolLM2.
+    cache_layer = None
+    entry = getattr(_CACHE_SLOT, "entry", None)
+    if entry is not None:
+        _CACHE_SLOT.entry = None
+        if entry[0] is key:  # the states a turbokernels KVCache just stored
+            cache_layer = entry[1]
+            out = cache_layer.attend(module, query, attention_mask, scaling, kwargs)
+            if out is not None:
+                return out, None
     reason, plan = None, None
     if attention_mask is not None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         window = kwargs.get("sliding_window")
+        if _is_compiling() and causal and dropout == 0.0 and not kwargs.get("output_attentions") \
+                and kwargs.get("position_bias") is None:
+            out = _traced_causal(query, key, value, attention_mask, scaling,
+                                 window - 1 if type(window) is int and window > 0 else -1,
+                                 float(kwargs.get("softcap") or 0.0))
+            if out is not None:
+                return out, None
         plan = _mask_plan(attention_mask, query, key, bool(causal),
                           window - 1 if type(window) is int and window > 0 else -1)
         if plan is None:
             reason = "an attention mask that is not padding or a causal sliding window (e.g. packed sequences)"
+    if cache_layer is not None:  # the prompt, into an empty KVCache: its padding is the cache's left pad
+        cache_layer.set_leftpad(plan, key.shape[2])
     if reason is None and dropout > 0.0:
         reason = "attention dropout is not fused"
     elif reason is None and kwargs.get("position_bias") is not None:
@@ -75,20 +103,59 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = _dense_bhsd(query, key, value, causal, scaling, plain=True)
         if out is not None:
             return out.transpose(1, 2), None
+    if (q_len <= DECODE_MAX_QUERIES and query.is_cuda and key.shape[2] >= q_len
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))):
+        # a decode step (transformers' own cache): the split-KV decode kernel, not one mostly empty prefill tile per
+        # head; every key is valid (no mask), bottom-right causal among the new queries as attention's
+        lens = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32, device=query.device)
+        out = decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
+                               softmax_scale=scaling, softcap=float(softcap), causal=bool(causal) or q_len == 1)
+        return out, None
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                     softmax_scale=scaling, softcap=softcap)
     return out, None
+
+
+def _traced_causal(query, key, value, mask, scaling, window_left: int, softcap: float):
+    """Under torch.compile (transformers then always builds the mask, and its values cannot be read while
+    tracing): a bool mask whose every row is one causal run of keys -- from each row's first visible key (its left
+    pad, or its window's start) to its query's position, bottom-right aligned to the last visible key -- is
+    decode_attention with cache_seqlens = last visible key + 1 and cache_leftpad = first visible key, all computed in
+    the graph (no host sync: CUDA-graph safe). That the mask IS that pattern is asserted in the graph
+    (torch._assert_async: an error on the CPU, a device-side assert on a GPU), never assumed. None: not such a
+    call (then the call falls back, as any unfused mask)."""
+    if (type(mask) is not torch.Tensor and not isinstance(mask, torch.Tensor)) or mask.dtype is not torch.bool \
+            or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    if tuple(mask.shape[2:]) != (q_len, kv_len) or mask.shape[0] not in (1, batch) or q_len > kv_len:
+        return None
+    m = mask[:, 0].expand(batch, q_len, kv_len)
+    seen = m.any(1).to(torch.int32)                                           # (batch, kv_len)
+    first = seen.argmax(1)
+    last = kv_len - 1 - seen.flip(1).argmax(1)
+    j = torch.arange(kv_len, device=mask.device).view(1, 1, kv_len)
+    pos = (last + 1 - q_len).view(batch, 1, 1) + torch.arange(q_len, device=mask.device).view(1, q_len, 1)
+    want = (j >= first.view(batch, 1, 1)) & (j <= pos)
+    if window_left >= 0:
+        want &= j >= pos - window_left
+    torch._assert_async((want == m).all(), "turbokernels attention: under torch.compile the attention mask must "
+                        "be causal over each row's visible keys (padding, a sliding window); this one is not")
+    lens = (last + 1).to(torch.int32)
+    return decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
+                            softmax_scale=scaling, window_size=(window_left, -1), softcap=softcap,
+                            cache_leftpad=first.to(torch.int32))
 
 
 class _Plan:
     """How a masked call runs fused: causal, window_left, and for a padded batch the flat indices of the real queries
     and keys ((batch * q_len) and (batch * kv_len) numbering) with their int32 cu_seqlens; dense when nothing is
     padded (then q_idx is None)."""
-    __slots__ = ("key", "causal", "window_left", "q_idx", "k_idx", "cu_q", "cu_k")
+    __slots__ = ("key", "causal", "window_left", "q_idx", "k_idx", "cu_q", "cu_k", "k_real")
 
-    def __init__(self, key, causal, window_left, q_idx=None, k_idx=None, cu_q=None, cu_k=None):
+    def __init__(self, key, causal, window_left, q_idx=None, k_idx=None, cu_q=None, cu_k=None, k_real=None):
         self.key, self.causal, self.window_left = key, causal, window_left
-        self.q_idx, self.k_idx, self.cu_q, self.cu_k = q_idx, k_idx, cu_q, cu_k
+        self.q_idx, self.k_idx, self.cu_q, self.cu_k, self.k_real = q_idx, k_idx, cu_q, cu_k, k_real
 
 
 _NO_PLAN = _Plan(None, False, -1)
@@ -149,7 +216,7 @@ def _build_plan(m, plan_key, causal: bool, window_left: int):
     zero = torch.zeros(1, dtype=torch.int32, device=m.device)
     cu_q = torch.cat([zero, q_real.sum(1).cumsum(0).to(torch.int32)])
     cu_k = torch.cat([zero, k_real.sum(1).cumsum(0).to(torch.int32)])
-    return _Plan(plan_key, causal, window_left, q_idx, k_idx, cu_q, cu_k)
+    return _Plan(plan_key, causal, window_left, q_idx, k_idx, cu_q, cu_k, k_real)
 
 
 def _unpadded_equals(m, q_real, k_real, causal: bool, window_left: int) -> bool:
