@@ -30,19 +30,38 @@ whatever the body's type (src/llama-quant.cpp) -- this very GGUF stores SmolLM2'
 Q4_1. Caveat: hf_fp32 is that Q4_1 body dequantized, so int4 g32 re-quantizes weights that already lie on a 4-bit
 grid (nearly lossless here; on a float checkpoint int4's own loss adds), while the head is re-quantized from Q8_0.
 
+Decode variants (on a GPU by default; --decode-variants on|off), e2e_decode_<device>.csv: the model in bf16,
+DECODE_VARIANT_TOKENS (64) greedy decode steps after the prompt, each variant eager (transformers' DynamicCache) and
+with CUDA graphs (torch.compile(mode="reduce-overhead", fullgraph=True) of the decode step over a StaticCache, the
+prefill eager, as transformers' generate does):
+  hf_eager_bf16           attn_implementation="eager"
+  hf_sdpa_bf16            attn_implementation="sdpa" (the baseline: every ratio is against its eager decode)
+  tk_attention_bf16       attn_implementation="turbokernels"
+  int4_tk_attention_bf16  + every linear but lm_head Int4Linear (g32)
+with the issue's targets printed PASS/FAIL: int4 + fused attention + CUDA graphs decodes >= 2.5x HF sdpa bf16 eager,
+and turbokernels eager decode is no slower than HF eager bf16. A variant that fails to compile or capture gets its
+error in its row instead of stopping the run; with --budget S, graph variants not yet started once S seconds have
+passed are skipped (their rows say so). Each graph row lists the torch.ops.turbokernels.* that inductor's code
+calls (graph_turbokernels_ops): a masked attention call that the integration does not fuse under torch.compile
+runs transformers' sdpa there, and the row shows it.
+
     python bench/e2e.py [--device cpu|cuda] [--out DIR] [--quick] [--prompt 128] [--decode 32] [--rounds 5]
+                        [--decode-variants auto|on|off] [--variant-decode 64] [--budget 0]
     turbokernels bench e2e ...
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import math
 import os
+import re
 import statistics
 import sys
 import time
 import warnings
+from typing import Optional
 
 import torch
 
@@ -59,15 +78,20 @@ PROMPT_QUALITY = 64  # the greedy continuation's prompt: the passage's first tok
 GREEDY = 32
 
 
-def _with_attention(model):
-    import turbokernels.integrations.transformers as tkt
-    m = copy.deepcopy(model)
-    tkt.register()
-    if hasattr(m, "set_attn_implementation"):
-        m.set_attn_implementation(tkt.NAME)
+def _set_attention(model, impl: str):
+    """model with attention `impl` ("eager", "sdpa" or "turbokernels"), in place."""
+    if impl == "turbokernels":
+        import turbokernels.integrations.transformers as tkt
+        impl = tkt.register()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
     else:  # transformers before set_attn_implementation: the attribute it sets
-        m.config._attn_implementation = tkt.NAME
-    return m
+        model.config._attn_implementation = impl
+    return model
+
+
+def _with_attention(model):
+    return _set_attention(copy.deepcopy(model), "turbokernels")
 
 
 def _variants(model, device):
@@ -161,9 +185,250 @@ def _llama_cpp(gguf_path, n_threads):
     return run
 
 
+# ---- decode variants: bf16, HF eager / sdpa vs turbokernels, each eager and with CUDA graphs ---------------------
+DECODE_VARIANT_TOKENS = 64
+DECODE_DTYPE = torch.bfloat16
+BASELINE = "hf_sdpa"                     # every ratio is against its eager decode
+TARGET_GRAPHS_X = 2.5                    # int4 + fused attention + CUDA graphs vs HF sdpa bf16, eager
+# (variant, attention, int4 linears); graph variants compile in GRAPH_ORDER (the most wanted first, for --budget)
+DECODE_VARIANTS = (("hf_eager", "eager", False), ("hf_sdpa", "sdpa", False), ("tk_attention", "turbokernels", False),
+                   ("int4_tk_attention", "turbokernels", True))
+GRAPH_ORDER = ("int4_tk_attention", "hf_sdpa", "tk_attention", "hf_eager")
+_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _decode_variants(model, dtype=DECODE_DTYPE) -> dict:
+    """{name: model}: copies of `model` in `dtype`, per DECODE_VARIANTS."""
+    from turbokernels import model as tk_model
+    base = copy.deepcopy(model).to(dtype)
+    out = {}
+    for name, attention, int4 in DECODE_VARIANTS:
+        m = copy.deepcopy(base)
+        if int4:
+            tk_model.quantize_int4_(m, group_size=GROUP_SIZE)
+        out[name] = _set_attention(m, attention)
+    return out
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: transformers 5.2x renamed past_key_values to cache (the old name warns)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _static_cache(model, max_len: int, device, dtype):
+    import transformers
+    try:
+        return transformers.StaticCache(config=model.config, max_cache_len=max_len)  # transformers 5: lazy tensors
+    except TypeError:  # transformers 4
+        return transformers.StaticCache(config=model.config, max_batch_size=1, max_cache_len=max_len, device=device,
+                                        dtype=dtype)
+
+
+@torch.no_grad()
+def _time_static(model, step, ids, n_decode, device, cache):
+    """_time_model in the StaticCache `cache`, reset first (the same tensors every call: the addresses a CUDA graph
+    recorded): the prompt through `model` eagerly (as transformers' generate does), the decode steps through `step`
+    (the model compiled)."""
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    cache.reset()
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, **kw)
+    _sync(device)
+    prefill = time.perf_counter() - t0
+    token = out.logits[:, -1:].argmax(-1)
+    steps, tokens = [], [token.item()]
+    for _ in range(n_decode):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: the next replay may reuse
+        t0 = time.perf_counter()
+        out = step(input_ids=token, **kw)
+        token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        steps.append(time.perf_counter() - t0)
+        tokens.append(token.item())
+    return prefill, steps, tokens
+
+
+class _GeneratedCode:
+    """The code inductor generates while inside (torch._inductor.utils.run_and_get_code's hook, without its
+    torch._dynamo.reset()); ops(): the torch.ops.turbokernels.* it calls, None when the hook is not there."""
+
+    def __enter__(self):
+        from unittest import mock
+        self.codes, self._patch = [], None
+        try:
+            from torch._inductor.graph import GraphLowering
+            self._patch = mock.patch.object(GraphLowering, "save_output_code", self.codes.append)
+            self._patch.__enter__()
+        except (ImportError, AttributeError):
+            self._patch = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._patch is not None:
+            self._patch.__exit__(*exc)
+        return False
+
+    def ops(self):
+        if self._patch is None or not self.codes:
+            return None
+        return sorted({m for c in self.codes for m in re.findall(r"torch\.ops\.turbokernels\.(\w+)", c)})
+
+
+def _graphs(model, ids, n_decode, rounds, device):
+    """(median decode step seconds, greedy tokens, seconds of the first generation (compile, warm-up, capture),
+    turbokernels ops in the compiled code) of `model` compiled with mode="reduce-overhead" over a StaticCache."""
+    torch._dynamo.reset()  # the variants timed before: done with (each compiles the same forward's code)
+    cache = _static_cache(model, ids.shape[1] + n_decode + 1, device, DECODE_DTYPE)
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    t0 = time.perf_counter()
+    with _GeneratedCode() as code:
+        _time_static(model, step, ids, n_decode, device, cache)  # compiles, warms up and records the graph
+    first = time.perf_counter() - t0
+    medians, tokens = [], None
+    for _ in range(rounds):
+        _, steps, tokens = _time_static(model, step, ids, n_decode, device, cache)
+        medians.append(statistics.median(steps))
+    return statistics.median(medians), tokens, first, code.ops()
+
+
+def _error(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def decode_targets(rows: list[dict]) -> list[tuple[str, Optional[bool], str]]:
+    """The issue's target lines: (what, passed (None: not measured), the figures)."""
+    by = {(r["variant"].rsplit("_", 1)[0], r["mode"]): r for r in rows}
+
+    def tok_s(variant, mode):
+        r = by.get((variant, mode))
+        return r["decode_tok_s"] if r and r["decode_tok_s"] != "" else None
+
+    out = []
+    base, graphs = tok_s(BASELINE, "eager"), tok_s("int4_tk_attention", "cuda_graphs")
+    what = f"decode >= {TARGET_GRAPHS_X}x HF sdpa bf16 (eager) with int4 + turbokernels attention + CUDA graphs"
+    if base and graphs:
+        out.append((what, graphs / base >= TARGET_GRAPHS_X, f"{graphs / base:.2f}x ({graphs:.1f} vs {base:.1f} tok/s)"))
+    else:
+        out.append((what, None, "not measured (see the rows' error column)"))
+    hf_eager = tok_s("hf_eager", "eager")
+    for variant in ("int4_tk_attention", "tk_attention"):
+        ours = tok_s(variant, "eager")
+        what = f"eager decode of {variant} no slower than HF eager bf16"
+        if hf_eager and ours:
+            out.append((what, ours >= hf_eager, f"{ours / hf_eager:.2f}x ({ours:.1f} vs {hf_eager:.1f} tok/s)"))
+        else:
+            out.append((what, None, "not measured"))
+    return out
+
+
+@torch.no_grad()
+def decode_variant_rows(model, model_name: str, env: dict, ids, n_decode: int, rounds: int, device, out_dir: str,
+                        graphs: Optional[bool] = None, deadline: Optional[float] = None) -> list[dict]:
+    """Time DECODE_VARIANTS (eager, then with CUDA graphs: on CUDA unless `graphs` says otherwise), print the
+    table and the targets, write e2e_decode_<device>.csv (after every graph variant, so a run stopped by a timeout
+    keeps what it measured). deadline: a time.perf_counter() after which no graph variant is started."""
+    graphs = device.type == "cuda" if graphs is None else graphs
+    tag = _TAG.get(DECODE_DTYPE, str(DECODE_DTYPE))
+    variants = _decode_variants(model)
+    csv_path = os.path.join(out_dir, f"e2e_decode_{device.type}.csv")
+    eager = {}
+    timers = {k: (lambda m: lambda: _time_model(m, ids, n_decode, device))(m) for k, m in variants.items()}
+    for k, fn in timers.items():  # warm-up (autotuning, first-call allocations); a failure is that variant's row
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - recorded in the row
+            eager[k] = dict(error=_error(e))
+    steps = {k: [] for k in timers if k not in eager}
+    prefill = {k: [] for k in steps}
+    tokens = {}
+    for _ in range(rounds):  # interleaved rounds, medians
+        for k in steps:
+            p, s, tokens[k] = timers[k]()
+            prefill[k].append(p)
+            steps[k].append(statistics.median(s))
+    for k in steps:
+        eager[k] = dict(step=statistics.median(steps[k]), prefill=statistics.median(prefill[k]), tokens=tokens[k])
+    compiled = {}
+    if graphs:
+        for k in GRAPH_ORDER:
+            if deadline is not None and time.perf_counter() > deadline:
+                compiled[k] = dict(error="skipped: the --budget was spent before this variant started")
+                continue
+            try:
+                step, toks, first, ops = _graphs(variants[k], ids, n_decode, rounds, device)
+                compiled[k] = dict(step=step, tokens=toks, first=first, ops=ops)
+            except Exception as e:  # noqa: BLE001 - recorded in the row, the others still run
+                compiled[k] = dict(error=_error(e))
+                torch._dynamo.reset()
+            write_csv(_decode_rows(env, model_name, tag, ids, n_decode, rounds, eager, compiled), csv_path)
+    else:
+        why = "skipped: CUDA graphs need a CUDA device" if device.type != "cuda" else "skipped (graphs=False)"
+        compiled = {k: dict(error=why) for k in GRAPH_ORDER}
+    rows = _decode_rows(env, model_name, tag, ids, n_decode, rounds, eager, compiled)
+    write_csv(rows, csv_path)
+    print(f"\n# decode variants, {tag}: {model_name}, prompt {ids.shape[1]}, {n_decode} greedy decode steps, {rounds} "
+          f"rounds, medians; eager: DynamicCache; cuda_graphs: torch.compile(mode='reduce-overhead', fullgraph=True) "
+          f"decode steps over a StaticCache (prefill eager); ratios vs {BASELINE}_{tag} eager")
+    print(f"{'variant':>24} {'mode':>12} {'decode tok/s':>13} {'x sdpa':>7} {'greedy=sdpa':>12} {'1st gen s':>10}  "
+          f"graph ops / error")
+    for r in rows:
+        tok_s = f"{r['decode_tok_s']:>13.1f}" if r["decode_tok_s"] != "" else f"{'-':>13}"
+        ratio = f"{r['decode_x_sdpa_eager']:>6.2f}x" if r["decode_x_sdpa_eager"] != "" else f"{'-':>7}"
+        first = f"{r['first_generation_s']:>10.1f}" if r["first_generation_s"] != "" else f"{'':>10}"
+        print(f"{r['variant']:>24} {r['mode']:>12} {tok_s} {ratio} {r['greedy_same_vs_sdpa']:>12} {first}  "
+              f"{r['error'] or r['graph_turbokernels_ops']}", flush=True)
+    for r in rows:
+        if (r["mode"] == "cuda_graphs" and r["attention"] == "turbokernels" and not r["error"]
+                and r["graph_turbokernels_ops"] != "?" and "attention" not in r["graph_turbokernels_ops"]):
+            print(f"note: {r['variant']} with CUDA graphs ran no turbokernels attention op (compiled code calls: "
+                  f"{r['graph_turbokernels_ops']}): its attention ran transformers' sdpa")
+    for what, ok, figures in decode_targets(rows):
+        print(f"target: {what}: {'PASS' if ok else ('FAIL' if ok is not None else 'n/a')}  {figures}")
+    print(f"wrote {csv_path}")
+    return rows
+
+
+def _decode_rows(env, model_name, tag, ids, n_decode, rounds, eager: dict, compiled: dict) -> list[dict]:
+    base = eager.get(BASELINE, {})
+    base_step, base_tokens = base.get("step"), base.get("tokens")
+    rows = []
+    for mode, results in (("eager", eager), ("cuda_graphs", compiled)):
+        for name, attention, int4 in DECODE_VARIANTS:
+            res = results.get(name)
+            if res is None:
+                continue
+            step, toks = res.get("step"), res.get("tokens")
+            same = ""
+            if toks is not None and base_tokens is not None:
+                n_same = next((i for i, (a, b) in enumerate(zip(toks, base_tokens)) if a != b), len(toks))
+                same = f"{n_same}/{len(toks)}"
+            ops = res.get("ops")
+            rows.append(dict(
+                env, model=model_name, variant=f"{name}_{tag}", mode=mode, dtype=tag,
+                cache="static" if mode == "cuda_graphs" else "dynamic", attention=attention,
+                linears=f"int4 g{GROUP_SIZE}" if int4 else tag, prompt_tokens=ids.shape[1], decode_tokens=n_decode,
+                rounds=rounds, decode_tok_s=round(1 / step, 1) if step else "",
+                decode_x_sdpa_eager=round(base_step / step, 3) if step and base_step else "",
+                prefill_tok_s=round(ids.shape[1] / res["prefill"], 1) if res.get("prefill") else "",
+                greedy_same_vs_sdpa=same,
+                first_generation_s=round(res["first"], 1) if res.get("first") is not None else "",
+                graph_turbokernels_ops=("?" if ops is None else " ".join(ops) or "none")
+                if mode == "cuda_graphs" and step else "",
+                error=res.get("error", "")))
+    return rows
+
+
 def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, prompt: int = 128,
-        decode: int = 32, rounds: int = 5) -> list[dict]:
+        decode: int = 32, rounds: int = 5, decode_variants: str = "auto",
+        variant_decode: int = DECODE_VARIANT_TOKENS, budget: float = 0.0) -> list[dict]:
     from turbokernels.demo import _load_llama, _smollm2_gguf
+    started = time.perf_counter()
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if quick:
@@ -225,6 +490,9 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, p
     csv_path = os.path.join(out_dir, f"e2e_{dev.type}.csv")
     write_csv(rows, csv_path)
     print(f"wrote {csv_path}")
+    if decode_variants == "on" or (decode_variants == "auto" and dev.type == "cuda"):
+        deadline = started + budget if budget > 0 else None
+        decode_variant_rows(model, name, env, ids, variant_decode, rounds, dev, out_dir, deadline=deadline)
     return rows
 
 
@@ -236,11 +504,17 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--decode", type=int, default=32, help="greedy decode steps (default 32)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--decode-variants", default="auto", choices=["auto", "on", "off"],
+                   help="the bf16 decode variants, eager and with CUDA graphs (auto: on a GPU)")
+    p.add_argument("--variant-decode", type=int, default=DECODE_VARIANT_TOKENS,
+                   help=f"greedy decode steps of the decode variants (default {DECODE_VARIANT_TOKENS})")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds from the start after which no CUDA-graph variant is started (0: no limit)")
     a = p.parse_args(argv)
-    for arg in ("prompt", "decode", "rounds"):
+    for arg in ("prompt", "decode", "rounds", "variant_decode"):
         if getattr(a, arg) < 1:
-            p.error(f"--{arg} must be at least 1")
-    run(a.device, a.out, a.quick, a.prompt, a.decode, a.rounds)
+            p.error(f"--{arg.replace('_', '-')} must be at least 1")
+    run(a.device, a.out, a.quick, a.prompt, a.decode, a.rounds, a.decode_variants, a.variant_decode, a.budget)
     return 0
 
 
