@@ -124,8 +124,7 @@ def _traced_causal(query, key, value, mask, scaling, window_left: int, softcap: 
     the graph (no host sync: CUDA-graph safe). That the mask IS that pattern is asserted in the graph
     (torch._assert_async: an error on the CPU, a device-side assert on a GPU), never assumed. None: not such a
     call (then the call falls back, as any unfused mask)."""
-    if (type(mask) is not torch.Tensor and not isinstance(mask, torch.Tensor)) or mask.dtype is not torch.bool \
-            or mask.dim() != 4 or mask.shape[1] != 1:
+    if not isinstance(mask, torch.Tensor) or mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         return None
     batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     if tuple(mask.shape[2:]) != (q_len, kv_len) or mask.shape[0] not in (1, batch) or q_len > kv_len:
@@ -140,7 +139,8 @@ def _traced_causal(query, key, value, mask, scaling, window_left: int, softcap: 
     if window_left >= 0:
         want &= j >= pos - window_left
     torch._assert_async((want == m).all(), "turbokernels attention: under torch.compile the attention mask must "
-                        "be causal over each row's visible keys (padding, a sliding window); this one is not")
+                        "be causal over each row's visible keys (left padding, a sliding window); this one is not (right padding, "
+                        "packed sequences or a custom mask: run such a model uncompiled)")
     lens = (last + 1).to(torch.int32)
     return decode_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
                             softmax_scale=scaling, window_size=(window_left, -1), softcap=softcap,
@@ -157,8 +157,6 @@ class _Plan:
         self.key, self.causal, self.window_left = key, causal, window_left
         self.q_idx, self.k_idx, self.cu_q, self.cu_k, self.k_real = q_idx, k_idx, cu_q, cu_k, k_real
 
-
-_NO_PLAN = _Plan(None, False, -1)
 
 
 def _mask_plan(mask, query, key, causal: bool, window_left: int):
@@ -179,11 +177,11 @@ def _mask_plan(mask, query, key, causal: bool, window_left: int):
         return None
     plan_key = (batch, causal, window_left, mask._version)  # _version: a mask changed in place is read again
     cached = getattr(mask, "_turbokernels_plan", None)
-    if cached is not None and cached.key == plan_key:
-        return cached if cached is not _NO_PLAN else None
+    if cached is not None and cached[0] == plan_key:
+        return cached[1]
     plan = _build_plan(mask[:, 0].expand(batch, q_len, kv_len), plan_key, causal, window_left)
     try:
-        mask._turbokernels_plan = plan or _NO_PLAN
+        mask._turbokernels_plan = (plan_key, plan)
     except (AttributeError, RuntimeError):  # not a plain tensor object: recomputed on each call
         pass
     return plan
