@@ -30,8 +30,15 @@ $(STAMP): Makefile setup.py pyproject.toml $(CSRC)
 demo: install
 	$(PYTHON) -m turbokernels.cli demo
 
+# The suite in pytest-xdist worker processes, one per CPU this process may use (at most 8); tests/conftest.py gives
+# each worker its share of the CPUs for torch's threads. --dist loadfile: a test file runs on one worker, so that a
+# module-scoped fixture (the codegen tests' compiled kernels, minutes) is computed once, not once per worker
+# (loadgroup cannot do it with pytest 9.2: pytest-xdist issue 1386). TEST_WORKERS=0: one process, as
+# `python -m pytest -q`.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(8, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 1)
+
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench-cpu: install
 	$(PYTHON) bench/int4.py --device cpu --out bench/out

@@ -1,15 +1,37 @@
 """Test setup. On a machine without CUDA the Triton kernels run under the interpreter on CPU tensors; the variable
-must be set before triton is first imported, hence here. With a GPU (bench/gpu_check.sh) kernels run for real."""
+must be set before triton is first imported, hence here. With a GPU (bench/gpu_check.sh) kernels run for real.
+
+`make test` runs the suite in pytest-xdist workers (`-n N --dist loadfile`, one worker per CPU); `python -m pytest
+-q` runs it in one process. In a worker, torch gets its share of the CPUs for its intra-op threads (1 each with 2
+workers on 2 cores: more would oversubscribe the cores, and BLAS-heavy tests slow down several times);
+DEFAULT_THREADS keeps torch's own default, which the tests that compare thread counts run with."""
+import contextlib
 import os
 import zlib
 
 import torch
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's default here, before a worker's share is set below
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _cpus // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside the block (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.fixture(autouse=True)

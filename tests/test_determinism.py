@@ -17,13 +17,15 @@ import torch
 
 import turbokernels as tk
 from turbokernels import backends
+import conftest
 from conftest import interpreting
 from turbokernels.testing import cpu_isa_caps
 
 TRITON = interpreting() or torch.cuda.is_available()
-DEFAULT_THREADS = torch.get_num_threads()
-# 1, the default, and more threads than cores (another split of the work among threads)
-THREAD_COUNTS = sorted({1, DEFAULT_THREADS, DEFAULT_THREADS + 1})
+DEFAULT_THREADS = torch.get_num_threads()  # this process's count: 1 in a `make test` worker on 2 cores
+# 1, the default, torch's default (when they differ: under pytest-xdist) and more threads than cores (another split
+# of the work among threads)
+THREAD_COUNTS = sorted({1, DEFAULT_THREADS, conftest.DEFAULT_THREADS, conftest.DEFAULT_THREADS + 1})
 ISAS = cpu_isa_caps()  # a cap above what the CPU has falls back to the best it has
 
 

@@ -62,12 +62,14 @@ def _decode_jobs():
     for paged, block_m in ((False, 16), (True, 16), (True, 32)):
         consts = dict(stride_qd=1, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=128, EVEN_D=True, PAGED=paged,
                       PAGE_PER_TILE=paged and block_m == 16, SPLIT=not paged, SOFTCAP=paged, WINDOW=not paged,
-                      HAS_ALIBI=not paged, UPCAST=False)
+                      HAS_ALIBI=not paged, UPCAST=False, **mod.PLAIN)
         sig = dict(mod.SIGNATURE, out_ptr="*fp32" if not paged else "*{dt}")
         name = "decode-" + ("paged-" + ("pagetile" if block_m == 16 else "pagerow") if paged else "split")
         yield name, CodegenJob(mod.KERNEL, tuple((k, v.format(dt="fp16")) for k, v in sig.items()),
                                tuple(consts.items()), 90, 4, 3, mod.ALIGNED)
-    combine = [job for name, _, _, job in mod.CODEGEN_CASES if name == "sm90-combine-d128"][0]
+    options = [job for name, cap, _, job in mod.CODEGEN_CASES if cap == 90 and name.endswith("-batchidx-lse")][0]
+    yield "decode-noncausal-leftpad-batchidx-lse", options  # the batch-index row and left pad in int64 too
+    combine = [job for name, _, _, job in mod.CODEGEN_CASES if name == "sm90-combine-d128-leftpad-lse"][0]
     yield "decode-combine", combine
 
 

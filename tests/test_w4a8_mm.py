@@ -11,6 +11,7 @@ from turbokernels.reference.int4_mm import dequantize_int4
 from turbokernels.reference.w4a8_mm import dequantize_activations, quantize_activations
 from turbokernels.testing import assert_close, cpu_isa_caps, int4_dequant_magnitudes, matmul_allowance
 from _int4_cases import make_weight
+from conftest import DEFAULT_THREADS
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -169,7 +170,7 @@ def test_cpu_kernel_same_bits_for_any_thread_count():
     try:
         torch.set_num_threads(1)
         one = tk.w4a8_linear(x, weight)
-        torch.set_num_threads(max(2, threads))
+        torch.set_num_threads(max(2, DEFAULT_THREADS))  # torch's default (under pytest-xdist this process may be at 1)
         many = tk.w4a8_linear(x, weight)
     finally:
         torch.set_num_threads(threads)
