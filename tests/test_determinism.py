@@ -40,14 +40,7 @@ def backends_of(op, cpu_kernel=False):
     return names
 
 
-@contextlib.contextmanager
-def num_threads(n):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+num_threads = conftest.torch_threads
 
 
 @contextlib.contextmanager
