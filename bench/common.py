@@ -1,13 +1,14 @@
 """Shared benchmark plumbing: timing (medians), the measured roofline, environment facts, CSV and plots."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import os
 import platform
 import statistics
 import time
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 
@@ -27,6 +28,50 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def refusal(exc: BaseException) -> Optional[str]:
+    """Why a contender cannot run a case, when `exc` says so: turbokernels' BackendUnavailable (the op has no such
+    backend, or its check refuses the case), a turbokernels._C built without the kernel, or an SDPA backend that
+    does not take the case. None for anything else: a failure, not a refusal."""
+    from turbokernels.backends import BackendUnavailable
+    text = str(exc)
+    if isinstance(exc, BackendUnavailable):
+        return text
+    if isinstance(exc, (AttributeError, RuntimeError, NotImplementedError)) and "turbokernels_C" in text:
+        return f"turbokernels._C lacks the kernel ({text.splitlines()[0] if text else type(exc).__name__})"
+    # torch's words when the imposed SDPA backend cannot take the case: on CUDA tensors, and on CPU tensors
+    if isinstance(exc, RuntimeError) and ("No available kernel" in text or "No viable backend" in text):
+        return "this SDPA backend does not take the case"
+    return None
+
+
+def optional_ms(fn: Callable[[], object], device: torch.device,
+                context: Optional[Callable[[], ContextManager]] = None) -> tuple:
+    """(median ms, "") of fn() run inside `context()` (e.g. `lambda: tk.backend("cuda")`, an SDPA backend), or
+    ("", why) when it cannot run: the CSV gets an empty cell and the run goes on, since the CUDA C++ backends exist
+    for some ops and builds only and SDPA backends refuse some cases. Any other error gives an empty cell too, with
+    why = "error: ...": one failing kernel should not cost the rest of a GPU run (the caller prints and records
+    it)."""
+    try:
+        with (context or contextlib.nullcontext)():
+            fn()  # a refusal raises here, before any timing
+            return median_ms(fn, device), ""
+    except Exception as exc:  # noqa: BLE001 - reported in the cell's note, never swallowed silently
+        why = refusal(exc)
+        return "", why if why is not None else f"error: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def rounded(value, digits: int):
+    """round(value, digits), or "" for an empty cell."""
+    return "" if value == "" else round(value, digits)
+
+
+def ratio(numerator, denominator, digits: int = 3):
+    """numerator / denominator rounded, or "" when either is an empty cell."""
+    if numerator == "" or denominator == "" or not denominator:
+        return ""
+    return round(numerator / denominator, digits)
 
 
 def interleaved_medians(fns: dict, warmup: int = 2, rounds: int = 9, min_time_s: float = 1.0,

@@ -1,6 +1,12 @@
 """int4 weight-only linear (op int4_mm) against dense matmul on real-model shapes.
 
-GPU: ours (auto backend: Triton) vs cuBLAS `F.linear` in fp16 and bf16; medians; speedup = baseline time / our time.
+GPU: ours (the automatic backend: Triton until a CUDA C++ kernel is verified on the GPU's architecture, see
+python/turbokernels/acceptance.py) vs cuBLAS `F.linear` in fp16 and bf16 (the row's dtype); medians; speedup =
+baseline time / our time. Besides: our `triton` and `cuda` backends, each forced (`with tk.backend(name)`), in
+triton_ms and cuda_ms; a backend that cannot run the case (no such backend for the op yet, a _C without the kernel,
+a shape its check refuses) leaves an empty cell and says why in triton_note / cuda_note. cuda_vs_cublas = cuBLAS
+time / cuda time, cuda_vs_triton = triton time / cuda time (> 1: the CUDA C++ kernel is faster: the evidence the
+acceptance table asks for). The CSV is rewritten after every row, so a run stopped by a timeout keeps its rows.
 CPU, fp32 and bf16 activations, in interleaved rounds (bench.common.interleaved_medians), one row per case:
   ours (the C++ `cpu` backend) | dense F.linear in fp32 and in bf16 (the weight stored in that dtype, x converted
   to it: what a user who does not quantize would run) | torch's own int4 CPU kernel
@@ -34,13 +40,15 @@ if __package__ in (None, ""):  # run as a script: python bench/int4.py
 
 import turbokernels as tk  # noqa: E402
 from turbokernels.bench.common import (copies_to_exceed_cache, environment, interleaved_medians,  # noqa: E402
-                                       measured_roofline, median_ms, plot_speedup, roofline_fraction, rotating,
-                                       write_csv)
+                                       measured_roofline, median_ms, optional_ms, plot_speedup, ratio,
+                                       roofline_fraction, rotating, rounded, write_csv)
 
 # (in_features K, out_features N) of real models: Llama-3-8B attention/MLP up/MLP down, Llama-70B MLP up.
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 M_VALUES = [1, 4, 16, 64, 256, 2048]
 GROUP_SIZE = 128
+# Our backends timed on GPU besides the automatic choice, each forced.
+FORCED = ("triton", "cuda")
 
 
 def _cases(quick: bool):
@@ -150,15 +158,22 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, f
                        ("cpu" if device == "auto" else device))
     if dev.type == "cpu":
         return run_cpu(out_dir, quick, full, m_values)
+    return run_gpu(dev, out_dir, quick)
+
+
+def run_gpu(dev: torch.device, out_dir: str, quick: bool) -> list[dict]:
+    """The GPU table (the `_cases` grid, every row by gpu_row), its CSV after every row and the plot."""
     env = environment(dev)
     rows = []
+    csv_path = os.path.join(out_dir, f"int4_{dev.type}.csv")
     for dtype, shapes, m_values in _cases(quick):
         roof = measured_roofline(dev, dtype)
         print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}  "
               f"measured peak {roof['peak_bytes_per_s'] / 1e9:.0f} GB/s, {roof['peak_flops'] / 1e12:.2f} "
               f"TFLOP/s ({dtype})", flush=True)
         print(f"{'dtype':>8} {'K':>6} {'N':>6} {'M':>5} {'base ms':>9} {'ours ms':>9} {'speedup':>8} "
-              f"{'TFLOP/s':>8} {'GB/s':>7} {'roof%':>6}  backend", flush=True)
+              f"{'TFLOP/s':>8} {'GB/s':>7} {'roof%':>6} {'triton ms':>9} {'cuda ms':>9} {'cu/cuBLAS':>9} "
+              f"{'cu/triton':>9}  backend", flush=True)
         for K, N in shapes:
             dense = (torch.randn(N, K, device=dev) * 0.02).to(dtype)
             weight = tk.quantize_int4(dense, group_size=GROUP_SIZE)
@@ -169,36 +184,57 @@ def run(device: str = "auto", out_dir: str = "bench/out", quick: bool = False, f
                                                              weight.offsets.clone(), GROUP_SIZE, K)
                                                for _ in range(copies_to_exceed_cache(weight.nbytes(), dev) - 1)])
             for M in m_values:
-                x = torch.randn(M, K, device=dev, dtype=dtype)
-                backend_name = tk.backends.select("int4_mm", x, weight.qweight, weight.scales, weight.offsets,
-                                                  GROUP_SIZE)[0]
-                base = median_ms(lambda: F.linear(x, next_dense()), dev)
-                ours = median_ms(lambda: tk.int4_linear(x, next_weight()), dev)
-                flops = 2.0 * M * N * K
-                n_bytes = weight.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
-                row = dict(env, op="int4_mm", dtype=str(dtype).replace("torch.", ""), K=K, N=N, M=M,
-                           group_size=GROUP_SIZE, backend=backend_name, baseline="F.linear dense",
-                           baseline_ms=round(base, 5), ours_ms=round(ours, 5), speedup=round(base / ours, 3),
-                           tflops=round(flops / (ours * 1e-3) / 1e12, 3),
-                           gbps=round(n_bytes / (ours * 1e-3) / 1e9, 1),
-                           roofline_pct=round(100 * roofline_fraction(flops, n_bytes, ours, roof), 1),
-                           bandwidth_pct=round(100 * n_bytes / (ours * 1e-3) / roof["peak_bytes_per_s"], 1),
-                           matmul_peak_pct=round(100 * flops / (ours * 1e-3) / roof["peak_flops"], 1),
-                           peak_gbps=round(roof["peak_bytes_per_s"] / 1e9, 1),
-                           peak_tflops=round(roof["peak_flops"] / 1e12, 2))
+                row = gpu_row(env, roof, dev, dtype, M, weight, next_weight, next_dense)
                 rows.append(row)
-                print(f"{row['dtype']:>8} {K:>6} {N:>6} {M:>5} {base:>9.4f} {ours:>9.4f} {row['speedup']:>7.2f}x "
-                      f"{row['tflops']:>8.3f} {row['gbps']:>7.1f} {row['roofline_pct']:>6.1f}  {backend_name}",
-                      flush=True)
+                write_csv(rows, csv_path)
             del dense, weight, next_dense, next_weight
-    tag = dev.type
-    csv_path = os.path.join(out_dir, f"int4_{tag}.csv")
-    write_csv(rows, csv_path)
-    plotted = plot_speedup(rows, os.path.join(out_dir, f"int4_{tag}.png"), x="M", y="speedup",
+    plotted = plot_speedup(rows, os.path.join(out_dir, f"int4_{dev.type}.png"), x="M", y="speedup",
                            series=("dtype", "K", "N"),
                            title=f"int4_mm speedup over dense F.linear, g{GROUP_SIZE} — {env['device']}")
     print(f"wrote {csv_path}" + (" and a plot" if plotted else ""))
     return rows
+
+
+def gpu_row(env: dict, roof: dict, dev: torch.device, dtype: torch.dtype, M: int, weight, next_weight,
+            next_dense) -> dict:
+    """One GPU row (any device in the tests): M rows of x against the (rotating) int4 weight and its dense copy."""
+    K, N = weight.in_features, weight.out_features
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    backend_name = tk.backends.select("int4_mm", x, weight.qweight, weight.scales, weight.offsets, GROUP_SIZE)[0]
+    base = median_ms(lambda: F.linear(x, next_dense()), dev)
+    ours = median_ms(lambda: tk.int4_linear(x, next_weight()), dev)
+    forced = {name: optional_ms(lambda: tk.int4_linear(x, next_weight()), dev, lambda name=name: tk.backend(name))
+              for name in FORCED}
+    triton_ms, cuda_ms = forced["triton"][0], forced["cuda"][0]
+    flops = 2.0 * M * N * K
+    n_bytes = weight.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
+    row = dict(env, op="int4_mm", dtype=str(dtype).replace("torch.", ""), K=K, N=N, M=M,
+               group_size=GROUP_SIZE, backend=backend_name, baseline="F.linear dense (cuBLAS)",
+               baseline_ms=round(base, 5), ours_ms=round(ours, 5), speedup=round(base / ours, 3),
+               tflops=round(flops / (ours * 1e-3) / 1e12, 3),
+               gbps=round(n_bytes / (ours * 1e-3) / 1e9, 1),
+               roofline_pct=round(100 * roofline_fraction(flops, n_bytes, ours, roof), 1),
+               bandwidth_pct=round(100 * n_bytes / (ours * 1e-3) / roof["peak_bytes_per_s"], 1),
+               matmul_peak_pct=round(100 * flops / (ours * 1e-3) / roof["peak_flops"], 1),
+               triton_ms=rounded(triton_ms, 5), cuda_ms=rounded(cuda_ms, 5),
+               triton_vs_cublas=ratio(base, triton_ms), cuda_vs_cublas=ratio(base, cuda_ms),
+               cuda_vs_triton=ratio(triton_ms, cuda_ms),
+               cuda_bandwidth_pct=ratio(100e3 * n_bytes / roof["peak_bytes_per_s"], cuda_ms, 1),
+               triton_note=forced["triton"][1], cuda_note=forced["cuda"][1],
+               peak_gbps=round(roof["peak_bytes_per_s"] / 1e9, 1),
+               peak_tflops=round(roof["peak_flops"] / 1e12, 2))
+
+    def cell(v, fmt=".4f", suffix=""):  # 9 characters; "-" for an empty cell
+        return f"{'-':>9}" if v == "" else f"{v:>{9 - len(suffix)}{fmt}}{suffix}"
+
+    print(f"{row['dtype']:>8} {K:>6} {N:>6} {M:>5} {base:>9.4f} {ours:>9.4f} {row['speedup']:>7.2f}x "
+          f"{row['tflops']:>8.3f} {row['gbps']:>7.1f} {row['roofline_pct']:>6.1f} {cell(triton_ms)} {cell(cuda_ms)} "
+          f"{cell(row['cuda_vs_cublas'], '.2f', 'x')} {cell(row['cuda_vs_triton'], '.2f', 'x')}  {backend_name}",
+          flush=True)
+    for name in FORCED:
+        if forced[name][1]:
+            print(f"    {name}: {forced[name][1]}", flush=True)
+    return row
 
 
 def main(argv=None) -> int:

@@ -12,8 +12,10 @@ Choosing: a forced backend wins (innermost `with backend(name)`, then `set_backe
 variable TURBOKERNELS_BACKEND). A forced backend that cannot run the call raises BackendUnavailable with the
 reason -- never a silent fallback. Unforced, the first backend in AUTO_ORDER[device] whose check passes runs.
 
-A backend registered with `auto=False` runs only when forced: that is how code that has not passed its tests on a
-real GPU stays off the default path (e.g. a new CUDA C++ kernel) until someone flips it.
+A backend registered with `auto=False` runs only when forced. One registered with `auto=VERIFIED` (the CUDA C++
+kernels) is tried automatically only on the GPU architectures where python/turbokernels/acceptance.py records that
+it passed its GPU tests and beat our Triton kernel, and runs only when forced everywhere else: code that has not
+run on a GPU is never a default, and one architecture's result does not vouch for another's.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
+
+from . import acceptance
 
 BACKENDS = ("reference", "triton", "cpu", "cuda", "torch")
 # Order tried when nothing is forced. The Triton backend is not auto on CPU tensors: the interpreter is a
@@ -35,6 +39,10 @@ AUTO_ORDER = {
 ENV_VAR = "TURBOKERNELS_BACKEND"
 
 
+# Impl.auto's third value: automatic only where the GPU acceptance table (acceptance.py) says so.
+VERIFIED = "verified"
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this call (missing build, wrong device, unsupported shape...)."""
 
@@ -44,7 +52,9 @@ class Impl:
     fn: Callable
     # check(*args) -> None when this backend can run the call, else a short reason (shown to the user).
     check: Callable[..., Optional[str]]
-    auto: bool = True
+    # True: tried by automatic selection; False: only when forced; VERIFIED: tried only on CUDA devices whose
+    # architecture the acceptance table lists for this (op, backend) as passed and faster than Triton.
+    auto: Union[bool, str] = True
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
@@ -98,9 +108,11 @@ def forced_backend() -> Optional[str]:
     return _validate(os.environ.get(ENV_VAR), f"environment variable {ENV_VAR}")
 
 
-def register(op: str, backend_name: str, *, check: Callable[..., Optional[str]], auto: bool = True):
-    """Decorator: register `fn` as the `backend_name` implementation of `op`."""
+def register(op: str, backend_name: str, *, check: Callable[..., Optional[str]], auto: Union[bool, str] = True):
+    """Decorator: register `fn` as the `backend_name` implementation of `op` (auto: True, False or VERIFIED)."""
     _validate(backend_name, "register(backend_name)")
+    if auto is not True and auto is not False and auto != VERIFIED:
+        raise ValueError(f"register(auto): expected True, False or backends.VERIFIED, got {auto!r}")
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY.setdefault(op, {})[backend_name] = Impl(fn=fn, check=check, auto=auto)
@@ -125,6 +137,50 @@ def _device_type(args) -> str:
     return "cpu"
 
 
+def _call_device(args) -> Optional[torch.device]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+# CUDA device index -> (major, minor); a device's capability never changes within a process.
+_CAPABILITIES: dict[int, tuple[int, int]] = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device (tests replace this function to pretend a GPU architecture)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITIES.get(index)
+    if cap is None:
+        cap = _CAPABILITIES[index] = tuple(torch.cuda.get_device_capability(index))
+    return cap
+
+
+_uniform: Optional[bool] = None
+
+
+def _capabilities_uniform() -> bool:
+    """Whether every visible CUDA device has the same compute capability: then a VERIFIED backend's verdict
+    depends on the device type alone, which every select key implies (the attention and decode keys name only
+    the device type, not its index)."""
+    global _uniform
+    if _uniform is None:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _uniform = len({tuple(torch.cuda.get_device_capability(i)) for i in range(n)}) <= 1
+    return _uniform
+
+
+def automatic(op: str, name: str, impl: Impl, device: Optional[torch.device]) -> bool:
+    """Whether automatic selection may try `impl` (op's `name` backend) for a call on `device`."""
+    auto = impl.auto
+    if auto is True or auto is False:
+        return auto
+    # the table first: a backend it does not list needs no capability query (no CUDA call)
+    return (device is not None and device.type == "cuda" and (op, name) in acceptance.PASSED
+            and acceptance.verified(op, name, device_capability(device)))
+
+
 # Choices remembered by select(..., key=...): (op, forced backend, key) -> (name, impl). A forced backend is part of
 # the key, so `with backend(...)`, set_backend and the environment variable are honored after the cache was filled
 # (they are resolved on every call, before the lookup); register() empties it. Bounded: emptied when full.
@@ -139,7 +195,8 @@ def select(op: str, *args, key=None) -> tuple[str, Impl]:
     key: a hashable value that determines every backend check's answer for these arguments (the caller's statement:
     e.g. the linear ops' device, dtypes, shapes and strides, known to the entry that checked them). With a key the
     checks run once per (op, forced backend, key) and the choice is reused; a call that no backend can run is never
-    remembered (it raises every time).
+    remembered (it raises every time). An auto=VERIFIED backend's verdict depends on the GPU's architecture: it is
+    remembered under the key only while every visible GPU has the same one (then the device type fixes it).
     """
     forced = forced_backend()
     if key is not None:
@@ -161,8 +218,14 @@ def select(op: str, *args, key=None) -> tuple[str, Impl]:
         reasons = []
         for name in AUTO_ORDER.get(device, ("reference",)):
             impl = table.get(name)
-            if impl is None or not impl.auto:
+            if impl is None or impl.auto is False:
                 continue
+            if impl.auto is not True:
+                if not _capabilities_uniform():
+                    key = None  # either verdict depends on the device index, which a key need not hold
+                if not automatic(op, name, impl, _call_device(args)):
+                    reasons.append(f"{name}: automatic only on the GPU architectures in the acceptance table")
+                    continue
             reason = impl.check(*args)
             if reason is None:
                 chosen = name, impl

@@ -18,7 +18,7 @@ def cmd_info(args) -> int:
     import torch
 
     import turbokernels as tk
-    from turbokernels import _ext, backends
+    from turbokernels import _ext, acceptance, backends
     try:
         import triton
         triton_version = triton.__version__
@@ -39,7 +39,14 @@ def cmd_info(args) -> int:
                       "cpu": lambda: _ext.missing_op_reason(op, "cpu"),
                       "cuda": lambda: _ext.missing_op_reason(op, "cuda") if device == "cuda" else "no CUDA device",
                       }.get(name, lambda: None)()
-            state = "auto" if impl.auto else "only when forced (not yet validated on a GPU)"
+            if impl.auto == backends.VERIFIED:
+                state = acceptance.listing(op, name)
+                if device == "cuda":
+                    cap = backends.device_capability(torch.device("cuda"))
+                    here = "automatic" if acceptance.verified(op, name, cap) else "forced only"
+                    state += f"; this GPU ({acceptance.arch_name(cap)}): {here}"
+            else:
+                state = "auto" if impl.auto else "only when forced (not yet validated on a GPU)"
             print(f"  {name:<10} {state}" + (f"; here: {reason}" if reason else ""))
     return 0
 

@@ -339,7 +339,7 @@ def run(ops: Optional[list[str]] = None, quick: bool = False, device: Optional[s
                     if backend_names is not None and name not in backend_names:
                         continue
                     row = Row(op, name, str(dtype).replace("torch.", ""), what)
-                    if not impl.auto:
+                    if not backends.automatic(torch_op, name, impl, torch.device(dev)):
                         row.note = "forced only (not yet validated on a GPU): "
                     try:
                         with tk.backend(name):

@@ -6,7 +6,7 @@
     backends     reference  python/turbokernels/reference/sparse24_mm.py
                  triton     kernels/sparse24_mm.py
                  cpu        csrc/cpu/sparse24_mm.cpp  (torch.ops.turbokernels_C.sparse24_mm)
-                 cuda       csrc/cuda/sparse24_mm.cu (auto=False: forced only, until it passes on a GPU)
+                 cuda       csrc/cuda/sparse24_mm.cu (auto=VERIFIED: forced only until the GPU acceptance table lists it)
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _check_cuda(x, values, meta, bias=None):
     return None
 
 
-@backends.register(OP, "cuda", check=_check_cuda, auto=False)
+@backends.register(OP, "cuda", check=_check_cuda, auto=backends.VERIFIED)
 def _cuda(x, values, meta, bias=None):
     return torch.ops.turbokernels_C.sparse24_mm(x, values, meta, bias)
 
