@@ -52,7 +52,7 @@ def _extensions():
         warnings.warn("turbokernels: no C++ compiler found; installing without turbokernels._C")
         return [], {}
 
-    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/emu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     want_cuda = _flag("TURBOKERNELS_CUDA")
     cuda_home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)

@@ -37,6 +37,25 @@ TORCH_LIBRARY(turbokernels_C, m) {
   // torch.ops.turbokernels.decode_attention's arguments (python/turbokernels/ops/decode_attention.py): q (B, T, Hq, D),
   // caches (B, S, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table int32 (B, pages), cache_seqlens
   // int32 (B,) -> (B, T, Hq, D) contiguous in q's dtype
+  // int4_mm on tensor cores (csrc/cuda/int4_mm.cuh): x (M, K) fp16/bf16 @ the weight in the mma layout
+  // (int4_mm_mma_repack; scales/offsets (G, ceil(N/16)*16) in x's dtype or fp32) -> (M, N). splits 0: automatic
+  // split-K for `sms` SMs (0: the device's). CUDA: csrc/cuda/int4_mm.cu; CPU: the CUDA source on the emulator
+  // (csrc/emu/int4_mm.cpp), for tests.
+  m.def("int4_mm_mma(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int out_features, "
+        "Tensor? bias=None, int splits=0, int sms=0) -> Tensor");
+  // Int4Weight.qweight int32 (ceil(K/8), N) -> int32 (ceil(K/16), ceil(N/16) * 32), csrc/cuda/int4_mm_layout.h
+  m.def("int4_mm_mma_repack(Tensor qweight, int in_features) -> Tensor");
+  // sparse24_mm's CUDA kernels (csrc/cuda/sparse24_mm.cuh) on the CPU emulator (csrc/emu/sparse24_mm.cpp), for tests:
+  // CPU tensors, sparse24_mm's arguments; splits 0: the CUDA launcher's split-K choice for `sms` SMs (0: 132), else
+  // that many parts (at most one per k tile of 64).
+  m.def("sparse24_mm_emulated(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, int splits=0, int sms=0) "
+        "-> Tensor");
+  // decode_attention on tensor cores (csrc/cuda/decode_attention.cuh), causal, fp16/bf16, head_dim 64/128: the
+  // decode_attention op's arguments minus the declined options -> out (B, T, Hq, D). splits 0: automatic split-KV
+  // for `sms` SMs (0: the device's). CUDA: csrc/cuda/decode_attention.cu; CPU: the CUDA source on the emulator
+  // (csrc/emu/decode_attention.cpp), for tests.
+  m.def("decode_attention_mma(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
+        "Tensor? alibi_slopes, float softmax_scale, int window_left, float softcap, int splits=0, int sms=0) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
         "Tensor? alibi_slopes, float softmax_scale, int window_left, int window_right, float softcap) -> Tensor");
 }

@@ -58,8 +58,11 @@ def test_unknown_backend_names_are_rejected():
 
 def test_forced_backend_that_cannot_run_is_an_error_not_a_fallback():
     args = _args()
-    with tk.backend("cuda"):  # no cuda backend for int4_mm yet
-        with pytest.raises(tk.BackendUnavailable, match="no 'cuda' backend"):
+    with tk.backend("cuda"):  # int4_mm's cuda backend exists, but CPU tensors: an error naming why, no fallback
+        with pytest.raises(tk.BackendUnavailable, match="forced backend 'cuda' cannot run this call: needs cuda"):
+            torch.ops.turbokernels.int4_mm(*args)
+    with tk.backend("torch"):  # and an op without that backend at all
+        with pytest.raises(tk.BackendUnavailable, match="no 'torch' backend"):
             torch.ops.turbokernels.int4_mm(*args)
     x, qw, s, o, _ = args
     w8 = make_weight(32, 64, 8)

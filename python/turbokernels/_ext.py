@@ -76,6 +76,7 @@ def missing_op_reason(op: str, device_type: str) -> Optional[str]:
     if not _loaded:
         return f"turbokernels._C is not available ({_error})"
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    if not _has_kernel(f"turbokernels_C::{op}", key):
+    # a device-agnostic kernel (ATen ops only: int4_mm_mma_repack) is registered once, for every device
+    if not (_has_kernel(f"turbokernels_C::{op}", key) or _has_kernel(f"turbokernels_C::{op}", "CompositeExplicitAutograd")):
         return f"turbokernels._C was built without a {device_type} kernel for {op}"
     return None

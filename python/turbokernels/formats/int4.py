@@ -176,6 +176,13 @@ class Int4Weight:
                           self.in_features, None if self.perm is None else self.perm.to(device))
 
     # ---- conversions -------------------------------------------------------------------------------------------
+    def mma_layout(self, dtype: torch.dtype) -> "MmaLayout":
+        """This weight in the layout the CUDA C++ int4 kernel reads (csrc/cuda/int4_mm_layout.h), for activations
+        of `dtype` (float16/bfloat16). Computed once per weight and dtype and kept (ops/int4_mm.py's cuda backend);
+        the Int4Weight (and an Int4Linear's state dict) stays the one stored form."""
+        return mma_layout(self.qweight, self.scales, self.offsets, self.effective_group_size, self.in_features,
+                          dtype)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight in nn.Linear orientation (out_features, in_features); computed in fp32 (float64 when
         asked for float64: the exact value of q * scale + offset), then cast."""
@@ -301,3 +308,46 @@ def group_grid(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, scale_dtype:
     scale = ((hi - lo) / 15).to(scale_dtype).to(torch.float32)
     offsets = lo.to(scale_dtype).to(torch.float32)  # lo is a weight value: exact in the weight's dtype
     return torch.where(scale > 0, scale, _constant_group_scale(offsets, scale_dtype)), offsets
+
+
+class MmaLayout(tuple):
+    """(qweight, scales, offsets) in the CUDA int4 kernel's layout (csrc/cuda/int4_mm_layout.h):
+      qweight  int32 (ceil(K/16), ceil(N/16) * 32): 16 x 16 blocks, one word per lane of a warp, the nibbles in the
+               order of that lane's mma.m16n8k16 B registers (repacked by turbokernels_C::int4_mm_mma_repack, from
+               the same C++ function the kernel is written against)
+      scales, offsets  (G, ceil(N/16) * 16), zero-padded columns: in the activations' dtype when both are exact
+               there (the kernel dequantizes with one fp16/bf16 fma), else float32 (fp32 fma, then one rounding)."""
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self[2]
+
+
+def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
+               in_features: int, dtype: torch.dtype) -> MmaLayout:
+    """Int4Weight tensors (group_size: the effective one) -> MmaLayout for activations of `dtype`. Needs
+    turbokernels._C (the repack is C++)."""
+    from .. import _ext
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"mma_layout(dtype): the CUDA int4 kernel takes float16 or bfloat16 activations, got {dtype}")
+    if group_size % 16 and group_size < in_features:
+        raise ValueError(f"mma_layout(group_size): the CUDA int4 kernel needs a multiple of 16 or one group over K "
+                         f"(per-channel), got {group_size} for in_features={in_features}")
+    reason = _ext.missing_op_reason("int4_mm_mma_repack", qweight.device.type)
+    if reason is not None:
+        raise RuntimeError(f"mma_layout: {reason}")
+    packed = torch.ops.turbokernels_C.int4_mm_mma_repack(qweight, in_features)
+    N = qweight.shape[1]
+    pad = (N + 15) // 16 * 16 - N
+    exact = lambda t: t.dtype == dtype or torch.equal(t.to(dtype).to(t.dtype), t)  # noqa: E731
+    kind = dtype if exact(scales) and exact(offsets) else torch.float32
+    return MmaLayout((packed, torch.nn.functional.pad(scales.to(kind), (0, pad)).contiguous(),
+                      torch.nn.functional.pad(offsets.to(kind), (0, pad)).contiguous()))

@@ -6,6 +6,8 @@
     backends     reference  python/turbokernels/reference/int4_mm.py
                  triton     kernels/int4_mm.py
                  cpu        csrc/cpu/int4_mm.cpp  (torch.ops.turbokernels_C.int4_mm)
+                 cuda       csrc/cuda/int4_mm.cuh (torch.ops.turbokernels_C.int4_mm_mma, the weight repacked once into
+                            its layout: Int4Weight.mma_layout); forced only until the GPU acceptance table lists it
 """
 from __future__ import annotations
 
@@ -57,6 +59,47 @@ def _triton(x, qweight, scales, offsets, group_size, bias=None):
 @backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
 def _cpu(x, qweight, scales, offsets, group_size, bias=None):
     return _ext.C.int4_mm(x, qweight, scales, offsets, group_size, bias)
+
+
+_cuda_ext = backends.check_extension_op("int4_mm_mma", "cuda")
+
+
+def _check_cuda(x, qweight, scales, offsets, group_size, bias=None):
+    """csrc/cuda/int4_mm.cu (mma.sync, sm_80+): automatic only where the acceptance table says it passed on a GPU."""
+    reason = _cuda_ext(x)
+    if reason is not None:
+        return reason
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"x is {x.dtype}: the CUDA int4 kernel takes float16 or bfloat16"
+    if group_size % 16 and group_size < x.shape[1]:
+        return f"group_size={group_size} is neither a multiple of 16 nor one group over K={x.shape[1]}"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "needs compute capability 8.0 or newer (mma.sync bf16, cp.async)"
+    return None
+
+
+def mma_layout_of(qweight, scales, offsets, group_size, in_features, dtype):
+    """The weight in the CUDA kernel's layout, repacked on first use and kept on the qweight tensor (one entry per
+    activation dtype; a weight or scale changed in place, seen by its version counter, is repacked)."""
+    from ..formats.int4 import mma_layout
+    key = (group_size, in_features, qweight._version, id(scales), scales._version, id(offsets), offsets._version)
+    cache = qweight.__dict__.setdefault("_turbokernels_mma_layouts", {})
+    hit = cache.get(dtype)
+    if hit is None or hit[0] != key:
+        hit = cache[dtype] = (key, mma_layout(qweight, scales, offsets, group_size, in_features, dtype))
+    return hit[1]
+
+
+def run_mma(x, qweight, scales, offsets, group_size, bias=None, splits=0, sms=0):
+    """The cuda backend's call, on any device: CUDA tensors run the kernel, CPU tensors its emulation (tests)."""
+    layout = mma_layout_of(qweight, scales, offsets, group_size, x.shape[1], x.dtype)
+    return torch.ops.turbokernels_C.int4_mm_mma(x, layout.qweight, layout.scales, layout.offsets, group_size,
+                                                qweight.shape[1], bias, splits, sms)
+
+
+@backends.register(OP, "cuda", check=_check_cuda, auto=backends.VERIFIED)
+def _cuda(x, qweight, scales, offsets, group_size, bias=None):
+    return run_mma(x, qweight, scales, offsets, group_size, bias)
 
 
 # ---- autograd: gradients for the activations and the bias (the int4 weight is frozen, as in QLoRA) -------------

@@ -1,0 +1,308 @@
+// int4_mm on tensor cores: out (M, N) = x (M, K) @ dequant(W) (K, N) [+ bias (N)], x fp16/bf16, fp32 accumulation,
+// one rounding of the output. The kernel of the "cuda" backend (csrc/cuda/int4_mm.cu launches it on a GPU,
+// csrc/emu/int4_mm.cpp runs the same source on the CPU emulator).
+//
+// Weight: Int4Weight (python/turbokernels/formats/int4.py) repacked once, at load time, into the mma layout of
+// csrc/cuda/int4_mm_layout.h (Int4Weight.mma_layout()): qweight_mma int32 (ceil(K/16), ceil(N/16) * 32) and scales /
+// offsets (G, Np = N rounded up to 16) in x's dtype when both are exact there ("half" dequantization), else fp32
+// ("float" dequantization). W[k, n] = q * scale[g(k), n] + offset[g(k), n].
+//
+// Strategy (Marlin's ideas, our layout):
+//  * mma.sync.m16n8k16 with x as A (ldmatrix.x4 from shared memory) and the weight as B, dequantized in registers
+//    straight into B fragments: a lane's 32-bit word holds the 8 nibbles of its 4 B registers, so there is no
+//    shuffle and no shared-memory round trip of dequantized weights.
+//  * Dequantization: lop3 moves two nibbles into the mantissas of a 16-bit float pair with the exponent of a magic
+//    number M (fp16: 1024, bf16: 128; one ulp there is 1, so the pair reads M + q exactly); an fma with -M gives q
+//    exactly, and one fma2 q * scale + offset gives the weight, rounded once to x's dtype (the offset, i.e. the zero
+//    point, folded into that fma). "Float" mode: the same lop3 with fp32's magic 2^23, fp32 fma, one cvt to a pair.
+//    Both round the exact q * s + o (half mode) or the fp32 dequantization (float mode) to x's dtype once: what
+//    tl.dot's operand rounding does in the Triton kernel.
+//  * Tiles: BM x BN = 16 x 128 for M <= 16 (decode: 4 warps side by side along N) or 64 x 128 (2 x 2 warps),
+//    BK = 64 (4 k16 steps) per stage, 4-stage cp.async pipeline; x rows padded to 144 bytes (ldmatrix without bank
+//    conflicts). A stage also holds the rows of scales and offsets of the groups its k tile touches (<= 4).
+//  * Split-K for small grids: grid z cuts K; each part writes fp32 partials to a workspace, and the last part to
+//    finish a tile (an atomic counter per tile) sums all parts in part order, adds the bias and writes the output:
+//    one launch, deterministic (the order does not depend on which part finishes last), the counters left at zero.
+//  * Tails: rows past M and k past K are zero-filled by cp.async (src-size 0); the repack pads q with zeros, so a
+//    padded weight is the finite offset and meets x = 0. Steps past ceil(K/16) are skipped. The store is masked.
+#pragma once
+
+#include "cuda/arch.cuh"
+#include "cuda/int4_mm_layout.h"
+
+namespace tk_int4 {
+
+using namespace tk_arch;
+
+struct Params {
+  const uint16_t* x;        // (M, Kx) in T, row stride ldx elements; Kx % 8 == 0, 16-byte aligned rows
+  const uint32_t* qweight;  // (KB, NB * 32) mma layout
+  const void* scales;       // (G, Np) in T (half mode) or fp32 (float mode)
+  const void* offsets;      // (G, Np), same dtype as scales
+  const float* bias;        // (N,) fp32, or nullptr
+  uint16_t* out;            // (M, N) in T, contiguous
+  float* workspace;         // (splits, M, N) fp32 partials when gridDim.z > 1
+  int* counters;            // one per output tile, zero on entry and on exit, when gridDim.z > 1
+  int M, N, Kx, ldx;
+  int KB, NB, Np;           // k16 steps (ceil(K/16)), n16 blocks (Np / 16), padded N
+  int groups, group_size;   // group_size: a multiple of 16, or >= K (one group)
+  int ktiles, tiles_per_split;
+};
+
+constexpr int kThreads = 128;
+constexpr int kBK = 64;      // k per stage: 4 k16 steps
+constexpr int kStages = 4;
+constexpr int kSteps = kBK / 16;
+
+template <int BM, int BN, bool FLOAT_DQ>
+struct Smem {
+  static constexpr int XS = kBK + 8;  // halves per shared x row: 144 bytes, 8 rows hit 8 different bank groups
+  static constexpr int X_BYTES = BM * XS * 2;
+  static constexpr int W_WORDS_PER_STEP = BN / 16 * kWordsPerBlock;
+  static constexpr int W_BYTES = kSteps * W_WORDS_PER_STEP * 4;
+  static constexpr int S_ELEM = FLOAT_DQ ? 4 : 2;
+  static constexpr int S_BYTES = kSteps * BN * S_ELEM;  // up to 4 group rows of BN scales
+  static constexpr int STAGE_BYTES = X_BYTES + W_BYTES + 2 * S_BYTES;
+  static constexpr int BYTES = kStages * STAGE_BYTES + 16;  // + the split-K "last part" flag
+  static_assert(X_BYTES % 16 == 0 && W_BYTES % 16 == 0 && S_BYTES % 16 == 0, "16-byte aligned regions");
+
+  static TK_DEVICE uint16_t* x(char* base, int stage) {
+    return reinterpret_cast<uint16_t*>(base + stage * STAGE_BYTES);
+  }
+  static TK_DEVICE uint32_t* w(char* base, int stage) {
+    return reinterpret_cast<uint32_t*>(base + stage * STAGE_BYTES + X_BYTES);
+  }
+  static TK_DEVICE char* s(char* base, int stage) { return base + stage * STAGE_BYTES + X_BYTES + W_BYTES; }
+  static TK_DEVICE char* o(char* base, int stage) { return s(base, stage) + S_BYTES; }
+  static TK_DEVICE int* flag(char* base) { return reinterpret_cast<int*>(base + kStages * STAGE_BYTES); }
+};
+
+// The first group a k tile touches and how many (1..4).
+TK_DEVICE void tile_groups(const Params& p, int kt, int& first, int& count) {
+  const int kb0 = kt * kSteps;
+  const int kb1 = (kb0 + kSteps - 1 < p.KB - 1) ? kb0 + kSteps - 1 : p.KB - 1;
+  first = group_of_step(kb0, p.group_size, p.groups);
+  count = group_of_step(kb1, p.group_size, p.groups) - first + 1;
+}
+
+// Issue the cp.async copies of k tile kt into `stage` (not committed).
+template <int BM, int BN, bool FLOAT_DQ>
+TK_DEVICE void load_stage(const Params& p, char* smem, int stage, int kt, int m0, int n0) {
+  using S = Smem<BM, BN, FLOAT_DQ>;
+  const int tid = static_cast<int>(tk_arch::tid());
+  // x: BM rows x 8 chunks of 8 halves
+  uint16_t* sx = S::x(smem, stage);
+  for (int c = tid; c < BM * (kBK / 8); c += kThreads) {
+    const int row = c / (kBK / 8), col = c % (kBK / 8);
+    const int m = m0 + row, k = kt * kBK + col * 8;
+    const bool ok = m < p.M && k < p.Kx;
+    cp_async16(sx + row * S::XS + col * 8, ok ? p.x + static_cast<long long>(m) * p.ldx + k : p.x, ok ? 16 : 0);
+  }
+  // weight: 4 steps x (BN / 16 blocks of 128 bytes = 8 chunks)
+  uint32_t* sw = S::w(smem, stage);
+  constexpr int W_CHUNKS = S::W_WORDS_PER_STEP / 4;
+  const int nb0 = n0 / 16;
+  for (int c = tid; c < kSteps * W_CHUNKS; c += kThreads) {
+    const int step = c / W_CHUNKS, col = c % W_CHUNKS;
+    const int kb = kt * kSteps + step;
+    const bool ok = kb < p.KB && nb0 + col / 8 < p.NB;
+    const uint32_t* src = p.qweight + static_cast<long long>(kb) * p.NB * kWordsPerBlock + nb0 * kWordsPerBlock + col * 4;
+    cp_async16(sw + step * S::W_WORDS_PER_STEP + col * 4, ok ? src : p.qweight, ok ? 16 : 0);
+  }
+  // scales and offsets: the rows of the groups this k tile touches
+  int first, count;
+  tile_groups(p, kt, first, count);
+  constexpr int PER_CHUNK = 16 / S::S_ELEM;  // elements per 16-byte chunk
+  constexpr int S_CHUNKS = BN / PER_CHUNK;   // chunks per row
+  const char* gs = static_cast<const char*>(p.scales);
+  const char* go = static_cast<const char*>(p.offsets);
+  for (int c = tid; c < 2 * kSteps * S_CHUNKS; c += kThreads) {
+    const int which = c / (kSteps * S_CHUNKS), r = (c / S_CHUNKS) % kSteps, col = c % S_CHUNKS;
+    if (r >= count) continue;
+    const int n = n0 + col * PER_CHUNK;
+    const bool ok = n < p.Np;
+    const long long off = (static_cast<long long>(first + r) * p.Np + n) * S::S_ELEM;
+    char* dst = (which ? S::o(smem, stage) : S::s(smem, stage)) + (r * BN + col * PER_CHUNK) * S::S_ELEM;
+    const char* base = which ? go : gs;
+    cp_async16(dst, ok ? base + off : base, ok ? 16 : 0);
+  }
+}
+
+// The 4 B registers of one 16 x 16 block (b[tile][register]) from a lane's word. Half mode: sc/of are the pair
+// (scale, scale) / (offset, offset) of each tile's column, in T; float mode: fp32 scale and offset per tile.
+template <typename T>
+TK_DEVICE void dequantize_half(uint32_t word, const uint32_t (&sc)[2], const uint32_t (&of)[2],
+                               uint32_t (&b)[2][2]) {
+  constexpr uint32_t MAGIC = T::bf16 ? 0x43004300u : 0x64006400u;      // (128, 128) / (1024, 1024)
+  constexpr uint32_t NEG_MAGIC = T::bf16 ? 0xC300C300u : 0xE400E400u;  // -M
+  constexpr uint32_t ONE = T::bf16 ? 0x3F803F80u : 0x3C003C00u;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    // (a & b) | c: nibbles at bits 4j and 16 + 4j into the low mantissa bits of M
+    const uint32_t h = lop3<0xEA>(word >> (4 * j), 0x000F000Fu, MAGIC);
+    const uint32_t q = fma2<T>(h, ONE, NEG_MAGIC);  // exact: (M + q) - M
+    b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);
+  }
+}
+
+template <typename T>
+TK_DEVICE void dequantize_float(uint32_t word, const float (&sc)[2], const float (&of)[2], uint32_t (&b)[2][2]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float w[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float magic_q = as_float(lop3<0xEA>(word >> (4 * j + 16 * h), 0xFu, 0x4B000000u));  // 2^23 + q
+      w[h] = fma_f32(magic_q - 8388608.f, sc[j >> 1], of[j >> 1]);
+    }
+    b[j >> 1][j & 1] = pack2<T>(w[0], w[1]);
+  }
+}
+
+// grid (ceil(N / BN), ceil(M / BM), splits), kThreads threads, Smem<BM, BN, FLOAT_DQ>::BYTES dynamic shared memory.
+template <typename T, bool FLOAT_DQ, int BM, int BN, int WARPS_M, int WARPS_N>
+TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
+  static_assert(WARPS_M * WARPS_N * 32 == kThreads, "4 warps");
+  using S = Smem<BM, BN, FLOAT_DQ>;
+  constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
+  constexpr int MI = WTM / 16, NBW = WTN / 16, NJ = WTN / 8;
+  static_assert(MI * 16 == WTM && NBW * 16 == WTN, "warp tile must be whole 16 x 16 blocks");
+
+  char* smem = shared_memory();
+  const int n0 = static_cast<int>(block_x()) * BN, m0 = static_cast<int>(block_y()) * BM;
+  const int z = static_cast<int>(block_z()), splits = static_cast<int>(grid_z());
+  const int kt_begin = z * p.tiles_per_split;
+  const int kt_end = (kt_begin + p.tiles_per_split < p.ktiles) ? kt_begin + p.tiles_per_split : p.ktiles;
+  const int nkt = kt_end - kt_begin;
+
+  const int tid = static_cast<int>(tk_arch::tid());
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wm = (warp % WARPS_M) * WTM, wn = (warp / WARPS_M) * WTN;
+  const int g = lane >> 2, t = lane & 3;
+
+  float acc[MI][NJ][4];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < nkt) load_stage<BM, BN, FLOAT_DQ>(p, smem, st, kt_begin + st, m0, n0);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < nkt; ++it) {
+    cp_async_wait<kStages - 2>();  // k tile `it` has landed (this thread's copies) ...
+    syncthreads();                 // ... everyone's, and every warp is done with the stage refilled next
+    const int nxt = it + kStages - 1;
+    if (nxt < nkt) load_stage<BM, BN, FLOAT_DQ>(p, smem, nxt % kStages, kt_begin + nxt, m0, n0);
+    cp_async_commit();
+
+    const int stage = it % kStages, kt = kt_begin + it;
+    const uint16_t* sx = S::x(smem, stage);
+    const uint32_t* sw = S::w(smem, stage);
+    const char* ss = S::s(smem, stage);
+    const char* so = S::o(smem, stage);
+    int first, count;
+    tile_groups(p, kt, first, count);
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int kb = kt * kSteps + step;
+      if (kb >= p.KB) break;
+      const int r = group_of_step(kb, p.group_size, p.groups) - first;
+      uint32_t a[MI][4];
+#pragma unroll
+      for (int i = 0; i < MI; ++i) {
+        // matrices: rows 0-7 / 8-15 x k 0-7, then the same rows x k 8-15 (a0a1 | a2a3 | a4a5 | a6a7)
+        ldmatrix_x4(a[i], sx + (wm + i * 16 + (lane & 15)) * S::XS + step * 16 + (lane >> 4) * 8);
+      }
+#pragma unroll
+      for (int nb = 0; nb < NBW; ++nb) {
+        const int block = (wn / 16) + nb;
+        const uint32_t word = lds(sw + step * S::W_WORDS_PER_STEP + block * kWordsPerBlock + lane);
+        const int c0 = wn + nb * 16 + g;  // this lane's columns: c0 (tile 0) and c0 + 8 (tile 1)
+        uint32_t b[2][2];
+        if constexpr (FLOAT_DQ) {
+          const float* fs = reinterpret_cast<const float*>(ss) + r * BN;
+          const float* fo = reinterpret_cast<const float*>(so) + r * BN;
+          const float sc[2] = {lds(fs + c0), lds(fs + c0 + 8)};
+          const float of[2] = {lds(fo + c0), lds(fo + c0 + 8)};
+          dequantize_float<T>(word, sc, of, b);
+        } else {
+          const uint16_t* hs = reinterpret_cast<const uint16_t*>(ss) + r * BN;
+          const uint16_t* ho = reinterpret_cast<const uint16_t*>(so) + r * BN;
+          uint32_t sc[2], of[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t s1 = lds(hs + c0 + 8 * h), o1 = lds(ho + c0 + 8 * h);
+            sc[h] = s1 | (s1 << 16);
+            of[h] = o1 | (o1 << 16);
+          }
+          dequantize_half<T>(word, sc, of, b);
+        }
+#pragma unroll
+        for (int i = 0; i < MI; ++i) {
+          mma_16816<T>(acc[i][2 * nb], a[i], b[0]);
+          mma_16816<T>(acc[i][2 * nb + 1], a[i], b[1]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // acc[i][j][r]: row m0 + wm + 16 i + g + 8 (r >> 1), column n0 + wn + 8 j + 2 t + (r & 1) (the C fragment)
+  if (splits == 1) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int m = m0 + wm + i * 16 + g + (r >> 1) * 8, n = n0 + wn + j * 8 + 2 * t + (r & 1);
+          if (m < p.M && n < p.N) {
+            const float b = p.bias != nullptr ? load(p.bias + n) : 0.f;
+            store(p.out + static_cast<long long>(m) * p.N + n, from_float<T>(acc[i][j][r] + b));
+          }
+        }
+    return;
+  }
+  const long long mn = static_cast<long long>(p.M) * p.N;
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int m = m0 + wm + i * 16 + g + (r >> 1) * 8, n = n0 + wn + j * 8 + 2 * t + (r & 1);
+        if (m < p.M && n < p.N) store(p.workspace + z * mn + static_cast<long long>(m) * p.N + n, acc[i][j][r]);
+      }
+  threadfence();  // the partials are visible device-wide before the counter says so
+  syncthreads();
+  int* flag = S::flag(smem);
+  const int tile = static_cast<int>(block_y()) * ((p.N + BN - 1) / BN) + static_cast<int>(block_x());
+  if (tid == 0) sts(flag, atomic_add(p.counters + tile, 1) == splits - 1 ? 1 : 0);
+  syncthreads();
+  if (lds(flag) == 0) return;
+  // the last part: every part's partial, in part order, then the bias; one rounding
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int m = m0 + wm + i * 16 + g + (r >> 1) * 8, n = n0 + wn + j * 8 + 2 * t + (r & 1);
+        if (m < p.M && n < p.N) {
+          const long long off = static_cast<long long>(m) * p.N + n;
+          float sum = 0.f;
+          for (int part = 0; part < splits; ++part) sum += load_cg(p.workspace + part * mn + off);
+          if (p.bias != nullptr) sum += load(p.bias + n);
+          store(p.out + off, from_float<T>(sum));
+        }
+      }
+  if (tid == 0) store(p.counters + tile, 0);  // ready for the next launch
+}
+
+}  // namespace tk_int4

@@ -1,0 +1,52 @@
+// int4_mm's "mma layout": how csrc/cuda/int4_mm.cuh reads an Int4Weight, and the host/device arithmetic both the
+// kernel and its repack (csrc/emu/int4_mm.cpp: int4_mm_mma_repack) share. Plain C++ (no CUDA, no torch), so the
+// repack, the kernel and the CPU emulator compile the same functions.
+//
+// The weight (K, N) is cut into 16 (k) x 16 (n) blocks; block (kb, nb) is 32 uint32 words, one per lane of a warp,
+// and word `lane` holds the 8 nibbles that lane needs as the B operands of two mma.m16n8k16 (n8 tiles nb*16 and
+// nb*16 + 8) for the k16 step kb. Nibble slot s (bits 4s..4s+3):
+//     register j = s % 4 of the four B registers (tile j / 2, B register j % 2), half s / 4 (lower, upper)
+// so that (word >> 4j) & 0x000F000F holds both halves of B register j in place: one lop3 puts them into the
+// mantissas of a 16-bit float pair (csrc/cuda/int4_mm.cuh, dequantize). The B fragment (PTX ISA, m16n8k16, .col):
+// register r of lane (g = lane / 4, t = lane % 4) holds k = 2t + 8r and 2t + 8r + 1 of column n = g.
+// In memory: qweight_mma int32 (ceil(K/16), ceil(N/16) * 32), row kb = the blocks of one k16 step, N-major:
+// a block tile of the kernel is a rectangle of whole 128-byte rows, read with 16-byte cp.async.
+#pragma once
+
+#if defined(__CUDACC__)
+#define TK_LAYOUT_FN __host__ __device__ __forceinline__
+#else
+#define TK_LAYOUT_FN inline
+#endif
+
+namespace tk_int4 {
+
+constexpr int kWordsPerBlock = 32;  // one per lane
+
+// (dk, dn) inside the 16 x 16 block of nibble slot `slot` (0..7) of lane `lane`'s word
+TK_LAYOUT_FN void nibble_source(int lane, int slot, int& dk, int& dn) {
+  const int g = lane >> 2, t = lane & 3;
+  const int reg = slot & 3, upper = slot >> 2;
+  dk = 2 * t + 8 * (reg & 1) + upper;
+  dn = g + 8 * (reg >> 1);
+}
+
+// The group of the k16 step kb (whole steps lie in one group: group_size % 16 == 0, or one group spans K; padded
+// steps past K belong to the last group).
+TK_LAYOUT_FN int group_of_step(int kb, int group_size, int groups) {
+  const long long g = static_cast<long long>(kb) * 16 / group_size;
+  return g < groups - 1 ? static_cast<int>(g) : groups - 1;
+}
+
+// Split-K: how many parts K is cut into for a grid of `tiles` output tiles and `ktiles` k tiles on `sms` SMs. Only
+// while the output tiles leave SMs idle: aim at 2 blocks per SM, keep >= 4 k tiles per part (the pipeline must
+// fill), at most 16 parts, and no empty part (the caller recomputes: tiles_per_split = ceil(ktiles / splits)).
+TK_LAYOUT_FN int split_k_parts(int tiles, int ktiles, int sms) {
+  if (tiles >= sms) return 1;
+  int splits = (2 * sms + tiles - 1) / tiles;
+  if (splits > ktiles / 4) splits = ktiles / 4;
+  if (splits > 16) splits = 16;
+  return splits < 1 ? 1 : splits;
+}
+
+}  // namespace tk_int4
