@@ -151,6 +151,10 @@ def test_plan_rejects_bad_arguments():
         op(x, layout.qweight, layout.scales, layout.offsets.float(), 32, 32)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         op(x, *layout, 32, 32, torch.zeros(31, dtype=torch.float16))
+    misaligned = torch.empty(layout.scales.numel() + 1, dtype=layout.scales.dtype)[1:].view_as(layout.scales)
+    misaligned.copy_(layout.scales)
+    with pytest.raises(RuntimeError, match="scales must start at a 16-byte aligned address"):
+        op(x, layout.qweight, misaligned, layout.offsets, 32, 32)
     with pytest.raises(TypeError, match="mma_layout\\(dtype\\)"):
         weight.mma_layout(torch.float32)
     with pytest.raises(ValueError, match="mma_layout\\(group_size\\)"):

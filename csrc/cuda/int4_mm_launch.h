@@ -46,6 +46,13 @@ inline Plan plan(const char* where, const at::Tensor& x, const at::Tensor& qweig
     TORCH_CHECK(t->device() == x.device(), where, ": ", name, " is on ", t->device(), " but x is on ", x.device());
     TORCH_CHECK(t->is_contiguous(), where, ": ", name, " must be contiguous");
   }
+  // cp.async reads 16-byte chunks of the weight and of the scale rows: their storage must start 16-byte aligned
+  // (any fresh allocation does; a view into another tensor may not)
+  for (const at::Tensor* t : {&qweight, &scales, &offsets}) {
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, where, ": ",
+                t == &qweight ? "qweight" : t == &scales ? "scales" : "offsets",
+                " must start at a 16-byte aligned address (a view at an odd offset is not: pass a copy)");
+  }
   TORCH_CHECK(scales.scalar_type() == offsets.scalar_type(), where, ": scales (", scales.scalar_type(),
               ") and offsets (", offsets.scalar_type(), ") must have the same dtype");
   TORCH_CHECK(qweight.device() == x.device() && qweight.is_contiguous(), where,
