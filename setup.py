@@ -53,7 +53,9 @@ def _extensions():
         return [], {}
 
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/emu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    # csrc/cuda/*.cu hold the device code (nvcc, once per architecture, no torch headers where it can be helped);
+    # csrc/cuda/*.cpp their torch side (the C++ compiler, once, with CUDA's include paths)
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     want_cuda = _flag("TURBOKERNELS_CUDA")
     cuda_home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)
     can_cuda = bool(torch.version.cuda) and cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))

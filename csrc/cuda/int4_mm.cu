@@ -1,67 +1,46 @@
-// int4_mm's mma kernel (csrc/cuda/int4_mm.cuh) on a GPU: turbokernels_C::int4_mm_mma for CUDA tensors.
-// The plan (checks, tile, split-K) is csrc/cuda/int4_mm_launch.h, shared with the CPU emulator's launcher.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+// int4_mm's mma kernel (csrc/cuda/int4_mm.cuh) instantiated for the GPU and launched: tk_int4::launch_on_gpu.
+// No torch headers here: nvcc compiles this file once per architecture, and torch's headers would cost each pass
+// half a minute; the torch side (checks, plan, registration) is csrc/cuda/int4_mm_launch.cpp, compiled once.
+#include <cuda_runtime.h>
 
-#include <map>
 #include <mutex>
-#include <utility>
 
-#include "cuda/int4_mm_launch.h"
+#include "cuda/int4_mm.cuh"
 
 namespace tk_int4 {
 namespace {
 
-// Split-K counters: zeroed once per (device, stream), and left at zero by every launch (the last part of a tile
-// resets its counter), so a launch needs no memset; a stream of its own keeps concurrent launches apart.
-int* counters(int device, cudaStream_t stream, int tiles, const at::TensorOptions& options) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, cudaStream_t>, at::Tensor> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& c = cache[{device, stream}];
-  if (!c.defined() || c.numel() < tiles) c = at::zeros({std::max(tiles, 1024)}, options.dtype(at::kInt));
-  return c.data_ptr<int>();
-}
-
-struct Launch {
-  const Plan& plan;
-  int device;
+struct GpuLaunch {
+  const Params& p;
+  const Instance& in;
   cudaStream_t stream;
+  int device;
+  cudaError_t error = cudaSuccess;
 
   template <typename T, bool FQ, int BM, int BN, int WARPS_M, int WARPS_N>
-  void operator()() const {
+  void run() {
     auto kernel = int4_mm_kernel<T, FQ, BM, BN, WARPS_M, WARPS_N>;
     constexpr int bytes = Smem<BM, BN, FQ>::BYTES;
     // more than 48 KiB of dynamic shared memory must be asked for, once per device
     static std::once_flag configured[64];
+    static cudaError_t configure_error[64];
     std::call_once(configured[device % 64], [&] {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      configure_error[device % 64] =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     });
-    const Params& p = plan.p;
-    const dim3 grid((p.N + BN - 1) / BN, (p.M + BM - 1) / BM, plan.splits);
+    if ((error = configure_error[device % 64]) != cudaSuccess) return;
+    const dim3 grid((p.N + BN - 1) / BN, (p.M + BM - 1) / BM, in.splits);
     kernel<<<grid, kThreads, bytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    error = cudaGetLastError();
   }
 };
 
-at::Tensor int4_mm_mma_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                            const at::Tensor& offsets, int64_t group_size, int64_t out_features,
-                            const std::optional<at::Tensor>& bias, int64_t splits, int64_t sms) {
-  TORCH_CHECK(x.is_cuda(), "int4_mm_mma (cuda): x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(props->major >= 8, "int4_mm_mma (cuda): needs sm_80 or newer (mma.sync bf16, cp.async), this GPU is sm_",
-              props->major, props->minor);
-  Plan plan = tk_int4::plan("int4_mm_mma (cuda)", x, qweight, scales, offsets, group_size, out_features, bias, splits,
-                            sms > 0 ? sms : props->multiProcessorCount);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (plan.splits > 1) plan.p.counters = counters(x.get_device(), stream, plan.tiles, x.options());
-  dispatch(plan, Launch{plan, x.get_device(), stream});
-  return plan.out;
+}  // namespace
+
+int launch_on_gpu(const Params& p, const Instance& in, void* stream, int device) {
+  GpuLaunch launch{p, in, static_cast<cudaStream_t>(stream), device};
+  dispatch(in, launch);
+  return static_cast<int>(launch.error);
 }
 
-}  // namespace
 }  // namespace tk_int4
-
-TORCH_LIBRARY_IMPL(turbokernels_C, CUDA, m) { m.impl("int4_mm_mma", &tk_int4::int4_mm_mma_cuda); }

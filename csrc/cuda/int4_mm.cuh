@@ -34,25 +34,11 @@ namespace tk_int4 {
 
 using namespace tk_arch;
 
-struct Params {
-  const uint16_t* x;        // (M, Kx) in T, row stride ldx elements; Kx % 8 == 0, 16-byte aligned rows
-  const uint32_t* qweight;  // (KB, NB * 32) mma layout
-  const void* scales;       // (G, Np) in T (half mode) or fp32 (float mode)
-  const void* offsets;      // (G, Np), same dtype as scales
-  const float* bias;        // (N,) fp32, or nullptr
-  uint16_t* out;            // (M, N) in T, contiguous
-  float* workspace;         // (splits, M, N) fp32 partials when gridDim.z > 1
-  int* counters;            // one per output tile, zero on entry and on exit, when gridDim.z > 1
-  int M, N, Kx, ldx;
-  int KB, NB, Np;           // k16 steps (ceil(K/16)), n16 blocks (Np / 16), padded N
-  int groups, group_size;   // group_size: a multiple of 16, or >= K (one group)
-  int ktiles, tiles_per_split;
-};
 
 constexpr int kThreads = 128;
-constexpr int kBK = 64;      // k per stage: 4 k16 steps
+constexpr int kSteps = kStepsPerTile;  // k16 steps per stage
+constexpr int kBK = 16 * kSteps;       // k per stage: 64
 constexpr int kStages = 4;
-constexpr int kSteps = kBK / 16;
 
 template <int BM, int BN, bool FLOAT_DQ>
 struct Smem {
@@ -303,6 +289,25 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
         }
       }
   if (tid == 0) store(p.counters + tile, 0);  // ready for the next launch
+}
+
+// Calls fn.template run<T, FLOAT_DQ, BM, BN, WARPS_M, WARPS_N>() for an instance: the handful every build holds
+// (2 dtypes x 2 dequantization modes x 2 tiles), shared by the GPU launcher and the emulator's.
+template <typename T, bool FQ, typename Fn>
+void dispatch_tile(const Instance& in, Fn& fn) {
+  if (in.decode) fn.template run<T, FQ, 16, 128, 1, 4>();
+  else fn.template run<T, FQ, 64, 128, 2, 2>();
+}
+
+template <typename Fn>
+void dispatch(const Instance& in, Fn& fn) {
+  if (in.bf16) {
+    if (in.float_dq) dispatch_tile<BF16, true>(in, fn);
+    else dispatch_tile<BF16, false>(in, fn);
+  } else {
+    if (in.float_dq) dispatch_tile<F16, true>(in, fn);
+    else dispatch_tile<F16, false>(in, fn);
+  }
 }
 
 }  // namespace tk_int4

@@ -1,21 +1,23 @@
 // The host side both launchers of int4_mm's mma kernel share: argument checks, the padded copy of x when its rows
-// are not 16-byte chunks, the tile and split-K choice, Params. Device-agnostic ATen code: csrc/cuda/int4_mm.cu
-// launches on a GPU, csrc/emu/int4_mm.cpp on the CPU emulator, from the same plan.
+// are not 16-byte chunks, the tile and split-K choice, Params. Device-agnostic ATen code, no device code (so the
+// torch headers are compiled once, by the C++ compiler, not once per GPU architecture by nvcc):
+// csrc/cuda/int4_mm_launch.cpp launches on a GPU through csrc/cuda/int4_mm.cu, csrc/emu/int4_mm.cpp on the CPU emulator,
+// from the same plan.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
 
-#include "cuda/int4_mm.cuh"
+#include "cuda/int4_mm_layout.h"
 
 namespace tk_int4 {
 
 struct Plan {
   Params p;
-  bool bf16 = false, float_dq = false, decode = false;  // the instantiation: dtype, dequantization mode, tile
-  int bm = 0, bn = 0, splits = 1, tiles = 0;
-  at::Tensor x, bias, out, workspace;                    // kept alive for the launch
+  Instance in;                            // the instantiation and the split-K depth
+  int bm = 0, bn = 0, tiles = 0;          // block tile, output tiles
+  at::Tensor x, bias, out, workspace;     // kept alive for the launch
 };
 
 // What the op's schema says (ops.cpp: int4_mm_mma); `where` prefixes the messages ("int4_mm_mma (cuda)").
@@ -78,10 +80,10 @@ inline Plan plan(const char* where, const at::Tensor& x, const at::Tensor& qweig
     plan.bias = bias->to(at::kFloat).contiguous();
   }
   plan.out = at::empty({M, N}, x.options());
-  plan.bf16 = x.scalar_type() == at::kBFloat16;
-  plan.float_dq = scales.scalar_type() == at::kFloat;
-  plan.decode = M <= 16;
-  plan.bm = plan.decode ? 16 : 64;
+  plan.in.bf16 = x.scalar_type() == at::kBFloat16;
+  plan.in.float_dq = scales.scalar_type() == at::kFloat;
+  plan.in.decode = M <= 16;
+  plan.bm = plan.in.decode ? 16 : 64;
   plan.bn = 128;
 
   Params& p = plan.p;
@@ -100,35 +102,17 @@ inline Plan plan(const char* where, const at::Tensor& x, const at::Tensor& qweig
   p.Np = static_cast<int>(Np);
   p.groups = static_cast<int>(G);
   p.group_size = static_cast<int>(group_size);
-  p.ktiles = static_cast<int>((KB + kSteps - 1) / kSteps);
+  p.ktiles = static_cast<int>((KB + kStepsPerTile - 1) / kStepsPerTile);
   plan.tiles = static_cast<int>(((N + plan.bn - 1) / plan.bn) * ((M + plan.bm - 1) / plan.bm));
   int parts = splits > 0 ? static_cast<int>(splits) : split_k_parts(plan.tiles, p.ktiles, static_cast<int>(sms));
   if (parts > p.ktiles) parts = p.ktiles;
   p.tiles_per_split = (p.ktiles + parts - 1) / parts;
-  plan.splits = (p.ktiles + p.tiles_per_split - 1) / p.tiles_per_split;  // no empty part
-  if (plan.splits > 1) {
-    plan.workspace = at::empty({plan.splits, M, N}, x.options().dtype(at::kFloat));
+  plan.in.splits = (p.ktiles + p.tiles_per_split - 1) / p.tiles_per_split;  // no empty part
+  if (plan.in.splits > 1) {
+    plan.workspace = at::empty({plan.in.splits, M, N}, x.options().dtype(at::kFloat));
     p.workspace = plan.workspace.data_ptr<float>();
   }
   return plan;
-}
-
-// Calls fn.template operator()<T, FLOAT_DQ, BM, BN, WARPS_M, WARPS_N>() for the plan's instantiation: the handful
-// every build holds (2 dtypes x 2 dequantization modes x 2 tiles).
-template <typename Fn>
-void dispatch(const Plan& plan, Fn&& fn) {
-  auto tiles = [&](auto t, auto fq) {
-    using T = decltype(t);
-    constexpr bool FQ = decltype(fq)::value;
-    if (plan.decode) fn.template operator()<T, FQ, 16, 128, 1, 4>();
-    else fn.template operator()<T, FQ, 64, 128, 2, 2>();
-  };
-  auto modes = [&](auto t) {
-    if (plan.float_dq) tiles(t, std::true_type{});
-    else tiles(t, std::false_type{});
-  };
-  if (plan.bf16) modes(tk_arch::BF16{});
-  else modes(tk_arch::F16{});
 }
 
 }  // namespace tk_int4

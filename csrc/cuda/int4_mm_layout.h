@@ -13,6 +13,8 @@
 // a block tile of the kernel is a rectangle of whole 128-byte rows, read with 16-byte cp.async.
 #pragma once
 
+#include <cstdint>
+
 #if defined(__CUDACC__)
 #define TK_LAYOUT_FN __host__ __device__ __forceinline__
 #else
@@ -21,7 +23,34 @@
 
 namespace tk_int4 {
 
+// The kernel's arguments (csrc/cuda/int4_mm.cuh), filled by the host plan (int4_mm_launch.h).
+struct Params {
+  const uint16_t* x;        // (M, Kx) in T, row stride ldx elements; Kx % 8 == 0, 16-byte aligned rows
+  const uint32_t* qweight;  // (KB, NB * 32) mma layout
+  const void* scales;       // (G, Np) in T (half mode) or fp32 (float mode)
+  const void* offsets;      // (G, Np), same dtype as scales
+  const float* bias;        // (N,) fp32, or nullptr
+  uint16_t* out;            // (M, N) in T, contiguous
+  float* workspace;         // (splits, M, N) fp32 partials when gridDim.z > 1
+  int* counters;            // one per output tile, zero on entry and on exit, when gridDim.z > 1
+  int M, N, Kx, ldx;
+  int KB, NB, Np;           // k16 steps (ceil(K/16)), n16 blocks (Np / 16), padded N
+  int groups, group_size;   // group_size: a multiple of 16, or >= K (one group)
+  int ktiles, tiles_per_split;
+};
+
+// Which instantiation runs, and the grid's split-K depth.
+struct Instance {
+  bool bf16 = false, float_dq = false, decode = false;  // x's dtype, dequantization mode, tile (M <= 16)
+  int splits = 1;
+};
+
+// Launches the kernel on the current device (csrc/cuda/int4_mm.cu: the only translation unit that holds device
+// code; CUDA builds only). stream: a cudaStream_t. Returns a cudaError_t (0: launched).
+int launch_on_gpu(const Params& p, const Instance& in, void* stream, int device);
+
 constexpr int kWordsPerBlock = 32;  // one per lane
+constexpr int kStepsPerTile = 4;    // k16 steps per k tile (a pipeline stage of 64 k)
 
 // (dk, dn) inside the 16 x 16 block of nibble slot `slot` (0..7) of lane `lane`'s word
 TK_LAYOUT_FN void nibble_source(int lane, int slot, int& dk, int& dn) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #define TK_EMULATE 1
+#include "cuda/int4_mm.cuh"
 #include "cuda/int4_mm_launch.h"
 
 namespace tk_int4 {
@@ -36,10 +37,10 @@ struct Emulate {
   std::vector<tk_emu::Buffer> buffers;
 
   template <typename T, bool FQ, int BM, int BN, int WARPS_M, int WARPS_N>
-  void operator()() const {
+  void run() const {
     tk_emu::LaunchConfig config;
     config.grid = tk_emu::Dim3{static_cast<unsigned>((p.N + BN - 1) / BN), static_cast<unsigned>((p.M + BM - 1) / BM),
-                               static_cast<unsigned>(plan.splits)};
+                               static_cast<unsigned>(plan.in.splits)};
     config.block = tk_emu::Dim3{kThreads, 1, 1};
     config.shared_bytes = Smem<BM, BN, FQ>::BYTES;
     config.buffers = buffers;
@@ -55,13 +56,13 @@ at::Tensor int4_mm_mma_emulated(const at::Tensor& x, const at::Tensor& qweight, 
   Plan plan = tk_int4::plan("int4_mm_mma (emulated)", x, qweight, scales, offsets, group_size, out_features, bias,
                             splits, sms > 0 ? sms : 132);
   at::Tensor counters;
-  if (plan.splits > 1) {
+  if (plan.in.splits > 1) {
     counters = at::zeros({plan.tiles}, x.options().dtype(at::kInt));
     plan.p.counters = counters.data_ptr<int>();
   }
   Emulate run{plan.p, plan, buffers(plan, qweight, scales, offsets, counters)};
   try {
-    dispatch(plan, run);
+    dispatch(plan.in, run);
   } catch (const std::runtime_error& e) {
     TORCH_CHECK(false, "int4_mm_mma (emulated): the kernel failed: ", e.what());
   }
