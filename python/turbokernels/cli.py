@@ -14,6 +14,11 @@ BENCHMARKS = {"int4": "turbokernels.bench.int4", "sparse24": "turbokernels.bench
               "quality": "turbokernels.bench.quality"}
 
 
+# the turbokernels_C op holding an op's CUDA C++ kernel, where its name differs from the op's (a kernel that reads
+# the weight in its own layout, or takes fewer options, has its own schema)
+CUDA_KERNELS = {"int4_mm": "int4_mm_mma", "decode_attention": "decode_attention_mma"}
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -37,7 +42,8 @@ def cmd_info(args) -> int:
         for name, impl in backends.registered(op).items():
             reason = {"triton": lambda: backends.check_triton(torch.empty(1, device=device)),
                       "cpu": lambda: _ext.missing_op_reason(op, "cpu"),
-                      "cuda": lambda: _ext.missing_op_reason(op, "cuda") if device == "cuda" else "no CUDA device",
+                      "cuda": lambda: (_ext.missing_op_reason(CUDA_KERNELS.get(op, op), "cuda")
+                                       if device == "cuda" else "no CUDA device"),
                       }.get(name, lambda: None)()
             if impl.auto == backends.VERIFIED:
                 state = acceptance.listing(op, name)
