@@ -77,6 +77,8 @@ def test_planted_bugs_are_reported():
     assert ops().emu_planted_bug("none").tolist() == [20.0, 21.0, 22.0, 23.0]
     # a read of shared memory before cp.async.wait_group sees the poison, not the data
     assert torch.isnan(ops().emu_planted_bug("missing_wait")).all()
+    # ... and so does a read of what another warp copied, without the __syncthreads between
+    assert torch.isnan(ops().emu_planted_bug("missing_barrier")).all()
     for bug, message in [("divergent_warp", "warp divergence"), ("out_of_bounds", "outside every buffer"),
                          ("deadlock", "deadlock"), ("misaligned_ldmatrix", "misaligned shared access")]:
         with pytest.raises(RuntimeError, match=message):

@@ -27,13 +27,14 @@ KERNEL = "sparse24_mm_kernel"
 # The SASS of `mma.sp(::ordered_metadata).sync.aligned.m16n8k32.row.col.f32.{f16,bf16}...` as observed with nvcc 13.0
 # for sm_80, sm_86, sm_89 and sm_90a: HMMA.SP.16832 (sparse HMMA, m16 n8 k32), .F32 accumulator, and a .BF16 suffix
 # for bf16 inputs (fp16 inputs carry no type suffix).
-MNEMONIC = {"__half": r"HMMA\.SP\.16832\.F32(?!\.BF16)", "__nv_bfloat16": r"HMMA\.SP\.16832\.F32\.BF16"}
-# The kernel is instantiated per dtype and block tile: sparse24_mm_kernel<T, BN, BM, WARPS_N, WARPS_M> (mangled
-# `...sparse24_mm_kernelI6__halfLi64ELi64ELi2ELi2E...`). Per k tile of 64 a warp issues 2 (k32 steps) x
+MNEMONIC = {"F16": r"HMMA\.SP\.16832\.F32(?!\.BF16)", "BF16": r"HMMA\.SP\.16832\.F32\.BF16"}
+# The kernel is instantiated per dtype tag and block tile: tk_sparse24::sparse24_mm_kernel<T, BN, BM, WARPS_N,
+# WARPS_M>, T = tk_arch::F16 / tk_arch::BF16 (mangled `_ZN11tk_sparse243gpu18sparse24_mm_kernelIN7tk_arch3F16ELi64E
+# Li64ELi2ELi2EEEvNS_6ParamsE`). Per k tile of 64 a warp issues 2 (k32 steps) x
 # (BN / WARPS_N / 16) (m16 tiles along N) x (BM / WARPS_M / 8) (n8 tiles along M) mma.sp, fully unrolled: the SASS
 # must hold exactly that many (fewer would mean a k step or a tile got lost). Both shipped tiles (64 x 64 and the
 # M <= 16 one, 128 x 16) must be there.
-TILE = re.compile(r"sparse24_mm_kernelI(6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E")
+TILE = re.compile(r"sparse24_mm_kernelIN7tk_arch(3F16|4BF16)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E")
 TILES = {(64, 64, 2, 2), (128, 16, 4, 1)}
 # Per architecture: 2 dtypes x (2 GEMM tiles + the split-K reduction) functions named sparse24*.
 FUNCTIONS_PER_ARCH = 6
@@ -142,7 +143,7 @@ def _sparse24_kernels(per_arch: dict[str, dict[str, str]], arch: str) -> dict[tu
         if KERNEL in name:
             m = TILE.search(name)
             assert m, f"{arch}: unexpected sparse24 kernel name {name}"
-            tag = m.group(1)[m.group(1).index("__"):]
+            tag = m.group(1).lstrip("0123456789")
             found[(tag, *(int(v) for v in m.groups()[1:]))] = body
     return found
 

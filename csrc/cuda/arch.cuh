@@ -27,9 +27,13 @@ struct BF16 {
 #define TK_HOST_DEVICE __host__ __device__ __forceinline__
 #define TK_GLOBAL __global__
 #define TK_LAUNCH_BOUNDS(n) __launch_bounds__(n)
-// Kernel templates go in `inline namespace TK_BUILD`: a __global__ template's host stub and its emulated
-// instantiation would otherwise share one mangled name in _C, and the linker keeps only one of the two weak
-// definitions, so a GPU launch could run the emulator's body on the host (or the emulator the stub).
+// ... and at least `blocks` resident per SM: ptxas then budgets registers for that (without it, it may spill to reach
+// an occupancy of its own choosing)
+#define TK_LAUNCH_BOUNDS_MIN(n, blocks) __launch_bounds__(n, blocks)
+// Kernel templates go in `inline namespace TK_BUILD` (gpu / emu): otherwise a __global__ template's host stub and
+// its emulated instantiation have one mangled name in _C, and where nvcc emits the stub as a weak symbol (before
+// CUDA 13, or -static-global-template-stub=false) the linker keeps one of the two definitions for both callers: a
+// GPU launch runs the emulator's body on the host, or the emulated test calls the stub.
 #define TK_BUILD gpu
 
 namespace tk_arch {
@@ -212,6 +216,7 @@ TK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
 #define TK_HOST_DEVICE inline
 #define TK_GLOBAL
 #define TK_LAUNCH_BOUNDS(n)
+#define TK_LAUNCH_BOUNDS_MIN(n, blocks)
 #define TK_BUILD emu
 
 namespace tk_arch {

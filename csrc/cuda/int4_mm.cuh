@@ -31,6 +31,7 @@
 #include "cuda/int4_mm_layout.h"
 
 namespace tk_int4 {
+inline namespace TK_BUILD {  // the GPU's and the emulator's instantiations must not share mangled names (arch.cuh)
 
 using namespace tk_arch;
 
@@ -310,4 +311,5 @@ void dispatch(const Instance& in, Fn& fn) {
   }
 }
 
+}  // inline namespace TK_BUILD
 }  // namespace tk_int4

@@ -106,6 +106,10 @@ void run_block(Block& b) {
       swapcontext(&b.scheduler, &t.context);
       g_thread = nullptr;
       progress = true;
+      // Restart from the lowest runnable thread: warp 0 runs ahead as far as it can before later warps start, so
+      // a read of shared memory that other warps fill, without the block barrier between, sees their copies still
+      // pending (poison) -- round-robin order would have let every thread reach its wait first and hidden it.
+      break;
     }
     if (!b.error.empty() || all_done) break;
     if (!progress) {

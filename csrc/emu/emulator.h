@@ -3,7 +3,9 @@
 // fragment layouts, the int4 repack and dequantization bit tricks, the pipeline's waits and barriers, split-K.
 //
 // Model. One launch runs its blocks one after another. A block's threads are fibers (ucontext) on this one OS
-// thread, executed one after another: a thread runs until it reaches a barrier, then the next one runs. So
+// thread, executed one after another: a thread runs until it reaches a barrier, then the lowest-numbered runnable
+// thread runs (so earlier warps run ahead of later ones as far as the barriers let them: the order that exposes a
+// missing __syncthreads). So
 //   * __syncthreads() (syncthreads below) is a barrier of every thread of the block;
 //   * a warp-collective instruction (ldmatrix, mma) is two barriers of the warp's 32 lanes: each lane deposits its
 //     operands, every lane computes its own result from all deposits (with the fragment tables of the PTX ISA,

@@ -30,7 +30,8 @@
 //       the lower 2 bits (Figure 112: 0b0100 = columns 0 and 1; ::ordered_metadata allows only 0b0100, 0b1000,
 //       0b1001, 0b1100, 0b1101, 0b1110: idx0 < idx1).
 // tests/test_cuda_emulator.py checks these functions against the ISA's formulas written out again in Python and a
-// few hand-read entries of the ISA's figures.
+// few hand-read entries of the ISA's figures; tests/test_sparse24_mm_cuda_emulated.py the mma.sp ones (through
+// emu_sparse_fragment_tables, and one emulated mma.sp on registers built in Python from a 16 x 32 tile).
 #pragma once
 
 namespace tk_emu {

@@ -12,7 +12,8 @@
 //       (32, 4): one emulated mma.sp::ordered_metadata m16n8k32 (selector 0) on per-lane registers given as they
 //       are (a[lane][i], the 16-bit elements' bits), returning each lane's d registers
 //   turbokernels_C::emu_planted_bug(str bug) -> Tensor: a small kernel with `bug` planted ("none",
-//       "missing_wait", "divergent_warp", "out_of_bounds", "deadlock", "misaligned_ldmatrix")
+//       "missing_wait", "missing_barrier" (another warp's copies read without __syncthreads), "divergent_warp",
+//       "out_of_bounds", "deadlock", "misaligned_ldmatrix")
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -153,20 +154,22 @@ at::Tensor planted_bug(const std::string& bug) {
   config.buffers = {{in.data_ptr(), 256, false, "in"}, {out.data_ptr(), 16, true, "out"}};
   const float* src = in.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  const bool known = bug == "none" || bug == "missing_wait" || bug == "divergent_warp" || bug == "out_of_bounds" ||
-                     bug == "deadlock" || bug == "misaligned_ldmatrix";
+  const bool known = bug == "none" || bug == "missing_wait" || bug == "missing_barrier" || bug == "divergent_warp" ||
+                     bug == "out_of_bounds" || bug == "deadlock" || bug == "misaligned_ldmatrix";
   TORCH_CHECK(known, "emu_planted_bug: unknown bug ", bug);
   try {
     tk_emu::launch(config, [&] {
       const int t = static_cast<int>(tid());
       float* s = reinterpret_cast<float*>(shared_memory());
-      if (t < 16) {
-        const int chunk = (bug == "out_of_bounds" && t == 15) ? 16 : t;  // 16 * 16 bytes: one past the buffer
-        cp_async16(s + 4 * t, src + 4 * chunk, 16);
+      // 16 threads copy 16 chunks: threads 0-15, or 32-47 (the second warp) for missing_barrier
+      const int c = bug == "missing_barrier" ? t - 32 : t;
+      if (c >= 0 && c < 16) {
+        const int chunk = (bug == "out_of_bounds" && c == 15) ? 16 : c;  // 16 * 16 bytes: one past the buffer
+        cp_async16(s + 4 * c, src + 4 * chunk, 16);
       }
       cp_async_commit();
       if (bug != "missing_wait") cp_async_wait<0>();
-      if (!(bug == "deadlock" && t == 40)) syncthreads();
+      if (!(bug == "deadlock" && t == 40) && bug != "missing_barrier") syncthreads();
       if (bug == "divergent_warp" || bug == "misaligned_ldmatrix") {
         uint32_t r[4];
         const char* base = shared_memory() + (bug == "misaligned_ldmatrix" && t == 3 ? 4 : 0);
