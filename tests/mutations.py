@@ -8,8 +8,9 @@ the unmutated copy, which must pass (otherwise a catch proves nothing). Results 
 are recorded in docs/reliability.md.
 
 A mutation of a C++ kernel (path csrc/cpu/<op>.cpp or a header it includes, with `build` naming that .cpp) rebuilds
-turbokernels._C in the copy from csrc/ops.cpp and that one kernel (torch.utils.cpp_extension, a few minutes): the
-other C++ kernels are absent from that _C, so its tests must be the kernel's own.
+the copy's turbokernels._C from its C++ sources without CUDA (torch.utils.cpp_extension: the first one a few
+minutes, then only the mutated file). A CUDA C++ kernel (csrc/cuda/) is mutated the same way and caught on the CPU
+emulator: `build` names its emulated launcher (csrc/emu/<op>.cpp).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class Mutation:
     old: str            # exact text, must occur exactly once
     new: str
     tests: tuple        # pytest selections (relative to the repository root) that must catch it
-    build: str = ""     # C++ mutations: the kernel's csrc/cpu/<op>.cpp, rebuilt into the copy's _C with ops.cpp
+    build: str = ""     # C++ mutations: the .cpp that includes the mutated file (csrc/cpu/<op>.cpp, or the emulated CUDA
+    #                     kernel's csrc/emu/<op>.cpp): the copy's _C is rebuilt
 
 
 MUTATIONS = [
@@ -71,6 +73,27 @@ MUTATIONS = [
              "const VI id = Vec::idx(mt, i & ~1);",
              ("tests/test_sparse24_int4_mm.py::test_cpu_kernel_every_isa_path",),
              build="csrc/cpu/sparse24_int4_mm.cpp"),
+    Mutation("int4-cuda-b-register-slot", "int4_mm CUDA kernel: a dequantized pair goes to the wrong B register "
+             "(tile and register swapped)", "csrc/cuda/int4_mm.cuh",
+             "    b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);",
+             "    b[j & 1][j >> 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);",
+             ("tests/test_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
+             build="csrc/emu/int4_mm.cpp"),
+    Mutation("int4-cuda-pipeline-wait", "int4_mm CUDA kernel: cp.async.wait_group leaves one stage too many in flight "
+             "(computes on a stage before it lands)", "csrc/cuda/int4_mm.cuh",
+             "    cp_async_wait<kStages - 2>();", "    cp_async_wait<kStages - 1>();",
+             ("tests/test_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
+             build="csrc/emu/int4_mm.cpp"),
+    Mutation("int4-cuda-splitk-last-part-skipped", "int4_mm CUDA kernel: the split-K reduction omits the last part",
+             "csrc/cuda/int4_mm.cuh",
+             "for (int part = 0; part < splits; ++part)", "for (int part = 0; part < splits - 1; ++part)",
+             ("tests/test_int4_mm_cuda.py::test_split_k_parts_are_exact_and_deterministic",),
+             build="csrc/emu/int4_mm.cpp"),
+    Mutation("int4-cuda-repack-halves-swapped", "int4_mm repack/kernel layout: the two k of a B register pair "
+             "swapped (k + 1 in the lower half)", "csrc/cuda/int4_mm_layout.h",
+             "  dk = 2 * t + 8 * (reg & 1) + upper;", "  dk = 2 * t + 8 * (reg & 1) + 1 - upper;",
+             ("tests/test_int4_mm_cuda.py::test_repacked_nibbles_sit_where_the_isa_b_fragment_wants_them",),
+             build="csrc/emu/int4_mm.cpp"),
     Mutation("attention-fwd-causal-edge-hi", "forward: the last key block of a tile's causal/right window edge "
              "ends one key early (hidden unless that key starts a block)",
              "kernels/attention_fwd.py",
@@ -146,17 +169,31 @@ def _source_path(dst: str, path: str) -> str:
 
 
 def _build_cpp(dst: str, kernel: str) -> None:
-    """Rebuild the copy's turbokernels._C from its csrc/ops.cpp and `kernel` (setup.py's flags), in place of the
-    built one."""
+    """Rebuild the copy's turbokernels._C from its C++ sources (csrc/*.cpp, csrc/cpu/*.cpp, csrc/emu/*.cpp: what
+    setup.py compiles without CUDA; ops.cpp's one-call entries need the CPU kernels beside `kernel`) with setup.py's
+    flags, in place of the built one. The objects stay in the copy's build-ext/ for the run: ninja recompiles only
+    the mutated file (and, next time, its restored original)."""
     import glob
     build = os.path.join(dst, "build-ext")
     os.makedirs(build, exist_ok=True)
-    sources = [os.path.join(dst, "csrc", "ops.cpp"), os.path.join(dst, kernel)]
+    csrc = os.path.join(dst, "csrc")
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
+                     + glob.glob(os.path.join(csrc, "emu", "*.cpp")))
+    assert os.path.join(dst, kernel.split()[0]) in sources, f"{kernel} is not among the C++ sources"
+    # load() names objects by the source's base name (cpu/int4_mm.cpp and emu/int4_mm.cpp would collide): compile
+    # one-line wrappers with unique names that #include each source (its own quote includes still resolve)
+    wrappers = []
+    for src in sources:
+        name = os.path.relpath(src, csrc).replace(os.sep, "_")
+        wrapper = os.path.join(build, "src_" + name)
+        text = f'#include "{src}"\n'
+        if not os.path.exists(wrapper) or open(wrapper).read() != text:
+            open(wrapper, "w").write(text)
+        wrappers.append(wrapper)
     code = ("import sys; from torch.utils.cpp_extension import load; "
-            "load(name='_C', sources=sys.argv[1:3], extra_include_paths=[sys.argv[3]], build_directory=sys.argv[4], "
+            "load(name='_C', sources=sys.argv[1:-2], extra_include_paths=[sys.argv[-2]], build_directory=sys.argv[-1], "
             "extra_cflags=['-O3', '-fopenmp', '-g0'], extra_ldflags=['-fopenmp'])")
-    proc = subprocess.run([sys.executable, "-c", code, *sources, os.path.join(dst, "csrc"), build],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *wrappers, csrc, build], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building {kernel} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     (built,) = glob.glob(os.path.join(build, "_C*.so"))
