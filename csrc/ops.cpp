@@ -5,6 +5,7 @@
 // ops. The public ops (namespace `turbokernels`, python/turbokernels/ops/) reach these through backends.py, which
 // asks the dispatcher whether a kernel exists for the device before choosing the "cpu"/"cuda" backend.
 #include <torch/extension.h>
+#include <torch/version.h>
 #include <torch/library.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -165,6 +166,10 @@ std::optional<at::Tensor> linear_usual(int64_t op, const at::Tensor& x, const st
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "turbokernels C++/CUDA kernels, registered as torch.ops.turbokernels_C.*, and the same ops as functions";
+  // _C is tied to the torch it was compiled against (torch's C++ ABI: headers, libtorch's symbols); _ext.py refuses
+  // to use it under another torch (warns once, falls back) instead of risking a crash
+  m.attr("built_for_torch") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                              std::to_string(TORCH_VERSION_PATCH);
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("int4_mm", &int4_mm, "torch.ops.turbokernels_C.int4_mm without the boxed path", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("offsets"), py::arg("group_size"), py::arg("bias") = py::none(),

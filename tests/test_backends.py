@@ -145,6 +145,30 @@ def test_broken_extension_warns_once_and_falls_back():
     assert res.stdout.split() == ["1", "reference"]
 
 
+def test_extension_built_for_another_torch_is_refused():
+    """_C is tied to the torch release it was compiled against: under another one it is not used (one warning that
+    names both versions; the CPU op then runs on the reference), instead of risking an ABI crash."""
+    from turbokernels import _ext
+    if not _ext.available():
+        pytest.skip(f"turbokernels._C is not available: {_ext.load_error()}")
+    assert _ext.C.built_for_torch == _ext._torch_release(torch.__version__)
+    assert _ext._torch_release("2.14.1+cu130") == "2.14.1" and _ext._torch_release("2.15.0.dev20260101") == "2.15.0"
+    code = ("import warnings, torch; torch.__version__ = '1.13.0'\n"
+            "import turbokernels as tk\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    w = tk.quantize_int4(torch.randn(8, 64), 32)\n"
+            "    y = tk.int4_linear(torch.randn(2, 64), w)\n"
+            "print([str(c.message) for c in caught if 'built for torch' in str(c.message)])\n"
+            "print(tk.backends.select('int4_mm', torch.randn(2, 64), w.qweight, w.scales, w.offsets, 32)[0])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TURBOKERNELS_NO_EXT"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    warned, chosen = res.stdout.strip().splitlines()
+    assert f"built for torch {_ext.C.built_for_torch}, this is torch 1.13.0" in warned and warned.count("built") == 1
+    assert chosen == "reference"
+
+
 def test_autotuner_times_each_candidate_once_per_key(monkeypatch):
     """kernels/_launch.Autotuner on a (pretend) CUDA device: the fastest candidate wins and is remembered."""
     import triton.testing

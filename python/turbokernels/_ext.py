@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 import warnings
 from typing import Optional
@@ -26,9 +27,20 @@ _lock = threading.Lock()
 C = None
 
 
+def _torch_release(version: str) -> str:
+    """"2.14.1+cu130" / "2.15.0.dev20260101" -> "2.14.1" / "2.15.0": what torch's C++ headers call its version."""
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return ".".join(m.groups()) if m else version
+
+
 def _import_extension() -> None:
     global C
     from . import _C  # registers the ops as a side effect
+    built = getattr(_C, "built_for_torch", None)
+    if built is not None and built != _torch_release(torch.__version__):
+        # its ops are registered but never called: missing_op_reason answers "not available" while _loaded is False
+        raise ImportError(f"turbokernels._C was built for torch {built}, this is torch {torch.__version__} (the C++ "
+                          f"ABI differs between releases)")
     C = _C
 
 
