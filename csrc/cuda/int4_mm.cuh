@@ -146,6 +146,22 @@ TK_DEVICE void dequantize_float(uint32_t word, const float (&sc)[2], const float
   }
 }
 
+// f(value, m, n) for each of a lane's accumulators inside the (M, N) output. The C fragment: acc[i][j][r] is row
+// m_lane + 16 i + 8 (r >> 1), column n_lane + 8 j + (r & 1), where m_lane / n_lane hold the warp's origin plus the
+// lane's g / 2 t.
+template <int MI, int NJ, typename F>
+TK_DEVICE void for_each_output(const float (&acc)[MI][NJ][4], int m_lane, int n_lane, int M, int N, F&& f) {
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int m = m_lane + i * 16 + (r >> 1) * 8, n = n_lane + j * 8 + (r & 1);
+        if (m < M && n < N) f(acc[i][j][r], m, n);
+      }
+}
+
 // grid (ceil(N / BN), ceil(M / BM), splits), kThreads threads, Smem<BM, BN, FLOAT_DQ>::BYTES dynamic shared memory.
 template <typename T, bool FLOAT_DQ, int BM, int BN, int WARPS_M, int WARPS_N>
 TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
@@ -240,32 +256,18 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
   }
   cp_async_wait<0>();
 
-  // acc[i][j][r]: row m0 + wm + 16 i + g + 8 (r >> 1), column n0 + wn + 8 j + 2 t + (r & 1) (the C fragment)
+  const int m_lane = m0 + wm + g, n_lane = n0 + wn + 2 * t;
   if (splits == 1) {
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int m = m0 + wm + i * 16 + g + (r >> 1) * 8, n = n0 + wn + j * 8 + 2 * t + (r & 1);
-          if (m < p.M && n < p.N) {
-            const float b = p.bias != nullptr ? load(p.bias + n) : 0.f;
-            store(p.out + static_cast<long long>(m) * p.N + n, from_float<T>(acc[i][j][r] + b));
-          }
-        }
+    for_each_output(acc, m_lane, n_lane, p.M, p.N, [&](float v, int m, int n) {
+      const float b = p.bias != nullptr ? load(p.bias + n) : 0.f;
+      store(p.out + static_cast<long long>(m) * p.N + n, from_float<T>(v + b));
+    });
     return;
   }
   const long long mn = static_cast<long long>(p.M) * p.N;
-#pragma unroll
-  for (int i = 0; i < MI; ++i)
-#pragma unroll
-    for (int j = 0; j < NJ; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int m = m0 + wm + i * 16 + g + (r >> 1) * 8, n = n0 + wn + j * 8 + 2 * t + (r & 1);
-        if (m < p.M && n < p.N) store(p.workspace + z * mn + static_cast<long long>(m) * p.N + n, acc[i][j][r]);
-      }
+  for_each_output(acc, m_lane, n_lane, p.M, p.N, [&](float v, int m, int n) {
+    store(p.workspace + z * mn + static_cast<long long>(m) * p.N + n, v);
+  });
   threadfence();  // the partials are visible device-wide before the counter says so
   syncthreads();
   int* flag = S::flag(smem);
@@ -274,21 +276,13 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
   syncthreads();
   if (lds(flag) == 0) return;
   // the last part: every part's partial, in part order, then the bias; one rounding
-#pragma unroll
-  for (int i = 0; i < MI; ++i)
-#pragma unroll
-    for (int j = 0; j < NJ; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int m = m0 + wm + i * 16 + g + (r >> 1) * 8, n = n0 + wn + j * 8 + 2 * t + (r & 1);
-        if (m < p.M && n < p.N) {
-          const long long off = static_cast<long long>(m) * p.N + n;
-          float sum = 0.f;
-          for (int part = 0; part < splits; ++part) sum += load_cg(p.workspace + part * mn + off);
-          if (p.bias != nullptr) sum += load(p.bias + n);
-          store(p.out + off, from_float<T>(sum));
-        }
-      }
+  for_each_output(acc, m_lane, n_lane, p.M, p.N, [&](float, int m, int n) {
+    const long long off = static_cast<long long>(m) * p.N + n;
+    float sum = 0.f;
+    for (int part = 0; part < splits; ++part) sum += load_cg(p.workspace + part * mn + off);
+    if (p.bias != nullptr) sum += load(p.bias + n);
+    store(p.out + off, from_float<T>(sum));
+  });
   if (tid == 0) store(p.counters + tile, 0);  // ready for the next launch
 }
 
