@@ -200,7 +200,8 @@ def test_gpu_act_order_linear_and_cuda_graph():
     w = torch.randn(N, K)
     perm = torch.randperm(K)
     weight = tk.Int4Weight.from_float(w[:, perm], group_size=128)
-    weight = tk.Int4Weight(weight.qweight, weight.scales, weight.offsets, 128, K, perm=torch.argsort(perm)).to("cuda")
+    # row k of qweight holds input feature perm[k] (act-order)
+    weight = tk.Int4Weight(weight.qweight, weight.scales, weight.offsets, 128, K, perm=perm).to("cuda")
     x = torch.randn(4, K, device="cuda", dtype=torch.float16)
     with tk.backend("cuda"):
         out = tk.int4_linear(x, weight)
