@@ -34,17 +34,20 @@ def isa_tables():
         for h in range(2):
             # ldmatrix: "each thread receives ... row = laneid / 4, elements 2 * (laneid % 4) and the next"
             expected[(3, lane, h)] = (lane // 4, 2 * (lane % 4) + h)
+            # .trans: "the matrix is loaded in column-major format": the stored matrix's column laneid / 4, rows
+            # 2 * (laneid % 4) and the next
+            expected[(4, lane, h)] = (2 * (lane % 4) + h, lane // 4)
     return expected
 
 
 def test_fragment_tables_follow_the_isa():
     tables = ops().emu_fragment_tables()
-    assert tables.shape == (4, 32, 8, 2)
+    assert tables.shape == (5, 32, 8, 2)
     expected = isa_tables()
     for (kind, lane, i), coord in expected.items():
         assert tuple(tables[kind, lane, i].tolist()) == coord, (kind, lane, i)
     # unused entries stay -1 (C has 4 elements, ldmatrix 2 per register)
-    assert (tables[2, :, 4:] == -1).all() and (tables[3, :, 2:] == -1).all()
+    assert (tables[2, :, 4:] == -1).all() and (tables[3:, :, 2:] == -1).all()
     # hand-read from the ISA's figures: lane 5 (groupID 1, threadID_in_group 1)
     assert tables[0, 5, :, :].tolist() == [[1, 2], [1, 3], [9, 2], [9, 3], [1, 10], [1, 11], [9, 10], [9, 11]]
     assert tables[1, 5, :4, :].tolist() == [[2, 1], [3, 1], [10, 1], [11, 1]]
@@ -62,6 +65,14 @@ def test_mma_gemm_matches_torch(dtype):
         # 16-bit products are exact in fp32; 16 fp32 additions: at most 16 u32 of the sum of magnitudes
         bound = 16 * 2.0 ** -24 * (a.double().abs() @ bt.double().abs().T)
         assert ((c.double() - golden).abs() <= bound).all()
+    # B stored k-major (attention's V) through ldmatrix .trans
+    for _ in range(2):
+        a = torch.randn(16, 16, generator=g).to(dtype)
+        b = torch.randn(16, 16, generator=g).to(dtype)
+        c = ops().emu_mma_gemm(a, b, True)
+        golden = a.double() @ b.double()
+        bound = 16 * 2.0 ** -24 * (a.double().abs() @ b.double().abs())
+        assert ((c.double() - golden).abs() <= bound).all()
     # a transposed operand or a swapped fragment would move elements: check a one-hot case exactly
     a = torch.zeros(16, 16, dtype=dtype)
     bt = torch.zeros(16, 16, dtype=dtype)
@@ -71,6 +82,7 @@ def test_mma_gemm_matches_torch(dtype):
     expected = torch.zeros(16, 16)
     expected[3, 13] = 6
     assert torch.equal(c, expected)
+    assert torch.equal(ops().emu_mma_gemm(a, bt.T.contiguous(), True), expected)
 
 
 def test_planted_bugs_are_reported():

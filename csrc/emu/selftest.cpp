@@ -1,10 +1,12 @@
 // The emulator's own tests (tests/test_cuda_emulator.py): its fragment tables, a plain GEMM through the emulated
 // ldmatrix + mma, and kernels with a planted bug that the emulator must report.
-//   turbokernels_C::emu_fragment_tables() -> int32 (4, 32, 8, 2): [kind][lane][element] = (row, col), -1 unused;
-//       kind 0: mma.m16n8k16 A, 1: B (k32 for mma.sp; k16 uses elements 0..3), 2: f32 C, 3: ldmatrix
-//   turbokernels_C::emu_mma_gemm(a (16, 16), bt (16, 16)) -> fp32 (16, 16) = a @ bt.T, fp16/bf16 operands: the
-//       standard tensor-core tile code (cp.async to shared memory, ldmatrix.x4 of A and of B stored n-major, two
-//       mma.m16n8k16) on the emulator
+//   turbokernels_C::emu_fragment_tables() -> int32 (5, 32, 8, 2): [kind][lane][element] = (row, col), -1 unused;
+//       kind 0: mma.m16n8k16 A, 1: B (k32 for mma.sp; k16 uses elements 0..3), 2: f32 C, 3: ldmatrix,
+//       4: ldmatrix .trans
+//   turbokernels_C::emu_mma_gemm(a (16, 16), bt (16, 16), b_kmajor=False) -> fp32 (16, 16) = a @ bt.T, fp16/bf16
+//       operands: the standard tensor-core tile code (cp.async to shared memory, ldmatrix.x4 of A and of B stored
+//       n-major, two mma.m16n8k16) on the emulator; b_kmajor: `bt` is B itself (k-major, as attention's V) and is
+//       read with ldmatrix .trans, the result a @ bt
 //   turbokernels_C::emu_sparse_fragment_tables() -> int32 (2, 32, 8, 2): mma.sp m16n8k32 .f16/.bf16 (sparsity
 //       selector 0), [kind][lane][element] = (row, first column of the 4-wide chunk), -1 unused; kind 0: A element
 //       i (nonzero number i & 1 of the chunk), 1: metadata nibble i (bits 4i .. 4i + 3) of the lane's register
@@ -28,7 +30,7 @@ namespace {
 using namespace tk_arch;
 
 at::Tensor fragment_tables() {
-  at::Tensor t = at::full({4, 32, 8, 2}, -1, at::kInt);
+  at::Tensor t = at::full({5, 32, 8, 2}, -1, at::kInt);
   auto a = t.accessor<int, 4>();
   for (int lane = 0; lane < 32; ++lane) {
     for (int i = 0; i < 8; ++i) {
@@ -41,8 +43,9 @@ at::Tensor fragment_tables() {
       a[2][lane][i][0] = c.row, a[2][lane][i][1] = c.col;
     }
     for (int h = 0; h < 2; ++h) {
-      const tk_emu::Coord c = tk_emu::ldmatrix(lane, h);
+      const tk_emu::Coord c = tk_emu::ldmatrix(lane, h), ct = tk_emu::ldmatrix_trans(lane, h);
       a[3][lane][h][0] = c.row, a[3][lane][h][1] = c.col;
+      a[4][lane][h][0] = ct.row, a[4][lane][h][1] = ct.col;
     }
   }
   return t;
@@ -50,7 +53,7 @@ at::Tensor fragment_tables() {
 
 // one warp; shared: A 16 x 16 then Bt 16 x 16, rows of 16 halves (32 bytes)
 template <typename T>
-void gemm_kernel(const uint16_t* a, const uint16_t* bt, float* c) {
+void gemm_kernel(const uint16_t* a, const uint16_t* bt, float* c, bool b_kmajor) {
   const int lane = static_cast<int>(tid());
   uint16_t* sa = reinterpret_cast<uint16_t*>(shared_memory());
   uint16_t* sb = sa + 256;
@@ -63,8 +66,14 @@ void gemm_kernel(const uint16_t* a, const uint16_t* bt, float* c) {
   syncthreads();
   uint32_t fa[4], fb[4];
   ldmatrix_x4(fa, sa + (lane & 15) * 16 + (lane >> 4) * 8);  // rows 0-15, k 0-7 / 8-15
-  // B stored n-major: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
-  ldmatrix_x4(fb, sb + ((lane >> 4) * 8 + (lane & 7)) * 16 + ((lane >> 3) & 1) * 8);
+  if (b_kmajor) {
+    // B stored k-major (as attention's V: rows k, columns n), transposed by ldmatrix .trans; matrices
+    // (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+    ldmatrix_x4_trans(fb, sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * 16 + (lane >> 4) * 8);
+  } else {
+    // B stored n-major: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+    ldmatrix_x4(fb, sb + ((lane >> 4) * 8 + (lane & 7)) * 16 + ((lane >> 3) & 1) * 8);
+  }
   float acc[2][4] = {};
   const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
   mma_16816<T>(acc[0], fa, b0);
@@ -74,7 +83,7 @@ void gemm_kernel(const uint16_t* a, const uint16_t* bt, float* c) {
     for (int r = 0; r < 4; ++r) store(c + (g + 8 * (r >> 1)) * 16 + j * 8 + 2 * t + (r & 1), acc[j][r]);
 }
 
-at::Tensor mma_gemm(const at::Tensor& a, const at::Tensor& bt) {
+at::Tensor mma_gemm(const at::Tensor& a, const at::Tensor& bt, bool b_kmajor) {
   TORCH_CHECK(a.sizes() == at::IntArrayRef({16, 16}) && bt.sizes() == at::IntArrayRef({16, 16}) &&
                   a.scalar_type() == bt.scalar_type() &&
                   (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16) && a.device().is_cpu(),
@@ -89,8 +98,8 @@ at::Tensor mma_gemm(const at::Tensor& a, const at::Tensor& bt) {
   const auto* pa = static_cast<const uint16_t*>(ac.data_ptr());
   const auto* pb = static_cast<const uint16_t*>(bc.data_ptr());
   float* pc = c.data_ptr<float>();
-  if (a.scalar_type() == at::kHalf) tk_emu::launch(config, [&] { gemm_kernel<F16>(pa, pb, pc); });
-  else tk_emu::launch(config, [&] { gemm_kernel<BF16>(pa, pb, pc); });
+  if (a.scalar_type() == at::kHalf) tk_emu::launch(config, [&] { gemm_kernel<F16>(pa, pb, pc, b_kmajor); });
+  else tk_emu::launch(config, [&] { gemm_kernel<BF16>(pa, pb, pc, b_kmajor); });
   return c;
 }
 
@@ -194,7 +203,7 @@ at::Tensor planted_bug(const std::string& bug) {
 
 TORCH_LIBRARY_FRAGMENT(turbokernels_C, m) {
   m.def("emu_fragment_tables() -> Tensor", &tk_emu_selftest::fragment_tables);
-  m.def("emu_mma_gemm(Tensor a, Tensor bt) -> Tensor", &tk_emu_selftest::mma_gemm);
+  m.def("emu_mma_gemm(Tensor a, Tensor bt, bool b_kmajor=False) -> Tensor", &tk_emu_selftest::mma_gemm);
   m.def("emu_planted_bug(str bug) -> Tensor", &tk_emu_selftest::planted_bug);
   m.def("emu_sparse_fragment_tables() -> Tensor", &tk_emu_selftest::sparse_fragment_tables);
   m.def("emu_mma_sp(Tensor a, Tensor b, Tensor e, Tensor c, bool bf16) -> Tensor", &tk_emu_selftest::mma_sp);

@@ -20,6 +20,8 @@
                  triton     kernels/attention_decode.py                         (decode_attention)
                             kernels/kv_cache_append.py                          (kv_cache_append)
                  cpu        csrc/cpu/decode_attention.cpp                       (decode_attention)
+                 cuda       csrc/cuda/decode_attention.cuh (torch.ops.turbokernels_C.decode_attention_mma; causal,
+                            fp16/bf16, head_dim 64/128): forced only until the GPU acceptance table lists it
                  torch      ops/_torch_attention.py: torch's fused CPU kernel       (decode_attention)
 
 The convention (FlashAttention's flash_attn_with_kvcache, after its append): the new tokens are ALREADY in the
@@ -189,6 +191,65 @@ def _cpu(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_
          softcap, cache_batch_idx, cache_leftpad, causal, return_lse):
     return _ext.C.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale,
                                    window_left, window_right, softcap), _lse(q, False)
+
+
+MMA_HEAD_DIMS = (64, 128)
+_cuda_ext = backends.check_extension_op("decode_attention_mma", "cuda")
+
+
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """cp.async moves the cache in 16-byte chunks: unit stride in head_dim, the other strides multiples of 8
+    elements, a 16-byte aligned start."""
+    return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+
+def mma_decline(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+                window_right, softcap, cache_batch_idx, cache_leftpad, causal, return_lse) -> Optional[str]:
+    """Why csrc/cuda/decode_attention.cuh cannot compute this call (None: it can), on any device: the cuda
+    backend's check and the emulated tests share it."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}: the CUDA decode kernel takes float16 or bfloat16"
+    if q.shape[-1] not in MMA_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]}: the CUDA decode kernel is built for {MMA_HEAD_DIMS}"
+    declined = [name for name, used in (("cache_batch_idx", cache_batch_idx is not None),
+                                        ("cache_leftpad", cache_leftpad is not None), ("causal=False", not causal),
+                                        ("return_lse", return_lse)) if used]
+    if declined:
+        return f"{', '.join(declined)}: not in the CUDA decode kernel (the triton backend serves them)"
+    if not (_rows_aligned(k_cache) and _rows_aligned(v_cache)):
+        return "the caches' rows are not 16-byte aligned (strides multiples of 8 elements, aligned start)"
+    return None
+
+
+def _check_cuda(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+                window_right, softcap, cache_batch_idx, cache_leftpad, causal, return_lse):
+    reason = _cuda_ext(q)
+    if reason is not None:
+        return reason
+    reason = mma_decline(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+                         window_right, softcap, cache_batch_idx, cache_leftpad, causal, return_lse)
+    if reason is not None:
+        return reason
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "needs compute capability 8.0 or newer (mma.sync bf16, cp.async)"
+    return None
+
+
+def run_mma(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, softcap,
+            splits: int = 0, sms: int = 0) -> torch.Tensor:
+    """The cuda backend's call, on any device: CUDA tensors run the kernel, CPU tensors its emulation (tests).
+    splits 0: split-KV chosen for `sms` SMs (0: the device's; the emulation's default: 132)."""
+    return torch.ops.turbokernels_C.decode_attention_mma(q, k_cache, v_cache, cache_seqlens, block_table,
+                                                         alibi_slopes, float(softmax_scale), int(window_left),
+                                                         float(softcap), int(splits), int(sms))
+
+
+@backends.register(OP, "cuda", check=_check_cuda, auto=backends.VERIFIED)
+def _cuda(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left, window_right,
+          softcap, cache_batch_idx, cache_leftpad, causal, return_lse):
+    # causal: window_right cannot narrow it further (a new token never sees later keys)
+    return run_mma(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, softmax_scale, window_left,
+                   softcap), _lse(q, False)
 
 
 backends.register(OP, "torch", check=_torch_attention.check_decode)(_torch_attention.decode_attention)
