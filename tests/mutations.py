@@ -94,6 +94,27 @@ MUTATIONS = [
              "  dk = 2 * t + 8 * (reg & 1) + upper;", "  dk = 2 * t + 8 * (reg & 1) + 1 - upper;",
              ("tests/test_int4_mm_cuda.py::test_repacked_nibbles_sit_where_the_isa_b_fragment_wants_them",),
              build="csrc/emu/int4_mm.cpp"),
+    Mutation("decode-cuda-v-trans-address", "decode attention CUDA kernel: ldmatrix .trans row addresses of the V tile "
+             "swap the key and head-dim halves", "csrc/cuda/decode_attention.cuh",
+             "(lane & 7) + ((lane >> 3) & 1) * 8) * S::LD + dp * 16 + (lane >> 4) * 8",
+             "(lane & 7) + (lane >> 4) * 8) * S::LD + dp * 16 + ((lane >> 3) & 1) * 8",
+             ("tests/test_decode_attention_cuda.py::test_emulated_matches_golden",),
+             build="csrc/emu/decode_attention.cpp"),
+    Mutation("decode-cuda-no-alpha-rescale", "decode attention CUDA kernel: the running output is not rescaled when "
+             "the row max grows", "csrc/cuda/decode_attention.cuh",
+             "for (int r = 0; r < 4; ++r) acc[j][r] *= alpha[r >> 1];",
+             "for (int r = 0; r < 4; ++r) acc[j][r] *= 1.f;",
+             ("tests/test_decode_attention_cuda.py::test_emulated_matches_golden",),
+             build="csrc/emu/decode_attention.cpp"),
+    Mutation("decode-cuda-window-off-by-one", "decode attention CUDA kernel: the left window drops its first key",
+             "csrc/cuda/decode_attention.cuh", "dist <= p.window_left)", "dist < p.window_left)",
+             ("tests/test_decode_attention_cuda.py::test_emulated_mask_edges",),
+             build="csrc/emu/decode_attention.cpp"),
+    Mutation("decode-cuda-combine-drops-last-split", "decode attention CUDA combine: the last split that ran is "
+             "left out", "csrc/cuda/decode_attention.cuh",
+             "ran = ran < p.splits ? ran : p.splits;", "ran = (ran < p.splits ? ran : p.splits) - (ran > 1 ? 1 : 0);",
+             ("tests/test_decode_attention_cuda.py::test_emulated_split_counts",),
+             build="csrc/emu/decode_attention.cpp"),
     Mutation("attention-fwd-causal-edge-hi", "forward: the last key block of a tile's causal/right window edge "
              "ends one key early (hidden unless that key starts a block)",
              "kernels/attention_fwd.py",
