@@ -23,6 +23,8 @@ struct BF16 {
 #if defined(__CUDACC__)
 // ================================================================================================ the GPU build
 #include <cuda_runtime.h>
+
+#include <mutex>
 #define TK_DEVICE __device__ __forceinline__
 #define TK_HOST_DEVICE __host__ __device__ __forceinline__
 #define TK_GLOBAL __global__
@@ -37,6 +39,20 @@ struct BF16 {
 #define TK_BUILD gpu
 
 namespace tk_arch {
+
+// Host side: lets kKernel launch with `bytes` of dynamic shared memory on `device` (more than 48 KiB must be asked
+// for; the attribute is per device), once per kernel and device; returns that call's error. A template on the
+// kernel itself, not its type: instantiations of one kernel template share a type.
+template <auto kKernel>
+inline cudaError_t allow_dynamic_shared(int bytes, int device) {
+  static std::once_flag once[64];
+  static cudaError_t result[64];
+  const int slot = device % 64;
+  std::call_once(once[slot], [&] {
+    result[slot] = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  });
+  return result[slot];
+}
 
 TK_DEVICE unsigned tid() { return threadIdx.x; }
 TK_DEVICE unsigned block_x() { return blockIdx.x; }

@@ -4,8 +4,6 @@
 // from the capacity, so a CUDA graph can capture the launch.
 #include <cuda_runtime.h>
 
-#include <mutex>
-
 #include "cuda/decode_attention.cuh"
 
 namespace tk_decode {
@@ -20,17 +18,10 @@ struct GpuLaunch {
 
   template <typename T, int D, int WARPS_M>
   void run() {
-    auto kernel = decode_attention_kernel<T, D, WARPS_M>;
     constexpr int bytes = Tile<D>::BYTES;
-    // more than 48 KiB of dynamic shared memory must be asked for, once per device
-    static std::once_flag configured[64];
-    static cudaError_t configure_error[64];
-    std::call_once(configured[device % 64], [&] {
-      configure_error[device % 64] = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    });
-    if ((error = configure_error[device % 64]) != cudaSuccess) return;
+    if ((error = allow_dynamic_shared<decode_attention_kernel<T, D, WARPS_M>>(bytes, device)) != cudaSuccess) return;
     const dim3 grid(static_cast<unsigned>(in.programs), static_cast<unsigned>(in.splits), 1);
-    kernel<<<grid, kThreads, bytes, stream>>>(p);
+    decode_attention_kernel<T, D, WARPS_M><<<grid, kThreads, bytes, stream>>>(p);
     if ((error = cudaGetLastError()) != cudaSuccess || in.splits == 1) return;
     decode_attention_combine_kernel<T, D><<<static_cast<unsigned>(in.combine_blocks), kThreads, 0, stream>>>(p);
     error = cudaGetLastError();

@@ -3,8 +3,6 @@
 // half a minute; the torch side (checks, plan, registration) is csrc/cuda/int4_mm_launch.cpp, compiled once.
 #include <cuda_runtime.h>
 
-#include <mutex>
-
 #include "cuda/int4_mm.cuh"
 
 namespace tk_int4 {
@@ -19,16 +17,9 @@ struct GpuLaunch {
 
   template <typename T, bool FQ, int BM, int BN, int WARPS_M, int WARPS_N>
   void run() {
-    auto kernel = int4_mm_kernel<T, FQ, BM, BN, WARPS_M, WARPS_N>;
     constexpr int bytes = Smem<BM, BN, FQ>::BYTES;
-    // more than 48 KiB of dynamic shared memory must be asked for, once per device
-    static std::once_flag configured[64];
-    static cudaError_t configure_error[64];
-    std::call_once(configured[device % 64], [&] {
-      configure_error[device % 64] =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    });
-    if ((error = configure_error[device % 64]) != cudaSuccess) return;
+    constexpr auto kernel = int4_mm_kernel<T, FQ, BM, BN, WARPS_M, WARPS_N>;
+    if ((error = allow_dynamic_shared<kernel>(bytes, device)) != cudaSuccess) return;
     const dim3 grid((p.N + BN - 1) / BN, (p.M + BM - 1) / BM, in.splits);
     kernel<<<grid, kThreads, bytes, stream>>>(p);
     error = cudaGetLastError();
