@@ -65,7 +65,9 @@ def _extensions():
 
     # No -std: torch.utils.cpp_extension adds the one the installed torch needs (c++17 up to 2.12, c++20 from
     # 2.13 on, whose headers refuse to compile as C++17).
-    cxx = ["-O3", "-fopenmp"]
+    # -g0: Python's CFLAGS say -g, and debug info for torch's headers is most of the C++ compile time (2 min 07 s
+    # instead of 3 min 39 s for the default build on 2 cores); it comes after CFLAGS, so it wins
+    cxx = ["-O3", "-fopenmp", "-g0"]
     ext_kwargs = dict(
         name="turbokernels._C",
         sources=cpu_sources + (cuda_sources if use_cuda else []),
