@@ -35,6 +35,7 @@ at::Tensor int4_mm_mma_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
               props->major, props->minor);
   Plan plan = tk_int4::plan("int4_mm_mma (cuda)", x, qweight, scales, offsets, group_size, out_features, bias, splits,
                             sms > 0 ? sms : props->multiProcessorCount);
+  if (x.size(0) == 0) return plan.out;  // a grid of 0 blocks is a launch error
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (plan.in.splits > 1) plan.p.counters = counters(x.get_device(), stream, plan.tiles, x.options());
   const int error = launch_on_gpu(plan.p, plan.in, stream, x.get_device());

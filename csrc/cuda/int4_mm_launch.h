@@ -1,8 +1,8 @@
 // The host side both launchers of int4_mm's mma kernel share: argument checks, the padded copy of x when its rows
 // are not 16-byte chunks, the tile and split-K choice, Params. Device-agnostic ATen code, no device code (so the
 // torch headers are compiled once, by the C++ compiler, not once per GPU architecture by nvcc):
-// csrc/cuda/int4_mm_launch.cpp launches on a GPU through csrc/cuda/int4_mm.cu, csrc/emu/int4_mm.cpp on the CPU emulator,
-// from the same plan.
+// csrc/cuda/int4_mm_launch.cpp launches on a GPU through csrc/cuda/int4_mm.cu, csrc/emu/int4_mm.cpp on the CPU
+// emulator, from the same plan.
 #pragma once
 
 #include <ATen/ATen.h>
