@@ -47,15 +47,17 @@ def refusal(exc: BaseException) -> Optional[str]:
 
 
 def optional_ms(fn: Callable[[], object], device: torch.device,
-                context: Optional[Callable[[], ContextManager]] = None) -> tuple:
+                context: Optional[Callable[[], ContextManager]] = None, first_calls: int = 1) -> tuple:
     """(median ms, "") of fn() run inside `context()` (e.g. `lambda: tk.backend("cuda")`, an SDPA backend), or
     ("", why) when it cannot run: the CSV gets an empty cell and the run goes on, since the CUDA C++ backends exist
     for some ops and builds only and SDPA backends refuse some cases. Any other error gives an empty cell too, with
     why = "error: ...": one failing kernel should not cost the rest of a GPU run (the caller prints and records
-    it)."""
+    it). first_calls: untimed calls first (a rotation's length: the CUDA int4 backend repacks each weight copy on
+    its first call, a one-time cost that is not the kernel's)."""
     try:
         with (context or contextlib.nullcontext)():
-            fn()  # a refusal raises here, before any timing
+            for _ in range(max(1, first_calls)):
+                fn()  # a refusal raises here, before any timing
             return median_ms(fn, device), ""
     except Exception as exc:  # noqa: BLE001 - reported in the cell's note, never swallowed silently
         why = refusal(exc)
@@ -151,6 +153,7 @@ def rotating(copies: list) -> Callable[[], object]:
         state["i"] = (state["i"] + 1) % len(copies)
         return copies[state["i"]]
 
+    next_copy.count = len(copies)
     return next_copy
 
 

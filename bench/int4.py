@@ -203,7 +203,8 @@ def gpu_row(env: dict, roof: dict, dev: torch.device, dtype: torch.dtype, M: int
     backend_name = tk.backends.select("int4_mm", x, weight.qweight, weight.scales, weight.offsets, GROUP_SIZE)[0]
     base = median_ms(lambda: F.linear(x, next_dense()), dev)
     ours = median_ms(lambda: tk.int4_linear(x, next_weight()), dev)
-    forced = {name: optional_ms(lambda: tk.int4_linear(x, next_weight()), dev, lambda name=name: tk.backend(name))
+    forced = {name: optional_ms(lambda: tk.int4_linear(x, next_weight()), dev, lambda name=name: tk.backend(name),
+                                first_calls=getattr(next_weight, "count", 1))
               for name in FORCED}
     triton_ms, cuda_ms = forced["triton"][0], forced["cuda"][0]
     flops = 2.0 * M * N * K
