@@ -80,7 +80,7 @@ def test_int4_gpu_row_ratios_when_cuda_runs(one_call_timer, monkeypatch):
     cuBLAS / cuda and triton / cuda."""
     times = {"triton": 3.0, "cuda": 1.5}
 
-    def optional_ms(fn, device, context=None):
+    def optional_ms(fn, device, context=None, first_calls=1):
         with context():
             return times[tk.backends.forced_backend()], ""
 
