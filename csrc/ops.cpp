@@ -39,13 +39,24 @@ TORCH_LIBRARY(turbokernels_C, m) {
   // caches (B, S, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table int32 (B, pages), cache_seqlens
   // int32 (B,) -> (B, T, Hq, D) contiguous in q's dtype
   // int4_mm on tensor cores (csrc/cuda/int4_mm.cuh): x (M, K) fp16/bf16 @ the weight in the mma layout
-  // (int4_mm_mma_repack; scales/offsets (G, ceil(N/16)*16) in x's dtype or fp32) -> (M, N). splits 0: automatic
+  // (int4_mm_mma_repack; scales/offsets (G, ceil(N/16)*16) in x's dtype or fp32; zero_points: offsets hold
+  // -(M + z) for integer zero points z, formats/int4.py mma_layout) -> (M, N). splits 0: automatic
   // split-K for `sms` SMs (0: the device's). CUDA: csrc/cuda/int4_mm.cu; CPU: the CUDA source on the emulator
   // (csrc/emu/int4_mm.cpp), for tests.
   m.def("int4_mm_mma(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int group_size, int out_features, "
-        "Tensor? bias=None, int splits=0, int sms=0) -> Tensor");
+        "Tensor? bias=None, int splits=0, int sms=0, bool zero_points=False) -> Tensor");
   // Int4Weight.qweight int32 (ceil(K/8), N) -> int32 (ceil(K/16), ceil(N/16) * 32), csrc/cuda/int4_mm_layout.h
   m.def("int4_mm_mma_repack(Tensor qweight, int in_features) -> Tensor");
+  // sparse24_int4_mm on sparse tensor cores (csrc/cuda/sparse24_int4_mm.cuh): x (M, K) fp16/bf16, K % 32 == 0, @ W.T,
+  // the kept values in the mma.sp layout (sparse24_int4_mm_mma_repack; scales/offsets (G, ceil(N/16)*16) in x's
+  // dtype or fp32, group_size in kept values), meta int16 (N, K/16) -> (M, N). splits 0: automatic split-K for `sms`
+  // SMs (0: the device's). CUDA: csrc/cuda/sparse24_int4_mm.cu; CPU: the CUDA source on the emulator
+  // (csrc/emu/sparse24_int4_mm.cpp), for tests.
+  m.def("sparse24_int4_mm_mma(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, Tensor meta, int group_size, "
+        "int out_features, Tensor? bias=None, int splits=0, int sms=0) -> Tensor");
+  // the kept values' Int4Weight.qweight int32 (K/16, N) -> int32 (K/32, ceil(N/16) * 32),
+  // csrc/cuda/sparse24_int4_mm_layout.h
+  m.def("sparse24_int4_mm_mma_repack(Tensor qweight, int in_features) -> Tensor");
   // sparse24_mm's CUDA kernels (csrc/cuda/sparse24_mm.cuh) on the CPU emulator (csrc/emu/sparse24_mm.cpp), for tests:
   // CPU tensors, sparse24_mm's arguments; splits 0: the CUDA launcher's split-K choice for `sms` SMs (0: 132), else
   // that many parts (at most one per k tile of 64).

@@ -22,10 +22,18 @@ DTYPES = [torch.float16, torch.bfloat16]
 
 def weight_for(N, K, group_size, symmetric, dtype, mode):
     """An Int4Weight whose scales/offsets make the kernel dequantize in `mode`: "half" (both exact in x's dtype:
-    one fp16/bf16 fma) or "float" (fp32 scales that x's dtype cannot hold: fp32 fma, then one rounding)."""
+    one fp16/bf16 fma), "zero" (GPTQ-style: scales in x's dtype, offsets -z * scale for integer zero points z, in
+    fp32 since x's dtype cannot hold most of them) or "float" (fp32 scales that x's dtype cannot hold: fp32 fma,
+    then one rounding)."""
     w = make_weight(N, K, group_size, symmetric, dtype=dtype)
     if mode == "half":
         return tk.Int4Weight(w.qweight, w.scales.to(dtype), w.offsets.to(dtype), group_size, K)
+    if mode == "zero":
+        scales = w.scales.to(dtype)
+        z = torch.randint(0, 16, scales.shape).to(torch.float64)
+        offsets = (-z * scales.double()).float()  # exact: 4 x 11 (or 8) bits
+        assert torch.equal(offsets.double(), -z * scales.double())
+        return tk.Int4Weight(w.qweight, scales, offsets, group_size, K)
     scales = w.scales.float() * (1 + 2.0 ** -14)  # below fp16's and bf16's resolution
     return tk.Int4Weight(w.qweight, scales, w.offsets.float(), group_size, K)
 
@@ -53,12 +61,13 @@ SHAPES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N,group_size", SHAPES)
-@pytest.mark.parametrize("mode", ["half", "float"])
+@pytest.mark.parametrize("mode", ["half", "zero", "float"])
 def test_emulated_kernel_matches_golden(dtype, M, K, N, group_size, mode):
     torch.manual_seed(M * 1000 + K + N)
     weight = weight_for(N, K, group_size, symmetric=(M % 2 == 1), dtype=dtype, mode=mode)
     layout = weight.mma_layout(dtype)
-    assert layout.scales.dtype == (dtype if mode == "half" else torch.float32)
+    assert layout.scales.dtype == (torch.float32 if mode == "float" else dtype)
+    assert layout.zero_points == (mode == "zero")
     x = torch.randn(M, K).to(dtype)
     bias = torch.randn(N).to(dtype) if K % 2 else None
     check(x, weight, bias, what=f"emulated {dtype} {mode} M={M} K={K} N={N} g={group_size}")
@@ -121,6 +130,25 @@ def test_repacked_nibbles_sit_where_the_isa_b_fragment_wants_them():
                     assert got == expected, (kb, nb, lane, slot)
 
 
+def test_layout_modes():
+    """Which dequantization each kind of weight gets: our quantizer's (offsets = the group minimum in the weight's
+    dtype, or -8 s) and exact ones: half; GPTQ/AWQ integer zero points whose offsets x's dtype cannot hold: zero;
+    anything else (inexact fp32 offsets, a zero point too far out for M + z to be exact): float."""
+    half = make_weight(48, 64, 32, False, dtype=torch.float16)
+    assert half.offsets.dtype == torch.float16 and not half.mma_layout(torch.float16).zero_points
+    zero = weight_for(48, 64, 32, False, torch.float16, "zero")
+    layout = zero.mma_layout(torch.float16)
+    assert layout.zero_points and layout.scales.dtype == torch.float16
+    z = -(zero.offsets.double() / zero.scales.double())
+    assert torch.equal(layout.offsets[:, :48].double(), -(1024 + z))  # -(M + z), exact
+    # bf16 activations: the scales are fp16 values bf16 cannot hold -> float
+    assert zero.mma_layout(torch.bfloat16).scales.dtype == torch.float32
+    far = tk.Int4Weight(zero.qweight, zero.scales, (-300 * zero.scales.double()).float(), 32, 64)
+    assert not far.mma_layout(torch.bfloat16).zero_points  # 128 + 300 is not exact in bf16
+    inexact = tk.Int4Weight(zero.qweight, zero.scales, zero.offsets + 1e-3, 32, 64)
+    assert inexact.mma_layout(torch.float16).scales.dtype == torch.float32
+
+
 def test_layout_is_cached_per_weight_and_dtype_and_follows_in_place_changes():
     weight = make_weight(32, 64, 32, False)
     args = (weight.qweight, weight.scales, weight.offsets, 32, 64)
@@ -140,17 +168,19 @@ def test_plan_rejects_bad_arguments():
     x = torch.randn(2, 64).to(torch.float16)
     op = torch.ops.turbokernels_C.int4_mm_mma
     with pytest.raises(RuntimeError, match="x must be float16 or bfloat16"):
-        op(x.float(), *layout, 32, 32)
+        op(x.float(), *layout[:3], 32, 32)
     with pytest.raises(RuntimeError, match="qweight must have shape"):
         op(x, layout.qweight[:, :32], layout.scales, layout.offsets, 32, 32)
     with pytest.raises(RuntimeError, match="group_size must be a multiple of 16"):
-        op(x, *layout, 24, 32)
+        op(x, *layout[:3], 24, 32)
     with pytest.raises(RuntimeError, match="scales must have shape"):
         op(x, layout.qweight, layout.scales[:1], layout.offsets, 32, 32)
     with pytest.raises(RuntimeError, match="same dtype"):
         op(x, layout.qweight, layout.scales, layout.offsets.float(), 32, 32)
+    with pytest.raises(RuntimeError, match="zero_points=True takes scales and offsets"):
+        op(x, layout.qweight, layout.scales.float(), layout.offsets.float(), 32, 32, None, 0, 0, True)
     with pytest.raises(RuntimeError, match="bias must have shape"):
-        op(x, *layout, 32, 32, torch.zeros(31, dtype=torch.float16))
+        op(x, *layout[:3], 32, 32, torch.zeros(31, dtype=torch.float16))
     misaligned = torch.empty(layout.scales.numel() + 1, dtype=layout.scales.dtype)[1:].view_as(layout.scales)
     misaligned.copy_(layout.scales)
     with pytest.raises(RuntimeError, match="scales must start at a 16-byte aligned address"):

@@ -15,10 +15,10 @@ struct GpuLaunch {
   int device;
   cudaError_t error = cudaSuccess;
 
-  template <typename T, bool FQ, int BM, int BN, int WARPS_M, int WARPS_N>
+  template <typename T, int DQ, int BM, int BN, int WARPS_M, int WARPS_N>
   void run() {
-    constexpr int bytes = Smem<BM, BN, FQ>::BYTES;
-    constexpr auto kernel = int4_mm_kernel<T, FQ, BM, BN, WARPS_M, WARPS_N>;
+    constexpr int bytes = Smem<BM, BN, DQ>::BYTES;
+    constexpr auto kernel = int4_mm_kernel<T, DQ, BM, BN, WARPS_M, WARPS_N>;
     if ((error = allow_dynamic_shared<kernel>(bytes, device)) != cudaSuccess) return;
     const dim3 grid((p.N + BN - 1) / BN, (p.M + BM - 1) / BM, in.splits);
     kernel<<<grid, kThreads, bytes, stream>>>(p);

@@ -4,8 +4,8 @@
 //
 // Weight: Int4Weight (python/turbokernels/formats/int4.py) repacked once, at load time, into the mma layout of
 // csrc/cuda/int4_mm_layout.h (Int4Weight.mma_layout()): qweight_mma int32 (ceil(K/16), ceil(N/16) * 32) and scales /
-// offsets (G, Np = N rounded up to 16) in x's dtype when both are exact there ("half" dequantization), else fp32
-// ("float" dequantization). W[k, n] = q * scale[g(k), n] + offset[g(k), n].
+// offsets (G, Np = N rounded up to 16) in x's dtype when both are exact there ("half" dequantization), the scales in
+// x's dtype and -(M + z) for integer zero points z ("zero"), else fp32 ("float"). W[k, n] = q * scale + offset.
 //
 // Strategy (Marlin's ideas, our layout):
 //  * mma.sync.m16n8k16 with x as A (ldmatrix.x4 from shared memory) and the weight as B, dequantized in registers
@@ -13,10 +13,11 @@
 //    shuffle and no shared-memory round trip of dequantized weights.
 //  * Dequantization: lop3 moves two nibbles into the mantissas of a 16-bit float pair with the exponent of a magic
 //    number M (fp16: 1024, bf16: 128; one ulp there is 1, so the pair reads M + q exactly); an fma with -M gives q
-//    exactly, and one fma2 q * scale + offset gives the weight, rounded once to x's dtype (the offset, i.e. the zero
-//    point, folded into that fma). "Float" mode: the same lop3 with fp32's magic 2^23, fp32 fma, one cvt to a pair.
-//    Both round the exact q * s + o (half mode) or the fp32 dequantization (float mode) to x's dtype once: what
-//    tl.dot's operand rounding does in the Triton kernel.
+//    exactly, and one fma2 q * scale + offset gives the weight, rounded once to x's dtype (the offset folded into
+//    that fma). "Zero" mode, for integer zero points (o = -z s: GPTQ, AWQ): the fma with -(M + z) gives q - z
+//    exactly, one fma2 (q - z) * s. "Float" mode (other offsets not exact in x's dtype): the same lop3 with fp32's
+//    magic 2^23, fp32 fma, one cvt to a pair. Each rounds the exact q * s + o (half, zero) or the fp32
+//    dequantization (float) to x's dtype once: what tl.dot's operand rounding does in the Triton kernel.
 //  * Tiles: BM x BN = 16 x 128 for M <= 16 (decode: 4 warps side by side along N) or 64 x 128 (2 x 2 warps),
 //    BK = 64 (4 k16 steps) per stage, 4-stage cp.async pipeline; x rows padded to 144 bytes (ldmatrix without bank
 //    conflicts). A stage also holds the rows of scales and offsets of the groups its k tile touches (<= 4).
@@ -41,13 +42,13 @@ constexpr int kSteps = kStepsPerTile;  // k16 steps per stage
 constexpr int kBK = 16 * kSteps;       // k per stage: 64
 constexpr int kStages = 4;
 
-template <int BM, int BN, bool FLOAT_DQ>
+template <int BM, int BN, int DQ>
 struct Smem {
   static constexpr int XS = kBK + 8;  // halves per shared x row: 144 bytes, 8 rows hit 8 different bank groups
   static constexpr int X_BYTES = BM * XS * 2;
   static constexpr int W_WORDS_PER_STEP = BN / 16 * kWordsPerBlock;
   static constexpr int W_BYTES = kSteps * W_WORDS_PER_STEP * 4;
-  static constexpr int S_ELEM = FLOAT_DQ ? 4 : 2;
+  static constexpr int S_ELEM = DQ == kDqFloat ? 4 : 2;
   static constexpr int S_BYTES = kSteps * BN * S_ELEM;  // up to 4 group rows of BN scales
   static constexpr int STAGE_BYTES = X_BYTES + W_BYTES + 2 * S_BYTES;
   static constexpr int BYTES = kStages * STAGE_BYTES + 16;  // + the split-K "last part" flag
@@ -73,9 +74,9 @@ TK_DEVICE void tile_groups(const Params& p, int kt, int& first, int& count) {
 }
 
 // Issue the cp.async copies of k tile kt into `stage` (not committed).
-template <int BM, int BN, bool FLOAT_DQ>
+template <int BM, int BN, int DQ>
 TK_DEVICE void load_stage(const Params& p, char* smem, int stage, int kt, int m0, int n0) {
-  using S = Smem<BM, BN, FLOAT_DQ>;
+  using S = Smem<BM, BN, DQ>;
   const int tid = static_cast<int>(tk_arch::tid());
   // x: BM rows x 8 chunks of 8 halves
   uint16_t* sx = S::x(smem, stage);
@@ -115,9 +116,11 @@ TK_DEVICE void load_stage(const Params& p, char* smem, int stage, int kt, int m0
   }
 }
 
-// The 4 B registers of one 16 x 16 block (b[tile][register]) from a lane's word. Half mode: sc/of are the pair
-// (scale, scale) / (offset, offset) of each tile's column, in T; float mode: fp32 scale and offset per tile.
-template <typename T>
+// The 4 B registers of one 16 x 16 block (b[tile][register]) from a lane's word. Half and zero modes: sc/of are the
+// pairs (scale, scale) / (offset, offset) of each tile's column, in T; float mode: fp32 scale and offset per tile.
+// Half mode: q = (M + q) - M exactly, then w = q s + o, one rounding. Zero mode (of = -(M + z)): q - z exactly, then
+// w = (q - z) s, one rounding: the exact value of q s + o when o = -z s, GPTQ's and AWQ's integer zero points.
+template <typename T, int DQ>
 TK_DEVICE void dequantize_half(uint32_t word, const uint32_t (&sc)[2], const uint32_t (&of)[2],
                                uint32_t (&b)[2][2]) {
   constexpr uint32_t MAGIC = T::bf16 ? 0x43004300u : 0x64006400u;      // (128, 128) / (1024, 1024)
@@ -127,8 +130,13 @@ TK_DEVICE void dequantize_half(uint32_t word, const uint32_t (&sc)[2], const uin
   for (int j = 0; j < 4; ++j) {
     // (a & b) | c: nibbles at bits 4j and 16 + 4j into the low mantissa bits of M
     const uint32_t h = lop3<0xEA>(word >> (4 * j), 0x000F000Fu, MAGIC);
-    const uint32_t q = fma2<T>(h, ONE, NEG_MAGIC);  // exact: (M + q) - M
-    b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);
+    if constexpr (DQ == kDqZero) {
+      const uint32_t q = fma2<T>(h, ONE, of[j >> 1]);  // exact: (M + q) - (M + z)
+      b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], 0u);
+    } else {
+      const uint32_t q = fma2<T>(h, ONE, NEG_MAGIC);  // exact: (M + q) - M
+      b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);
+    }
   }
 }
 
@@ -162,11 +170,11 @@ TK_DEVICE void for_each_output(const float (&acc)[MI][NJ][4], int m_lane, int n_
       }
 }
 
-// grid (ceil(N / BN), ceil(M / BM), splits), kThreads threads, Smem<BM, BN, FLOAT_DQ>::BYTES dynamic shared memory.
-template <typename T, bool FLOAT_DQ, int BM, int BN, int WARPS_M, int WARPS_N>
+// grid (ceil(N / BN), ceil(M / BM), splits), kThreads threads, Smem<BM, BN, DQ>::BYTES dynamic shared memory.
+template <typename T, int DQ, int BM, int BN, int WARPS_M, int WARPS_N>
 TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
   static_assert(WARPS_M * WARPS_N * 32 == kThreads, "4 warps");
-  using S = Smem<BM, BN, FLOAT_DQ>;
+  using S = Smem<BM, BN, DQ>;
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
   constexpr int MI = WTM / 16, NBW = WTN / 16, NJ = WTN / 8;
   static_assert(MI * 16 == WTM && NBW * 16 == WTN, "warp tile must be whole 16 x 16 blocks");
@@ -193,7 +201,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
 
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < nkt) load_stage<BM, BN, FLOAT_DQ>(p, smem, st, kt_begin + st, m0, n0);
+    if (st < nkt) load_stage<BM, BN, DQ>(p, smem, st, kt_begin + st, m0, n0);
     cp_async_commit();
   }
 
@@ -201,7 +209,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
     cp_async_wait<kStages - 2>();  // k tile `it` has landed (this thread's copies) ...
     syncthreads();                 // ... everyone's, and every warp is done with the stage refilled next
     const int nxt = it + kStages - 1;
-    if (nxt < nkt) load_stage<BM, BN, FLOAT_DQ>(p, smem, nxt % kStages, kt_begin + nxt, m0, n0);
+    if (nxt < nkt) load_stage<BM, BN, DQ>(p, smem, nxt % kStages, kt_begin + nxt, m0, n0);
     cp_async_commit();
 
     const int stage = it % kStages, kt = kt_begin + it;
@@ -228,7 +236,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
         const uint32_t word = lds(sw + step * S::W_WORDS_PER_STEP + block * kWordsPerBlock + lane);
         const int c0 = wn + nb * 16 + g;  // this lane's columns: c0 (tile 0) and c0 + 8 (tile 1)
         uint32_t b[2][2];
-        if constexpr (FLOAT_DQ) {
+        if constexpr (DQ == kDqFloat) {
           const float* fs = reinterpret_cast<const float*>(ss) + r * BN;
           const float* fo = reinterpret_cast<const float*>(so) + r * BN;
           const float sc[2] = {lds(fs + c0), lds(fs + c0 + 8)};
@@ -244,7 +252,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
             sc[h] = s1 | (s1 << 16);
             of[h] = o1 | (o1 << 16);
           }
-          dequantize_half<T>(word, sc, of, b);
+          dequantize_half<T, DQ>(word, sc, of, b);
         }
 #pragma unroll
         for (int i = 0; i < MI; ++i) {
@@ -286,23 +294,25 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
   if (tid == 0) store(p.counters + tile, 0);  // ready for the next launch
 }
 
-// Calls fn.template run<T, FLOAT_DQ, BM, BN, WARPS_M, WARPS_N>() for an instance: the handful every build holds
-// (2 dtypes x 2 dequantization modes x 2 tiles), shared by the GPU launcher and the emulator's.
-template <typename T, bool FQ, typename Fn>
+// Calls fn.template run<T, DQ, BM, BN, WARPS_M, WARPS_N>() for an instance: the handful every build holds
+// (2 dtypes x 3 dequantization modes x 2 tiles), shared by the GPU launcher and the emulator's.
+template <typename T, int DQ, typename Fn>
 void dispatch_tile(const Instance& in, Fn& fn) {
-  if (in.decode) fn.template run<T, FQ, 16, 128, 1, 4>();
-  else fn.template run<T, FQ, 64, 128, 2, 2>();
+  if (in.decode) fn.template run<T, DQ, 16, 128, 1, 4>();
+  else fn.template run<T, DQ, 64, 128, 2, 2>();
+}
+
+template <typename T, typename Fn>
+void dispatch_mode(const Instance& in, Fn& fn) {
+  if (in.dequant == kDqFloat) dispatch_tile<T, kDqFloat>(in, fn);
+  else if (in.dequant == kDqZero) dispatch_tile<T, kDqZero>(in, fn);
+  else dispatch_tile<T, kDqHalf>(in, fn);
 }
 
 template <typename Fn>
 void dispatch(const Instance& in, Fn& fn) {
-  if (in.bf16) {
-    if (in.float_dq) dispatch_tile<BF16, true>(in, fn);
-    else dispatch_tile<BF16, false>(in, fn);
-  } else {
-    if (in.float_dq) dispatch_tile<F16, true>(in, fn);
-    else dispatch_tile<F16, false>(in, fn);
-  }
+  if (in.bf16) dispatch_mode<BF16>(in, fn);
+  else dispatch_mode<F16>(in, fn);
 }
 
 }  // inline namespace TK_BUILD

@@ -27,14 +27,15 @@ int* counters(int device, cudaStream_t stream, int tiles, const at::TensorOption
 
 at::Tensor int4_mm_mma_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& offsets, int64_t group_size, int64_t out_features,
-                            const std::optional<at::Tensor>& bias, int64_t splits, int64_t sms) {
+                            const std::optional<at::Tensor>& bias, int64_t splits, int64_t sms,
+                            bool zero_points) {
   TORCH_CHECK(x.is_cuda(), "int4_mm_mma (cuda): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(props->major >= 8, "int4_mm_mma (cuda): needs sm_80 or newer (mma.sync bf16, cp.async), this GPU is sm_",
               props->major, props->minor);
   Plan plan = tk_int4::plan("int4_mm_mma (cuda)", x, qweight, scales, offsets, group_size, out_features, bias, splits,
-                            sms > 0 ? sms : props->multiProcessorCount);
+                            sms > 0 ? sms : props->multiProcessorCount, zero_points);
   if (x.size(0) == 0) return plan.out;  // a grid of 0 blocks is a launch error
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (plan.in.splits > 1) plan.p.counters = counters(x.get_device(), stream, plan.tiles, x.options());

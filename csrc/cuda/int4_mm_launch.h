@@ -23,7 +23,7 @@ struct Plan {
 // What the op's schema says (ops.cpp: int4_mm_mma); `where` prefixes the messages ("int4_mm_mma (cuda)").
 inline Plan plan(const char* where, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                  const at::Tensor& offsets, int64_t group_size, int64_t out_features,
-                 const std::optional<at::Tensor>& bias, int64_t splits, int64_t sms) {
+                 const std::optional<at::Tensor>& bias, int64_t splits, int64_t sms, bool zero_points) {
   TORCH_CHECK(x.dim() == 2, where, ": x must be 2-D (M, K), got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, where,
               ": x must be float16 or bfloat16, got ", x.scalar_type());
@@ -57,6 +57,8 @@ inline Plan plan(const char* where, const at::Tensor& x, const at::Tensor& qweig
   }
   TORCH_CHECK(scales.scalar_type() == offsets.scalar_type(), where, ": scales (", scales.scalar_type(),
               ") and offsets (", offsets.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(!zero_points || scales.scalar_type() == x.scalar_type(), where,
+              ": zero_points=True takes scales and offsets (-(M + z)) in x's dtype, got ", scales.scalar_type());
   TORCH_CHECK(qweight.device() == x.device() && qweight.is_contiguous(), where,
               ": qweight must be contiguous and on x's device");
   TORCH_CHECK(M < (int64_t{1} << 31) / 2 && KB * NB * 32 < (int64_t{1} << 31) && M * N < (int64_t{1} << 31), where,
@@ -81,7 +83,7 @@ inline Plan plan(const char* where, const at::Tensor& x, const at::Tensor& qweig
   }
   plan.out = at::empty({M, N}, x.options());
   plan.in.bf16 = x.scalar_type() == at::kBFloat16;
-  plan.in.float_dq = scales.scalar_type() == at::kFloat;
+  plan.in.dequant = zero_points ? kDqZero : scales.scalar_type() == at::kFloat ? kDqFloat : kDqHalf;
   plan.in.decode = M <= 16;
   plan.bm = plan.in.decode ? 16 : 64;
   plan.bn = 128;

@@ -27,8 +27,8 @@ namespace tk_int4 {
 struct Params {
   const uint16_t* x;        // (M, Kx) in T, row stride ldx elements; Kx % 8 == 0, 16-byte aligned rows
   const uint32_t* qweight;  // (KB, NB * 32) mma layout
-  const void* scales;       // (G, Np) in T (half mode) or fp32 (float mode)
-  const void* offsets;      // (G, Np), same dtype as scales
+  const void* scales;       // (G, Np) in T (half and zero modes) or fp32 (float mode)
+  const void* offsets;      // (G, Np), same dtype as scales (zero mode: -(M + z), see Dequant)
   const float* bias;        // (N,) fp32, or nullptr
   uint16_t* out;            // (M, N) in T, contiguous
   float* workspace;         // (splits, M, N) fp32 partials when gridDim.z > 1
@@ -39,9 +39,18 @@ struct Params {
   int ktiles, tiles_per_split;
 };
 
+// The dequantization modes (csrc/cuda/int4_mm.cuh, dequantize): what the scales/offsets tensors of the layout hold.
+enum Dequant : int {
+  kDqHalf = 0,   // scale, offset in x's dtype: w = q s + o in one fp16/bf16 fma
+  kDqFloat = 1,  // scale, offset in fp32: fp32 fma, one rounding to x's dtype
+  kDqZero = 2,   // scale in x's dtype, "offset" = -(M + z) in x's dtype for an integer zero point z (o = -z s, GPTQ /
+                 // AWQ): (q - z) exact, then one rounding of (q - z) s
+};
+
 // Which instantiation runs, and the grid's split-K depth.
 struct Instance {
-  bool bf16 = false, float_dq = false, decode = false;  // x's dtype, dequantization mode, tile (M <= 16)
+  bool bf16 = false, decode = false;  // x's dtype, tile (M <= 16)
+  int dequant = kDqHalf;
   int splits = 1;
 };
 

@@ -36,25 +36,26 @@ struct Emulate {
   const Plan& plan;
   std::vector<tk_emu::Buffer> buffers;
 
-  template <typename T, bool FQ, int BM, int BN, int WARPS_M, int WARPS_N>
+  template <typename T, int DQ, int BM, int BN, int WARPS_M, int WARPS_N>
   void run() const {
     tk_emu::LaunchConfig config;
     config.grid = tk_emu::Dim3{static_cast<unsigned>((p.N + BN - 1) / BN), static_cast<unsigned>((p.M + BM - 1) / BM),
                                static_cast<unsigned>(plan.in.splits)};
     config.block = tk_emu::Dim3{kThreads, 1, 1};
-    config.shared_bytes = Smem<BM, BN, FQ>::BYTES;
+    config.shared_bytes = Smem<BM, BN, DQ>::BYTES;
     config.buffers = buffers;
     const Params params = p;
-    tk_emu::launch(config, [&params] { int4_mm_kernel<T, FQ, BM, BN, WARPS_M, WARPS_N>(params); });
+    tk_emu::launch(config, [&params] { int4_mm_kernel<T, DQ, BM, BN, WARPS_M, WARPS_N>(params); });
   }
 };
 
 at::Tensor int4_mm_mma_emulated(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                 const at::Tensor& offsets, int64_t group_size, int64_t out_features,
-                                const std::optional<at::Tensor>& bias, int64_t splits, int64_t sms) {
+                                const std::optional<at::Tensor>& bias, int64_t splits, int64_t sms,
+                                bool zero_points) {
   // sms: the GPU the split-K choice is made for (default: an H100 SXM's 132)
   Plan plan = tk_int4::plan("int4_mm_mma (emulated)", x, qweight, scales, offsets, group_size, out_features, bias,
-                            splits, sms > 0 ? sms : 132);
+                            splits, sms > 0 ? sms : 132, zero_points);
   at::Tensor counters;
   if (plan.in.splits > 1) {
     counters = at::zeros({plan.tiles}, x.options().dtype(at::kInt));
@@ -107,8 +108,8 @@ at::Tensor int4_mm_mma_repack(const at::Tensor& qweight, int64_t in_features) {
 // The dynamic shared memory a launch asks for (the static checks compare it with each architecture's limit; the
 // emulator confines every shared access to it).
 int64_t int4_mm_mma_shared_bytes(int64_t rows, bool float_dequant) {
-  if (rows <= 16) return float_dequant ? Smem<16, 128, true>::BYTES : Smem<16, 128, false>::BYTES;
-  return float_dequant ? Smem<64, 128, true>::BYTES : Smem<64, 128, false>::BYTES;
+  if (rows <= 16) return float_dequant ? Smem<16, 128, kDqFloat>::BYTES : Smem<16, 128, kDqHalf>::BYTES;
+  return float_dequant ? Smem<64, 128, kDqFloat>::BYTES : Smem<64, 128, kDqHalf>::BYTES;
 }
 
 }  // namespace

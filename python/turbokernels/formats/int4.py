@@ -311,12 +311,17 @@ def group_grid(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, scale_dtype:
 
 
 class MmaLayout(tuple):
-    """(qweight, scales, offsets) in the CUDA int4 kernel's layout (csrc/cuda/int4_mm_layout.h):
+    """(qweight, scales, offsets, zero_points) in the CUDA int4 kernel's layout (csrc/cuda/int4_mm_layout.h):
       qweight  int32 (ceil(K/16), ceil(N/16) * 32): 16 x 16 blocks, one word per lane of a warp, the nibbles in the
                order of that lane's mma.m16n8k16 B registers (repacked by turbokernels_C::int4_mm_mma_repack, from
                the same C++ function the kernel is written against)
-      scales, offsets  (G, ceil(N/16) * 16), zero-padded columns: in the activations' dtype when both are exact
-               there (the kernel dequantizes with one fp16/bf16 fma), else float32 (fp32 fma, then one rounding)."""
+      scales, offsets  (G, ceil(N/16) * 16), zero-padded columns, in one of the kernel's dequantization modes:
+               both in the activations' dtype when both are exact there (one fp16/bf16 fma: q s + o);
+               zero_points: the offsets are -z s for integer zero points z (GPTQ, AWQ) whose product is exact, the
+               scales exact in the activations' dtype: `offsets` then holds -(M + z) in that dtype (M = 1024 for
+               fp16, 128 for bf16: the kernel's magic number) and the kernel computes (q - z) exactly, then one
+               rounding of (q - z) s;
+               else float32 (fp32 fma, then one rounding)."""
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -329,6 +334,24 @@ class MmaLayout(tuple):
     @property
     def offsets(self) -> torch.Tensor:
         return self[2]
+
+    @property
+    def zero_points(self) -> bool:
+        return self[3]
+
+
+# the magic numbers of csrc/cuda/int4_mm.cuh's dequantization: one ulp of the 16-bit float is 1 there
+_MMA_MAGIC = {torch.float16: 1024, torch.bfloat16: 128}
+
+
+def _integer_zero_points(scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """z with offsets == -z * scales exactly (float64), z integral and M + z exact in `dtype`; else None."""
+    s, o = scales.to(torch.float64), offsets.to(torch.float64)
+    z = torch.where(s != 0, -o / s, torch.zeros_like(s)).round()
+    limit = _MMA_MAGIC[dtype]  # M + z stays an integer the 16-bit float holds exactly (fp16: to 2048, bf16: to 256)
+    if not torch.equal(-z * s, o) or bool((z.abs() > limit).any()):
+        return None
+    return z
 
 
 def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
@@ -346,8 +369,11 @@ def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tenso
         raise RuntimeError(f"mma_layout: {reason}")
     packed = torch.ops.turbokernels_C.int4_mm_mma_repack(qweight, in_features)
     N = qweight.shape[1]
-    pad = (N + 15) // 16 * 16 - N
+    pad = lambda t: torch.nn.functional.pad(t, (0, (N + 15) // 16 * 16 - N)).contiguous()  # noqa: E731
     exact = lambda t: t.dtype == dtype or torch.equal(t.to(dtype).to(t.dtype), t)  # noqa: E731
-    kind = dtype if exact(scales) and exact(offsets) else torch.float32
-    return MmaLayout((packed, torch.nn.functional.pad(scales.to(kind), (0, pad)).contiguous(),
-                      torch.nn.functional.pad(offsets.to(kind), (0, pad)).contiguous()))
+    if exact(scales) and exact(offsets):
+        return MmaLayout((packed, pad(scales.to(dtype)), pad(offsets.to(dtype)), False))
+    z = _integer_zero_points(scales, offsets, dtype) if exact(scales) else None
+    if z is not None:
+        return MmaLayout((packed, pad(scales.to(dtype)), pad((-(_MMA_MAGIC[dtype] + z)).to(dtype)), True))
+    return MmaLayout((packed, pad(scales.to(torch.float32)), pad(offsets.to(torch.float32)), False))

@@ -94,7 +94,7 @@ def run_mma(x, qweight, scales, offsets, group_size, bias=None, splits=0, sms=0)
     """The cuda backend's call, on any device: CUDA tensors run the kernel, CPU tensors its emulation (tests)."""
     layout = mma_layout_of(qweight, scales, offsets, group_size, x.shape[1], x.dtype)
     return torch.ops.turbokernels_C.int4_mm_mma(x, layout.qweight, layout.scales, layout.offsets, group_size,
-                                                qweight.shape[1], bias, splits, sms)
+                                                qweight.shape[1], bias, splits, sms, layout.zero_points)
 
 
 @backends.register(OP, "cuda", check=_check_cuda, auto=backends.VERIFIED)
