@@ -79,6 +79,11 @@ MUTATIONS = [
              "    b[j & 1][j >> 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);",
              ("tests/test_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
              build="csrc/emu/int4_mm.cpp"),
+    Mutation("int4-cuda-zero-point-offset-twice", "int4_mm CUDA kernel, zero-point mode: the -(M + z) term is "
+             "added again after the scale multiply", "csrc/cuda/int4_mm.cuh",
+             "b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], 0u);", "b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);",
+             ("tests/test_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
+             build="csrc/emu/int4_mm.cpp"),
     Mutation("int4-cuda-pipeline-wait", "int4_mm CUDA kernel: cp.async.wait_group leaves one stage too many in flight "
              "(computes on a stage before it lands)", "csrc/cuda/int4_mm.cuh",
              "    cp_async_wait<kStages - 2>();", "    cp_async_wait<kStages - 1>();",
