@@ -160,6 +160,22 @@ def test_layout_is_cached_per_weight_and_dtype_and_follows_in_place_changes():
     c = mma_layout_of(*args, torch.float16)
     assert c is not a and not torch.equal(c.qweight, a.qweight)
     assert torch.equal(c.qweight, mma_layout(*args, torch.float16).qweight)
+    # other scale tensors (a module's buffers replaced) are a new layout, never a stale one
+    scales = weight.scales.clone()
+    d = mma_layout_of(weight.qweight, scales, weight.offsets, 32, 64, torch.float16)
+    assert d is not c and mma_layout_of(weight.qweight, scales, weight.offsets, 32, 64, torch.float16) is d
+    # nothing rides on the tensor (a saved state dict stays as it was), and the entry goes with the tensor
+    import io
+    import gc
+    from turbokernels.ops import int4_mm as module
+    assert not weight.qweight.__dict__
+    buffer = io.BytesIO()
+    torch.save(weight.qweight, buffer)
+    assert buffer.tell() < weight.qweight.numel() * 4 + 2048
+    ident = id(weight.qweight)
+    del weight, args, a, b, c, d, scales
+    gc.collect()
+    assert ident not in module._MMA_LAYOUTS
 
 
 def test_plan_rejects_bad_arguments():

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -78,16 +79,26 @@ def _check_cuda(x, qweight, scales, offsets, group_size, bias=None):
     return None
 
 
+# id(qweight) -> (weak reference to it, {activation dtype: (key, weak refs to scales and offsets, MmaLayout)}). Kept
+# beside the tensor, not on it: an attribute on the tensor would be pickled (torch.save of a state dict) and copied
+# with it. The entry goes when the qweight tensor does.
+_MMA_LAYOUTS: dict[int, tuple] = {}
+
+
 def mma_layout_of(qweight, scales, offsets, group_size, in_features, dtype):
-    """The weight in the CUDA kernel's layout, repacked on first use and kept on the qweight tensor (one entry per
-    activation dtype; a weight or scale changed in place, seen by its version counter, is repacked)."""
+    """The weight in the CUDA kernel's layout, repacked on first use and kept while qweight lives (one per activation
+    dtype; a tensor changed in place, seen by its version counter, or other scale/offset tensors: repacked)."""
     from ..formats.int4 import mma_layout
-    key = (group_size, in_features, qweight._version, id(scales), scales._version, id(offsets), offsets._version)
-    cache = qweight.__dict__.setdefault("_turbokernels_mma_layouts", {})
-    hit = cache.get(dtype)
-    if hit is None or hit[0] != key:
-        hit = cache[dtype] = (key, mma_layout(qweight, scales, offsets, group_size, in_features, dtype))
-    return hit[1]
+    ident = id(qweight)
+    entry = _MMA_LAYOUTS.get(ident)
+    if entry is None or entry[0]() is not qweight:
+        entry = _MMA_LAYOUTS[ident] = (weakref.ref(qweight, lambda _, i=ident: _MMA_LAYOUTS.pop(i, None)), {})
+    key = (group_size, in_features, qweight._version, scales._version, offsets._version)
+    hit = entry[1].get(dtype)
+    if hit is None or hit[0] != key or hit[1]() is not scales or hit[2]() is not offsets:
+        layout = mma_layout(qweight, scales, offsets, group_size, in_features, dtype)
+        hit = entry[1][dtype] = (key, weakref.ref(scales), weakref.ref(offsets), layout)
+    return hit[3]
 
 
 def run_mma(x, qweight, scales, offsets, group_size, bias=None, splits=0, sms=0):
