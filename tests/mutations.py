@@ -120,6 +120,22 @@ MUTATIONS = [
              "ran = ran < p.splits ? ran : p.splits;", "ran = (ran < p.splits ? ran : p.splits) - (ran > 1 ? 1 : 0);",
              ("tests/test_decode_attention_cuda.py::test_emulated_split_counts",),
              build="csrc/emu/decode_attention.cpp"),
+    Mutation("sparse24-int4-cuda-scale-row", "int4 + 2:4 CUDA kernel: a register's scale taken from the wrong "
+             "fragment row (g + 8 for g)", "csrc/cuda/sparse24_int4_mm.cuh",
+             "a[r] = fma2<T>(q, sc[r & 1], of[r & 1]);", "a[r] = fma2<T>(q, sc[r >> 1], of[r >> 1]);",
+             ("tests/test_sparse24_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
+             build="csrc/emu/sparse24_int4_mm.cpp"),
+    Mutation("sparse24-int4-cuda-meta-thread-pair", "int4 + 2:4 CUDA kernel: both threads of a pair supply the "
+             "metadata of the first k16 half", "csrc/cuda/sparse24_int4_mm.cuh",
+             "const uint32_t lo = lds(sm + row * S::MS + step * 2 + (t & 1));",
+             "const uint32_t lo = lds(sm + row * S::MS + step * 2);",
+             ("tests/test_sparse24_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
+             build="csrc/emu/sparse24_int4_mm.cpp"),
+    Mutation("sparse24-int4-cuda-group-in-dense-k", "int4 + 2:4 layout: groups counted in dense k instead of kept "
+             "values", "csrc/cuda/sparse24_int4_mm_layout.h",
+             "static_cast<long long>(ks) * 16 / group_size", "static_cast<long long>(ks) * 32 / group_size",
+             ("tests/test_sparse24_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
+             build="csrc/emu/sparse24_int4_mm.cpp"),
     Mutation("attention-fwd-causal-edge-hi", "forward: the last key block of a tile's causal/right window edge "
              "ends one key early (hidden unless that key starts a block)",
              "kernels/attention_fwd.py",

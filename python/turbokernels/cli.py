@@ -17,6 +17,7 @@ BENCHMARKS = {"int4": "turbokernels.bench.int4", "sparse24": "turbokernels.bench
 # the turbokernels_C op holding an op's CUDA C++ kernel, where its name differs from the op's (a kernel that reads
 # the weight in its own layout, or takes fewer options, has its own schema)
 CUDA_KERNELS = {"int4_mm": "int4_mm_mma", "decode_attention": "decode_attention_mma"}
+CUDA_KERNELS["sparse24_int4_mm"] = "sparse24_int4_mm_mma"
 
 
 def cmd_info(args) -> int:

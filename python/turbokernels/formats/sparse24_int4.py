@@ -146,6 +146,13 @@ class Sparse24Int4Weight:
         int4 = quantize_int4(weight.values, -1 if group_size == -1 else group_size // 2, symmetric)
         return cls._trusted(int4, weight.meta)
 
+    def mma_layout(self, dtype: torch.dtype):
+        """The kept values in the layout the CUDA C++ kernel reads (csrc/cuda/sparse24_int4_mm_layout.h), for
+        activations of `dtype` (float16/bfloat16): an int4 MmaLayout (qweight, scales, offsets); meta is read as it
+        is. Computed once per weight and dtype and kept (ops/sparse24_int4_mm.py's cuda backend); the
+        Sparse24Int4Weight stays the one stored form."""
+        return mma_layout(self.qweight, self.scales, self.offsets, self.kept_group_size, self.in_features, dtype)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out_features, in_features) 2:4 weight with the int4-dequantized kept values: computed in fp32
         (float64, exactly, when asked for float64), then cast."""
@@ -153,3 +160,34 @@ class Sparse24Int4Weight:
         exact = torch.float64 if dtype == torch.float64 else torch.float32
         values = self.int4.dequantize(exact)  # (N, K/2)
         return sparse24_to_dense(values, self.meta, exact).to(dtype)
+
+
+def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
+               in_features: int, dtype: torch.dtype):
+    """Sparse24Int4Weight tensors (group_size: KEPT values per scale row, the effective one; in_features: the dense
+    K) -> formats.int4.MmaLayout for the CUDA C++ kernel (csrc/cuda/sparse24_int4_mm_layout.h): qweight int32
+    (K/32, ceil(N/16) * 32), one word per lane of each 16 (n) x 16 (kept) block holding that lane's mma.sp A
+    registers' nibbles (repacked by turbokernels_C::sparse24_int4_mm_mma_repack); scales, offsets (G, ceil(N/16) * 16),
+    zero-padded, in `dtype` when both are exact there, else float32; zero_points False (int4_mm's integer zero-point
+    mode is not implemented here: such offsets take the float32 mode). Needs turbokernels._C."""
+    from .. import _ext
+    from .int4 import MmaLayout
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"mma_layout(dtype): the CUDA int4 + 2:4 kernel takes float16 or bfloat16 activations, got "
+                        f"{dtype}")
+    if in_features % 32:
+        raise ValueError(f"mma_layout(in_features): the CUDA int4 + 2:4 kernel needs a multiple of 32 (the k of "
+                         f"mma.sp), got {in_features}")
+    if group_size % 16 and group_size < in_features // 2:
+        raise ValueError(f"mma_layout(group_size): the CUDA int4 + 2:4 kernel needs a multiple of 16 kept values or "
+                         f"one group over K/2 (per-channel), got {group_size} for in_features={in_features}")
+    reason = _ext.missing_op_reason("sparse24_int4_mm_mma_repack", qweight.device.type)
+    if reason is not None:
+        raise RuntimeError(f"mma_layout: {reason}")
+    packed = torch.ops.turbokernels_C.sparse24_int4_mm_mma_repack(qweight, in_features)
+    N = qweight.shape[1]
+    pad = (N + 15) // 16 * 16 - N
+    exact = lambda t: t.dtype == dtype or torch.equal(t.to(dtype).to(t.dtype), t)  # noqa: E731
+    kind = dtype if exact(scales) and exact(offsets) else torch.float32
+    return MmaLayout((packed, torch.nn.functional.pad(scales.to(kind), (0, pad)).contiguous(),
+                      torch.nn.functional.pad(offsets.to(kind), (0, pad)).contiguous(), False))

@@ -79,26 +79,43 @@ def _check_cuda(x, qweight, scales, offsets, group_size, bias=None):
     return None
 
 
-# id(qweight) -> (weak reference to it, {activation dtype: (key, weak refs to scales and offsets, MmaLayout)}). Kept
-# beside the tensor, not on it: an attribute on the tensor would be pickled (torch.save of a state dict) and copied
-# with it. The entry goes when the qweight tensor does.
-_MMA_LAYOUTS: dict[int, tuple] = {}
+class LayoutCache:
+    """A CUDA kernel's repacked weight layouts, kept beside the qweight tensors they come from, not on them (an
+    attribute on the tensor would be pickled with a state dict by torch.save, and copied with it): id(qweight) ->
+    (weak reference to it, {activation dtype: (key, weak refs to scales and offsets, layout)}). An entry goes when
+    its qweight tensor does; a tensor changed in place (its version counter) or other scale/offset tensors give a new
+    layout. Used by ops/int4_mm.py and ops/sparse24_int4_mm.py."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    def __contains__(self, ident: int) -> bool:
+        """Whether an entry exists for the tensor of this id() (tests: it must go with the tensor)."""
+        return ident in self._entries
+
+    def get(self, qweight, scales, offsets, group_size, in_features, dtype, build):
+        """The layout for these tensors, build(qweight, scales, offsets, group_size, in_features, dtype) on a miss."""
+        ident = id(qweight)
+        entry = self._entries.get(ident)
+        if entry is None or entry[0]() is not qweight:
+            entries = self._entries
+            entry = entries[ident] = (weakref.ref(qweight, lambda _, i=ident: entries.pop(i, None)), {})
+        key = (group_size, in_features, qweight._version, scales._version, offsets._version)
+        hit = entry[1].get(dtype)
+        if hit is None or hit[0] != key or hit[1]() is not scales or hit[2]() is not offsets:
+            layout = build(qweight, scales, offsets, group_size, in_features, dtype)
+            hit = entry[1][dtype] = (key, weakref.ref(scales), weakref.ref(offsets), layout)
+        return hit[3]
+
+
+_MMA_LAYOUTS = LayoutCache()
 
 
 def mma_layout_of(qweight, scales, offsets, group_size, in_features, dtype):
-    """The weight in the CUDA kernel's layout, repacked on first use and kept while qweight lives (one per activation
-    dtype; a tensor changed in place, seen by its version counter, or other scale/offset tensors: repacked)."""
+    """The weight in the CUDA kernel's layout (formats/int4.py mma_layout), repacked on first use and kept while
+    qweight lives (LayoutCache)."""
     from ..formats.int4 import mma_layout
-    ident = id(qweight)
-    entry = _MMA_LAYOUTS.get(ident)
-    if entry is None or entry[0]() is not qweight:
-        entry = _MMA_LAYOUTS[ident] = (weakref.ref(qweight, lambda _, i=ident: _MMA_LAYOUTS.pop(i, None)), {})
-    key = (group_size, in_features, qweight._version, scales._version, offsets._version)
-    hit = entry[1].get(dtype)
-    if hit is None or hit[0] != key or hit[1]() is not scales or hit[2]() is not offsets:
-        layout = mma_layout(qweight, scales, offsets, group_size, in_features, dtype)
-        hit = entry[1][dtype] = (key, weakref.ref(scales), weakref.ref(offsets), layout)
-    return hit[3]
+    return _MMA_LAYOUTS.get(qweight, scales, offsets, group_size, in_features, dtype, mma_layout)
 
 
 def run_mma(x, qweight, scales, offsets, group_size, bias=None, splits=0, sms=0):

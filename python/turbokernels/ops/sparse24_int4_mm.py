@@ -7,6 +7,9 @@
     backends     reference  python/turbokernels/reference/sparse24_int4_mm.py
                  triton     kernels/sparse24_int4_mm.py
                  cpu        csrc/cpu/sparse24_int4_mm.cpp  (torch.ops.turbokernels_C.sparse24_int4_mm)
+                 cuda       csrc/cuda/sparse24_int4_mm.cuh (torch.ops.turbokernels_C.sparse24_int4_mm_mma, mma.sp on
+                            int4-dequantized kept values, repacked once: Sparse24Int4Weight.mma_layout); forced only
+                            until the GPU acceptance table lists it
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from ..formats.sparse24_int4 import Sparse24Int4Weight
 from ..reference import sparse24_int4_mm as reference
 from . import _linear
 from ._library import define
+from .int4_mm import LayoutCache
 
 OP = "sparse24_int4_mm"
 _is_compiling = torch.compiler.is_compiling
@@ -68,6 +72,52 @@ def _triton(x, qweight, scales, offsets, meta, group_size, bias=None):
 @backends.register(OP, "cpu", check=backends.check_extension_op(OP, "cpu"))
 def _cpu(x, qweight, scales, offsets, meta, group_size, bias=None):
     return _ext.C.sparse24_int4_mm(x, qweight, scales, offsets, meta, group_size, bias)
+
+
+_cuda_ext = backends.check_extension_op("sparse24_int4_mm_mma", "cuda")
+
+
+def _check_cuda(x, qweight, scales, offsets, meta, group_size, bias=None):
+    """csrc/cuda/sparse24_int4_mm.cu (mma.sp, sm_80+): automatic only where the acceptance table says it passed on a
+    GPU."""
+    reason = _cuda_ext(x)
+    if reason is not None:
+        return reason
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"x is {x.dtype}: the CUDA int4 + 2:4 kernel takes float16 or bfloat16"
+    K = x.shape[1]
+    if K % 32:
+        return f"in_features={K} is not a multiple of 32 (the k of mma.sp)"
+    if group_size % 16 and group_size < K // 2:
+        return (f"group_size={group_size} kept values is neither a multiple of 16 nor one group over K/2={K // 2}: "
+                f"a k32 step's 16 kept values must share one scale row")
+    if meta.dtype != torch.int16 or qweight.dtype != torch.int32:
+        return f"meta must be int16 and qweight int32, got {meta.dtype} and {qweight.dtype}"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "needs compute capability 8.0 or newer (mma.sp, cp.async)"
+    return None
+
+
+_MMA_LAYOUTS = LayoutCache()
+
+
+def mma_layout_of(qweight, scales, offsets, group_size, in_features, dtype):
+    """The kept values in the CUDA kernel's layout (formats/sparse24_int4.py mma_layout), repacked on first use and
+    kept while qweight lives (ops/int4_mm.py's LayoutCache)."""
+    from ..formats.sparse24_int4 import mma_layout
+    return _MMA_LAYOUTS.get(qweight, scales, offsets, group_size, in_features, dtype, mma_layout)
+
+
+def run_mma(x, qweight, scales, offsets, meta, group_size, bias=None, splits=0, sms=0):
+    """The cuda backend's call, on any device: CUDA tensors run the kernel, CPU tensors its emulation (tests)."""
+    layout = mma_layout_of(qweight, scales, offsets, group_size, x.shape[1], x.dtype)
+    return torch.ops.turbokernels_C.sparse24_int4_mm_mma(x, layout.qweight, layout.scales, layout.offsets, meta,
+                                                         group_size, qweight.shape[1], bias, splits, sms)
+
+
+@backends.register(OP, "cuda", check=_check_cuda, auto=backends.VERIFIED)
+def _cuda(x, qweight, scales, offsets, meta, group_size, bias=None):
+    return run_mma(x, qweight, scales, offsets, meta, group_size, bias)
 
 
 # ---- autograd: gradients for the activations and the bias (the weight is frozen) -----------------------------------
