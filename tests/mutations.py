@@ -75,13 +75,13 @@ MUTATIONS = [
              build="csrc/cpu/sparse24_int4_mm.cpp"),
     Mutation("int4-cuda-b-register-slot", "int4_mm CUDA kernel: a dequantized pair goes to the wrong B register "
              "(tile and register swapped)", "csrc/cuda/int4_mm.cuh",
-             "    b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);",
-             "    b[j & 1][j >> 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);",
+             "else b[j >> 1][j & 1] = tk_int4_dequant::pair_half<T>",
+             "else b[j & 1][j >> 1] = tk_int4_dequant::pair_half<T>",
              ("tests/test_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
              build="csrc/emu/int4_mm.cpp"),
     Mutation("int4-cuda-zero-point-offset-twice", "int4_mm CUDA kernel, zero-point mode: the -(M + z) term is "
-             "added again after the scale multiply", "csrc/cuda/int4_mm.cuh",
-             "b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], 0u);", "b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);",
+             "added again after the scale multiply", "csrc/cuda/int4_dequant.cuh",
+             "return fma2<T>(q, s2, 0u);", "return fma2<T>(q, s2, neg_mz2);",
              ("tests/test_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
              build="csrc/emu/int4_mm.cpp"),
     Mutation("int4-cuda-pipeline-wait", "int4_mm CUDA kernel: cp.async.wait_group leaves one stage too many in flight "
@@ -90,7 +90,7 @@ MUTATIONS = [
              ("tests/test_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
              build="csrc/emu/int4_mm.cpp"),
     Mutation("int4-cuda-splitk-last-part-skipped", "int4_mm CUDA kernel: the split-K reduction omits the last part",
-             "csrc/cuda/int4_mm.cuh",
+             "csrc/cuda/split_k.cuh",
              "for (int part = 0; part < splits; ++part)", "for (int part = 0; part < splits - 1; ++part)",
              ("tests/test_int4_mm_cuda.py::test_split_k_parts_are_exact_and_deterministic",),
              build="csrc/emu/int4_mm.cpp"),
@@ -122,7 +122,8 @@ MUTATIONS = [
              build="csrc/emu/decode_attention.cpp"),
     Mutation("sparse24-int4-cuda-scale-row", "int4 + 2:4 CUDA kernel: a register's scale taken from the wrong "
              "fragment row (g + 8 for g)", "csrc/cuda/sparse24_int4_mm.cuh",
-             "a[r] = fma2<T>(q, sc[r & 1], of[r & 1]);", "a[r] = fma2<T>(q, sc[r >> 1], of[r >> 1]);",
+             "else a[r] = tk_int4_dequant::pair_half<T>(word, r, sc[r & 1], of[r & 1]);",
+             "else a[r] = tk_int4_dequant::pair_half<T>(word, r, sc[r >> 1], of[r >> 1]);",
              ("tests/test_sparse24_int4_mm_cuda.py::test_emulated_kernel_matches_golden",),
              build="csrc/emu/sparse24_int4_mm.cpp"),
     Mutation("sparse24-int4-cuda-meta-thread-pair", "int4 + 2:4 CUDA kernel: both threads of a pair supply the "

@@ -17,19 +17,23 @@
 //    that fma). "Zero" mode, for integer zero points (o = -z s: GPTQ, AWQ): the fma with -(M + z) gives q - z
 //    exactly, one fma2 (q - z) * s. "Float" mode (other offsets not exact in x's dtype): the same lop3 with fp32's
 //    magic 2^23, fp32 fma, one cvt to a pair. Each rounds the exact q * s + o (half, zero) or the fp32
-//    dequantization (float) to x's dtype once: what tl.dot's operand rounding does in the Triton kernel.
+//    dequantization (float) to x's dtype once: what tl.dot's operand rounding does in the Triton kernel
+//    (csrc/cuda/int4_dequant.cuh, shared with sparse24_int4_mm.cuh).
 //  * Tiles: BM x BN = 16 x 128 for M <= 16 (decode: 4 warps side by side along N) or 64 x 128 (2 x 2 warps),
 //    BK = 64 (4 k16 steps) per stage, 4-stage cp.async pipeline; x rows padded to 144 bytes (ldmatrix without bank
 //    conflicts). A stage also holds the rows of scales and offsets of the groups its k tile touches (<= 4).
 //  * Split-K for small grids: grid z cuts K; each part writes fp32 partials to a workspace, and the last part to
 //    finish a tile (an atomic counter per tile) sums all parts in part order, adds the bias and writes the output:
-//    one launch, deterministic (the order does not depend on which part finishes last), the counters left at zero.
+//    one launch, deterministic (the order does not depend on which part finishes last), the counters left at zero
+//    (csrc/cuda/split_k.cuh, shared with sparse24_int4_mm.cuh).
 //  * Tails: rows past M and k past K are zero-filled by cp.async (src-size 0); the repack pads q with zeros, so a
 //    padded weight is the finite offset and meets x = 0. Steps past ceil(K/16) are skipped. The store is masked.
 #pragma once
 
 #include "cuda/arch.cuh"
+#include "cuda/int4_dequant.cuh"
 #include "cuda/int4_mm_layout.h"
+#include "cuda/split_k.cuh"
 
 namespace tk_int4 {
 inline namespace TK_BUILD {  // the GPU's and the emulator's instantiations must not share mangled names (arch.cuh)
@@ -116,41 +120,16 @@ TK_DEVICE void load_stage(const Params& p, char* smem, int stage, int kt, int m0
   }
 }
 
-// The 4 B registers of one 16 x 16 block (b[tile][register]) from a lane's word. Half and zero modes: sc/of are the
-// pairs (scale, scale) / (offset, offset) of each tile's column, in T; float mode: fp32 scale and offset per tile.
-// Half mode: q = (M + q) - M exactly, then w = q s + o, one rounding. Zero mode (of = -(M + z)): q - z exactly, then
-// w = (q - z) s, one rounding: the exact value of q s + o when o = -z s, GPTQ's and AWQ's integer zero points.
-template <typename T, int DQ>
-TK_DEVICE void dequantize_half(uint32_t word, const uint32_t (&sc)[2], const uint32_t (&of)[2],
-                               uint32_t (&b)[2][2]) {
-  constexpr uint32_t MAGIC = T::bf16 ? 0x43004300u : 0x64006400u;      // (128, 128) / (1024, 1024)
-  constexpr uint32_t NEG_MAGIC = T::bf16 ? 0xC300C300u : 0xE400E400u;  // -M
-  constexpr uint32_t ONE = T::bf16 ? 0x3F803F80u : 0x3C003C00u;
+// The 4 B registers of one 16 x 16 block (b[tile][register]) from a lane's word (int4_dequant.cuh): pair j is
+// tile j / 2's register j % 2. Half and zero modes: sc/of are the pairs (scale, scale) / (offset, offset) of each
+// tile's column, in T (zero mode: of = -(M + z)); float mode: the fp32 scale and offset per tile.
+template <typename T, int DQ, typename S>
+TK_DEVICE void dequantize(uint32_t word, const S (&sc)[2], const S (&of)[2], uint32_t (&b)[2][2]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    // (a & b) | c: nibbles at bits 4j and 16 + 4j into the low mantissa bits of M
-    const uint32_t h = lop3<0xEA>(word >> (4 * j), 0x000F000Fu, MAGIC);
-    if constexpr (DQ == kDqZero) {
-      const uint32_t q = fma2<T>(h, ONE, of[j >> 1]);  // exact: (M + q) - (M + z)
-      b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], 0u);
-    } else {
-      const uint32_t q = fma2<T>(h, ONE, NEG_MAGIC);  // exact: (M + q) - M
-      b[j >> 1][j & 1] = fma2<T>(q, sc[j >> 1], of[j >> 1]);
-    }
-  }
-}
-
-template <typename T>
-TK_DEVICE void dequantize_float(uint32_t word, const float (&sc)[2], const float (&of)[2], uint32_t (&b)[2][2]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float w[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float magic_q = as_float(lop3<0xEA>(word >> (4 * j + 16 * h), 0xFu, 0x4B000000u));  // 2^23 + q
-      w[h] = fma_f32(magic_q - 8388608.f, sc[j >> 1], of[j >> 1]);
-    }
-    b[j >> 1][j & 1] = pack2<T>(w[0], w[1]);
+    if constexpr (DQ == kDqFloat) b[j >> 1][j & 1] = tk_int4_dequant::pair_float<T>(word, j, sc[j >> 1], of[j >> 1]);
+    else if constexpr (DQ == kDqZero) b[j >> 1][j & 1] = tk_int4_dequant::pair_zero<T>(word, j, sc[j >> 1], of[j >> 1]);
+    else b[j >> 1][j & 1] = tk_int4_dequant::pair_half<T>(word, j, sc[j >> 1], of[j >> 1]);
   }
 }
 
@@ -181,7 +160,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
 
   char* smem = shared_memory();
   const int n0 = static_cast<int>(block_x()) * BN, m0 = static_cast<int>(block_y()) * BM;
-  const int z = static_cast<int>(block_z()), splits = static_cast<int>(grid_z());
+  const int z = static_cast<int>(block_z());
   const int kt_begin = z * p.tiles_per_split;
   const int kt_end = (kt_begin + p.tiles_per_split < p.ktiles) ? kt_begin + p.tiles_per_split : p.ktiles;
   const int nkt = kt_end - kt_begin;
@@ -241,7 +220,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
           const float* fo = reinterpret_cast<const float*>(so) + r * BN;
           const float sc[2] = {lds(fs + c0), lds(fs + c0 + 8)};
           const float of[2] = {lds(fo + c0), lds(fo + c0 + 8)};
-          dequantize_float<T>(word, sc, of, b);
+          dequantize<T, DQ>(word, sc, of, b);
         } else {
           const uint16_t* hs = reinterpret_cast<const uint16_t*>(ss) + r * BN;
           const uint16_t* ho = reinterpret_cast<const uint16_t*>(so) + r * BN;
@@ -252,7 +231,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
             sc[h] = s1 | (s1 << 16);
             of[h] = o1 | (o1 << 16);
           }
-          dequantize_half<T, DQ>(word, sc, of, b);
+          dequantize<T, DQ>(word, sc, of, b);
         }
 #pragma unroll
         for (int i = 0; i < MI; ++i) {
@@ -265,33 +244,10 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) int4_mm_kernel(const Params p) {
   cp_async_wait<0>();
 
   const int m_lane = m0 + wm + g, n_lane = n0 + wn + 2 * t;
-  if (splits == 1) {
-    for_each_output(acc, m_lane, n_lane, p.M, p.N, [&](float v, int m, int n) {
-      const float b = p.bias != nullptr ? load(p.bias + n) : 0.f;
-      store(p.out + static_cast<long long>(m) * p.N + n, from_float<T>(v + b));
-    });
-    return;
-  }
-  const long long mn = static_cast<long long>(p.M) * p.N;
-  for_each_output(acc, m_lane, n_lane, p.M, p.N, [&](float v, int m, int n) {
-    store(p.workspace + z * mn + static_cast<long long>(m) * p.N + n, v);
-  });
-  threadfence();  // the partials are visible device-wide before the counter says so
-  syncthreads();
-  int* flag = S::flag(smem);
   const int tile = static_cast<int>(block_y()) * ((p.N + BN - 1) / BN) + static_cast<int>(block_x());
-  if (tid == 0) sts(flag, atomic_add(p.counters + tile, 1) == splits - 1 ? 1 : 0);
-  syncthreads();
-  if (lds(flag) == 0) return;
-  // the last part: every part's partial, in part order, then the bias; one rounding
-  for_each_output(acc, m_lane, n_lane, p.M, p.N, [&](float, int m, int n) {
-    const long long off = static_cast<long long>(m) * p.N + n;
-    float sum = 0.f;
-    for (int part = 0; part < splits; ++part) sum += load_cg(p.workspace + part * mn + off);
-    if (p.bias != nullptr) sum += load(p.bias + n);
-    store(p.out + off, from_float<T>(sum));
-  });
-  if (tid == 0) store(p.counters + tile, 0);  // ready for the next launch
+  tk_split_k::write_output<T>([&](auto&& f) { for_each_output(acc, m_lane, n_lane, p.M, p.N, f); },
+                              tk_split_k::Output{p.bias, p.out, p.workspace, p.counters, p.M, p.N}, S::flag(smem),
+                              tile);
 }
 
 // Calls fn.template run<T, DQ, BM, BN, WARPS_M, WARPS_N>() for an instance: the handful every build holds

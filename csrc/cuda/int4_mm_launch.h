@@ -106,10 +106,9 @@ inline Plan plan(const char* where, const at::Tensor& x, const at::Tensor& qweig
   p.group_size = static_cast<int>(group_size);
   p.ktiles = static_cast<int>((KB + kStepsPerTile - 1) / kStepsPerTile);
   plan.tiles = static_cast<int>(((N + plan.bn - 1) / plan.bn) * ((M + plan.bm - 1) / plan.bm));
-  int parts = splits > 0 ? static_cast<int>(splits) : split_k_parts(plan.tiles, p.ktiles, static_cast<int>(sms));
-  if (parts > p.ktiles) parts = p.ktiles;
-  p.tiles_per_split = (p.ktiles + parts - 1) / parts;
-  plan.in.splits = (p.ktiles + p.tiles_per_split - 1) / p.tiles_per_split;  // no empty part
+  const tk_split_k::Plan parts = tk_split_k::plan(plan.tiles, p.ktiles, splits, static_cast<int>(sms));
+  p.tiles_per_split = parts.tiles_per_split;
+  plan.in.splits = parts.splits;
   if (plan.in.splits > 1) {
     plan.workspace = at::empty({plan.in.splits, M, N}, x.options().dtype(at::kFloat));
     p.workspace = plan.workspace.data_ptr<float>();

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "cuda/split_k.h"
+
 #if defined(__CUDACC__)
 #define TK_LAYOUT_FN __host__ __device__ __forceinline__
 #else
@@ -74,17 +76,6 @@ TK_LAYOUT_FN void nibble_source(int lane, int slot, int& dk, int& dn) {
 TK_LAYOUT_FN int group_of_step(int kb, int group_size, int groups) {
   const long long g = static_cast<long long>(kb) * 16 / group_size;
   return g < groups - 1 ? static_cast<int>(g) : groups - 1;
-}
-
-// Split-K: how many parts K is cut into for a grid of `tiles` output tiles and `ktiles` k tiles on `sms` SMs. Only
-// while the output tiles leave SMs idle: aim at 2 blocks per SM, keep >= 4 k tiles per part (the pipeline must
-// fill), at most 16 parts, and no empty part (the caller recomputes: tiles_per_split = ceil(ktiles / splits)).
-TK_LAYOUT_FN int split_k_parts(int tiles, int ktiles, int sms) {
-  if (tiles >= sms) return 1;
-  int splits = (2 * sms + tiles - 1) / tiles;
-  if (splits > ktiles / 4) splits = ktiles / 4;
-  if (splits > 16) splits = 16;
-  return splits < 1 ? 1 : splits;
 }
 
 }  // namespace tk_int4

@@ -37,7 +37,9 @@
 #pragma once
 
 #include "cuda/arch.cuh"
+#include "cuda/int4_dequant.cuh"
 #include "cuda/sparse24_int4_mm_layout.h"
+#include "cuda/split_k.cuh"
 
 namespace tk_s24i4 {
 inline namespace TK_BUILD {  // the GPU's and the emulator's instantiations must not share mangled names (arch.cuh)
@@ -128,33 +130,15 @@ TK_DEVICE void load_stage(const Params& p, char* smem, int stage, int kt, int n0
   }
 }
 
-// The 4 A registers of one m16 tile and k32 step from a lane's word. Half mode: sc/of[h] the pair (scale, scale) /
-// (offset, offset) of row g + 8h, in T; float mode: the fp32 scale and offset of row g + 8h.
-template <typename T>
-TK_DEVICE void dequantize_half(uint32_t word, const uint32_t (&sc)[2], const uint32_t (&of)[2], uint32_t (&a)[4]) {
-  constexpr uint32_t MAGIC = T::bf16 ? 0x43004300u : 0x64006400u;      // (128, 128) / (1024, 1024)
-  constexpr uint32_t NEG_MAGIC = T::bf16 ? 0xC300C300u : 0xE400E400u;  // -M
-  constexpr uint32_t ONE = T::bf16 ? 0x3F803F80u : 0x3C003C00u;
+// The 4 A registers of one m16 tile and k32 step from a lane's word (int4_dequant.cuh): register r is row
+// g + 8 (r & 1). Half mode: sc/of[h] the pair (scale, scale) / (offset, offset) of row g + 8h, in T; float mode: the
+// fp32 scale and offset of row g + 8h.
+template <typename T, bool FLOAT_DQ, typename S>
+TK_DEVICE void dequantize(uint32_t word, const S (&sc)[2], const S (&of)[2], uint32_t (&a)[4]) {
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    // (a & b) | c: nibbles at bits 4r and 16 + 4r into the low mantissa bits of M
-    const uint32_t h = lop3<0xEA>(word >> (4 * r), 0x000F000Fu, MAGIC);
-    const uint32_t q = fma2<T>(h, ONE, NEG_MAGIC);  // exact: (M + q) - M
-    a[r] = fma2<T>(q, sc[r & 1], of[r & 1]);         // register r: row g + 8 (r & 1)
-  }
-}
-
-template <typename T>
-TK_DEVICE void dequantize_float(uint32_t word, const float (&sc)[2], const float (&of)[2], uint32_t (&a)[4]) {
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    float w[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float magic_q = as_float(lop3<0xEA>(word >> (4 * r + 16 * h), 0xFu, 0x4B000000u));  // 2^23 + q
-      w[h] = fma_f32(magic_q - 8388608.f, sc[r & 1], of[r & 1]);
-    }
-    a[r] = pack2<T>(w[0], w[1]);
+    if constexpr (FLOAT_DQ) a[r] = tk_int4_dequant::pair_float<T>(word, r, sc[r & 1], of[r & 1]);
+    else a[r] = tk_int4_dequant::pair_half<T>(word, r, sc[r & 1], of[r & 1]);
   }
 }
 
@@ -184,7 +168,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) sparse24_int4_mm_kernel(const Params p
 
   char* smem = shared_memory();
   const int n0 = static_cast<int>(block_x()) * BN, m0 = static_cast<int>(block_y()) * BM;
-  const int z = static_cast<int>(block_z()), splits = static_cast<int>(grid_z());
+  const int z = static_cast<int>(block_z());
   const int kt_begin = z * p.tiles_per_split;
   const int kt_end = (kt_begin + p.tiles_per_split < p.ktiles) ? kt_begin + p.tiles_per_split : p.ktiles;
   const int nkt = kt_end - kt_begin;
@@ -234,7 +218,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) sparse24_int4_mm_kernel(const Params p
           const float* fo = reinterpret_cast<const float*>(so) + step * BN;
           const float sc[2] = {lds(fs + row), lds(fs + row + 8)};
           const float of[2] = {lds(fo + row), lds(fo + row + 8)};
-          dequantize_float<T>(word, sc, of, a[i]);
+          dequantize<T, FLOAT_DQ>(word, sc, of, a[i]);
         } else {
           const uint16_t* hs = reinterpret_cast<const uint16_t*>(ss) + step * BN;
           const uint16_t* ho = reinterpret_cast<const uint16_t*>(so) + step * BN;
@@ -245,7 +229,7 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) sparse24_int4_mm_kernel(const Params p
             sc[h] = s1 | (s1 << 16);
             of[h] = o1 | (o1 << 16);
           }
-          dequantize_half<T>(word, sc, of, a[i]);
+          dequantize<T, FLOAT_DQ>(word, sc, of, a[i]);
         }
         const uint32_t lo = lds(sm + row * S::MS + step * 2 + (t & 1));
         const uint32_t hi = lds(sm + (row + 8) * S::MS + step * 2 + (t & 1));
@@ -265,33 +249,10 @@ TK_GLOBAL void TK_LAUNCH_BOUNDS(kThreads) sparse24_int4_mm_kernel(const Params p
   cp_async_wait<0>();
 
   const int n_lane = n0 + wn + g, m_lane = m0 + wm + 2 * t;
-  if (splits == 1) {
-    for_each_output(acc, n_lane, m_lane, p.N, p.M, [&](float v, int n, int m) {
-      const float b = p.bias != nullptr ? load(p.bias + n) : 0.f;
-      store(p.out + static_cast<long long>(m) * p.N + n, from_float<T>(v + b));  // the output's one rounding
-    });
-    return;
-  }
-  const long long mn = static_cast<long long>(p.M) * p.N;
-  for_each_output(acc, n_lane, m_lane, p.N, p.M, [&](float v, int n, int m) {
-    store(p.workspace + z * mn + static_cast<long long>(m) * p.N + n, v);
-  });
-  threadfence();  // the partials are visible device-wide before the counter says so
-  syncthreads();
-  int* flag = S::flag(smem);
   const int tile = static_cast<int>(block_y()) * ((p.N + BN - 1) / BN) + static_cast<int>(block_x());
-  if (tid == 0) sts(flag, atomic_add(p.counters + tile, 1) == splits - 1 ? 1 : 0);
-  syncthreads();
-  if (lds(flag) == 0) return;
-  // the last part: every part's partial, in part order, then the bias; one rounding
-  for_each_output(acc, n_lane, m_lane, p.N, p.M, [&](float, int n, int m) {
-    const long long off = static_cast<long long>(m) * p.N + n;
-    float sum = 0.f;
-    for (int part = 0; part < splits; ++part) sum += load_cg(p.workspace + part * mn + off);
-    if (p.bias != nullptr) sum += load(p.bias + n);
-    store(p.out + off, from_float<T>(sum));
-  });
-  if (tid == 0) store(p.counters + tile, 0);  // ready for the next launch
+  tk_split_k::write_output<T>(
+      [&](auto&& f) { for_each_output(acc, n_lane, m_lane, p.N, p.M, [&](float v, int n, int m) { f(v, m, n); }); },
+      tk_split_k::Output{p.bias, p.out, p.workspace, p.counters, p.M, p.N}, S::flag(smem), tile);
 }
 
 // Calls fn.template run<T, FLOAT_DQ, BN, BM, WARPS_N, WARPS_M>() for an instance: 2 dtypes x 2 dequantization

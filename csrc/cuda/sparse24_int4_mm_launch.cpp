@@ -5,26 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <map>
-#include <mutex>
-#include <utility>
-
 #include "cuda/sparse24_int4_mm_launch.h"
+#include "cuda/split_k_counters.h"
 
 namespace tk_s24i4 {
 namespace {
-
-// Split-K counters: zeroed once per (device, stream), and left at zero by every launch (the last part of a tile
-// resets its counter), so a launch needs no memset; a stream of its own keeps concurrent launches apart.
-int* counters(int device, cudaStream_t stream, int tiles, const at::TensorOptions& options) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, cudaStream_t>, at::Tensor> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& c = cache[{device, stream}];
-  if (!c.defined() || c.numel() < tiles) c = at::zeros({std::max(tiles, 1024)}, options.dtype(at::kInt));
-  return c.data_ptr<int>();
-}
 
 at::Tensor sparse24_int4_mm_mma_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                      const at::Tensor& offsets, const at::Tensor& meta, int64_t group_size,
@@ -39,7 +24,7 @@ at::Tensor sparse24_int4_mm_mma_cuda(const at::Tensor& x, const at::Tensor& qwei
                              out_features, bias, splits, sms > 0 ? sms : props->multiProcessorCount);
   if (!plan.launch) return plan.out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (plan.in.splits > 1) plan.p.counters = counters(x.get_device(), stream, plan.tiles, x.options());
+  if (plan.in.splits > 1) plan.p.counters = tk_split_k::counters(x.get_device(), stream, plan.tiles, x.options());
   const int error = launch_on_gpu(plan.p, plan.in, stream, x.get_device());
   TORCH_CHECK(error == 0, "sparse24_int4_mm_mma (cuda): launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(error)));

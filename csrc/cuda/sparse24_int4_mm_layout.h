@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "cuda/split_k.h"
+
 #if defined(__CUDACC__)
 #define TK_S24I4_FN __host__ __device__ __forceinline__
 #else
@@ -72,16 +74,6 @@ TK_S24I4_FN void nibble_source(int lane, int slot, int& dn, int& dc) {
 TK_S24I4_FN int group_of_step(int ks, int group_size, int groups) {
   const long long g = static_cast<long long>(ks) * 16 / group_size;
   return g < groups - 1 ? static_cast<int>(g) : groups - 1;
-}
-
-// Split-K: int4_mm's rule (csrc/cuda/int4_mm_layout.h split_k_parts): only while the output tiles leave SMs idle,
-// aim at 2 blocks per SM, >= 4 k tiles per part, at most 16 parts.
-TK_S24I4_FN int split_k_parts(int tiles, int ktiles, int sms) {
-  if (tiles >= sms) return 1;
-  int splits = (2 * sms + tiles - 1) / tiles;
-  if (splits > ktiles / 4) splits = ktiles / 4;
-  if (splits > 16) splits = 16;
-  return splits < 1 ? 1 : splits;
 }
 
 }  // namespace tk_s24i4
