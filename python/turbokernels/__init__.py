@@ -8,6 +8,7 @@
     layer = tk.nn.Int4Linear.from_linear(linear)              # drop-in module
     with tk.backend("reference"): ...                         # force a backend: reference/triton/cpu/cuda
     report = tk.optimize(model, int4=True)                    # a whole model in place; tk.restore(model) undoes it
+    parallelize_module(model, mesh, tk.parallel.tp_plan(model))  # tensor parallel, torch.distributed's engine
     model, report = tk.load_quantized("llama-gptq/")          # a GPTQ / AWQ / compressed-tensors folder, int4
 """
 from ._unshadow import unshadow_hf_kernels as _unshadow_hf_kernels
@@ -26,6 +27,14 @@ from .checkpoint import from_pretrained, save_pretrained  # noqa: E402
 from .hf_import import load_quantized  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "parallel":  # tensor parallelism: imports torch.distributed.tensor, so only when asked for
+        import importlib
+        return importlib.import_module(".parallel", __name__)
+    raise AttributeError(f"module 'turbokernels' has no attribute {name!r}")
+
 
 __all__ = ["BackendUnavailable", "backend", "set_backend", "backends", "__version__",
            "Int4Weight", "quantize_int4", "int4_linear", "w4a8_linear",

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import _PREVIOUS_ATTN, _as_linear, _swap
+from .model import _PREVIOUS_ATTN, _as_linear, _is_dtensor, _swap
 
 FORMAT = "turbokernels/1"
 WEIGHTS = "model.safetensors"
@@ -61,8 +61,28 @@ def save_pretrained(model: nn.Module, path) -> None:
         raise TypeError(f"{fn}(path): expected a folder path, got {type(path).__name__}")
     st = _safetensors(fn)
     modules = {name: d for name, m in model.named_modules() if name and (d := _describe(m)) is not None}
+    state = model.state_dict()
+    sharded = any(_is_dtensor(t) for t in state.values())
+    if sharded:
+        # tensor parallel: every rank gathers each shard (a collective, in the state dict's order, the same on every
+        # rank); rank 0 writes one unsharded checkpoint, the others wait for it
+        import torch.distributed as dist
+        from .parallel import full_tensor
+        state = {k: full_tensor(t) if _is_dtensor(t) else t for k, t in state.items()}
+        if dist.get_rank() != 0:
+            dist.barrier()
+            return
+    try:
+        _write(st, model, path, modules, state)
+    finally:
+        if sharded:
+            import torch.distributed as dist
+            dist.barrier()
+
+
+def _write(st, model: nn.Module, path, modules: dict, state: dict) -> None:
     tensors, tied, seen, storages = {}, {}, {}, set()
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         if not isinstance(t, torch.Tensor):  # the packed modules' _extra_state: modules[...] describes it
             continue
         ptr = t.untyped_storage().data_ptr()

@@ -339,9 +339,26 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
     bias = {name: None if linear.bias is None else linear.bias.detach() for name, linear in linears.items()}
     sym = ", symmetric" if symmetric else ""
 
+    # tensor-parallel linears (torch's ColwiseParallel / RowwiseParallel): each rank's shard is compressed and
+    # sharded the same way (parallel.from_local_shard_); quantizing a group-aligned shard gives the whole weight's
+    # groups exactly
+    sharded = {}
+    for name, linear in linears.items():
+        try:
+            style = _tp_style(linear)
+        except ValueError as exc:
+            raise ValueError(f"{fn}(model): layer '{name}': {exc}") from exc
+        if style is not None:
+            sharded[name] = style
+    if sharded and calibrated:
+        raise ValueError(f"{fn}(model): layer '{next(iter(sharded))}' is tensor-parallel: calibrated methods "
+                         f"(gptq, wanda, sparsegpt) run before sharding; optimize the unsharded model, then shard it")
+
     def make(name: str, stat) -> nn.Module:
         """The replacement of linear `name`, given its calibration statistic (None without calibration)."""
         linear = linears[name]
+        if name in sharded:
+            linear = _local_linear(linear)
         w = linear.weight.detach()
         try:
             if sparsegpt and int4 and quant_method == "gptq":
@@ -379,7 +396,17 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
                 what = f"Int4Linear (g{group_size}{sym})"
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{fn}(model): layer '{name}': {exc}") from exc
-        report[name] = what + (" from Conv1D" if modules[name] is not linear else "")
+        report[name] = what + (" from Conv1D" if modules[name] is not linear and name not in sharded else "")
+        if name in sharded:
+            from . import parallel
+            whole = linears[name]
+            try:
+                parallel.from_local_shard_(new, whole.weight.device_mesh, sharded[name], whole.in_features,
+                                           whole.out_features)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{fn}(model): layer '{name}': {exc}") from exc
+            _copy_hooks(modules[name], new)
+            report[name] += f", {sharded[name]} shard"
         return new.to(w.device)
 
     built: dict[int, nn.Module] = {}
@@ -422,6 +449,46 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
         report["<attention>"] = "kept: no transformers attention interface and no nn.MultiheadAttention"
     _swap(fn, model, lambda name, module: id(module) in built, lambda module: built[id(module)])
     return report
+
+
+def _tp_style(linear: nn.Linear) -> Optional[str]:
+    """'colwise' / 'rowwise' for a linear sharded by torch's tensor-parallel styles, None for a plain one."""
+    if not _is_dtensor(linear.weight):
+        return None
+    if "forward" in linear.__dict__:  # transformers' own loader (from_pretrained(tp_plan=...)) replaces forward
+        raise ValueError("sharded by transformers' tensor-parallel loader, whose forward turbokernels cannot carry "
+                         "over; optimize the unsharded model, or shard it with torch's parallelize_module")
+    from . import parallel
+    return parallel.style_of(linear.weight)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local_linear(linear: nn.Linear) -> nn.Linear:
+    """This rank's shard of a tensor-parallel nn.Linear as a plain one (no copy)."""
+    w = linear.weight.detach().to_local()
+    local = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device="meta")
+    local.weight = nn.Parameter(w, requires_grad=False)
+    if linear.bias is not None:
+        local.bias = nn.Parameter(linear.bias.detach().to_local(), requires_grad=False)
+    return local
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called")
+
+
+def _copy_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The forward hooks a parallel style installed (they take the module as an argument: any module serves)."""
+    for attr in _HOOKS:
+        if hasattr(old, attr):
+            getattr(new, attr).update(getattr(old, attr))
 
 
 def _dense_linear(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:

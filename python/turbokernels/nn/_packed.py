@@ -56,6 +56,7 @@ class PackedWeightModule(nn.Module):
     PACKED: tuple[str, ...] = ()  # names of the buffers that hold the packed weight
     _plan = None  # the current plan (instance attribute once built); see the module docstring
     _plan_watch: tuple = ()  # ((buffer name, tensor, version), ...) the plan was built from
+    _tp = None  # tensor parallel: the layer's parallel.Sharding when its buffers are DTensor shards
 
     def _make_plan(self):
         """A LinearPlan of the current packed buffers, validated (TypeError/ValueError naming the argument)."""
@@ -76,6 +77,8 @@ class PackedWeightModule(nn.Module):
     _bias_follows_x = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tp is not None:  # sharded (turbokernels.parallel): this rank's shard, DTensor in and out
+            return self._tp.forward(self, x)
         bias = self._parameters.get("bias", self.__dict__.get("bias"))  # not nn.Module.__getattr__: ~2 us a call
         if bias is not None and self._bias_follows_x:
             xdt = getattr(x, "dtype", None)
@@ -127,6 +130,10 @@ class PackedWeightModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         where = f"{type(self).__name__} ({prefix or 'root'})"
+        if self._tp is not None:
+            error_msgs.append(f"{where}: load_state_dict into a tensor-parallel layer is not supported: load the "
+                              f"unsharded model, then shard it (turbokernels.parallel)")
+            return
         extra_key = prefix + "_extra_state"
         packed = {n: state_dict[prefix + n] for n in self.PACKED if prefix + n in state_dict}
         if packed and len(packed) != len(self.PACKED):  # never mix new and old parts of one weight

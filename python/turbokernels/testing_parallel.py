@@ -1,0 +1,228 @@
+"""Multi-process checks of turbokernels.parallel: `run_ranks` starts one process per rank on this machine (gloo on
+the loopback interface, or NCCL on GPUs), bounded in time and always cleaned up; the scenarios below run in every
+rank and write what they saw to a folder for the caller (tests/test_parallel.py) to compare.
+
+A scenario builds the same tiny Llama in every rank (the same seed), so each rank also has the whole model to
+compare against: `single` is the unsharded model's output in the same process, `sharded` the tensor-parallel one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, LAYERS = 128, 4, 2, 256, 256, 2
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, backend: str, folder: str, scenario: str, kwargs: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                      RANK=str(rank), WORLD_SIZE=str(world))
+    import torch.distributed as dist
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        result = SCENARIOS[scenario](rank, world, **kwargs)
+        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(folder, f"rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(scenario: str, folder: str, world: int = 2, backend: str = "gloo", timeout: float = 240.0,
+              **kwargs) -> list:
+    """Run SCENARIOS[scenario](rank, world, **kwargs) in `world` spawned processes; returns each rank's result.
+    A rank's exception is raised here with its traceback; past `timeout` seconds every rank is killed."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+    os.makedirs(folder, exist_ok=True)
+    ctx = mp.start_processes(_entry, args=(world, free_port(), backend, folder, scenario, kwargs), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run_ranks({scenario!r}): not done after {timeout:.0f} s")
+    except ProcessException as exc:
+        errors = [open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder)) if f.endswith(".error")]
+        raise RuntimeError(f"run_ranks({scenario!r}) failed:\n" + "\n".join(errors or [str(exc)])) from None
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    return [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+# ---- the model ------------------------------------------------------------------------------------------------------
+def tiny_llama(dtype=torch.float32, seed: int = 0):
+    import transformers
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                                   tie_word_embeddings=False, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval().to(dtype)
+    with torch.no_grad():  # make the layers' outputs matter: default init gives near-uniform logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+def optimized_llama(kind: str, dtype=torch.float32, seed: int = 0, group_size: int = 32):
+    """kind: 'int4', 'sparse24' or 'int4+sparse24' (with turbokernels attention in every case)."""
+    import turbokernels as tk
+    model = tiny_llama(dtype, seed)
+    tk.optimize(model, int4="int4" in kind, sparse24="sparse24" in kind, group_size=group_size, progress=False)
+    return model
+
+
+def prompt(seed: int = 1, batch: int = 2, length: int = 11) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def _mesh(world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cuda" if torch.cuda.is_available() and os.environ.get("TK_TP_CUDA") else "cpu",
+                            (world,))
+
+
+def _device(model):
+    if torch.cuda.is_available() and os.environ.get("TK_TP_CUDA"):
+        torch.cuda.set_device(int(os.environ["RANK"]) % torch.cuda.device_count())
+        return model.to("cuda"), "cuda"
+    return model, "cpu"
+
+
+def _run(model, ids, new_tokens: int):
+    with torch.no_grad():
+        logits = model(ids).logits.float().cpu()
+        tokens = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                                pad_token_id=0).cpu()
+    return logits, tokens
+
+
+# ---- scenarios (each returns a dict of plain tensors and strings) --------------------------------------------------
+def scenario_logits(rank: int, world: int, kind: str = "int4+sparse24", dtype: str = "float32",
+                    new_tokens: int = 6) -> dict:
+    """The tiny Llama optimized, then sharded with transformers' own plan: the unsharded model's logits and greedy
+    tokens, the sharded model's, and a float64 model of the same quantized weights (restore() of a copy)."""
+    import copy
+    from torch.distributed.tensor.parallel import parallelize_module
+    import turbokernels as tk
+    dt = getattr(torch, dtype)
+    model, device = _device(optimized_llama(kind, dt))
+    ids = prompt().to(device)
+    exact = copy.deepcopy(model).cpu()
+    tk.restore(exact)
+    with torch.no_grad():
+        ref64 = exact.double()(ids.cpu()).logits
+    single = _run(model, ids, new_tokens)
+    parallelize_module(model, _mesh(world), tk.parallel.tp_plan(model))
+    sharded = _run(model, ids, new_tokens)
+    kinds = sorted({type(m).__name__ for m in model.modules() if tk.parallel.is_sharded(m)})
+    return dict(single_logits=single[0], single_tokens=single[1], sharded_logits=sharded[0],
+                sharded_tokens=sharded[1], ref64=ref64, sharded_kinds=kinds,
+                attention=model.config._attn_implementation)
+
+
+def _local_state(model) -> dict:
+    from torch.distributed.tensor import DTensor
+    return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def scenario_orders(rank: int, world: int, kind: str = "int4+sparse24") -> dict:
+    """Optimize-then-shard and shard-then-optimize of the same model: every rank's local tensors, and logits."""
+    from torch.distributed.tensor.parallel import parallelize_module
+    import turbokernels as tk
+    mesh = _mesh(world)
+    first = optimized_llama(kind)
+    parallelize_module(first, mesh, tk.parallel.tp_plan(first))
+    second = tiny_llama()
+    parallelize_module(second, mesh, tk.parallel.tp_plan(second))  # torch's styles on the nn.Linear layers
+    report = tk.optimize(second, int4="int4" in kind, sparse24="sparse24" in kind, group_size=32, progress=False)
+    ids = prompt()
+    with torch.no_grad():
+        a, b = first(ids).logits, second(ids).logits
+    return dict(first=_local_state(first), second=_local_state(second), logits_first=a, logits_second=b,
+                report=report)
+
+
+def scenario_save(rank: int, world: int, target: str, kind: str = "int4+sparse24") -> dict:
+    """A sharded model written by save_pretrained (every rank calls it; rank 0 writes one unsharded checkpoint)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+    import turbokernels as tk
+    model = optimized_llama(kind)
+    parallelize_module(model, _mesh(world), tk.parallel.tp_plan(model))
+    tk.save_pretrained(model, target)
+    with torch.no_grad():
+        logits = model(prompt()).logits
+    return dict(logits=logits)
+
+
+def scenario_refusals(rank: int, world: int) -> dict:
+    """Splits the formats cannot make: each must raise an error naming the rule, and leave the layer as it was."""
+    from torch import nn
+    import turbokernels as tk
+    mesh = _mesh(world)
+    torch.manual_seed(0)
+    out = {}
+
+    def attempt(label, layer, style):
+        before = {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+        try:
+            tk.parallel.shard_(layer, mesh, style)
+            out[label] = "no error"
+        except (ValueError, TypeError) as exc:
+            out[label] = f"{type(exc).__name__}: {exc}"
+        after = layer.state_dict()
+        out[label + " unchanged"] = not tk.parallel.is_sharded(layer) and all(torch.equal(v, after[k]) for k, v in before.items())
+
+    attempt("int4 rowwise group", tk.nn.Int4Linear.from_linear(nn.Linear(192, 64), group_size=64), "rowwise")
+    attempt("int4 colwise odd N", tk.nn.Int4Linear.from_linear(nn.Linear(64, 33), group_size=32), "colwise")
+    attempt("int4 rowwise words", tk.nn.Int4Linear.from_linear(nn.Linear(36, 16), group_size=-1), "rowwise")
+    attempt("sparse24 rowwise meta", tk.nn.Sparse24Linear.from_linear(nn.Linear(40, 16)), "rowwise")
+    attempt("sparse24int4 rowwise group", tk.nn.Sparse24Int4Linear.from_linear(nn.Linear(192, 16), group_size=64),
+            "rowwise")
+    act = tk.nn.Int4Linear.from_linear(nn.Linear(64, 16), group_size=32)
+    act.perm = torch.randperm(64, generator=torch.Generator().manual_seed(3))  # crosses the ranks' slices
+    attempt("int4 rowwise act-order", act, "rowwise")
+    attempt("bad style", tk.nn.Int4Linear.from_linear(nn.Linear(64, 16), group_size=32), "diagonal")
+    attempt("not packed", nn.Linear(64, 16), "colwise")
+    # act-order whose rows stay in their rank's slice is split, and computes what the unsharded layer does
+    local = tk.nn.Int4Linear.from_linear(nn.Linear(64, 16), group_size=32)
+    k = 64 // world
+    local.perm = torch.cat([r * k + torch.randperm(k, generator=torch.Generator().manual_seed(r))
+                            for r in range(world)])
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = local(x)
+        tk.parallel.shard_(local, mesh, "rowwise")
+        got = local(x.chunk(world, dim=-1)[rank]).full_tensor()
+    out["act-order local"] = (want, got)
+    # one group over the whole input (per-channel): the ranks share its scales; W4A8Linear is an Int4Linear
+    for label, layer in (("per-channel", tk.nn.Int4Linear.from_linear(nn.Linear(64, 16), group_size=-1)),
+                         ("w4a8", tk.nn.W4A8Linear.from_linear(nn.Linear(64, 16), group_size=32))):
+        with torch.no_grad():
+            want = layer(x)
+            tk.parallel.shard_(layer, mesh, "rowwise")
+            out[label] = (want, layer(x.chunk(world, dim=-1)[rank]).full_tensor())
+    return out
+
+
+SCENARIOS: dict[str, Callable] = {"logits": scenario_logits, "orders": scenario_orders, "save": scenario_save,
+                                  "refusals": scenario_refusals}

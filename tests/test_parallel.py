@@ -1,0 +1,136 @@
+"""Tensor parallelism (turbokernels.parallel): 2 processes on this machine, gloo over the loopback interface.
+
+Every scenario runs in both ranks (turbokernels/testing_parallel.py) with the same tiny Llama, so each rank holds
+the unsharded model's answer as well. The rule for the logits (FlashAttention's): the sharded model's error against
+a float64 model of the same quantized/pruned weights is within twice the unsharded model's own error (plus a few
+units of the dtype's roundoff at the logits' scale, for when that error is tiny); fp32 gives the same greedy
+tokens. Splitting a row-parallel layer only changes the order of the sum (two partial products, one all-reduce).
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from turbokernels import testing_parallel as tp
+from turbokernels.testing import unit_roundoff
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+_CACHE = {}
+
+
+def ranks(tmp_path_factory, scenario, **kwargs):
+    key = (scenario, tuple(sorted(kwargs.items())))
+    if key not in _CACHE:
+        folder = str(tmp_path_factory.mktemp(f"tp_{scenario}"))
+        _CACHE[key] = tp.run_ranks(scenario, folder, **kwargs)
+    return _CACHE[key]
+
+
+def _check_logits(r, dtype):
+    ref = r["ref64"]
+    err_single = (r["single_logits"].double() - ref).abs().max().item()
+    err_sharded = (r["sharded_logits"].double() - ref).abs().max().item()
+    floor = 8 * unit_roundoff(dtype) * ref.abs().max().item()
+    assert err_sharded <= 2 * err_single + floor, (err_sharded, err_single, floor)
+    # and it was computed differently: a test that compared the unsharded model with itself would pass above
+    assert not torch.equal(r["single_logits"], r["sharded_logits"])
+
+
+@pytest.mark.parametrize("kind, expected", [("int4", "Int4Linear"), ("sparse24", "Sparse24Linear"),
+                                            ("int4+sparse24", "Sparse24Int4Linear")])
+def test_tp2_matches_one_process_fp32(tmp_path_factory, kind, expected):
+    results = ranks(tmp_path_factory, "logits", kind=kind)
+    for r in results:
+        assert r["sharded_kinds"] == [expected]
+        assert r["attention"] == "turbokernels"
+        _check_logits(r, torch.float32)
+        assert torch.equal(r["single_tokens"], r["sharded_tokens"])
+        assert r["single_tokens"].shape[1] == tp.prompt().shape[1] + 6
+    # the row-parallel output is replicated: both ranks hold the same logits
+    assert torch.equal(results[0]["sharded_logits"], results[1]["sharded_logits"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tp2_matches_one_process_16bit(tmp_path_factory, dtype):
+    for r in ranks(tmp_path_factory, "logits", kind="int4+sparse24", dtype=dtype):
+        _check_logits(r, getattr(torch, dtype))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4+sparse24"])
+def test_shard_then_optimize_equals_optimize_then_shard(tmp_path_factory, kind):
+    """Quantizing (and pruning) each rank's shard gives exactly the shard of the whole weight's quantization: the
+    splits are group-aligned, and 2:4 groups of 4 inputs never straddle a split."""
+    for r in ranks(tmp_path_factory, "orders", kind=kind):
+        first, second = r["first"], r["second"]
+        assert first.keys() == second.keys()
+        packed = [k for k in first if k.endswith((".qweight", ".meta", ".values"))]
+        assert len(packed) == 7 * tp.LAYERS * (2 if "sparse24" in kind and "int4" in kind else 1)
+        for k in first:
+            assert first[k].dtype == second[k].dtype and torch.equal(first[k], second[k]), k
+        assert torch.equal(r["logits_first"], r["logits_second"])
+        assert sum(v.endswith("colwise shard") for v in r["report"].values()) == 5 * tp.LAYERS
+        assert sum(v.endswith("rowwise shard") for v in r["report"].values()) == 2 * tp.LAYERS
+
+
+def test_save_pretrained_of_a_sharded_model_writes_the_whole_model(tmp_path_factory):
+    import turbokernels as tk
+    target = str(tmp_path_factory.mktemp("tp_checkpoint"))
+    results = ranks(tmp_path_factory, "save", target=target)
+    whole = tp.optimized_llama("int4+sparse24")
+    loaded = tk.from_pretrained(target)
+    sw, sl = whole.state_dict(), loaded.state_dict()
+    assert sw.keys() == sl.keys()
+    for k, v in sw.items():
+        if isinstance(v, torch.Tensor):
+            assert v.dtype == sl[k].dtype and torch.equal(v, sl[k]), k
+    with torch.no_grad():
+        logits = loaded(tp.prompt()).logits
+    _, rank1 = results
+    # the sharded model computed what the reloaded unsharded one does, up to the order of the row-parallel sums
+    ref = whole(tp.prompt()).logits.double()
+    assert torch.equal(logits, whole(tp.prompt()).logits)
+    for r in results:
+        assert (r["logits"].double() - ref).abs().max() <= 64 * unit_roundoff(torch.float32) * ref.abs().max()
+
+
+def test_refusals_name_the_rule_and_change_nothing(tmp_path_factory):
+    for r in ranks(tmp_path_factory, "refusals"):
+        expect = {
+            "int4 rowwise group": "must be a multiple of 64 (group_size=64",
+            "int4 colwise odd N": "out_features=33 over 2 ranks",
+            "int4 rowwise words": "must be a multiple of 8 (an int4 word",
+            "sparse24 rowwise meta": "must be a multiple of 16 (an int16 of 2:4 metadata",
+            "sparse24int4 rowwise group": "must be a multiple of 64 (group_size=64",
+            "int4 rowwise act-order": "act-order (perm): rank 0's rows read input features outside its slice",
+            "bad style": "style must be 'colwise' or 'rowwise'",
+            "not packed": "TypeError: colwise sharding of Linear: expected a turbokernels packed layer",
+        }
+        for label, text in expect.items():
+            assert text in r[label], (label, r[label])
+            assert r[label + " unchanged"] is True, label
+        for label in ("act-order local", "per-channel", "w4a8"):
+            want, got = r[label]
+            assert (got - want).abs().max() <= 16 * unit_roundoff(torch.float32) * want.abs().max(), label
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tp1_nccl_on_one_gpu(tmp_path_factory):
+    """One GPU: the NCCL path at TP=1 only (the mesh, the DTensor layers, the hooks; no split)."""
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL is not available")
+    os.environ["TK_TP_CUDA"] = "1"
+    try:
+        results = tp.run_ranks("logits", str(tmp_path_factory.mktemp("tp_nccl")), world=1, backend="nccl",
+                               kind="int4+sparse24", dtype="float16")
+    finally:
+        del os.environ["TK_TP_CUDA"]
+    r = results[0]
+    assert r["sharded_kinds"] == ["Sparse24Int4Linear"]
+    ref = r["ref64"]
+    err_single = (r["single_logits"].double() - ref).abs().max().item()
+    err_sharded = (r["sharded_logits"].double() - ref).abs().max().item()
+    assert err_sharded <= 2 * err_single + 8 * unit_roundoff(torch.float16) * ref.abs().max().item()
