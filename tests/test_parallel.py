@@ -48,6 +48,9 @@ def test_tp2_matches_one_process_fp32(tmp_path_factory, kind, expected):
         assert r["attention"] == "turbokernels"
         _check_logits(r, torch.float32)
         assert torch.equal(r["single_tokens"], r["sharded_tokens"])
+        # generate over turbokernels' KV cache: each rank caches and decodes its own KV heads
+        assert torch.equal(r["cache_tokens"], r["single_tokens"])
+        assert r["cache_keys_shape"][2] == tp.KV_HEADS // 2
         assert r["single_tokens"].shape[1] == tp.prompt().shape[1] + 6
     # the row-parallel output is replicated: both ranks hold the same logits
     assert torch.equal(results[0]["sharded_logits"], results[1]["sharded_logits"])
@@ -73,6 +76,11 @@ def test_shard_then_optimize_equals_optimize_then_shard(tmp_path_factory, kind):
         assert torch.equal(r["logits_first"], r["logits_second"])
         assert sum(v.endswith("colwise shard") for v in r["report"].values()) == 5 * tp.LAYERS
         assert sum(v.endswith("rowwise shard") for v in r["report"].values()) == 2 * tp.LAYERS
+        # restore() of the sharded model: plain nn.Linear shards, the same function as the unsharded restore
+        assert sum(v.startswith("nn.Linear") and v.endswith("shard)") for v in r["restore_report"].values()) == \
+            7 * tp.LAYERS
+        ref = r["restored_whole"].double()
+        assert (r["restored"].double() - ref).abs().max() <= 64 * unit_roundoff(torch.float32) * ref.abs().max()
 
 
 def test_save_pretrained_of_a_sharded_model_writes_the_whole_model(tmp_path_factory):

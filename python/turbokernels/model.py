@@ -515,6 +515,12 @@ def restore(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if not name:  # the model itself: _swap replaces children only
             continue
+        if getattr(module, "_tp", None) is not None:  # tensor-parallel: this rank's shard, as torch shards a linear
+            from . import parallel
+            built[id(module)] = parallel.dense_linear(module)
+            _copy_hooks(module, built[id(module)])
+            report[name] = f"nn.Linear (from {type(module).__name__}, {module._tp.style} shard)"
+            continue
         if isinstance(module, (Int4Linear, Sparse24Int4Linear)):
             dtype = module.bias.dtype if module.bias is not None else module.scales.dtype
             dense = module.dequantize(dtype)

@@ -309,6 +309,25 @@ def from_local_shard_(module: PackedWeightModule, mesh, style: str, in_features:
     return module
 
 
+def dense_linear(module: PackedWeightModule) -> nn.Linear:
+    """restore() of a sharded layer: an nn.Linear holding this rank's shard of the dequantized (or pruned) weight
+    as torch's own styles shard one (column-parallel: weight and bias Shard(0); row-parallel: weight Shard(1), bias
+    replicated), so the same hooks drive it."""
+    sharding = module._tp
+    local = sharding.local(module)
+    if isinstance(local, Sparse24Linear):
+        dense = local.to_dense()
+    else:
+        dense = local.dequantize(module.bias.dtype if module.bias is not None else local.scales.dtype)
+    shape = (module.out_features, module.in_features)
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(_dtensor(dense, sharding.mesh, 0 if sharding.style == COLWISE else 1, shape),
+                                 requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return linear
+
+
 class ColwiseParallel(_TorchColwise):
     """torch's ColwiseParallel (same arguments and layouts), which also shards turbokernels' packed layers."""
 

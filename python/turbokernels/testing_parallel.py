@@ -133,9 +133,14 @@ def scenario_logits(rank: int, world: int, kind: str = "int4+sparse24", dtype: s
     single = _run(model, ids, new_tokens)
     parallelize_module(model, _mesh(world), tk.parallel.tp_plan(model))
     sharded = _run(model, ids, new_tokens)
+    from .integrations.transformers_cache import KVCache  # the decode kernel over each rank's own KV heads
+    cache = KVCache(model.config, batch_size=ids.shape[0], max_cache_len=ids.shape[1] + new_tokens)
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                                pad_token_id=0, cache=cache).cpu()
     kinds = sorted({type(m).__name__ for m in model.modules() if tk.parallel.is_sharded(m)})
     return dict(single_logits=single[0], single_tokens=single[1], sharded_logits=sharded[0],
-                sharded_tokens=sharded[1], ref64=ref64, sharded_kinds=kinds,
+                sharded_tokens=sharded[1], cache_tokens=cached, cache_keys_shape=tuple(cache.layers[0].keys.shape), ref64=ref64, sharded_kinds=kinds,
                 attention=model.config._attn_implementation)
 
 
@@ -158,8 +163,16 @@ def scenario_orders(rank: int, world: int, kind: str = "int4+sparse24") -> dict:
     ids = prompt()
     with torch.no_grad():
         a, b = first(ids).logits, second(ids).logits
-    return dict(first=_local_state(first), second=_local_state(second), logits_first=a, logits_second=b,
-                report=report)
+    state = dict(first=_local_state(first), second=_local_state(second), logits_first=a, logits_second=b,
+                 report=report)
+    # the way back, sharded: nn.Linear layers holding each rank's shard of the dequantized weights, driven by the
+    # same hooks; against the unsharded model's restore()
+    back = tk.restore(first)
+    whole = optimized_llama(kind)
+    tk.restore(whole)
+    with torch.no_grad():
+        state.update(restored=first(ids).logits, restored_whole=whole(ids).logits, restore_report=back)
+    return state
 
 
 def scenario_save(rank: int, world: int, target: str, kind: str = "int4+sparse24") -> dict:
