@@ -119,7 +119,10 @@ def test_refusals_name_the_rule_and_change_nothing(tmp_path_factory):
         for label, text in expect.items():
             assert text in r[label], (label, r[label])
             assert r[label + " unchanged"] is True, label
-        for label in ("act-order local", "per-channel", "w4a8"):
+        checked = ["act-order local", "per-channel", "w4a8"] + [f"{style} bias {cls}" for style in
+                                                                  ("colwise", "rowwise") for cls in
+                                                                  ("Int4Linear", "Sparse24Linear", "Sparse24Int4Linear")]
+        for label in checked:
             want, got = r[label]
             assert (got - want).abs().max() <= 16 * unit_roundoff(torch.float32) * want.abs().max(), label
 

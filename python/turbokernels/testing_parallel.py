@@ -234,6 +234,15 @@ def scenario_refusals(rank: int, world: int) -> dict:
             want = layer(x)
             tk.parallel.shard_(layer, mesh, "rowwise")
             out[label] = (want, layer(x.chunk(world, dim=-1)[rank]).full_tensor())
+    # with a bias (the tiny Llama has none): split with the outputs column-parallel, added once row-parallel
+    for style in ("colwise", "rowwise"):
+        for cls in (tk.nn.Int4Linear, tk.nn.Sparse24Linear, tk.nn.Sparse24Int4Linear):
+            layer = cls.from_linear(nn.Linear(64, 32))
+            with torch.no_grad():
+                want = layer(x)
+                tk.parallel.shard_(layer, mesh, style)
+                got = layer(x if style == "colwise" else x.chunk(world, dim=-1)[rank]).full_tensor()
+            out[f"{style} bias {cls.__name__}"] = (want, got)
     return out
 
 
