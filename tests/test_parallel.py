@@ -6,8 +6,6 @@ a float64 model of the same quantized/pruned weights is within twice the unshard
 units of the dtype's roundoff at the logits' scale, for when that error is tiny); fp32 gives the same greedy
 tokens. Splitting a row-parallel layer only changes the order of the sum (two partial products, one all-reduce).
 """
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -44,7 +42,7 @@ def _check_logits(r, dtype):
 def test_tp2_matches_one_process_fp32(tmp_path_factory, kind, expected):
     results = ranks(tmp_path_factory, "logits", kind=kind)
     for r in results:
-        assert r["sharded_kinds"] == [expected]
+        assert r["sharded_kinds"] == [expected, "lm_head (Shard(dim=0),)"]
         assert r["attention"] == "turbokernels"
         _check_logits(r, torch.float32)
         assert torch.equal(r["single_tokens"], r["sharded_tokens"])
@@ -54,6 +52,13 @@ def test_tp2_matches_one_process_fp32(tmp_path_factory, kind, expected):
         assert r["single_tokens"].shape[1] == tp.prompt().shape[1] + 6
     # the row-parallel output is replicated: both ranks hold the same logits
     assert torch.equal(results[0]["sharded_logits"], results[1]["sharded_logits"])
+
+
+def test_tp2_transformers_whole_plan_with_vocab_parallel_embedding(tmp_path_factory):
+    for r in ranks(tmp_path_factory, "logits", kind="int4", whole_plan=True):
+        assert r["sharded_kinds"] == ["Int4Linear", "lm_head (Shard(dim=0),)", "model.embed_tokens (Shard(dim=0),)"]
+        _check_logits(r, torch.float32)
+        assert torch.equal(r["single_tokens"], r["sharded_tokens"])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -127,21 +132,55 @@ def test_refusals_name_the_rule_and_change_nothing(tmp_path_factory):
             assert (got - want).abs().max() <= 16 * unit_roundoff(torch.float32) * want.abs().max(), label
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_tp1_nccl_on_one_gpu(tmp_path_factory):
-    """One GPU: the NCCL path at TP=1 only (the mesh, the DTensor layers, the hooks; no split)."""
-    if not dist.is_nccl_available():
-        pytest.skip("NCCL is not available")
-    os.environ["TK_TP_CUDA"] = "1"
-    try:
-        results = tp.run_ranks("logits", str(tmp_path_factory.mktemp("tp_nccl")), world=1, backend="nccl",
-                               kind="int4+sparse24", dtype="float16")
-    finally:
-        del os.environ["TK_TP_CUDA"]
+def _tp1(folder, backend, dtype):
+    results = tp.run_ranks("logits", folder, world=1, backend=backend, kind="int4+sparse24", dtype=dtype)
     r = results[0]
-    assert r["sharded_kinds"] == ["Sparse24Int4Linear"]
+    assert r["sharded_kinds"] == ["Sparse24Int4Linear", "lm_head (Shard(dim=0),)"]
     ref = r["ref64"]
     err_single = (r["single_logits"].double() - ref).abs().max().item()
     err_sharded = (r["sharded_logits"].double() - ref).abs().max().item()
-    assert err_sharded <= 2 * err_single + 8 * unit_roundoff(torch.float16) * ref.abs().max().item()
+    assert err_sharded <= 2 * err_single + 8 * unit_roundoff(getattr(torch, dtype)) * ref.abs().max().item()
+    assert torch.equal(r["single_tokens"], r["sharded_tokens"])
+
+
+def test_tp1_gloo(tmp_path_factory):
+    """A mesh of one rank: the DTensor layers and the hooks, nothing split (the one-GPU case's path, on CPU)."""
+    _tp1(str(tmp_path_factory.mktemp("tp1")), "gloo", "float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tp1_nccl_on_one_gpu(tmp_path_factory, monkeypatch):
+    """One GPU: the NCCL path at TP=1 only (the mesh, the DTensor layers, the hooks; no split)."""
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL is not available")
+    monkeypatch.setenv("TK_TP_CUDA", "1")
+    _tp1(str(tmp_path_factory.mktemp("tp_nccl")), "nccl", "float16")
+
+
+def test_tp_plan_from_transformers_config_and_its_errors():
+    """No process group needed: the plan is names and styles."""
+    import transformers
+    from torch import nn
+    import turbokernels as tk
+    from turbokernels.parallel import ColwiseParallel, RowwiseParallel
+    model = tp.tiny_llama()
+    plan = tk.parallel.tp_plan(model)
+    assert set(plan) == {f"model.{k}" for k in transformers.LlamaConfig().base_model_tp_plan}
+    assert type(plan["model.layers.*.self_attn.q_proj"]) is ColwiseParallel
+    assert type(plan["model.layers.*.mlp.down_proj"]) is RowwiseParallel
+    assert set(tk.parallel.tp_plan(model, include_lm_head=True)) == set(plan) | {"lm_head"}
+    assert set(tk.parallel.tp_plan(model, plan=model.tp_plan)) == set(model.tp_plan)  # transformers' whole plan
+    assert set(tk.parallel.tp_plan(model.model)) == set(transformers.LlamaConfig().base_model_tp_plan)
+    seq = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    assert type(tk.parallel.tp_plan(seq, plan={"0": "colwise", "1": "rowwise"})["1"]) is RowwiseParallel
+    with pytest.raises(ValueError, match=r"no config.base_model_tp_plan .* pass plan="):
+        tk.parallel.tp_plan(seq)
+    with pytest.raises(ValueError, match=r"entry '0': style 'sequence' is not one of"):
+        tk.parallel.tp_plan(seq, plan={"0": "sequence"})
+    with pytest.raises(ValueError, match=r"no module of the model matches any of \['fc'\]"):
+        tk.parallel.tp_plan(seq, plan={"fc": "colwise"})
+    with pytest.raises(TypeError, match=r"tp_plan\(model\): expected an nn.Module"):
+        tk.parallel.tp_plan("model")
+    with pytest.raises(TypeError, match=r"tp_plan\(plan\): expected a dict"):
+        tk.parallel.tp_plan(seq, plan=[("0", "colwise")])

@@ -361,6 +361,7 @@ _HF_STYLES = {
     "rowwise": lambda: RowwiseParallel(),
     "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
     "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
+    "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate()),  # vocab-parallel nn.Embedding
 }
 
 
@@ -382,8 +383,8 @@ def tp_plan(model: nn.Module, plan: Optional[dict] = None, *, include_lm_head: b
         names = {n for n, _ in model.named_children()}
         lead = f"{prefix}." if prefix and prefix in names else ""
         plan = {lead + k: v for k, v in base.items()}
-        if include_lm_head:
-            plan.update(getattr(model, "_tp_plan", None) or {})
+        if include_lm_head:  # the class's own plan (an instance's _tp_plan is the whole model's, filled at init)
+            plan.update(getattr(type(model), "_tp_plan", None) or {})
     if not isinstance(plan, dict):
         raise TypeError(f"{fn}(plan): expected a dict {{pattern: style}}, got {type(plan).__name__}")
     out = {}

@@ -117,7 +117,7 @@ def _run(model, ids, new_tokens: int):
 
 # ---- scenarios (each returns a dict of plain tensors and strings) --------------------------------------------------
 def scenario_logits(rank: int, world: int, kind: str = "int4+sparse24", dtype: str = "float32",
-                    new_tokens: int = 6) -> dict:
+                    new_tokens: int = 6, whole_plan: bool = False) -> dict:
     """The tiny Llama optimized, then sharded with transformers' own plan: the unsharded model's logits and greedy
     tokens, the sharded model's, and a float64 model of the same quantized weights (restore() of a copy)."""
     import copy
@@ -131,7 +131,11 @@ def scenario_logits(rank: int, world: int, kind: str = "int4+sparse24", dtype: s
     with torch.no_grad():
         ref64 = exact.double()(ids.cpu()).logits
     single = _run(model, ids, new_tokens)
-    parallelize_module(model, _mesh(world), tk.parallel.tp_plan(model))
+    # the LM head too: column-parallel with its output gathered (torch's own style for the dense nn.Linear)
+    # whole_plan: transformers' plan for the whole model (model.tp_plan), the embedding vocab-parallel too
+    plan = tk.parallel.tp_plan(model, plan=model.tp_plan) if whole_plan else \
+        tk.parallel.tp_plan(model, include_lm_head=True)
+    parallelize_module(model, _mesh(world), plan)
     sharded = _run(model, ids, new_tokens)
     from .integrations.transformers_cache import KVCache  # the decode kernel over each rank's own KV heads
     cache = KVCache(model.config, batch_size=ids.shape[0], max_cache_len=ids.shape[1] + new_tokens)
@@ -139,6 +143,11 @@ def scenario_logits(rank: int, world: int, kind: str = "int4+sparse24", dtype: s
         cached = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
                                 pad_token_id=0, cache=cache).cpu()
     kinds = sorted({type(m).__name__ for m in model.modules() if tk.parallel.is_sharded(m)})
+    from torch.distributed.tensor import DTensor
+    for name in ("lm_head", "model.embed_tokens"):
+        weight = model.get_submodule(name).weight
+        if isinstance(weight, DTensor):
+            kinds.append(f"{name} {weight.placements}")
     return dict(single_logits=single[0], single_tokens=single[1], sharded_logits=sharded[0],
                 sharded_tokens=sharded[1], cache_tokens=cached, cache_keys_shape=tuple(cache.layers[0].keys.shape), ref64=ref64, sharded_kinds=kinds,
                 attention=model.config._attn_implementation)
