@@ -28,6 +28,8 @@ def _entry(rank: int, world: int, port: int, backend: str, folder: str, scenario
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
                       RANK=str(rank), WORLD_SIZE=str(world))
     import torch.distributed as dist
+    if backend == "gloo":  # the ranks share this machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         dist.init_process_group(backend, rank=rank, world_size=world)
         result = SCENARIOS[scenario](rank, world, **kwargs)
