@@ -120,6 +120,11 @@ def test_refusals_name_the_rule_and_change_nothing(tmp_path_factory):
             "int4 rowwise act-order": "act-order (perm): rank 0's rows read input features outside its slice",
             "bad style": "style must be 'colwise' or 'rowwise'",
             "not packed": "TypeError: colwise sharding of Linear: expected a turbokernels packed layer",
+            "optimize gptq": "layer 'model.layers.0.self_attn.q_proj' is tensor-parallel: calibrated methods",
+            "optimize per-channel rowwise": "layer 'model.layers.0.self_attn.o_proj': rowwise sharding of "
+                                            "Int4Linear: this rank's shard has one group over its 64 inputs",
+            "optimize hf loader": "layer 'model.layers.0.mlp.down_proj': sharded by transformers' tensor-parallel "
+                                  "loader",
         }
         for label, text in expect.items():
             assert text in r[label], (label, r[label])

@@ -34,15 +34,15 @@ training (the layers are inference-only).
 from __future__ import annotations
 
 import fnmatch
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel as _TorchColwise
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
-from torch.distributed.tensor import distribute_module
 
 from .nn import Int4Linear, Sparse24Int4Linear, Sparse24Linear
 from .nn._packed import PackedWeightModule
@@ -276,8 +276,8 @@ def from_local_shard_(module: PackedWeightModule, mesh, style: str, in_features:
     split = dict(rules[style])
     _check_shardable(where, module, style, world, in_features, out_features)
     if style == ROWWISE and _one_group(module):
-        raise ValueError(f"{where}: a row-parallel shard quantized with one group over its whole input "
-                         f"(group_size=-1) has its own scales, which differ from the whole weight's; quantize "
+        raise ValueError(f"{where}: this rank's shard has one group over its {module.in_features} inputs "
+                         f"(group_size={module.group_size}), whose scales differ from the whole weight's; quantize "
                          f"before sharding, or use a group size that divides each rank's {module.in_features} inputs")
     if style == ROWWISE and isinstance(module, Int4Linear) and module.perm.numel():
         raise ValueError(f"{where}: act-order on a row-parallel shard is not supported; quantize before sharding")
@@ -335,7 +335,6 @@ class ColwiseParallel(_TorchColwise):
         if _splits(module) is None:
             return super()._apply(module, device_mesh)
         shard_(module, device_mesh, COLWISE, self.src_data_rank)
-        from functools import partial
         return distribute_module(module, device_mesh, None,
                                  partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
                                  partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
@@ -349,7 +348,6 @@ class RowwiseParallel(_TorchRowwise):
             return super()._apply(module, device_mesh)
         shard_(module, device_mesh, ROWWISE, self.src_data_rank)
         self.desired_input_layouts = (Shard(-1),)
-        from functools import partial
         return distribute_module(module, device_mesh, None,
                                  partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
                                  partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))

@@ -245,6 +245,28 @@ def scenario_refusals(rank: int, world: int) -> dict:
             want = layer(x)
             tk.parallel.shard_(layer, mesh, "rowwise")
             out[label] = (want, layer(x.chunk(world, dim=-1)[rank]).full_tensor())
+    # optimize() of a sharded model refuses what it cannot do per shard, and leaves the model as it was
+    from torch.distributed.tensor.parallel import parallelize_module
+    model = tiny_llama()
+    parallelize_module(model, mesh, tk.parallel.tp_plan(model))
+    linears = lambda: sum(type(m) is nn.Linear for m in model.modules())  # noqa: E731
+    before = linears()
+    for label, kwargs in (("optimize gptq", dict(int4=True, quant_method="gptq", calibration=[prompt()])),
+                          ("optimize per-channel rowwise", dict(int4=True, group_size=-1))):
+        try:
+            tk.optimize(model, progress=False, **kwargs)
+            out[label] = "no error"
+        except ValueError as exc:
+            out[label] = str(exc)
+        out[label + " unchanged"] = linears() == before and model.config._attn_implementation == "sdpa"
+    down = model.model.layers[0].mlp.down_proj
+    down.forward = down.forward  # what transformers' own tensor-parallel loader leaves: an instance forward
+    try:
+        tk.optimize(model, int4=True, progress=False)
+        out["optimize hf loader"] = "no error"
+    except ValueError as exc:
+        out["optimize hf loader"] = str(exc)
+    out["optimize hf loader unchanged"] = linears() == before
     # with a bias (the tiny Llama has none): split with the outputs column-parallel, added once row-parallel
     for style in ("colwise", "rowwise"):
         for cls in (tk.nn.Int4Linear, tk.nn.Sparse24Linear, tk.nn.Sparse24Int4Linear):

@@ -21,6 +21,9 @@ they bump the version) gets the plan rebuilt, so a bad replacement raises an err
 next call, instead of reaching a kernel. (A tensor's `.data = ...` assignment changes neither identity nor version:
 call `layer.replan()` after one. Inference tensors have no version: their identity alone is watched.) x and the bias
 are checked on every call, as the functionals check them.
+
+A layer split over ranks by turbokernels.parallel keeps its class and global sizes; its packed buffers are DTensors
+and `_tp` (parallel.Sharding) runs forward on this rank's shard; loading a state dict into it is refused.
 """
 from __future__ import annotations
 
