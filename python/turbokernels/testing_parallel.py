@@ -182,7 +182,8 @@ def scenario_orders(rank: int, world: int, kind: str = "int4+sparse24") -> dict:
     whole = optimized_llama(kind)
     tk.restore(whole)
     with torch.no_grad():
-        state.update(restored=first(ids).logits, restored_whole=whole(ids).logits, restore_report=back)
+        state.update(restored=first(ids).logits, restored_whole=whole(ids).logits, restore_report=back,
+                     restored_ref64=whole.double()(ids).logits)
     return state
 
 
