@@ -39,11 +39,11 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("tp-rowwise-no-all-reduce", "a row-parallel packed layer returns its partial product as the whole "
-             "output (no all-reduce)", "python/turbokernels/parallel.py",
+    Mutation("tp-rowwise-no-all-reduce", "the DTensor path of a row-parallel packed layer returns its partial "
+             "product as the whole output (no reduction)", "python/turbokernels/parallel.py",
              "out = DTensor.from_local(y, mesh, [Partial()], run_check=False)",
              "out = DTensor.from_local(y, mesh, [Replicate()], run_check=False)",
-             ("tests/test_parallel.py::test_tp2_matches_one_process_fp32",)),
+             ("tests/test_parallel.py::test_layouts_local_path_and_dtensor_path_both_orders",)),
     Mutation("tp-rowwise-bias-per-rank", "a row-parallel packed layer adds its bias on every rank before the sum",
              "python/turbokernels/parallel.py",
              "with_bias = bias is not None and self.style == COLWISE",
@@ -56,9 +56,14 @@ MUTATIONS = [
              ("tests/test_parallel.py::test_refusals_name_the_rule_and_change_nothing",)),
     Mutation("tp-shard-then-optimize-drops-hooks", "optimize() of a sharded model does not carry the parallel "
              "style's input/output hooks over to the packed layer", "python/turbokernels/model.py",
-             "            _copy_hooks(modules[name], new)\n            report[name] +=",
-             "            report[name] +=",
-             ("tests/test_parallel.py::test_shard_then_optimize_equals_optimize_then_shard",)),
+             "            else:\n                _copy_hooks(modules[name], new)\n",
+             "            else:\n                pass\n",
+             ("tests/test_parallel.py::test_layouts_local_path_and_dtensor_path_both_orders",)),
+    Mutation("tp-local-path-no-all-reduce", "the local path of a row-parallel packed layer skips its all_reduce",
+             "python/turbokernels/parallel.py",
+             "                if mesh.size() > 1:\n                    dist.all_reduce(y, group=self.group)",
+             "                pass",
+             ("tests/test_parallel.py::test_tp2_matches_one_process_fp32",)),
     Mutation("int4-output-x1.01", "int4_mm Triton kernel scales its bf16/fp16 output by 1.01",
              "kernels/int4_mm.py",
              "tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty)",

@@ -90,6 +90,22 @@ def test_shard_then_optimize_equals_optimize_then_shard(tmp_path_factory, kind):
         _within_rule(r["restored"], r["restored_whole"], r["restored_ref64"], torch.float32)
 
 
+def test_layouts_local_path_and_dtensor_path_both_orders(tmp_path_factory):
+    """torch's default layouts take the local path (plain tensors, one all_reduce); other layouts (the output
+    gathered and split again, a sequence-parallel reduce-scatter) the DTensor path with torch's hooks, also when the
+    model was sharded before it was optimized (the nn.Linear's hooks carried over), and return what the style
+    promises."""
+    flags = {"default": [True, True], "gathered between": [False, False], "sequence-parallel output": [True, False]}
+    returns = {"default": "Tensor", "gathered between": "Tensor", "sequence-parallel output": "DTensor (Shard(dim=1),)"}
+    for r in ranks(tmp_path_factory, "styles"):
+        assert len(r) == 2 * 3 * 2
+        for label, (want, ref64, got, local_io, returned) in r.items():
+            _within_rule(got, want, ref64, torch.float32)
+            plan = next(k for k in flags if k in label)
+            assert local_io == flags[plan], label
+            assert returned == returns[plan], label
+
+
 def test_save_pretrained_of_a_sharded_model_writes_the_whole_model(tmp_path_factory):
     import turbokernels as tk
     target = str(tmp_path_factory.mktemp("tp_checkpoint"))

@@ -11,7 +11,8 @@ OPS = ("attention_bwd", "attention_fwd", "decode_attention", "int4_mm", "kv_cach
 BENCHMARKS = {"int4": "turbokernels.bench.int4", "sparse24": "turbokernels.bench.sparse24",
               "attention": "turbokernels.bench.attention", "attention_decode": "turbokernels.bench.attention_decode",
               "e2e": "turbokernels.bench.e2e", "overhead": "turbokernels.bench.overhead",
-              "quality": "turbokernels.bench.quality"}
+              "quality": "turbokernels.bench.quality", "parallel": "turbokernels.bench.parallel",
+              "scaling": "turbokernels.bench.scaling"}
 
 
 # the turbokernels_C op holding an op's CUDA C++ kernel, where its name differs from the op's (a kernel that reads

@@ -405,7 +405,10 @@ def optimize(model: nn.Module, *, attention: bool = True, int4: bool = False, sp
                                            whole.out_features)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{fn}(model): layer '{name}': {exc}") from exc
-            _copy_hooks(modules[name], new)
+            if parallel.usual_hooks(modules[name], sharded[name]):  # torch's default layouts: the local path
+                new._tp.local_io = True
+            else:
+                _copy_hooks(modules[name], new)
             report[name] += f", {sharded[name]} shard"
         return new.to(w.device)
 

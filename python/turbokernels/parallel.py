@@ -155,6 +155,11 @@ class Sharding:
         self.mesh, self.style = mesh, style
         self.in_local, self.out_local = in_local, out_local
         self.local_perm = local_perm  # row-parallel act-order: this rank's rows in its own numbering
+        self.group = _group(mesh)
+        # the local path: tensors in and out, the row-parallel sum one all_reduce (set by the styles for their
+        # default layouts); else DTensors in and out, for torch's hooks (~70 us of DTensor bookkeeping a layer on a
+        # CPU core: bench/parallel.py)
+        self.local_io = False
         self._local: Optional[PackedWeightModule] = None
         self._local_of: tuple = ()
 
@@ -189,10 +194,10 @@ class Sharding:
         local.replan()
         return local
 
-    def forward(self, module: PackedWeightModule, x) -> DTensor:
+    def forward(self, module: PackedWeightModule, x):
         mesh = self.mesh
-        want = Replicate() if self.style == COLWISE else Shard(-1)
         if isinstance(x, DTensor):
+            want = Replicate() if self.style == COLWISE else Shard(-1)
             if x.device_mesh != mesh:
                 raise ValueError(f"{type(module).__name__}(x): x is a DTensor on another device mesh than the "
                                  f"layer's")
@@ -200,6 +205,15 @@ class Sharding:
                 x = x.redistribute(placements=[want])
             x = x.to_local()
         y = self.local(module)(x)  # a plain tensor x is taken as this rank's input: checked there
+        if self.local_io:
+            if self.style == ROWWISE:
+                if mesh.size() > 1:
+                    dist.all_reduce(y, group=self.group)
+                bias = module._parameters.get("bias")
+                if bias is not None:
+                    b = bias.to_local() if isinstance(bias, DTensor) else bias
+                    y = y + b.to(y.dtype)
+            return y
         if self.style == COLWISE:
             shape = (*y.shape[:-1], module.out_features)
             return DTensor.from_local(y, mesh, [Shard(-1)], run_check=False, shape=torch.Size(shape),
@@ -325,7 +339,55 @@ def dense_linear(module: PackedWeightModule) -> nn.Linear:
                                  requires_grad=False)
     if module.bias is not None:
         linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    if sharding.local_io:  # the local path had no hooks: torch's own, with the default layouts, drive the linear
+        style = _TorchColwise() if sharding.style == COLWISE else _TorchRowwise()
+        desired = (Replicate(),) if sharding.style == COLWISE else (Shard(-1),)
+        distribute_module(linear, sharding.mesh, None,
+                          partial(style._prepare_input_fn, style.input_layouts, desired),
+                          partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
     return linear
+
+
+def _hook_partial(hook) -> Optional[partial]:
+    """The functools.partial a distribute_module hook lambda calls (its closure), or None."""
+    for cell in getattr(hook, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, partial):
+            return value
+    return None
+
+
+def usual_hooks(module: nn.Module, style: str) -> bool:
+    """Whether `module`'s forward hooks are exactly those of torch's ColwiseParallel() / RowwiseParallel() with
+    their default layouts and a local output (what tp_plan gives): then a packed replacement can take the local
+    path instead of carrying the hooks over. Anything unrecognized: False (the hooks are carried over)."""
+    pre, post = list(module._forward_pre_hooks.values()), list(module._forward_hooks.values())
+    if len(pre) != 1 or len(post) != 1 or module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs:
+        return False
+    into, out = _hook_partial(pre[0]), _hook_partial(post[0])
+    if into is None or out is None:
+        return False
+    cls = _TorchColwise if style == COLWISE else _TorchRowwise
+    layouts = ((Replicate(),), (Shard(-1),)) if style == COLWISE else ((Shard(-1),), (Replicate(),))
+    return (into.func is cls._prepare_input_fn and out.func is cls._prepare_output_fn
+            and tuple(into.args) == (layouts[0], (Replicate(),) if style == COLWISE else (Shard(-1),))
+            and tuple(out.args) == (layouts[1], True) and not into.keywords and not out.keywords)
+
+
+def _distribute(style, module: nn.Module, device_mesh, kind: str, usual: bool) -> nn.Module:
+    """A packed layer under one of the styles below: split, then either the local path (`usual`: the style's
+    default layouts with a local output, what a transformers model's plan uses; no hooks, no DTensor per call)
+    or torch's input/output hooks around a layer that takes and returns DTensors."""
+    shard_(module, device_mesh, kind, style.src_data_rank)
+    module._tp.local_io = usual
+    if usual:
+        return distribute_module(module, device_mesh, None)
+    return distribute_module(module, device_mesh, None,
+                             partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
+                             partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
 
 
 class ColwiseParallel(_TorchColwise):
@@ -334,10 +396,9 @@ class ColwiseParallel(_TorchColwise):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if _splits(module) is None:
             return super()._apply(module, device_mesh)
-        shard_(module, device_mesh, COLWISE, self.src_data_rank)
-        return distribute_module(module, device_mesh, None,
-                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+        usual = self.use_local_output and self.input_layouts == (Replicate(),) and \
+            self.output_layouts == (Shard(-1),)
+        return _distribute(self, module, device_mesh, COLWISE, usual)
 
 
 class RowwiseParallel(_TorchRowwise):
@@ -346,11 +407,10 @@ class RowwiseParallel(_TorchRowwise):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if _splits(module) is None:
             return super()._apply(module, device_mesh)
-        shard_(module, device_mesh, ROWWISE, self.src_data_rank)
         self.desired_input_layouts = (Shard(-1),)
-        return distribute_module(module, device_mesh, None,
-                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+        usual = self.use_local_output and self.input_layouts == (Shard(-1),) and \
+            self.output_layouts == (Replicate(),)
+        return _distribute(self, module, device_mesh, ROWWISE, usual)
 
 
 # transformers' plan strings -> styles (transformers/distributed/tensor_parallel.py registers the same names)

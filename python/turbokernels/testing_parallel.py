@@ -32,7 +32,13 @@ def _entry(rank: int, world: int, port: int, backend: str, folder: str, scenario
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         dist.init_process_group(backend, rank=rank, world_size=world)
-        result = SCENARIOS[scenario](rank, world, **kwargs)
+        if ":" in scenario:  # "module:function", e.g. the benchmark's worker (turbokernels.bench.parallel:ranks)
+            import importlib
+            module, function = scenario.split(":")
+            fn = getattr(importlib.import_module(module), function)
+        else:
+            fn = SCENARIOS[scenario]
+        result = fn(rank, world, **kwargs)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(folder, f"rank{rank}.error"), "w") as f:
@@ -45,7 +51,8 @@ def _entry(rank: int, world: int, port: int, backend: str, folder: str, scenario
 
 def run_ranks(scenario: str, folder: str, world: int = 2, backend: str = "gloo", timeout: float = 240.0,
               **kwargs) -> list:
-    """Run SCENARIOS[scenario](rank, world, **kwargs) in `world` spawned processes; returns each rank's result.
+    """Run SCENARIOS[scenario](rank, world, **kwargs) (or "module:function") in `world` spawned processes; returns
+    each rank's result.
     A rank's exception is raised here with its traceback; past `timeout` seconds every rank is killed."""
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
@@ -280,5 +287,56 @@ def scenario_refusals(rank: int, world: int) -> dict:
     return out
 
 
-SCENARIOS: dict[str, Callable] = {"logits": scenario_logits, "orders": scenario_orders, "save": scenario_save,
+def scenario_styles(rank: int, world: int) -> dict:
+    """Two packed layers (column- then row-parallel) under several layouts, in both orders: the default layouts
+    (the local path), the output gathered between the layers and split again, a sequence-parallel output
+    (reduce-scatter). Each result is (unsharded output, float64 output of the same weights, the sharded model's
+    whole output, local-path flags, what the model returned: the styles promise a plain tensor or a DTensor)."""
+    import copy
+    from torch import nn
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+    import turbokernels as tk
+    P = tk.parallel
+    mesh = _mesh(world)
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(7))
+    plans = {"default": lambda: {"0": P.ColwiseParallel(), "1": P.RowwiseParallel()},
+             "gathered between": lambda: {"0": P.ColwiseParallel(output_layouts=Replicate()),
+                                          "1": P.RowwiseParallel(input_layouts=Replicate())},
+             "sequence-parallel output": lambda: {"0": P.ColwiseParallel(),
+                                                  "1": P.RowwiseParallel(output_layouts=Shard(1),
+                                                                         use_local_output=False)}}
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+
+    out = {}
+    for kind in ("int4", "int4+sparse24"):
+        opts = dict(attention=False, int4=True, sparse24="sparse24" in kind, group_size=32, progress=False)
+        whole = build()
+        tk.optimize(whole, **opts)
+        exact = copy.deepcopy(whole)
+        tk.restore(exact)
+        with torch.no_grad():
+            want, ref64 = whole(x), exact.double()(x.double())
+        for plan_name, plan in plans.items():
+            for order in ("optimize, shard", "shard, optimize"):
+                model = build()
+                if order == "optimize, shard":
+                    tk.optimize(model, **opts)
+                    parallelize_module(model, mesh, plan())
+                else:
+                    parallelize_module(model, mesh, plan())
+                    tk.optimize(model, **opts)
+                with torch.no_grad():
+                    y = model(x)
+                returned = f"DTensor {y.placements}" if isinstance(y, DTensor) else type(y).__name__
+                y = y.full_tensor() if isinstance(y, DTensor) else y
+                out[f"{kind} {plan_name} {order}"] = (want, ref64, y, [model[i]._tp.local_io for i in (0, 1)],
+                                                      returned)
+    return out
+
+
+SCENARIOS: dict[str, Callable] = {"styles": scenario_styles, "logits": scenario_logits, "orders": scenario_orders, "save": scenario_save,
                                   "refusals": scenario_refusals}
