@@ -13,10 +13,12 @@ output, never gathered) and sums the partial outputs (one all-reduce). `ColwiseP
 are torch's styles (same arguments, same input/output layouts; plain nn.Linear and nn.Embedding go to torch's
 code) that also shard Int4Linear, W4A8Linear, Sparse24Linear and Sparse24Int4Linear. A sharded layer is the same
 class with its global in_features / out_features, its packed buffers DTensors (so state_dict, torch's distributed
-checkpoint and `DTensor.full_tensor()` see the whole weight), and `module._tp` the sharding: forward takes a DTensor
-(or this rank's local input), runs the layer's usual kernels on this rank's shard (`_tp.local(module)`: a plain
-layer of the same class over the local tensors, no copy) and returns a DTensor: Shard(-1) for column-parallel,
-for row-parallel the sum over the ranks (Partial, reduced to Replicate before the bias, added once).
+checkpoint and `DTensor.full_tensor()` see the whole weight), and `module._tp` the sharding: forward runs the
+layer's usual kernels on this rank's shard (`_tp.local(module)`: a plain layer of the same class over the local
+tensors, no copy). Two paths: under the styles' default layouts (what tp_plan gives; `_tp.local_io`) plain tensors
+in and out, the row-parallel sum one `all_reduce` on the output, no hooks and no DTensor per call; under any other
+layout DTensors in and out, for torch's hooks (Shard(-1) for column-parallel; for row-parallel Partial, reduced to
+Replicate before the bias, which is added once), ~0.3-0.5 ms more per layer pair on a CPU core (bench/parallel.py).
 
 How each packed tensor is split (SPLITS below): along out_features for column-parallel (qweight's, scales' and
 offsets' columns, values' and meta's rows), along in_features for row-parallel: int4 words hold 8 input rows and a
