@@ -128,6 +128,19 @@ def test_save_pretrained_of_a_sharded_model_writes_the_whole_model(tmp_path_fact
         _within_rule(r["logits"], single, ref64, torch.float32)
 
 
+def test_load_state_dict_into_a_sharded_model(tmp_path_factory):
+    """Whole tensors (each rank takes its slice) and torch's distributed checkpoint (DTensors) load into a sharded
+    model of other weights and give the sharded model's own logits bit for bit; a bad tensor changes nothing."""
+    target = str(tmp_path_factory.mktemp("tp_dcp"))
+    for r in ranks(tmp_path_factory, "load", target=target):
+        want, before, got = r["whole"]
+        assert not torch.equal(before, want)  # the other model's weights did differ
+        assert torch.equal(got, want)
+        assert torch.equal(r["dcp"][2], want)
+        assert "down_proj" in r["bad"] and "qweight" in r["bad"], r["bad"]
+        assert torch.equal(r["bad unchanged"], want)
+
+
 def test_refusals_name_the_rule_and_change_nothing(tmp_path_factory):
     for r in ranks(tmp_path_factory, "refusals"):
         expect = {

@@ -29,9 +29,10 @@ rows read inputs of its own slice (else refused: the rank would need the other r
 replicates it. Sizes that do not divide are refused with an error naming the layer and the rule.
 
 Attention needs nothing: it is per head, and a rank's q/k/v projections produce its own heads (transformers'
-models reshape by head_dim). Not sharded here: turbokernels.nn.MultiheadAttention (torch has no style for
-nn.MultiheadAttention either), loading a state dict into a sharded layer (load the unsharded model, then shard),
-training (the layers are inference-only).
+models reshape by head_dim). A state dict loads into a sharded layer as whole tensors (each rank takes its slice)
+or as DTensors of its placements (torch.distributed.checkpoint): `load_local_`. Not sharded here:
+turbokernels.nn.MultiheadAttention (torch has no style for nn.MultiheadAttention either); training (the layers are
+inference-only).
 """
 from __future__ import annotations
 
@@ -153,8 +154,10 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 class Sharding:
     """How a packed layer is split (module._tp): the mesh, the style, this rank's sizes; builds the local layer."""
 
-    def __init__(self, mesh, style: str, in_local: int, out_local: int, local_perm: Optional[torch.Tensor]):
+    def __init__(self, mesh, style: str, in_local: int, out_local: int, local_perm: Optional[torch.Tensor],
+                 split: Optional[dict] = None):
         self.mesh, self.style = mesh, style
+        self.split = split or {}  # tensor name -> the dim it is split along (None: replicated)
         self.in_local, self.out_local = in_local, out_local
         self.local_perm = local_perm  # row-parallel act-order: this rank's rows in its own numbering
         self.group = _group(mesh)
@@ -267,7 +270,7 @@ def shard_(module: PackedWeightModule, mesh, style: str, src_data_rank: Optional
         local[n] = t if d is None else t.chunk(world, dim=d)[rank]
     k_local = module.in_features // world if style == ROWWISE else module.in_features
     n_local = module.out_features // world if style == COLWISE else module.out_features
-    sharding = Sharding(mesh, style, k_local, n_local, local_perm)
+    sharding = Sharding(mesh, style, k_local, n_local, local_perm, split)
     dts = {n: _dtensor(local[n], mesh, split[n], full[n].shape) for n in full}
     # the local layer passes the format's checks before the module is changed
     sharding._local = sharding.build_local(module, {n: dts[n] for n in module.PACKED}, dts.get("bias"))
@@ -279,6 +282,60 @@ def shard_(module: PackedWeightModule, mesh, style: str, src_data_rank: Optional
     module._tp = sharding
     sharding._local_of = tuple(module._buffers[n] for n in module.PACKED) + (module._parameters.get("bias"),)
     return module
+
+
+def load_local_(module: PackedWeightModule, tensors: dict) -> None:
+    """load_state_dict into a sharded layer (nn/_packed.py calls it): `tensors` (packed names and "bias") are whole
+    tensors, each rank taking its slice (every rank holds the checkpoint, as after from_pretrained or torch.load),
+    or DTensors of the layer's own placements (torch's distributed checkpoint). Everything is checked by the
+    format's own checks on this rank's slice before the layer changes (TypeError/ValueError naming the argument).
+    Whole tensors get the unsharded layer's dtype rule (`_cast_packed`: the same decision on every rank); DTensors
+    keep theirs, and the bias takes the layer's dtype."""
+    sharding = module._tp
+    world, rank = sharding.mesh.size(), dist.get_rank(sharding.group)
+    for n, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"load_state_dict({n}): expected a torch.Tensor, got {type(t).__name__}")
+    tensors = dict(tensors)
+    packed = [n for n in module.PACKED if n in tensors]
+    if packed and not any(isinstance(tensors[n], DTensor) for n in packed):
+        tensors.update(module._cast_packed({n: tensors[n] for n in packed}))
+    local, shapes = {}, {}
+    for n, t in tensors.items():
+        current = module._buffers[n] if n in module._buffers else module._parameters["bias"]
+        d = sharding.split.get(n)
+        if tuple(t.shape) != tuple(current.shape):
+            raise ValueError(f"load_state_dict({n}): {n} has shape {tuple(t.shape)}, this tensor-parallel layer's "
+                             f"whole {n} is {tuple(current.shape)}")
+        if isinstance(t, DTensor):
+            want = (Replicate(),) if d is None else (Shard(d),)
+            if t.placements != want:
+                raise ValueError(f"load_state_dict({n}): a DTensor placed {t.placements}; this layer's {n} is "
+                                 f"placed {want}")
+            piece = t.to_local()
+        else:
+            piece = t if d is None else t.chunk(world, dim=d)[rank]
+        if n == "bias":
+            piece = piece.to(current.dtype)
+        local[n] = piece.detach().to(current.device).contiguous()
+        shapes[n] = current.shape
+    perm = tensors.get("perm")
+    local_perm = sharding.local_perm
+    if sharding.style == ROWWISE and perm is not None and perm.numel():
+        full = perm.full_tensor() if isinstance(perm, DTensor) else perm
+        local_perm = _perm_rows(f"load_state_dict into {type(module).__name__}", full.to(torch.int64), rank, world)
+    if packed:
+        trial = Sharding(sharding.mesh, sharding.style, sharding.in_local, sharding.out_local, local_perm,
+                         sharding.split)
+        trial.build_local(module, {n: local[n] for n in module.PACKED}, local.get("bias"))
+    for n in packed:
+        module._buffers[n] = _dtensor(local[n], sharding.mesh, sharding.split.get(n), shapes[n])
+    if "bias" in local:
+        module.bias = nn.Parameter(_dtensor(local["bias"], sharding.mesh, sharding.split.get("bias"), shapes["bias"]),
+                                   requires_grad=False)
+    sharding.local_perm = local_perm
+    sharding._local = None
+    module._plan = None
 
 
 def from_local_shard_(module: PackedWeightModule, mesh, style: str, in_features: int,
@@ -313,7 +370,7 @@ def from_local_shard_(module: PackedWeightModule, mesh, style: str, in_features:
         return s
 
     dts = {n: _dtensor(t, mesh, split[n], full_shape(n, t)) for n, t in tensors.items()}
-    sharding = Sharding(mesh, style, module.in_features, module.out_features, None)
+    sharding = Sharding(mesh, style, module.in_features, module.out_features, None, split)
     for n in module.PACKED:
         module._buffers[n] = dts[n]
     if bias is not None:

@@ -206,6 +206,44 @@ def scenario_save(rank: int, world: int, target: str, kind: str = "int4+sparse24
     return dict(logits=logits)
 
 
+def scenario_load(rank: int, world: int, target: str, kind: str = "int4+sparse24") -> dict:
+    """load_state_dict into a sharded model (of other weights: another seed): the whole model's state dict (each
+    rank takes its slice), and torch's distributed checkpoint of a sharded model (DTensors); then a bad one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor.parallel import parallelize_module
+    import turbokernels as tk
+    mesh = _mesh(world)
+    ids = prompt()
+    whole = optimized_llama(kind)
+    sharded = optimized_llama(kind)
+    parallelize_module(sharded, mesh, tk.parallel.tp_plan(sharded))
+    out = {}
+    with torch.no_grad():
+        want = sharded(ids).logits
+        other = optimized_llama(kind, seed=1)
+        parallelize_module(other, mesh, tk.parallel.tp_plan(other))
+        before = other(ids).logits
+        other.load_state_dict(whole.state_dict())
+        out["whole"] = (want, before, other(ids).logits)
+        dcp.save(sharded.state_dict(), checkpoint_id=target)
+        third = optimized_llama(kind, seed=2)
+        parallelize_module(third, mesh, tk.parallel.tp_plan(third))
+        state = third.state_dict()
+        dcp.load(state, checkpoint_id=target)
+        third.load_state_dict(state)
+        out["dcp"] = (want, None, third(ids).logits)
+        bad = whole.state_dict()
+        name = "model.layers.0.mlp.down_proj.qweight"
+        bad[name] = bad[name][:, :-1].clone()
+        try:
+            third.load_state_dict(bad)
+            out["bad"] = "no error"
+        except RuntimeError as exc:
+            out["bad"] = str(exc)
+        out["bad unchanged"] = third(ids).logits
+    return out
+
+
 def scenario_refusals(rank: int, world: int) -> dict:
     """Splits the formats cannot make: each must raise an error naming the rule, and leave the layer as it was."""
     from torch import nn
@@ -338,5 +376,5 @@ def scenario_styles(rank: int, world: int) -> dict:
     return out
 
 
-SCENARIOS: dict[str, Callable] = {"styles": scenario_styles, "logits": scenario_logits, "orders": scenario_orders, "save": scenario_save,
+SCENARIOS: dict[str, Callable] = {"styles": scenario_styles, "load": scenario_load, "logits": scenario_logits, "orders": scenario_orders, "save": scenario_save,
                                   "refusals": scenario_refusals}

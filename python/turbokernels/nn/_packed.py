@@ -23,7 +23,8 @@ call `layer.replan()` after one. Inference tensors have no version: their identi
 are checked on every call, as the functionals check them.
 
 A layer split over ranks by turbokernels.parallel keeps its class and global sizes; its packed buffers are DTensors
-and `_tp` (parallel.Sharding) runs forward on this rank's shard; loading a state dict into it is refused.
+and `_tp` (parallel.Sharding) runs forward on this rank's shard; a state dict loads into it as whole tensors (each
+rank takes its slice) or as DTensors of its placements (parallel.load_local_).
 """
 from __future__ import annotations
 
@@ -130,13 +131,36 @@ class PackedWeightModule(nn.Module):
                                                                                           "\n\t".join(msgs)))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def _load_sharded(self, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs, where) -> None:
+        """A tensor-parallel layer (turbokernels.parallel): whole tensors (each rank takes its slice) or DTensors of
+        the layer's placements, all validated on this rank's slice before anything changes."""
+        from .. import parallel
+        names = list(self.PACKED) + (["bias"] if self._parameters.get("bias") is not None else [])
+        given = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        packed = [n for n in self.PACKED if n in given]
+        if packed and len(packed) != len(self.PACKED):
+            error_msgs.append(f"{where}: load_state_dict({', '.join(self.PACKED)}): must be loaded together; missing "
+                              f"{', '.join(n for n in self.PACKED if n not in given)}")
+            return
+        try:
+            if prefix + "_extra_state" in state_dict:
+                self.set_extra_state(state_dict[prefix + "_extra_state"])  # validates only
+            if given:
+                parallel.load_local_(self, given)
+        except (TypeError, ValueError) as exc:
+            error_msgs.append(f"{where}: {exc}")
+            return
+        if strict:
+            missing_keys.extend(prefix + n for n in names if n not in given)
+            expected = {prefix + n for n in names} | {prefix + "_extra_state"}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected
+                                   and "." not in k[len(prefix):])
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         where = f"{type(self).__name__} ({prefix or 'root'})"
         if self._tp is not None:
-            error_msgs.append(f"{where}: load_state_dict into a tensor-parallel layer is not supported: load the "
-                              f"unsharded model, then shard it (turbokernels.parallel)")
-            return
+            return self._load_sharded(state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs, where)
         extra_key = prefix + "_extra_state"
         packed = {n: state_dict[prefix + n] for n in self.PACKED if prefix + n in state_dict}
         if packed and len(packed) != len(self.PACKED):  # never mix new and old parts of one weight
