@@ -141,6 +141,13 @@ def test_load_state_dict_into_a_sharded_model(tmp_path_factory):
         assert torch.equal(r["bad unchanged"], want)
 
 
+def test_torch_compile_fullgraph_of_sharded_layers(tmp_path_factory):
+    for r in ranks(tmp_path_factory, "compile"):
+        assert set(r) == {"int4", "int4+sparse24"}
+        for eager, compiled, ref64 in r.values():
+            _within_rule(compiled, eager, ref64, torch.float32)
+
+
 def test_refusals_name_the_rule_and_change_nothing(tmp_path_factory):
     for r in ranks(tmp_path_factory, "refusals"):
         expect = {

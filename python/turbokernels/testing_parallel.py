@@ -244,6 +244,32 @@ def scenario_load(rank: int, world: int, target: str, kind: str = "int4+sparse24
     return out
 
 
+def scenario_compile(rank: int, world: int) -> dict:
+    """torch.compile(fullgraph=True) of a sharded column + row pair (the local path: the packed ops and one
+    all_reduce in the graph), int4 and int4 + 2:4 with a bias; (eager sharded, compiled, float64) per kind."""
+    import copy
+    from torch import nn
+    from torch.distributed.tensor.parallel import parallelize_module
+    import turbokernels as tk
+    mesh = _mesh(world)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(11))
+    out = {}
+    for kind in ("int4", "int4+sparse24"):
+        torch.manual_seed(0)
+        seq = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+        tk.optimize(seq, attention=False, int4=True, sparse24="sparse24" in kind, group_size=32, progress=False)
+        exact = copy.deepcopy(seq)
+        tk.restore(exact)
+        with torch.no_grad():
+            ref64 = exact.double()(x.double())
+            parallelize_module(seq, mesh, {"0": tk.parallel.ColwiseParallel(), "1": tk.parallel.RowwiseParallel()})
+            eager = seq(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(seq, fullgraph=True)(x)
+        out[kind] = (eager, compiled, ref64)
+    return out
+
+
 def scenario_refusals(rank: int, world: int) -> dict:
     """Splits the formats cannot make: each must raise an error naming the rule, and leave the layer as it was."""
     from torch import nn
@@ -376,5 +402,6 @@ def scenario_styles(rank: int, world: int) -> dict:
     return out
 
 
-SCENARIOS: dict[str, Callable] = {"styles": scenario_styles, "load": scenario_load, "logits": scenario_logits, "orders": scenario_orders, "save": scenario_save,
+SCENARIOS: dict[str, Callable] = {"styles": scenario_styles, "load": scenario_load, "compile": scenario_compile,
+                                  "logits": scenario_logits, "orders": scenario_orders, "save": scenario_save,
                                   "refusals": scenario_refusals}
