@@ -53,7 +53,20 @@ def run_ranks(scenario: str, folder: str, world: int = 2, backend: str = "gloo",
               **kwargs) -> list:
     """Run SCENARIOS[scenario](rank, world, **kwargs) (or "module:function") in `world` spawned processes; returns
     each rank's result.
-    A rank's exception is raised here with its traceback; past `timeout` seconds every rank is killed."""
+    A rank's exception is raised here with its traceback; past `timeout` seconds every rank is killed. The port is
+    picked free, then bound by rank 0 a moment later: when another process took it meanwhile, the run is retried
+    once on a new port."""
+    try:
+        return _run_ranks(scenario, folder, world, backend, timeout, kwargs)
+    except RuntimeError as exc:
+        if "address already in use" not in str(exc).lower():
+            raise
+        for f in os.listdir(folder):
+            os.remove(os.path.join(folder, f))
+        return _run_ranks(scenario, folder, world, backend, timeout, kwargs)
+
+
+def _run_ranks(scenario: str, folder: str, world: int, backend: str, timeout: float, kwargs: dict) -> list:
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
     os.makedirs(folder, exist_ok=True)
