@@ -76,7 +76,6 @@ def save_pretrained(model: nn.Module, path) -> None:
         _write(st, model, path, modules, state)
     finally:
         if sharded:
-            import torch.distributed as dist
             dist.barrier()
 
 

@@ -51,6 +51,9 @@ from .nn import Int4Linear, Sparse24Int4Linear, Sparse24Linear
 from .nn._packed import PackedWeightModule
 
 COLWISE, ROWWISE = "colwise", "rowwise"
+# torch's ColwiseParallel() / RowwiseParallel() layouts: (input, the input the split needs, output)
+_LAYOUTS = {COLWISE: ((Replicate(),), (Replicate(),), (Shard(-1),)),
+            ROWWISE: ((Shard(-1),), (Shard(-1),), (Replicate(),))}
 
 # tensor -> the dim it is split along (None: replicated), per style; the bias is split with the outputs
 SPLITS = {
@@ -171,10 +174,14 @@ class Sharding:
     def __repr__(self) -> str:
         return f"Sharding({self.style}, ranks={self.mesh.size()}, local in/out={self.in_local}/{self.out_local})"
 
+    @staticmethod
+    def _watched(module: PackedWeightModule) -> tuple:
+        return tuple(module._buffers[n] for n in module.PACKED) + (module._parameters.get("bias"),)
+
     def local(self, module: PackedWeightModule) -> PackedWeightModule:
         """This rank's shard as a plain layer of module's class over the DTensors' local tensors (no copy); rebuilt
         when a buffer is replaced (.to(), .half())."""
-        watched = tuple(module._buffers[n] for n in module.PACKED) + (module._parameters.get("bias"),)
+        watched = self._watched(module)
         if self._local is None or any(a is not b for a, b in zip(watched, self._local_of)):
             self._local = self.build_local(module, {n: module._buffers[n] for n in module.PACKED},
                                            module._parameters.get("bias"))
@@ -202,12 +209,12 @@ class Sharding:
     def forward(self, module: PackedWeightModule, x):
         mesh = self.mesh
         if isinstance(x, DTensor):
-            want = Replicate() if self.style == COLWISE else Shard(-1)
+            want = _LAYOUTS[self.style][1]  # the input the split needs
             if x.device_mesh != mesh:
                 raise ValueError(f"{type(module).__name__}(x): x is a DTensor on another device mesh than the "
                                  f"layer's")
-            if x.placements != (want,):
-                x = x.redistribute(placements=[want])
+            if x.placements != want:
+                x = x.redistribute(placements=list(want))
             x = x.to_local()
         y = self.local(module)(x)  # a plain tensor x is taken as this rank's input: checked there
         if self.local_io:
@@ -230,6 +237,19 @@ class Sharding:
         total = out.redistribute(placements=[Replicate()]).to_local()
         b = bias.to_local() if isinstance(bias, DTensor) else bias
         return DTensor.from_local(total + b.to(total.dtype), mesh, [Replicate()], run_check=False)
+
+
+def _install(module: PackedWeightModule, sharding: Sharding, dts: dict, local: PackedWeightModule) -> None:
+    """Put the DTensors `dts` (packed names, "bias" when there is one) into the layer, sharded by `sharding`, whose
+    local layer `local` was built (and validated) from them."""
+    for n in module.PACKED:
+        if n in dts:
+            module._buffers[n] = dts[n]
+    if "bias" in dts:
+        module.bias = nn.Parameter(dts["bias"], requires_grad=False)
+    module._plan = None
+    module._tp = sharding
+    sharding._local, sharding._local_of = local, sharding._watched(module)
 
 
 def shard_(module: PackedWeightModule, mesh, style: str, src_data_rank: Optional[int] = 0,
@@ -273,14 +293,7 @@ def shard_(module: PackedWeightModule, mesh, style: str, src_data_rank: Optional
     sharding = Sharding(mesh, style, k_local, n_local, local_perm, split)
     dts = {n: _dtensor(local[n], mesh, split[n], full[n].shape) for n in full}
     # the local layer passes the format's checks before the module is changed
-    sharding._local = sharding.build_local(module, {n: dts[n] for n in module.PACKED}, dts.get("bias"))
-    for n in module.PACKED:
-        module._buffers[n] = dts[n]
-    if bias is not None:
-        module.bias = nn.Parameter(dts["bias"], requires_grad=False)
-    module._plan = None
-    module._tp = sharding
-    sharding._local_of = tuple(module._buffers[n] for n in module.PACKED) + (module._parameters.get("bias"),)
+    _install(module, sharding, dts, sharding.build_local(module, {n: dts[n] for n in module.PACKED}, dts.get("bias")))
     return module
 
 
@@ -324,18 +337,12 @@ def load_local_(module: PackedWeightModule, tensors: dict) -> None:
     if sharding.style == ROWWISE and perm is not None and perm.numel():
         full = perm.full_tensor() if isinstance(perm, DTensor) else perm
         local_perm = _perm_rows(f"load_state_dict into {type(module).__name__}", full.to(torch.int64), rank, world)
-    if packed:
-        trial = Sharding(sharding.mesh, sharding.style, sharding.in_local, sharding.out_local, local_perm,
-                         sharding.split)
-        trial.build_local(module, {n: local[n] for n in module.PACKED}, local.get("bias"))
-    for n in packed:
-        module._buffers[n] = _dtensor(local[n], sharding.mesh, sharding.split.get(n), shapes[n])
-    if "bias" in local:
-        module.bias = nn.Parameter(_dtensor(local["bias"], sharding.mesh, sharding.split.get("bias"), shapes["bias"]),
-                                   requires_grad=False)
+    dts = {n: _dtensor(local[n], sharding.mesh, sharding.split.get(n), shapes[n]) for n in local}
+    trial = Sharding(sharding.mesh, sharding.style, sharding.in_local, sharding.out_local, local_perm, sharding.split)
+    built = trial.build_local(module, {n: dts.get(n, module._buffers[n]) for n in module.PACKED},
+                              dts.get("bias", module._parameters.get("bias")))
     sharding.local_perm = local_perm
-    sharding._local = None
-    module._plan = None
+    _install(module, sharding, dts, built)
 
 
 def from_local_shard_(module: PackedWeightModule, mesh, style: str, in_features: int,
@@ -355,8 +362,8 @@ def from_local_shard_(module: PackedWeightModule, mesh, style: str, in_features:
     if style == ROWWISE and isinstance(module, Int4Linear) and module.perm.numel():
         raise ValueError(f"{where}: act-order on a row-parallel shard is not supported; quantize before sharding")
     tensors = {n: module._buffers[n] for n in module.PACKED}
-    if not tensors.get("perm", torch.ones(1)).numel():
-        split["perm"] = None
+    if "perm" in tensors and not tensors["perm"].numel():
+        split["perm"] = None  # no act-order: an empty tensor, replicated
     bias = module._parameters.get("bias")
     if bias is not None:
         tensors["bias"] = bias.detach()
@@ -371,14 +378,8 @@ def from_local_shard_(module: PackedWeightModule, mesh, style: str, in_features:
 
     dts = {n: _dtensor(t, mesh, split[n], full_shape(n, t)) for n, t in tensors.items()}
     sharding = Sharding(mesh, style, module.in_features, module.out_features, None, split)
-    for n in module.PACKED:
-        module._buffers[n] = dts[n]
-    if bias is not None:
-        module.bias = nn.Parameter(dts["bias"], requires_grad=False)
+    _install(module, sharding, dts, sharding.build_local(module, {n: dts[n] for n in module.PACKED}, dts.get("bias")))
     module.in_features, module.out_features = in_features, out_features
-    module._plan = None
-    module._tp = sharding
-    sharding.local(module)
     return module
 
 
@@ -400,10 +401,8 @@ def dense_linear(module: PackedWeightModule) -> nn.Linear:
         linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
     if sharding.local_io:  # the local path had no hooks: torch's own, with the default layouts, drive the linear
         style = _TorchColwise() if sharding.style == COLWISE else _TorchRowwise()
-        desired = (Replicate(),) if sharding.style == COLWISE else (Shard(-1),)
-        distribute_module(linear, sharding.mesh, None,
-                          partial(style._prepare_input_fn, style.input_layouts, desired),
-                          partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
+        style.desired_input_layouts = _LAYOUTS[sharding.style][1]
+        _with_hooks(style, linear, sharding.mesh)
     return linear
 
 
@@ -430,23 +429,28 @@ def usual_hooks(module: nn.Module, style: str) -> bool:
     if into is None or out is None:
         return False
     cls = _TorchColwise if style == COLWISE else _TorchRowwise
-    layouts = ((Replicate(),), (Shard(-1),)) if style == COLWISE else ((Shard(-1),), (Replicate(),))
+    layout_in, desired, layout_out = _LAYOUTS[style]
     return (into.func is cls._prepare_input_fn and out.func is cls._prepare_output_fn
-            and tuple(into.args) == (layouts[0], (Replicate(),) if style == COLWISE else (Shard(-1),))
-            and tuple(out.args) == (layouts[1], True) and not into.keywords and not out.keywords)
+            and tuple(into.args) == (layout_in, desired) and tuple(out.args) == (layout_out, True)
+            and not into.keywords and not out.keywords)
 
 
-def _distribute(style, module: nn.Module, device_mesh, kind: str, usual: bool) -> nn.Module:
-    """A packed layer under one of the styles below: split, then either the local path (`usual`: the style's
-    default layouts with a local output, what a transformers model's plan uses; no hooks, no DTensor per call)
-    or torch's input/output hooks around a layer that takes and returns DTensors."""
-    shard_(module, device_mesh, kind, style.src_data_rank)
-    module._tp.local_io = usual
-    if usual:
-        return distribute_module(module, device_mesh, None)
+def _with_hooks(style, module: nn.Module, device_mesh) -> nn.Module:
+    """torch's input/output hooks of `style` (its layouts) on `module`, as torch's own styles install them."""
     return distribute_module(module, device_mesh, None,
                              partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
                              partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
+
+
+def _distribute(style, module: nn.Module, device_mesh, kind: str) -> nn.Module:
+    """A packed layer under one of the styles below: split, then either the local path (the style's default
+    layouts with a local output, what a transformers model's plan uses; no hooks, no DTensor per call) or torch's
+    input/output hooks around a layer that takes and returns DTensors."""
+    into, style.desired_input_layouts, out = _LAYOUTS[kind]
+    usual = style.use_local_output and style.input_layouts == into and style.output_layouts == out
+    shard_(module, device_mesh, kind, style.src_data_rank)
+    module._tp.local_io = usual
+    return distribute_module(module, device_mesh, None) if usual else _with_hooks(style, module, device_mesh)
 
 
 class ColwiseParallel(_TorchColwise):
@@ -455,9 +459,7 @@ class ColwiseParallel(_TorchColwise):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if _splits(module) is None:
             return super()._apply(module, device_mesh)
-        usual = self.use_local_output and self.input_layouts == (Replicate(),) and \
-            self.output_layouts == (Shard(-1),)
-        return _distribute(self, module, device_mesh, COLWISE, usual)
+        return _distribute(self, module, device_mesh, COLWISE)
 
 
 class RowwiseParallel(_TorchRowwise):
@@ -466,10 +468,7 @@ class RowwiseParallel(_TorchRowwise):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if _splits(module) is None:
             return super()._apply(module, device_mesh)
-        self.desired_input_layouts = (Shard(-1),)
-        usual = self.use_local_output and self.input_layouts == (Shard(-1),) and \
-            self.output_layouts == (Replicate(),)
-        return _distribute(self, module, device_mesh, ROWWISE, usual)
+        return _distribute(self, module, device_mesh, ROWWISE)
 
 
 # transformers' plan strings -> styles (transformers/distributed/tensor_parallel.py registers the same names)
